@@ -1,0 +1,31 @@
+# One-command entry points. `make demo` and `make test` set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PLUGINS := $(wildcard plugins/dp_*)
+STAMP := $(VENV)/.dpcore-installed
+
+.PHONY: setup demo test test-fast bench simulate clean
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[sim,http,test]' $(foreach p,$(PLUGINS),-e $(p))
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/dpcore demo
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not interop and not sglang and not soak and not fuzz"
+
+bench: setup
+	$(VENV)/bin/dpcore bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,60 @@
+"""dpcore: a data-parallel request controller for LLM serving, with policies as plugins.
+
+This package is the core a policy author imports. Importing it loads only pluggy, attrs and
+structlog; sockets, HTTP and plotting live in submodules imported on demand.
+"""
+
+from __future__ import annotations
+
+from dpcore.errors import (
+    ConfigError,
+    DpcoreError,
+    DuplicatePolicyError,
+    InactiveRankError,
+    InvalidRankError,
+    MissingBootstrapRoomError,
+    NoActiveRankError,
+    NoRankSelectedError,
+    PolicyDefinitionError,
+    RemovedPolicyError,
+    RequestRejected,
+    UnknownPolicyError,
+)
+from dpcore.hashing import block_hashes
+from dpcore.hookspecs import hookimpl
+from dpcore.ledger import LoadLedger
+from dpcore.manager import PolicyManager
+from dpcore.model import Decision, LoadReport, PolicyContext, Request, Resolution
+
+__all__ = [
+    "ConfigError",
+    "Decision",
+    "DpcoreError",
+    "DuplicatePolicyError",
+    "InactiveRankError",
+    "InvalidRankError",
+    "LoadLedger",
+    "LoadReport",
+    "MissingBootstrapRoomError",
+    "NoActiveRankError",
+    "NoRankSelectedError",
+    "PolicyContext",
+    "PolicyDefinitionError",
+    "PolicyManager",
+    "RemovedPolicyError",
+    "Request",
+    "RequestRejected",
+    "Resolution",
+    "UnknownPolicyError",
+    "__version__",
+    "block_hashes",
+    "hookimpl",
+]
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("dpcore")
+    raise AttributeError(name)

@@ -1,0 +1,202 @@
+"""The ``dpcore`` command line.
+
+Each subcommand lives in the module named in :data:`COMMANDS`, which provides
+``add_arguments(parser)`` and ``run(args) -> int``; heavy imports stay inside ``run`` so that
+``dpcore --help`` is fast. Every :class:`~dpcore.errors.DpcoreError` becomes one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dpcore.auto import check_removed_flags
+from dpcore.errors import DpcoreError, PolicyOptionError
+
+#: (name, module, one-line help). The module provides add_arguments(parser) and run(args).
+COMMANDS: list[tuple[str, str, str]] = [
+    ("policies", "dpcore.cli", "list installed policies"),
+    ("serve", "dpcore.cli", "run the controller (or validate with --dry-run)"),
+]
+
+EXIT_CONFIG = 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_policy_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["cache_aware.balance_abs=32"]`` → ``{"cache_aware": {"balance_abs": 32}}``.
+
+    Values are read as JSON when they parse (numbers, booleans), else kept as strings.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        policy, dot, option = key.partition(".")
+        if not sep or not dot or not policy or not option:
+            msg = f"--policy-option {item!r}: expected POLICY.OPTION=VALUE, e.g. cache_aware.balance_abs=32"
+            raise PolicyOptionError(msg)
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(policy.strip().lower(), {})[option.strip()] = value
+    return out
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every command that builds a policy chain shares."""
+    p.add_argument("--dp-size", type=int, default=4, help="number of data-parallel ranks (default 4)")
+    p.add_argument(
+        "--load-balance-method",
+        default="auto",
+        metavar="NAME[,NAME...]",
+        help="policy name, 'auto', or a chain tried left to right (default auto)",
+    )
+    p.add_argument(
+        "--disaggregation-mode",
+        default="null",
+        metavar="{null,prefill,decode}",
+        help="PD disaggregation side (default null: no PD)",
+    )
+    p.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="POLICY.OPTION=VALUE",
+        help="constructor option for a policy in the chain; repeatable",
+    )
+
+
+def build_manager(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """Validate the policy arguments and load the chain (nothing is bound yet)."""
+    from dpcore.manager import PolicyManager
+
+    if args.dp_size < 1:
+        msg = f"--dp-size must be at least 1, got {args.dp_size}"
+        raise PolicyOptionError(msg)
+    return PolicyManager.from_method(
+        args.load_balance_method,
+        dp_size=args.dp_size,
+        disaggregation_mode=args.disaggregation_mode,
+        options=parse_policy_options(args.policy_option),
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def _policies_add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _policies_run(args: argparse.Namespace) -> int:
+    from dpcore.discovery import available
+
+    infos = available()
+    if args.json:
+        rows = [
+            {"name": i.name, "dist": i.dist, "version": i.version, "entry_point": i.value, "summary": i.summary}
+            for i in infos.values()
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="installed dpcore policies (entry-point group dpcore.policies)")
+    for col in ("name", "distribution", "version", "summary"):
+        table.add_column(col)
+    for i in infos.values():
+        table.add_row(i.name, i.dist or "?", i.version or "?", i.summary)
+    Console().print(table)
+    if not infos:
+        print("no policies installed; pip install dp-round-robin (or any dpcore policy)", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _serve_add(p: argparse.ArgumentParser) -> None:
+    add_policy_arguments(p)
+    p.add_argument("--dry-run", action="store_true", help="validate, print the resolved chain, exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
+    try:
+        runtime = importlib.import_module("dpcore.runtime.serve")
+    except ModuleNotFoundError as exc:
+        if exc.name != "dpcore.runtime.serve" and exc.name != "dpcore.runtime":
+            raise
+    else:
+        runtime.add_arguments(p)
+
+
+def _serve_run(args: argparse.Namespace) -> int:
+    manager = build_manager(args)
+    if args.dry_run:
+        desc = manager.describe()
+        if args.json:
+            print(json.dumps(desc, indent=2))
+        else:
+            print(f"load balance method: {desc['requested']}")
+            print(f"resolved chain:      {' -> '.join(desc['chain'])}")
+            print(f"reason:              {desc['reason']}")
+            print(f"dp size:             {desc['dp_size']}")
+            print(f"disaggregation mode: {desc['disaggregation_mode']}")
+            for p in desc["policies"]:
+                print(f"  {p['name']}: {p['class']} from {p['dist']} {p['version']}")
+        return 0
+    runtime = importlib.import_module("dpcore.runtime.serve")
+    return int(runtime.run(args, manager))
+
+
+_LOCAL = {"policies": (_policies_add, _policies_run), "serve": (_serve_add, _serve_run)}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dpcore", description="Data-parallel request controller for LLM serving."
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-json", action="store_true", help="JSON log lines (default on a non-tty)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module, help_ in COMMANDS:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name in _LOCAL:
+            add, run = _LOCAL[name]
+        else:
+            mod = importlib.import_module(module)
+            add, run = mod.add_arguments, mod.run
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from dpcore import log
+
+    try:
+        check_removed_flags(argv)
+        args = make_parser().parse_args(argv)
+        log.configure(args.log_level, json=True if args.log_json else None)
+        return int(args._run(args) or 0)
+    except DpcoreError as exc:
+        print(f"dpcore: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

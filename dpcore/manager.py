@@ -1,0 +1,296 @@
+"""The policy manager: one pluggy ``PluginManager`` per controller behind a typed facade.
+
+This is the only module that calls ``pm.hook.*``. It loads exactly the policies the chain
+names, registers them so that pluggy asks them in chain order, and turns pluggy's silence
+(``None``) or a policy's bad answer into typed per-request errors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pluggy
+import structlog
+
+from dpcore import discovery, hookspecs
+from dpcore.auto import normalize_mode, resolve
+from dpcore.errors import (
+    InactiveRankError,
+    InvalidRankError,
+    NoActiveRankError,
+    NoRankSelectedError,
+    PolicyDefinitionError,
+    PolicyFailedError,
+    PolicyOptionError,
+    RequestRejected,
+)
+from dpcore.hookspecs import hookimpl
+from dpcore.ledger import LoadLedger
+from dpcore.model import LoadReport, PolicyContext, Request, Resolution
+
+CORE_PLUGIN_NAME = "dpcore.core"
+
+
+def validate_rank(value: Any, ctx: PolicyContext, field: str, rid: str | None = None) -> int:
+    """Check an externally assigned rank: an integer in ``[0, dp_size)`` that is active."""
+    if type(value) is not int:  # bool is an int subclass and is refused too
+        msg = f"{field}={value!r} is not an integer rank"
+        raise InvalidRankError(msg, rid=rid)
+    if not 0 <= value < ctx.dp_size:
+        msg = f"{field}={value} out of range [0, {ctx.dp_size})"
+        raise InvalidRankError(msg, rid=rid)
+    if not ctx.ledger.is_active(value):
+        msg = f"{field}={value} names an inactive rank (active: {list(ctx.active_ranks)})"
+        raise InactiveRankError(msg, rid=rid)
+    return value
+
+
+class CoreHooks:
+    """Built-in plugin: a rank assigned from outside beats every policy.
+
+    ``routed_dp_rank`` first, else the deprecated ``data_parallel_rank`` (with a warning).
+    """
+
+    def __init__(self) -> None:
+        self.deprecated_seen = 0
+
+    @hookimpl(tryfirst=True)
+    def select_rank(self, request: Request, ctx: PolicyContext) -> int | None:
+        value = request.routed_dp_rank
+        field = "routed_dp_rank"
+        if value is None:
+            value = request.data_parallel_rank
+            if value is None:
+                return None
+            field = "data_parallel_rank"
+            self.deprecated_seen += 1
+            if self.deprecated_seen == 1 or self.deprecated_seen % 10_000 == 0:
+                ctx.log.warning(
+                    "deprecated_field",
+                    field="data_parallel_rank",
+                    use="routed_dp_rank",
+                    seen=self.deprecated_seen,
+                )
+        rank = validate_rank(value, ctx, field, request.rid)
+        ctx.explain("router", field)
+        return rank
+
+
+def _instantiate(name: str, cls: type, ctx: PolicyContext, options: Mapping[str, Any]) -> object:
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(ctx, **options)
+        except TypeError as exc:
+            takes = [p for p in list(sig.parameters)[1:] if p not in ("args", "kwargs")]
+            msg = (
+                f"policy {name!r} does not accept options {dict(options)!r} ({exc}); "
+                f"it takes: {', '.join(takes) or 'no options'}"
+            )
+            raise PolicyOptionError(msg) from exc
+    try:
+        return cls(ctx, **options)
+    except (ValueError, TypeError) as exc:
+        msg = f"policy {name!r}: bad options {dict(options)!r}: {exc}"
+        raise PolicyOptionError(msg) from exc
+
+
+class PolicyManager:
+    """Runs a policy chain through the dpcore hooks and keeps the shared ledger.
+
+    Build one with :meth:`from_method` (entry points) or the constructor (already
+    instantiated policies, e.g. in tests).
+
+    :param ctx: The context every policy sees.
+    :param policies: ``(name, instance)`` pairs in chain order.
+    :param resolution: How the chain was chosen, for ``--dry-run`` and logs.
+    """
+
+    def __init__(
+        self,
+        ctx: PolicyContext,
+        policies: Sequence[tuple[str, object]],
+        resolution: Resolution | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.ledger = ctx.ledger
+        self.chain = tuple(name for name, _ in policies)
+        self.policies = dict(policies)
+        self.resolution = resolution or Resolution(
+            requested=",".join(self.chain), chain=self.chain, reason="given"
+        )
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        self.core = CoreHooks()
+        pm.register(self.core, name=CORE_PLUGIN_NAME)
+        # pluggy calls the most recently registered implementation first, so register the
+        # chain back to front: chain[0] answers first.
+        for name, obj in reversed(policies):
+            try:
+                pm.register(obj, name=f"policy:{name}")
+            except ValueError as exc:
+                msg = f"policy {name!r} could not be registered: {exc}"
+                raise PolicyDefinitionError(msg) from exc
+            callers = {c.name for c in (pm.get_hookcallers(obj) or [])}
+            if "select_rank" not in callers:
+                msg = (
+                    f"policy {name!r} ({type(obj).__qualname__}) implements no select_rank "
+                    "hook; did you forget @dpcore.hookimpl?"
+                )
+                raise PolicyDefinitionError(msg)
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            msg = f"a policy implements a hook dpcore does not define: {exc}"
+            raise PolicyDefinitionError(msg) from exc
+        if os.environ.get("DPCORE_TRACE_HOOKS"):
+            log = ctx.log
+
+            def before(hook_name: str, impls: object, kwargs: Mapping[str, Any]) -> None:
+                log.debug("hook_call", hook=hook_name, impls=[i.plugin_name for i in impls])  # type: ignore[attr-defined]
+
+            def after(outcome: Any, hook_name: str, impls: object, kwargs: object) -> None:
+                log.debug("hook_result", hook=hook_name, result=repr(outcome.get_result()))
+
+            pm.add_hookcall_monitoring(before, after)
+        self.pm = pm
+        # Bound callers, looked up once: this is the hot path.
+        self._select = pm.hook.select_rank
+        self._on_dispatch = pm.hook.on_dispatch
+        self._on_load_report = pm.hook.on_load_report
+
+    @classmethod
+    def from_method(
+        cls,
+        method: str = "auto",
+        *,
+        dp_size: int,
+        disaggregation_mode: str | None = None,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        ledger: LoadLedger | None = None,
+        log: Any = None,
+        classes: Mapping[str, type] | None = None,
+    ) -> PolicyManager:
+        """Resolve *method* and load only the policies it names.
+
+        :param options: Per-policy constructor options, ``{"cache_aware": {"balance_abs": 32}}``.
+        :param classes: Policy classes by name to use instead of entry points (tests).
+        """
+        resolution = resolve(method, disaggregation_mode)
+        ctx = PolicyContext(
+            dp_size=dp_size,
+            disaggregation_mode=normalize_mode(disaggregation_mode),
+            ledger=ledger if ledger is not None else LoadLedger(dp_size),
+            log=log if log is not None else structlog.get_logger("dpcore"),
+        )
+        options = dict(options or {})
+        unknown_opts = set(options) - set(resolution.chain)
+        if unknown_opts:
+            msg = (
+                f"options given for {sorted(unknown_opts)}, which are not in the chain "
+                f"{list(resolution.chain)}"
+            )
+            raise PolicyOptionError(msg)
+        context = f" (from --load-balance-method {method!r}: {resolution.reason})"
+        loaded = []
+        for name in resolution.chain:
+            if classes is not None and name in classes:
+                policy_cls = classes[name]
+            else:
+                policy_cls = discovery.load_policy_class(name, context if name != method else "")
+            loaded.append((name, _instantiate(name, policy_cls, ctx, options.get(name, {}))))
+        return cls(ctx, loaded, resolution)
+
+    # ------------------------------------------------------------------ hot path
+
+    def select(self, request: Request) -> int:
+        """The rank for *request*; raises a :class:`RequestRejected` subclass otherwise."""
+        ctx = self.ctx
+        ctx.decision.clear()
+        try:
+            rank = self._select(request=request, ctx=ctx)
+        except RequestRejected as exc:
+            if exc.rid is None:
+                exc.rid = request.rid
+            raise
+        except Exception as exc:
+            who = ctx.decision.policy or "/".join(self.chain)
+            msg = f"policy {who} failed on request {request.rid!r}: {exc!r}"
+            ctx.log.error("policy_failed", policy=who, rid=request.rid, error=repr(exc))
+            raise PolicyFailedError(msg, rid=request.rid) from exc
+        if rank is None:
+            if not ctx.ledger.active_ranks:
+                msg = f"no active rank can take request {request.rid!r}: all {ctx.dp_size} ranks are inactive"
+                raise NoActiveRankError(msg, rid=request.rid)
+            msg = (
+                f"no policy in the chain {list(self.chain)} chose a rank for request "
+                f"{request.rid!r}; end the chain with a policy that always answers, e.g. round_robin"
+            )
+            raise NoRankSelectedError(msg, rid=request.rid)
+        if type(rank) is not int or not ctx.ledger.is_active(rank):
+            who = ctx.decision.policy or "/".join(self.chain)
+            msg = f"policy {who} returned {rank!r}, not an active rank {list(ctx.active_ranks)}"
+            raise PolicyFailedError(msg, rid=request.rid)
+        if not ctx.decision.policy and len(self.chain) == 1:
+            ctx.decision.policy = self.chain[0]
+            ctx.decision.reason = "selected"
+        return rank
+
+    def dispatched(self, request: Request, rank: int) -> int:
+        """Count *request* on *rank* in the ledger, then call ``on_dispatch``.
+
+        Returns the dispatch sequence number the ledger gave it.
+        """
+        seq = self.ledger.record_dispatch(rank, request.num_tokens)
+        try:
+            self._on_dispatch(request=request, rank=rank, ctx=self.ctx)
+        except Exception as exc:  # the request is already on its way; only log
+            self.ctx.log.error("on_dispatch_failed", rid=request.rid, rank=rank, error=repr(exc))
+        return seq
+
+    def route(self, request: Request) -> int:
+        """:meth:`select` then :meth:`dispatched`; for callers that send after choosing."""
+        rank = self.select(request)
+        self.dispatched(request, rank)
+        return rank
+
+    def report(self, report: LoadReport) -> bool:
+        """Apply *report* to the ledger and, if it was newer, call ``on_load_report``."""
+        if not self.ledger.apply_report(report):
+            return False
+        try:
+            self._on_load_report(report=report, ctx=self.ctx)
+        except Exception as exc:
+            self.ctx.log.error("on_load_report_failed", rank=report.rank, error=repr(exc))
+        return True
+
+    @property
+    def last_decision(self) -> Any:
+        """The :class:`~dpcore.model.Decision` of the last :meth:`select` call."""
+        return self.ctx.decision
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved chain, for ``--dry-run``, ``/server_info`` and logs."""
+        infos = discovery.available()
+        return {
+            "requested": self.resolution.requested,
+            "chain": list(self.chain),
+            "reason": self.resolution.reason,
+            "dp_size": self.ctx.dp_size,
+            "disaggregation_mode": self.ctx.disaggregation_mode,
+            "policies": [
+                {
+                    "name": n,
+                    "dist": infos[n].dist if n in infos else None,
+                    "version": infos[n].version if n in infos else None,
+                    "class": f"{type(o).__module__}.{type(o).__qualname__}",
+                }
+                for n, o in self.policies.items()
+            ],
+        }

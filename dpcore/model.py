@@ -1,0 +1,167 @@
+"""Frozen value types passed to hooks.
+
+Policies receive these and cannot mutate them. Everything that changes over time (loads,
+liveness) lives in :class:`dpcore.ledger.LoadLedger`, reached through
+:attr:`PolicyContext.ledger`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from attrs import field, frozen
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from dpcore.ledger import LoadLedger
+
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+
+
+@frozen
+class Request:
+    """What a policy sees of one request.
+
+    :ivar rid: Request id, unique per sender.
+    :ivar num_tokens: Prompt length in tokens.
+    :ivar block_hashes: Chained hashes of the prompt's fixed-size token blocks
+        (see :func:`dpcore.hashing.block_hashes`); empty when the sender did not compute them.
+    :ivar bootstrap_room: PD bootstrap room, when a PD router set one.
+    :ivar routed_dp_rank: Rank assigned by a router in front; beats every policy.
+    :ivar data_parallel_rank: Deprecated spelling of ``routed_dp_rank``.
+    :ivar disagg_prefill_dp_rank: For decode: the prefill rank that holds this request's KV.
+    :ivar max_new_tokens: Expected output length, when known (a decode-pressure hint).
+    """
+
+    rid: str
+    num_tokens: int = 0
+    block_hashes: tuple[int, ...] = ()
+    bootstrap_room: int | None = None
+    routed_dp_rank: Any = None
+    data_parallel_rank: Any = None
+    disagg_prefill_dp_rank: Any = None
+    max_new_tokens: int | None = None
+
+
+@frozen
+class LoadReport:
+    """A rank's own view of its load, as of the moment it sent the report.
+
+    :ivar rank: The reporting rank.
+    :ivar epoch: Identifies one life of the rank's process; a new epoch (a restart) resets
+        the report sequence.
+    :ivar seq: Report sequence number, increasing per rank; an older report is ignored.
+    :ivar acked_seq: Last dispatch sequence number the rank has admitted (``-1``: none).
+        Dispatches after it are not in this report, and the ledger keeps counting them.
+    :ivar num_running: Requests in the running batch.
+    :ivar num_waiting: Requests admitted but queued.
+    :ivar num_tokens: Tokens held: KV in use plus prompts of waiting requests.
+    :ivar kv_used: KV cache tokens in use.
+    :ivar kv_capacity: KV cache capacity in tokens (0: unknown).
+    """
+
+    rank: int
+    epoch: int = 0
+    seq: int = 0
+    acked_seq: int = -1
+    num_running: int = 0
+    num_waiting: int = 0
+    num_tokens: int = 0
+    kv_used: int = 0
+    kv_capacity: int = 0
+
+    @property
+    def num_requests(self) -> int:
+        return self.num_running + self.num_waiting
+
+
+@frozen
+class Resolution:
+    """The policy chain a ``--load-balance-method`` value resolved to, and why."""
+
+    requested: str
+    chain: tuple[str, ...]
+    reason: str
+
+
+@frozen
+class PolicyInfo:
+    """An installed policy, described without importing it."""
+
+    name: str
+    value: str
+    dist: str | None
+    version: str | None
+    summary: str
+
+
+@attrs.define(slots=True)
+class Decision:
+    """Why the last rank was chosen; policies fill it through :meth:`PolicyContext.explain`.
+
+    Mutable on purpose: one instance per controller is reused for every decision, so
+    explaining costs no allocation when nobody reads it.
+    """
+
+    policy: str = ""
+    reason: str = ""
+    scores: Mapping[str, Any] | None = None
+
+    def clear(self) -> None:
+        self.policy = ""
+        self.reason = ""
+        self.scores = None
+
+
+def _check_dp_size(_inst: object, _attr: object, value: int) -> None:
+    if type(value) is not int or value < 1:
+        msg = f"dp_size must be a positive integer, got {value!r}"
+        raise ValueError(msg)
+
+
+@frozen
+class PolicyContext:
+    """The only view a policy has of the controller.
+
+    :ivar dp_size: Number of data-parallel ranks.
+    :ivar disaggregation_mode: ``"null"``, ``"prefill"`` or ``"decode"``.
+    :ivar ledger: The shared load ledger (loads and liveness of every rank).
+    :ivar log: A structlog logger; per-request events belong at debug level.
+    :ivar decision: Scratch record of the current decision (see :meth:`explain`).
+    """
+
+    dp_size: int = field(validator=_check_dp_size)
+    disaggregation_mode: str
+    ledger: LoadLedger
+    log: FilteringBoundLogger
+    decision: Decision = field(factory=Decision)
+
+    @property
+    def active_ranks(self) -> tuple[int, ...]:
+        """Ranks currently alive, ascending. Every policy must choose among these."""
+        return self.ledger.active_ranks
+
+    def is_active(self, rank: int) -> bool:
+        return self.ledger.is_active(rank)
+
+    def now(self) -> float:
+        """Current time in seconds; simulated time under ``dpcore simulate``.
+
+        Policies must use this, never ``time.time()``, so they behave the same in the
+        simulator and live.
+        """
+        return self.ledger.now()
+
+    def explain(self, policy: str, reason: str, scores: Mapping[str, Any] | None = None) -> None:
+        """Record why *policy* chose as it did; metrics count ``reason`` per policy.
+
+        ``reason`` must come from a small fixed set (it becomes a metric label);
+        ``scores`` may hold anything useful for ``--explain`` and debug logs.
+        """
+        d = self.decision
+        d.policy = policy
+        d.reason = reason
+        d.scores = scores
