@@ -7,10 +7,10 @@ STAMP := $(VENV)/.dpcore-installed
 
 .PHONY: setup demo test test-fast bench simulate clean
 
-$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[sim,http,test]' $(foreach p,$(PLUGINS),-e $(p))
+	$(PY) -m pip install -q -e '.[sim,http,test]' $(foreach p,$(PLUGINS),-e $(p)) -e examples/dp_power_of_two
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -86,7 +86,6 @@ class PolicyHarness:
         self.ledger = ledger
         self.dispatched: Counter[int] = Counter()
         self.tokens: Counter[int] = Counter()
-        self.history: list[tuple[str, int]] = []
         self._report_seq = [0] * dp_size
 
     @property
@@ -105,7 +104,6 @@ class PolicyHarness:
         self.manager.dispatched(req, rank)
         self.dispatched[rank] += 1
         self.tokens[rank] += req.num_tokens
-        self.history.append((req.rid, rank))
         return rank
 
     def select_many(self, requests: Iterable[Request]) -> list[int]:

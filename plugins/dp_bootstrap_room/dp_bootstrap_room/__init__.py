@@ -40,4 +40,5 @@ class FollowBootstrapRoomPolicy:
                 "inactive; follow_bootstrap_room cannot remap (decode computes the same rank)"
             )
             raise InactiveRankError(msg, rid=request.rid)
+        ctx.explain(self.name, "room_modulo")
         return rank

@@ -43,6 +43,7 @@ class TotalRequestsPolicy:
             k = reqs[r]
             if k < best_key:
                 best, best_key = r, k
+        ctx.explain(self.name, "least_requests")
         return best
 
 
@@ -71,4 +72,5 @@ class TotalTokensPolicy:
             t = toks[r]
             if t < best_t or (t == best_t and reqs[r] < best_r):
                 best, best_t, best_r = r, t, reqs[r]
+        ctx.explain(self.name, "least_tokens")
         return best

@@ -29,6 +29,7 @@ class RoundRobinPolicy:
         if len(active) == dp:
             rank = self._next % dp
             self._next = rank + 1
+            ctx.explain(self.name, "next")
             return rank
         # Walk forward from the counter to the next active rank (at most dp steps).
         i = self._next

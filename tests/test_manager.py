@@ -1,0 +1,243 @@
+from __future__ import annotations
+
+import pytest
+from structlog.testing import capture_logs
+
+from dpcore import hookimpl
+from dpcore.errors import (
+    InactiveRankError,
+    InvalidRankError,
+    NoActiveRankError,
+    NoRankSelectedError,
+    PolicyDefinitionError,
+    PolicyFailedError,
+    PolicyOptionError,
+)
+from dpcore.testing import FakePolicy, PolicyHarness, make_request
+
+
+class Recorder:
+    """Answers a fixed rank and records every hook call."""
+
+    name = "recorder"
+
+    def __init__(self, ctx, rank=None):
+        self.rank = rank
+        self.calls: list[tuple] = []
+
+    @hookimpl
+    def select_rank(self, request, ctx):
+        self.calls.append(("select", request.rid))
+        return self.rank
+
+    @hookimpl
+    def on_dispatch(self, request, rank, ctx):
+        self.calls.append(("dispatch", request.rid, rank))
+
+    @hookimpl
+    def on_load_report(self, report, ctx):
+        self.calls.append(("report", report.rank))
+
+
+def test_hook_select_rank_first_policy_in_chain_answers():
+    class Two(Recorder):
+        name = "two"
+
+    h = PolicyHarness([("recorder", Recorder), ("two", Two)], dp_size=4, options={"two": {"rank": 3}})
+    first, second = h.manager.policies["recorder"], h.manager.policies["two"]
+    assert h.select(rid="a") == 3  # first returns None: falls through to the second
+    assert first.calls[0] == ("select", "a") and second.calls[0] == ("select", "a")
+    first.rank = 1
+    assert h.select(rid="b") == 1
+    assert ("select", "b") not in second.calls
+
+
+def test_hook_on_dispatch_sees_router_assigned_requests():
+    h = PolicyHarness(Recorder, dp_size=4, options={"rank": 0})
+    h.select(rid="x", routed_dp_rank=2)
+    rec = h.policy
+    assert ("select", "x") not in rec.calls  # the core answered first
+    assert ("dispatch", "x", 2) in rec.calls
+    assert h.ledger.requests[2] == 1
+
+
+def test_hook_on_load_report_only_for_applied_reports():
+    h = PolicyHarness(Recorder, dp_size=2, options={"rank": 0})
+    assert h.report(1, seq=3, num_running=2)
+    assert not h.report(1, seq=2, num_running=5)  # older: dropped before the hook
+    assert h.policy.calls == [("report", 1)]
+    assert h.ledger.requests[1] == 2
+
+
+def test_nobody_answers_is_a_clear_rejection():
+    h = PolicyHarness(Recorder, dp_size=2)
+    with pytest.raises(NoRankSelectedError, match="end the chain with a policy that always answers"):
+        h.select(rid="r1")
+
+
+def test_all_inactive_rejects_instead_of_looping():
+    h = PolicyHarness(Recorder, dp_size=2)
+    h.kill(0)
+    h.kill(1)
+    with pytest.raises(NoActiveRankError, match="all 2 ranks are inactive"):
+        h.select()
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "text"),
+    [
+        (4, InvalidRankError, r"routed_dp_rank=4 out of range \[0, 4\)"),
+        (-1, InvalidRankError, "out of range"),
+        ("1", InvalidRankError, "not an integer"),
+        (1.0, InvalidRankError, "not an integer"),
+        (True, InvalidRankError, "not an integer"),
+        (2**70, InvalidRankError, "out of range"),
+    ],
+)
+def test_bad_routed_rank_rejects_only_that_request(value, error, text):
+    h = PolicyHarness(FakePolicy, dp_size=4, options={"rank": 1})
+    with pytest.raises(error, match=text) as exc:
+        h.select(rid="bad", routed_dp_rank=value)
+    assert exc.value.rid == "bad"
+    assert exc.value.code == "invalid_rank"
+    assert h.select(rid="good") == 1
+
+
+def test_routed_rank_to_inactive_rank():
+    h = PolicyHarness(FakePolicy, dp_size=4)
+    h.kill(3)
+    with pytest.raises(InactiveRankError, match="inactive") as exc:
+        h.select(routed_dp_rank=3)
+    assert exc.value.http_status == 503
+
+
+def test_deprecated_data_parallel_rank_is_honoured_with_a_warning():
+    h = PolicyHarness(FakePolicy, dp_size=4, options={"rank": 0})
+    with capture_logs() as logs:
+        assert h.select(data_parallel_rank=3) == 3
+        assert h.select(data_parallel_rank=2) == 2
+    warnings = [e for e in logs if e["event"] == "deprecated_field"]
+    assert len(warnings) == 1 and warnings[0]["use"] == "routed_dp_rank"
+    # routed_dp_rank wins over the deprecated field
+    assert h.select(routed_dp_rank=1, data_parallel_rank=2) == 1
+    assert h.manager.last_decision.reason == "routed_dp_rank"
+
+
+def test_policy_exception_fails_only_that_request():
+    class Broken:
+        name = "broken"
+
+        def __init__(self, ctx):
+            self.n = 0
+
+        @hookimpl
+        def select_rank(self, request):
+            self.n += 1
+            if self.n == 1:
+                raise ZeroDivisionError("boom")
+            return 0
+
+    h = PolicyHarness(Broken, dp_size=2)
+    with pytest.raises(PolicyFailedError, match="ZeroDivisionError"):
+        h.select()
+    assert h.select() == 0
+
+
+@pytest.mark.parametrize("answer", [7, -1, "0", 0.0])
+def test_policy_returning_a_non_rank_is_caught(answer):
+    class Wrong:
+        name = "wrong"
+
+        def __init__(self, ctx):
+            pass
+
+        @hookimpl
+        def select_rank(self):
+            return answer
+
+    h = PolicyHarness(Wrong, dp_size=2)
+    with pytest.raises(PolicyFailedError, match="not an active rank"):
+        h.select()
+
+
+def test_policy_returning_inactive_rank_is_caught():
+    h = PolicyHarness(FakePolicy, dp_size=2, options={"rank": 1})
+    h.kill(1)
+    with pytest.raises(PolicyFailedError):
+        h.select()
+
+
+def test_policy_without_hookimpl_is_a_definition_error():
+    class Forgot:
+        name = "forgot"
+
+        def __init__(self, ctx):
+            pass
+
+        def select_rank(self, request, ctx):
+            return 0
+
+    with pytest.raises(PolicyDefinitionError, match="forget @dpcore.hookimpl"):
+        PolicyHarness(Forgot)
+
+
+def test_misspelled_hook_is_a_definition_error():
+    class Typo:
+        name = "typo"
+
+        def __init__(self, ctx):
+            pass
+
+        @hookimpl
+        def select_rank(self):
+            return 0
+
+        @hookimpl
+        def on_dispach(self, request):
+            pass
+
+    with pytest.raises(PolicyDefinitionError, match="on_dispach"):
+        PolicyHarness(Typo)
+
+
+def test_unknown_option_names_what_the_policy_takes():
+    with pytest.raises(PolicyOptionError, match="it takes: rank"):
+        PolicyHarness(FakePolicy, options={"rnak": 1})
+
+
+def test_on_dispatch_failure_does_not_lose_the_request():
+    class BadObserver(FakePolicy):
+        @hookimpl
+        def on_dispatch(self, request):
+            raise RuntimeError("observer bug")
+
+    h = PolicyHarness(BadObserver, dp_size=2)
+    with capture_logs() as logs:
+        assert h.select() == 0
+    assert h.ledger.requests[0] == 1
+    assert any(e["event"] == "on_dispatch_failed" for e in logs)
+
+
+def test_explain_records_policy_and_reason():
+    h = PolicyHarness("round_robin", dp_size=2)
+    h.select()
+    assert (h.manager.last_decision.policy, h.manager.last_decision.reason) == ("round_robin", "next")
+    h2 = PolicyHarness(FakePolicy, dp_size=2)  # a policy that does not explain itself
+    h2.select()
+    assert (h2.manager.last_decision.policy, h2.manager.last_decision.reason) == ("fake", "selected")
+    h.select(routed_dp_rank=0)
+    assert h.manager.last_decision.policy == "router"
+
+
+def test_describe_lists_the_chain():
+    h = PolicyHarness("auto", dp_size=2, disaggregation_mode="prefill")
+    d = h.manager.describe()
+    assert d["chain"] == ["follow_bootstrap_room"]
+    assert d["policies"][0]["dist"] == "dp-bootstrap-room"
+    assert "bootstrap_room % dp_size" in d["reason"]
+
+
+def test_request_is_frozen():
+    req = make_request(num_tokens=3)
+    with pytest.raises(AttributeError):
+        req.num_tokens = 5  # type: ignore[misc]
