@@ -1,0 +1,401 @@
+"""The client SDK: what a tokenizer or HTTP front end uses to send requests to dpcore.
+
+A client binds its own PULL socket for replies (outputs from ranks, rejections and
+failures from the controller) and PUSH-connects to the controller's ingress. Every request
+ends in exactly one final reply: an ``out`` with ``final=True``, a ``rej`` or a ``fail``.
+Replies that arrive for a request that already ended (a rank that finished a request just
+as it died, say) are dropped and counted in :attr:`Client.stale`.
+
+Example::
+
+    with Client("ipc:///tmp/dpcore-x/ingress") as c:
+        c.submit("r1", token_ids=ids, payload=pack_token_ids(ids))
+        for reply in c.wait_all(timeout_s=10):
+            print(reply.kind, reply.rank, reply.meta)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from dpcore import wire
+from dpcore.errors import DpcoreError, WireError
+from dpcore.hashing import DEFAULT_BLOCK_SIZE, block_hashes
+from dpcore.sdk import endpoints
+from dpcore.wire import Reply
+
+__all__ = ["AsyncClient", "Client", "ControllerUnavailableError", "Reply", "ReplyStream"]
+
+#: Replies with no waiting stream kept for :meth:`AsyncClient.poll`; older ones are dropped.
+_UNCLAIMED_MAX = 4096
+
+
+class ControllerUnavailableError(DpcoreError):
+    """The controller's ingress did not take a request within the send timeout."""
+
+
+class _Base:
+    """Socket setup and request encoding shared by :class:`Client` and :class:`AsyncClient`."""
+
+    def __init__(
+        self,
+        ingress: str,
+        ctx: zmq.Context,  # type: ignore[type-arg]
+        own_ctx: bool,
+        block_size: int,
+        reply_endpoint: str | None,
+        send_timeout_s: float,
+    ) -> None:
+        endpoints.check(ingress, "ingress")
+        self.ingress = ingress
+        self.block_size = block_size
+        self.send_timeout_s = send_timeout_s
+        self._ctx = ctx
+        self._own_ctx = own_ctx
+        self._run_dir: str | None = None
+        #: Replies dropped because their request had already ended.
+        self.stale = 0
+        #: Replies that could not be decoded.
+        self.bad_replies = 0
+        if reply_endpoint is None:
+            reply_endpoint, self._run_dir = endpoints.reply_endpoint_like(ingress)
+        self._rx = ctx.socket(zmq.PULL)
+        self._rx.linger = 0
+        self._tx = ctx.socket(zmq.PUSH)
+        self._tx.linger = 0
+        try:
+            self.reply_endpoint = endpoints.bind(self._rx, reply_endpoint)
+            self._tx.connect(ingress)
+        except BaseException:
+            self._close_sockets()
+            raise
+
+    def _header(
+        self,
+        rid: str,
+        token_ids: Sequence[int] | None,
+        num_tokens: int | None,
+        bh: Sequence[int] | None,
+        routed_dp_rank: Any,
+        data_parallel_rank: Any,
+        bootstrap_room: int | None,
+        disagg_prefill_dp_rank: Any,
+        max_new_tokens: int | None,
+    ) -> bytes:
+        if num_tokens is None:
+            if token_ids is None:
+                msg = f"request {rid!r}: give token_ids or num_tokens"
+                raise ValueError(msg)
+            num_tokens = len(token_ids)
+        if bh is None:
+            bh = block_hashes(token_ids, self.block_size) if token_ids is not None else ()
+        return wire.encode_request(
+            rid,
+            num_tokens=num_tokens,
+            reply=self.reply_endpoint,
+            block_hashes=bh,
+            bootstrap_room=bootstrap_room,
+            routed_dp_rank=routed_dp_rank,
+            data_parallel_rank=data_parallel_rank,
+            disagg_prefill_dp_rank=disagg_prefill_dp_rank,
+            max_new_tokens=max_new_tokens,
+        )
+
+    def _decode(self, frames: list[bytes]) -> Reply | None:
+        try:
+            return wire.decode_reply(frames)
+        except WireError:
+            self.bad_replies += 1
+            return None
+
+    def _close_sockets(self) -> None:
+        self._tx.close(linger=0)
+        self._rx.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+        endpoints.remove_run_dir(self._run_dir)
+        self._run_dir = None
+
+
+class Client(_Base):
+    """Blocking client.
+
+    :param ingress: The controller's ingress endpoint.
+    :param zmq_ctx: A ZMQ context to share; a private one is made (and terminated) otherwise.
+    :param block_size: Tokens per hashed block (must match the engine's cache block size
+        for ``cache_aware`` to see real prefixes).
+    :param reply_endpoint: Where this client listens; default: a fresh endpoint like the
+        ingress (ipc in a private directory, or a random 127.0.0.1 port). For multi-node,
+        pass ``tcp://<this host's address>:*``.
+    :param send_timeout_s: How long :meth:`submit` may wait for the ingress to take a request.
+    """
+
+    def __init__(
+        self,
+        ingress: str,
+        *,
+        zmq_ctx: zmq.Context | None = None,  # type: ignore[type-arg]
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        reply_endpoint: str | None = None,
+        send_timeout_s: float = 5.0,
+    ) -> None:
+        own = zmq_ctx is None
+        super().__init__(
+            ingress, zmq_ctx or zmq.Context(), own, block_size, reply_endpoint, send_timeout_s
+        )
+        self._tx.sndtimeo = int(send_timeout_s * 1000)
+        self._poller = zmq.Poller()
+        self._poller.register(self._rx, zmq.POLLIN)
+        #: Requests submitted and not ended yet.
+        self.pending: set[str] = set()
+
+    def submit(
+        self,
+        rid: str,
+        *,
+        token_ids: Sequence[int] | None = None,
+        num_tokens: int | None = None,
+        block_hashes: Sequence[int] | None = None,
+        payload: bytes = b"",
+        routed_dp_rank: Any = None,
+        data_parallel_rank: Any = None,
+        bootstrap_room: int | None = None,
+        disagg_prefill_dp_rank: Any = None,
+        max_new_tokens: int | None = None,
+    ) -> None:
+        """Send one request. *token_ids* are only used to count and hash the prompt; put
+        whatever the engine needs in *payload*."""
+        hdr = self._header(
+            rid, token_ids, num_tokens, block_hashes, routed_dp_rank, data_parallel_rank,
+            bootstrap_room, disagg_prefill_dp_rank, max_new_tokens,
+        )  # fmt: skip
+        self.send_raw(rid, hdr, payload)
+
+    def send_raw(self, rid: str, header: bytes, payload: bytes = b"") -> None:
+        """Send an already encoded request header (see :func:`dpcore.wire.encode_request`)."""
+        try:
+            self._tx.send_multipart((header, payload))
+        except zmq.Again:
+            msg = f"controller ingress {self.ingress} took no request for {self.send_timeout_s:g}s"
+            raise ControllerUnavailableError(msg) from None
+        self.pending.add(rid)
+
+    def control(self, op: str, data: Any = None) -> None:
+        """Ask the controller to broadcast a control message to every active rank."""
+        try:
+            self._tx.send(wire.encode_ctl(op, data))
+        except zmq.Again:
+            msg = f"controller ingress {self.ingress} took no control message for {self.send_timeout_s:g}s"
+            raise ControllerUnavailableError(msg) from None
+
+    def poll(self, timeout_s: float = 0.0) -> list[Reply]:
+        """Replies that arrived, waiting up to *timeout_s* for the first one."""
+        out: list[Reply] = []
+        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+            return out
+        rx = self._rx
+        pending = self.pending
+        while True:
+            try:
+                frames = rx.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return out
+            reply = self._decode(frames)
+            if reply is None:
+                continue
+            if reply.rid not in pending:
+                self.stale += 1
+                continue
+            if reply.final:
+                pending.discard(reply.rid)
+            out.append(reply)
+
+    def wait_all(self, timeout_s: float) -> list[Reply]:
+        """Replies until every pending request ended or *timeout_s* passed."""
+        deadline = time.monotonic() + timeout_s
+        out: list[Reply] = []
+        while self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            out.extend(self.poll(left))
+        return out
+
+    def close(self) -> None:
+        self._close_sockets()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ReplyStream:
+    """The replies of one request, in order, ending with its final reply."""
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.done = False
+        self._q: asyncio.Queue[Reply] = asyncio.Queue()
+
+    async def next(self, timeout_s: float | None = None) -> Reply:
+        """The next reply; raises :class:`TimeoutError` after *timeout_s*."""
+        if self.done and self._q.empty():
+            msg = f"request {self.rid!r} already ended"
+            raise RuntimeError(msg)
+        reply = await asyncio.wait_for(self._q.get(), timeout_s)
+        if reply.final:
+            self.done = True
+        return reply
+
+    async def collect(self, timeout_s: float | None = None) -> list[Reply]:
+        """All replies up to and including the final one (one deadline for all)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        out = []
+        while not self.done:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            out.append(await self.next(left))
+        return out
+
+    def __aiter__(self) -> AsyncIterator[Reply]:
+        return self
+
+    async def __anext__(self) -> Reply:
+        if self.done and self._q.empty():
+            raise StopAsyncIteration
+        return await self.next()
+
+
+class AsyncClient(_Base):
+    """The same client on ``zmq.asyncio``; :meth:`submit` returns a :class:`ReplyStream`.
+
+    A background task (started by the first :meth:`submit`) reads replies and hands each
+    to its request's stream. Call :meth:`close` (or use ``async with``) to stop it.
+    """
+
+    def __init__(
+        self,
+        ingress: str,
+        *,
+        zmq_ctx: zmq.asyncio.Context | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        reply_endpoint: str | None = None,
+        send_timeout_s: float = 5.0,
+    ) -> None:
+        own = zmq_ctx is None
+        super().__init__(
+            ingress, zmq_ctx or zmq.asyncio.Context(), own, block_size, reply_endpoint, send_timeout_s
+        )
+        self._streams: dict[str, ReplyStream] = {}
+        self._unclaimed: deque[Reply] = deque(maxlen=_UNCLAIMED_MAX)
+        self._unclaimed_event = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> set[str]:
+        return set(self._streams)
+
+    async def submit(
+        self,
+        rid: str,
+        *,
+        token_ids: Sequence[int] | None = None,
+        num_tokens: int | None = None,
+        block_hashes: Sequence[int] | None = None,
+        payload: bytes = b"",
+        routed_dp_rank: Any = None,
+        data_parallel_rank: Any = None,
+        bootstrap_room: int | None = None,
+        disagg_prefill_dp_rank: Any = None,
+        max_new_tokens: int | None = None,
+    ) -> ReplyStream:
+        """Send one request; iterate the returned stream for its replies."""
+        hdr = self._header(
+            rid, token_ids, num_tokens, block_hashes, routed_dp_rank, data_parallel_rank,
+            bootstrap_room, disagg_prefill_dp_rank, max_new_tokens,
+        )  # fmt: skip
+        if rid in self._streams:
+            msg = f"request id {rid!r} is already pending on this client"
+            raise ValueError(msg)
+        self._start()
+        stream = ReplyStream(rid)
+        # Registered before sending, so a reply can never arrive before its stream exists.
+        self._streams[rid] = stream
+        try:
+            await asyncio.wait_for(self._tx.send_multipart((hdr, payload)), self.send_timeout_s)
+        except (asyncio.TimeoutError, zmq.Again):
+            self._streams.pop(rid, None)
+            msg = f"controller ingress {self.ingress} took no request for {self.send_timeout_s:g}s"
+            raise ControllerUnavailableError(msg) from None
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
+        return stream
+
+    def forget(self, rid: str) -> None:
+        """Stop routing replies of *rid* (its caller went away); later ones count as stale."""
+        self._streams.pop(rid, None)
+
+    async def control(self, op: str, data: Any = None) -> None:
+        """Ask the controller to broadcast a control message to every active rank."""
+        try:
+            await asyncio.wait_for(self._tx.send(wire.encode_ctl(op, data)), self.send_timeout_s)
+        except asyncio.TimeoutError:
+            msg = f"controller ingress {self.ingress} took no control message for {self.send_timeout_s:g}s"
+            raise ControllerUnavailableError(msg) from None
+
+    async def poll(self, timeout_s: float = 0.0) -> list[Reply]:
+        """Replies that no stream claimed (e.g. for requests sent with another tool)."""
+        self._start()
+        if not self._unclaimed:
+            self._unclaimed_event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._unclaimed_event.wait(), timeout_s)
+        out = list(self._unclaimed)
+        self._unclaimed.clear()
+        return out
+
+    def _start(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        rx = self._rx
+        streams = self._streams
+        while True:
+            frames = await rx.recv_multipart()
+            reply = self._decode(frames)
+            if reply is None:
+                continue
+            stream = streams.get(reply.rid)
+            if stream is None:
+                self._unclaimed.append(reply)
+                self._unclaimed_event.set()
+                continue
+            if reply.final:
+                del streams[reply.rid]
+            stream._q.put_nowait(reply)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        self._close_sockets()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,79 @@
+"""ZMQ endpoint helpers shared by the controller and the SDKs.
+
+Endpoints are loopback by default: ``ipc://`` paths under a private run directory, or
+``tcp://127.0.0.1:PORT``. A TCP endpoint ending in ``:0`` or ``:*`` binds a random free port;
+:func:`bind` returns the address actually bound, which is what peers must connect to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import zmq
+
+from dpcore.errors import ConfigError
+
+SCHEMES = ("ipc://", "tcp://", "inproc://")
+#: Unix socket paths are limited to 107 bytes; ipc:// paths must stay under it.
+_IPC_MAX = 100
+
+
+def check(endpoint: str, what: str = "endpoint") -> str:
+    """Validate an endpoint string; raise :class:`ConfigError` with a hint otherwise."""
+    if not isinstance(endpoint, str) or not endpoint.startswith(SCHEMES):
+        msg = f"{what} {endpoint!r}: expected ipc:///path, tcp://HOST:PORT or inproc://NAME"
+        raise ConfigError(msg)
+    if endpoint.startswith("ipc://") and len(endpoint) - 6 > _IPC_MAX:
+        msg = f"{what} {endpoint!r}: ipc path longer than {_IPC_MAX} bytes; use a shorter --run-dir"
+        raise ConfigError(msg)
+    return endpoint
+
+
+def make_run_dir(prefix: str = "dpcore-") -> str:
+    """A fresh private directory for ipc sockets (short, under the system temp dir)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None)
+
+
+def remove_run_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def ipc(run_dir: str | os.PathLike[str], name: str) -> str:
+    return check(f"ipc://{Path(run_dir) / name}")
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:  # type: ignore[type-arg]
+    """Bind *sock*; returns the concrete endpoint (random TCP ports resolved)."""
+    check(endpoint)
+    if endpoint.startswith("tcp://") and endpoint.endswith((":0", ":*")):
+        host = endpoint[: endpoint.rfind(":")]
+        port = sock.bind_to_random_port(host)
+        return f"{host}:{port}"
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        msg = f"cannot bind {endpoint}: {exc}"
+        raise ConfigError(msg) from exc
+    return endpoint
+
+
+def reply_endpoint_like(peer: str) -> tuple[str, str | None]:
+    """A fresh endpoint of the same kind as *peer* for a reply socket to bind.
+
+    Returns ``(endpoint, run_dir)``; *run_dir* is a directory the caller owns and removes
+    (``None`` when nothing was created).
+    """
+    if peer.startswith("ipc://"):
+        d = make_run_dir("dpcore-reply-")
+        return f"ipc://{d}/reply", d
+    if peer.startswith("inproc://"):
+        return f"inproc://dpcore-reply-{uuid.uuid4().hex}", None
+    # TCP: loopback unless the caller passes an address peers on other hosts can reach.
+    return "tcp://127.0.0.1:*", None

@@ -1,0 +1,331 @@
+"""The worker SDK: what an engine rank's scheduler uses to talk to the dpcore controller.
+
+A rank PULLs its dispatches from the controller and PUSHes load reports back. The engine
+calls :meth:`Worker.admit` when a request enters its queue (the next load report tells the
+controller the last admitted dispatch sequence, so the controller stops counting that
+request on top of the report), sends outputs straight to the request's sender with
+:meth:`Worker.send`, and reports its load with :meth:`Worker.report`. A load report is
+also the heartbeat: :meth:`Worker.recv` sends one by itself whenever the rank has been quiet
+for ``heartbeat_interval_s``, so a rank that is alive never looks dead.
+
+Run ``python -m dpcore.sdk.worker --rank R --dispatch EP --report EP`` for a minimal echo
+rank (used by the end-to-end tests; the realistic mock engine is ``dpcore mock-worker``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import signal
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import zmq
+from attrs import frozen
+
+from dpcore import wire
+from dpcore.errors import WireError
+from dpcore.model import Request
+from dpcore.wire import Control
+
+__all__ = ["Control", "Work", "Worker"]
+
+#: Done seqs sent per report at most (the rest go in the next one).
+_DONE_PER_REPORT = 4096
+#: A rank's reply sockets keep unsent outputs this long after being closed.
+_REPLY_LINGER_MS = 1000
+
+
+@frozen
+class Work:
+    """One request dispatched to this rank.
+
+    :ivar rid: Request id.
+    :ivar seq: Dispatch sequence number (what :meth:`Worker.admit` acknowledges).
+    :ivar header: The request header exactly as the sender wrote it.
+    :ivar payload: The sender's opaque payload (e.g. token ids, sampling params).
+    :ivar reply: The sender's reply endpoint (outputs go there).
+    :ivar prefill_rank: PD decode: the prefill rank holding this request's KV, else ``None``.
+    :ivar request: The header as a :class:`~dpcore.model.Request` (num_tokens, block_hashes...).
+    """
+
+    rid: str
+    seq: int
+    header: Mapping[str, Any]
+    payload: bytes
+    reply: str
+    prefill_rank: int | None
+    request: Request
+
+
+class Worker:
+    """One rank's connection to the controller.
+
+    :param rank: This rank's index.
+    :param dispatch_endpoint: The controller's dispatch endpoint for this rank.
+    :param report_endpoint: The controller's load-report endpoint (shared by all ranks).
+    :param zmq_ctx: A context to share; a private one is made and terminated otherwise.
+    :param epoch: Identifies this life of the rank; default: the start time in ns, so a
+        restarted rank is recognised as new.
+    :param heartbeat_interval_s: Longest quiet time before :meth:`recv` sends a heartbeat.
+    :param reply_sockets: How many senders' reply sockets to keep open (LRU).
+    :param on_control: Called with each control message; otherwise they queue in
+        :attr:`controls`.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        *,
+        dispatch_endpoint: str,
+        report_endpoint: str,
+        zmq_ctx: zmq.Context | None = None,  # type: ignore[type-arg]
+        epoch: int | None = None,
+        heartbeat_interval_s: float = 0.5,
+        reply_sockets: int = 64,
+        on_control: Callable[[Control], None] | None = None,
+    ) -> None:
+        if type(rank) is not int or rank < 0:
+            msg = f"rank must be an integer >= 0, got {rank!r}"
+            raise ValueError(msg)
+        self.rank = rank
+        self.epoch = time.time_ns() if epoch is None else epoch
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.on_control = on_control
+        #: Control messages received and not handled by *on_control*.
+        self.controls: deque[Control] = deque(maxlen=1024)
+        #: Frames that could not be decoded (logged by the caller if it wants).
+        self.bad_frames = 0
+        #: Outputs dropped because the sender's reply socket was full or gone.
+        self.dropped_outputs = 0
+        self._own_ctx = zmq_ctx is None
+        self._ctx = zmq_ctx or zmq.Context()
+        self._rx = self._ctx.socket(zmq.PULL)
+        self._rx.linger = 0
+        self._tx = self._ctx.socket(zmq.PUSH)
+        self._tx.linger = 0
+        self._rx.connect(dispatch_endpoint)
+        self._tx.connect(report_endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._rx, zmq.POLLIN)
+        self._replies: OrderedDict[str, zmq.Socket] = OrderedDict()  # type: ignore[type-arg]
+        self._reply_max = reply_sockets
+        self._report_seq = 0
+        self._ack = -1
+        self._lo: int | None = None
+        self._done: list[int] = []
+        self._load = (0, 0, 0, 0, 0)
+        self._last_sent = 0.0
+        # Say hello at once: the controller learns this life (and its epoch) before any work.
+        self.heartbeat()
+
+    # ------------------------------------------------------------------ receiving
+
+    def recv(self, timeout_s: float = 0.0, max_items: int = 1024) -> list[Work]:
+        """Dispatches that arrived, waiting up to *timeout_s* for the first one.
+
+        Sends a heartbeat first if the rank has been quiet for too long.
+        """
+        if time.monotonic() - self._last_sent >= self.heartbeat_interval_s:
+            self.heartbeat()
+        out: list[Work] = []
+        # Never sleep past the next heartbeat.
+        wait = min(timeout_s, max(0.0, self._last_sent + self.heartbeat_interval_s - time.monotonic()))
+        if not self._poller.poll(int(wait * 1000)):
+            return out
+        rx = self._rx
+        while len(out) < max_items:
+            try:
+                frames = rx.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            work = self._decode(frames)
+            if work is not None:
+                out.append(work)
+        return out
+
+    def _decode(self, frames: list[bytes]) -> Work | None:
+        try:
+            if len(frames) == 1:
+                self._control(wire.decode_ctl(frames[0]))
+                return None
+            d = wire.decode_dispatch(frames)
+            req, reply = wire.request_from_header(d.header)
+        except WireError:
+            self.bad_frames += 1
+            return None
+        if d.rank != self.rank or reply is None:
+            self.bad_frames += 1
+            return None
+        if self._lo is None:
+            self._lo = d.seq
+        return Work(req.rid, d.seq, d.header, d.payload, reply, d.prefill_rank, req)
+
+    def _control(self, ctl: Control) -> None:
+        if self.on_control is not None:
+            self.on_control(ctl)
+        else:
+            self.controls.append(ctl)
+
+    # ------------------------------------------------------------------ progress
+
+    def admit(self, work: Work) -> None:
+        """The engine took *work* into its queue; the next report acknowledges it."""
+        if work.seq > self._ack:
+            self._ack = work.seq
+
+    def finish(self, work: Work) -> None:
+        """*work* ended without a final :meth:`send` (e.g. the engine aborted it)."""
+        self.admit(work)
+        self._done.append(work.seq)
+
+    def send(self, work: Work, meta: Mapping[str, Any] | None = None, payload: bytes = b"", final: bool = True) -> bool:
+        """Send an output for *work* to its sender; ``final`` marks it finished.
+
+        Never blocks: if the sender's socket is full or gone the output is dropped and
+        counted in :attr:`dropped_outputs`. Returns whether it was sent.
+        """
+        sock = self._reply_socket(work.reply)
+        if final:
+            self.finish(work)
+        try:
+            sock.send_multipart((wire.encode_out(work.rid, self.rank, final, meta), payload), zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped_outputs += 1
+            return False
+        return True
+
+    def _reply_socket(self, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
+        sock = self._replies.get(endpoint)
+        if sock is not None:
+            self._replies.move_to_end(endpoint)
+            return sock
+        sock = self._ctx.socket(zmq.PUSH)
+        # Outputs are the product: give them a moment to leave when the socket is evicted.
+        sock.linger = _REPLY_LINGER_MS
+        sock.connect(endpoint)
+        self._replies[endpoint] = sock
+        if len(self._replies) > self._reply_max:
+            _, old = self._replies.popitem(last=False)
+            old.close()
+        return sock
+
+    # ------------------------------------------------------------------ reports
+
+    def report(
+        self,
+        num_running: int,
+        num_waiting: int,
+        num_tokens: int,
+        kv_used: int = 0,
+        kv_capacity: int = 0,
+        done_seqs: Iterable[int] = (),
+    ) -> bool:
+        """Send a load report (also a heartbeat). *done_seqs* add to what :meth:`send`
+        with ``final=True`` and :meth:`finish` recorded. Returns whether it was sent."""
+        self._load = (num_running, num_waiting, num_tokens, kv_used, kv_capacity)
+        self._done.extend(done_seqs)
+        return self._send_report()
+
+    def heartbeat(self) -> bool:
+        """Re-send the last reported load (with anything finished since)."""
+        return self._send_report()
+
+    def _send_report(self) -> bool:
+        run, wait, tok, kvu, kvc = self._load
+        done = self._done[:_DONE_PER_REPORT]
+        self._report_seq += 1
+        frame = wire.encode_load(
+            self.rank, epoch=self.epoch, seq=self._report_seq, ack=self._ack,
+            run=run, wait=wait, tok=tok, kvu=kvu, kvc=kvc, done=done, lo=self._lo,
+        )  # fmt: skip
+        self._last_sent = time.monotonic()
+        try:
+            self._tx.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            return False  # the controller is not reading; keep `done` for the next report
+        del self._done[: len(done)]
+        return True
+
+    @property
+    def acked_seq(self) -> int:
+        return self._ack
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        for sock in self._replies.values():
+            sock.close()
+        self._replies.clear()
+        self._rx.close(linger=0)
+        self._tx.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- echo rank
+
+
+def _echo_main(argv: Sequence[str] | None = None) -> int:
+    """A minimal rank: answers each request with its payload after ``--delay-s``."""
+    p = argparse.ArgumentParser(prog="python -m dpcore.sdk.worker", description=_echo_main.__doc__)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--dispatch", required=True, help="the controller's dispatch endpoint for this rank")
+    p.add_argument("--report", required=True, help="the controller's report endpoint")
+    p.add_argument("--delay-s", type=float, default=0.0, help="time each request stays running")
+    p.add_argument("--no-admit", action="store_true", help="receive but never admit (a stuck rank)")
+    p.add_argument("--heartbeat-s", type=float, default=0.2)
+    args = p.parse_args(argv)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    w = Worker(
+        args.rank, dispatch_endpoint=args.dispatch, report_endpoint=args.report,
+        heartbeat_interval_s=args.heartbeat_s,
+    )  # fmt: skip
+    running: list[tuple[float, int, Work]] = []  # heap of (due, seq, work)
+    tokens = 0
+    print(f"echo rank {args.rank} ready", flush=True)
+    while not stop:
+        timeout = args.heartbeat_s
+        if running:
+            timeout = max(0.0, min(timeout, running[0][0] - time.monotonic()))
+        items = w.recv(timeout)
+        changed = bool(items)
+        if not args.no_admit:
+            now = time.monotonic()
+            for work in items:
+                w.admit(work)
+                tokens += work.request.num_tokens
+                heapq.heappush(running, (now + args.delay_s, work.seq, work))
+            now = time.monotonic()
+            while running and running[0][0] <= now:
+                _, _, work = heapq.heappop(running)
+                tokens -= work.request.num_tokens
+                meta = {"prompt_tokens": work.request.num_tokens, "completion_tokens": 0}
+                if work.prefill_rank is not None:
+                    meta["prefill_rank"] = work.prefill_rank
+                w.send(work, meta, work.payload)
+                changed = True
+        if changed:
+            w.report(len(running), 0, tokens)
+    w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_echo_main())

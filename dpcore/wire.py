@@ -1,0 +1,469 @@
+"""The dpcore wire format: msgpack header frames, opaque payload frames, no pickle.
+
+Every message is a list of ZMQ frames. The first frame is a msgpack map with ``"v"`` (the
+wire version) and ``"t"`` (the type tag); requests, dispatches and outputs carry one more
+frame, the payload, which the controller forwards without looking at it.
+
+========  ==========================  ====================================================
+type      direction                   frames
+========  ==========================  ====================================================
+req       sender → controller ingress [header(rid, n, bh, room, rdr, dpr, pdr, mnt, reply), payload]
+dispatch  controller → one rank       [header(rank, seq, pr), the req header bytes untouched, payload]
+rej       controller → sender         [header(rid, code, msg)]
+fail      controller → sender         [header(rid, rank, code, msg)]
+out       rank → sender               [header(rid, rank, final, meta), payload]
+load      rank → controller reports   [header(rank, epoch, seq, ack, run, wait, tok, kvu, kvc, done, lo)]
+ctl       sender → ingress, and       [header(op, data)]
+          controller → every rank
+========  ==========================  ====================================================
+
+Every decoder raises :class:`~dpcore.errors.WireError` (never anything else) with the part
+that is wrong and why, so a receiving loop catches one type and keeps going. A request
+header that is broken but still names its sender's reply endpoint raises
+:class:`MalformedHeader`, which carries that endpoint so the sender can be told.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import msgpack
+from attrs import field, frozen
+
+from dpcore.errors import MalformedRequestError, WireError
+from dpcore.model import LoadReport, Request
+
+VERSION = 1
+
+REQ = "req"
+DISPATCH = "dispatch"
+REJ = "rej"
+FAIL = "fail"
+OUT = "out"
+LOAD = "load"
+CTL = "ctl"
+TYPES = (REQ, DISPATCH, REJ, FAIL, OUT, LOAD, CTL)
+REPLY_TYPES = (OUT, REJ, FAIL)
+
+#: Dispatch sequence numbers and ranks travel as msgpack ints; anything bigger is a bug.
+_MAX_INT = (1 << 63) - 1
+
+_MAX_DONE = 1 << 16
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+class MalformedHeader(WireError):
+    """A request header is invalid, but says where its sender listens.
+
+    :ivar reply: The sender's reply endpoint.
+    :ivar rid: The request id, when it could be read.
+    """
+
+    code = MalformedRequestError.code
+
+    def __init__(self, msg: str, *, reply: str, rid: str | None) -> None:
+        super().__init__(msg)
+        self.reply = reply
+        self.rid = rid
+
+
+# --------------------------------------------------------------------------- value types
+
+
+@frozen
+class Reply:
+    """What a sender receives for one of its requests.
+
+    :ivar kind: ``"out"`` (output from the rank), ``"rej"`` (the controller refused the
+        request) or ``"fail"`` (the request was lost with its rank, or could not be sent).
+    :ivar rid: The request id.
+    :ivar rank: The rank that served or lost it (``None`` for a rejection).
+    :ivar final: Whether no more replies will come for *rid* (always true for rej/fail).
+    :ivar code: Machine-readable reason for rej/fail (``RequestRejected.code``).
+    :ivar msg: Human-readable reason for rej/fail.
+    :ivar meta: For ``out``: token counts and whatever else the engine reports.
+    :ivar payload: For ``out``: generated text or token bytes, opaque to dpcore.
+    """
+
+    kind: str
+    rid: str
+    rank: int | None = None
+    final: bool = True
+    code: str = ""
+    msg: str = ""
+    meta: Mapping[str, Any] = field(factory=dict)
+    payload: bytes = b""
+
+
+@frozen
+class Dispatch:
+    """One request as a rank receives it.
+
+    :ivar rank: The rank it was sent to.
+    :ivar seq: Its dispatch sequence number on that rank (acknowledge it in load reports).
+    :ivar prefill_rank: For PD decode: the prefill rank holding its KV, else ``None``.
+    :ivar header: The request header as the sender wrote it (see :func:`encode_request`).
+    :ivar payload: The sender's opaque payload.
+    """
+
+    rank: int
+    seq: int
+    prefill_rank: int | None
+    header: Mapping[str, Any]
+    payload: bytes
+
+
+@frozen
+class Control:
+    """A control message: ``op`` names it, ``data`` is any msgpack-able value."""
+
+    op: str
+    data: Any = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unpack(buf: Any, what: str) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(buf, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types; all mean "not ours"
+        msg = f"{what}: not a msgpack frame ({type(exc).__name__}: {exc})"
+        raise WireError(msg) from None
+    if type(obj) is not dict:
+        msg = f"{what}: expected a msgpack map, got {type(obj).__name__}"
+        raise WireError(msg)
+    v = obj.get("v")
+    if v != VERSION:
+        msg = f"{what}: unsupported wire version {v!r} (this dpcore speaks {VERSION})"
+        raise WireError(msg)
+    return obj
+
+
+def _expect(obj: dict[str, Any], types: Sequence[str], what: str) -> str:
+    t = obj.get("t")
+    if t not in types:
+        msg = f"{what}: unexpected message type {t!r}, expected one of {list(types)}"
+        raise WireError(msg)
+    return t  # type: ignore[no-any-return]
+
+
+def _opt_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -> int | None:
+    x = obj.get(key)
+    if x is None:
+        return None
+    if type(x) is not int or x < minimum:
+        msg = f"{what}: field {key!r} must be an integer >= {minimum} or absent, got {x!r}"
+        raise WireError(msg)
+    return x
+
+
+def _req_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -> int:
+    x = obj.get(key)
+    if type(x) is not int or not minimum <= x <= _MAX_INT:
+        msg = f"{what}: field {key!r} must be an integer >= {minimum}, got {x!r}"
+        raise WireError(msg)
+    return x
+
+
+def _str(obj: Mapping[str, Any], key: str, what: str) -> str:
+    x = obj.get(key)
+    if type(x) is not str:
+        msg = f"{what}: field {key!r} must be a string, got {x!r}"
+        raise WireError(msg)
+    return x
+
+
+def _frames(frames: Sequence[Any], n: tuple[int, ...], what: str) -> None:
+    if len(frames) not in n:
+        msg = f"{what}: expected {' or '.join(map(str, n))} frames, got {len(frames)}"
+        raise WireError(msg)
+
+
+def message_type(buf: Any) -> str:
+    """The type tag of a header frame (validating version and tag)."""
+    return _expect(_unpack(buf, "header"), TYPES, "header")
+
+
+# --------------------------------------------------------------------------- req
+
+
+def encode_request(
+    rid: str,
+    *,
+    num_tokens: int,
+    reply: str,
+    block_hashes: Sequence[int] = (),
+    bootstrap_room: int | None = None,
+    routed_dp_rank: Any = None,
+    data_parallel_rank: Any = None,
+    disagg_prefill_dp_rank: Any = None,
+    max_new_tokens: int | None = None,
+) -> bytes:
+    """The header frame of a request (the payload travels as the next frame)."""
+    h: dict[str, Any] = {"v": VERSION, "t": REQ, "rid": rid, "n": num_tokens, "reply": reply}
+    # Optional keys are omitted when unset: smaller frames, faster decode.
+    if block_hashes:
+        h["bh"] = list(block_hashes)
+    if bootstrap_room is not None:
+        h["room"] = bootstrap_room
+    if routed_dp_rank is not None:
+        h["rdr"] = routed_dp_rank
+    if data_parallel_rank is not None:
+        h["dpr"] = data_parallel_rank
+    if disagg_prefill_dp_rank is not None:
+        h["pdr"] = disagg_prefill_dp_rank
+    if max_new_tokens is not None:
+        h["mnt"] = max_new_tokens
+    return msgpack.packb(h)
+
+
+def request_from_header(h: Mapping[str, Any]) -> tuple[Request, str | None]:
+    """Validate a decoded ``req`` header; return the :class:`Request` and reply endpoint.
+
+    Ranks (``rdr``/``dpr``/``pdr``) are passed through unchecked: the core validates them
+    against ``dp_size`` and liveness and rejects the request with its own reason.
+    """
+    reply = h.get("reply")
+    if type(reply) is not str or "://" not in reply:
+        reply = None
+    rid = h.get("rid")
+    try:
+        if type(rid) is not str or not rid:
+            msg = f"request: field 'rid' must be a non-empty string, got {rid!r}"
+            raise WireError(msg)
+        n = h.get("n")
+        if type(n) is not int or n < 0:
+            msg = f"request {rid!r}: field 'n' (num_tokens) must be an integer >= 0, got {n!r}"
+            raise WireError(msg)
+        bh = h.get("bh")
+        if bh is None:
+            hashes: tuple[int, ...] = ()
+        elif type(bh) is list and all(type(x) is int for x in bh):
+            hashes = tuple(bh)
+        else:
+            msg = f"request {rid!r}: field 'bh' (block_hashes) must be a list of integers"
+            raise WireError(msg)
+        room = h.get("room")
+        if room is not None and type(room) is not int:
+            msg = f"request {rid!r}: field 'room' (bootstrap_room) must be an integer, got {room!r}"
+            raise WireError(msg)
+        mnt = h.get("mnt")
+        if mnt is not None and (type(mnt) is not int or mnt < 0):
+            msg = f"request {rid!r}: field 'mnt' (max_new_tokens) must be an integer >= 0, got {mnt!r}"
+            raise WireError(msg)
+        if reply is None:
+            msg = f"request {rid!r}: field 'reply' must be an endpoint string like ipc://... or tcp://..."
+            raise WireError(msg)
+    except WireError as exc:
+        if reply is None:
+            raise
+        raise MalformedHeader(str(exc), reply=reply, rid=rid if type(rid) is str else None) from None
+    req = Request(rid, n, hashes, room, h.get("rdr"), h.get("dpr"), h.get("pdr"), mnt)
+    return req, reply
+
+
+def decode_request(buf: Any) -> tuple[Request, str | None]:
+    """Decode a ``req`` header frame: the :class:`Request` and its sender's reply endpoint.
+
+    Raises :class:`MalformedHeader` when the header is bad but names a reply endpoint,
+    plain :class:`WireError` when it does not.
+    """
+    h = _unpack(buf, "request")
+    _expect(h, (REQ,), "request")
+    return request_from_header(h)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def encode_dispatch(rank: int, seq: int, prefill_rank: int | None = None) -> bytes:
+    """The first frame of a dispatch; the request header and payload follow unchanged."""
+    return msgpack.packb({"v": VERSION, "t": DISPATCH, "rank": rank, "seq": seq, "pr": prefill_rank})
+
+
+def dispatch_frames(rank: int, seq: int, req_header: Any, payload: Any, prefill_rank: int | None = None) -> list[Any]:
+    """All frames of a dispatch."""
+    return [encode_dispatch(rank, seq, prefill_rank), req_header, payload]
+
+
+def decode_dispatch(frames: Sequence[Any]) -> Dispatch:
+    """Decode the three frames of a dispatch (as a rank receives them)."""
+    _frames(frames, (3,), "dispatch")
+    d = _unpack(frames[0], "dispatch")
+    _expect(d, (DISPATCH,), "dispatch")
+    rank = _req_int(d, "rank", "dispatch")
+    seq = _req_int(d, "seq", "dispatch")
+    pr = _opt_int(d, "pr", "dispatch")
+    h = _unpack(frames[1], "dispatch: request header")
+    _expect(h, (REQ,), "dispatch: request header")
+    return Dispatch(rank, seq, pr, h, bytes(frames[2]))
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def encode_rej(rid: str | None, code: str, msg: str) -> bytes:
+    return msgpack.packb({"v": VERSION, "t": REJ, "rid": rid, "code": code, "msg": msg})
+
+
+def encode_fail(rid: str, rank: int | None, code: str, msg: str) -> bytes:
+    return msgpack.packb({"v": VERSION, "t": FAIL, "rid": rid, "rank": rank, "code": code, "msg": msg})
+
+
+def encode_out(rid: str, rank: int, final: bool, meta: Mapping[str, Any] | None = None) -> bytes:
+    """The header frame of an output; the payload (text or token bytes) is the next frame."""
+    return msgpack.packb({"v": VERSION, "t": OUT, "rid": rid, "rank": rank, "final": final, "meta": meta or {}})
+
+
+def decode_reply(frames: Sequence[Any]) -> Reply:
+    """Decode an ``out``, ``rej`` or ``fail`` message into a :class:`Reply`."""
+    if not frames:
+        raise WireError("reply: empty message")
+    h = _unpack(frames[0], "reply")
+    t = _expect(h, REPLY_TYPES, "reply")
+    rid = h.get("rid")
+    if t == OUT:
+        _frames(frames, (1, 2), "out")
+        rid = _str(h, "rid", "out")
+        rank = _req_int(h, "rank", "out")
+        final = h.get("final")
+        if type(final) is not bool:
+            msg = f"out {rid!r}: field 'final' must be a boolean, got {final!r}"
+            raise WireError(msg)
+        meta = h.get("meta")
+        if meta is None:
+            meta = {}
+        elif type(meta) is not dict:
+            msg = f"out {rid!r}: field 'meta' must be a map, got {type(meta).__name__}"
+            raise WireError(msg)
+        payload = bytes(frames[1]) if len(frames) == 2 else b""
+        return Reply(OUT, rid, rank, final, "", "", meta, payload)
+    _frames(frames, (1,), t)
+    if rid is not None and type(rid) is not str:
+        msg = f"{t}: field 'rid' must be a string, got {rid!r}"
+        raise WireError(msg)
+    code = _str(h, "code", t)
+    text = _str(h, "msg", t)
+    rank = _opt_int(h, "rank", t) if t == FAIL else None
+    return Reply(t, rid or "", rank, True, code, text)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def encode_load(
+    rank: int,
+    *,
+    epoch: int,
+    seq: int,
+    ack: int = -1,
+    run: int = 0,
+    wait: int = 0,
+    tok: int = 0,
+    kvu: int = 0,
+    kvc: int = 0,
+    done: Iterable[int] = (),
+    lo: int | None = None,
+) -> bytes:
+    """A load report. ``done``: dispatch seqs finished since the last report; ``lo``: the
+    first dispatch seq this life of the rank received (``None``: none yet)."""
+    return msgpack.packb(
+        {
+            "v": VERSION,
+            "t": LOAD,
+            "rank": rank,
+            "epoch": epoch,
+            "seq": seq,
+            "ack": ack,
+            "run": run,
+            "wait": wait,
+            "tok": tok,
+            "kvu": kvu,
+            "kvc": kvc,
+            "done": list(done),
+            "lo": lo,
+        }
+    )
+
+
+def decode_load(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None]:
+    """Decode a load report: the :class:`LoadReport`, the finished dispatch seqs, ``lo``."""
+    h = _unpack(buf, "load")
+    _expect(h, (LOAD,), "load")
+    w = "load"
+    rank = _req_int(h, "rank", w)
+    epoch = _req_int(h, "epoch", w)
+    seq = _req_int(h, "seq", w)
+    ack = _req_int(h, "ack", w, minimum=-1)
+    report = LoadReport(
+        rank,
+        epoch,
+        seq,
+        ack,
+        _req_int(h, "run", w),
+        _req_int(h, "wait", w),
+        _req_int(h, "tok", w),
+        _req_int(h, "kvu", w),
+        _req_int(h, "kvc", w),
+    )
+    done = h.get("done")
+    if done is None:
+        done = ()
+    elif type(done) is not list or len(done) > _MAX_DONE or not all(type(x) is int for x in done):
+        msg = f"load from rank {rank}: field 'done' must be a list of at most {_MAX_DONE} integers"
+        raise WireError(msg)
+    return report, tuple(done), _opt_int(h, "lo", w)
+
+
+# --------------------------------------------------------------------------- ctl
+
+
+def encode_ctl(op: str, data: Any = None) -> bytes:
+    return msgpack.packb({"v": VERSION, "t": CTL, "op": op, "data": data})
+
+
+def control_from_header(h: Mapping[str, Any]) -> Control:
+    op = _str(h, "op", "ctl")
+    if not op:
+        raise WireError("ctl: field 'op' must not be empty")
+    return Control(op, h.get("data"))
+
+
+def decode_ctl(buf: Any) -> Control:
+    h = _unpack(buf, "ctl")
+    _expect(h, (CTL,), "ctl")
+    return control_from_header(h)
+
+
+def decode_header(buf: Any, types: Sequence[str] = TYPES, what: str = "header") -> dict[str, Any]:
+    """Decode and version-check any header frame, accepting only *types*."""
+    h = _unpack(buf, what)
+    _expect(h, types, what)
+    return h
+
+
+# --------------------------------------------------------------------------- token ids
+
+
+def pack_token_ids(token_ids: Sequence[int]) -> bytes:
+    """Token ids as little-endian uint32 bytes: a compact payload for engines that want ids."""
+    a = array("I", token_ids)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return a.tobytes()
+
+
+def unpack_token_ids(buf: bytes) -> list[int]:
+    """Inverse of :func:`pack_token_ids`."""
+    if len(buf) % 4:
+        msg = f"token ids: {len(buf)} bytes is not a whole number of uint32"
+        raise WireError(msg)
+    a = array("I")
+    a.frombytes(buf)
+    if _BIG_ENDIAN:
+        a.byteswap()
+    return a.tolist()

@@ -1,0 +1,223 @@
+"""Client and worker SDKs over real ZMQ sockets, with the test playing the controller."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from dpcore import wire
+from dpcore.hashing import block_hashes
+from dpcore.sdk import AsyncClient, Client, ControllerUnavailableError, Worker
+from dpcore.sdk import endpoints
+
+TIMEOUT_MS = 5000
+
+
+class FakeController:
+    """Just the controller's sockets: ingress PULL, one dispatch PUSH, report PULL."""
+
+    def __init__(self, ctx: zmq.Context, scheme: str, tmp_path) -> None:
+        self.ingress = ctx.socket(zmq.PULL)
+        self.dispatch = ctx.socket(zmq.PUSH)
+        self.reports = ctx.socket(zmq.PULL)
+        socks = (self.ingress, self.dispatch, self.reports)
+        names = ("ingress", "dispatch", "report")
+        eps = []
+        for s, name in zip(socks, names):
+            s.linger = 0
+            s.rcvtimeo = TIMEOUT_MS
+            ep = f"ipc://{tmp_path}/{name}" if scheme == "ipc" else "tcp://127.0.0.1:*"
+            eps.append(endpoints.bind(s, ep))
+        self.ingress_ep, self.dispatch_ep, self.report_ep = eps
+
+    def forward(self, rank: int, seq: int):
+        frames = self.ingress.recv_multipart()
+        self.dispatch.send_multipart(wire.dispatch_frames(rank, seq, frames[0], frames[1]))
+        return frames
+
+    def report(self):
+        return wire.decode_load(self.reports.recv())
+
+    def close(self) -> None:
+        for s in (self.ingress, self.dispatch, self.reports):
+            s.close(linger=0)
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.term()
+
+
+@pytest.fixture(params=["ipc", "tcp"])
+def fake(request, ctx, tmp_path):
+    f = FakeController(ctx, request.param, tmp_path)
+    yield f
+    f.close()
+
+
+def test_request_reaches_worker_and_output_reaches_client(ctx, fake):
+    ids = list(range(200))
+    with Client(fake.ingress_ep, zmq_ctx=ctx, block_size=64) as client, Worker(
+        1, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx, epoch=42
+    ) as worker:
+        hello, done, lo = fake.report()
+        assert (hello.rank, hello.epoch, hello.acked_seq, done, lo) == (1, 42, -1, (), None)
+
+        client.submit("a", token_ids=ids, payload=b"P", bootstrap_room=5, max_new_tokens=8)
+        frames = fake.forward(1, 17)
+        req, reply = wire.decode_request(frames[0])
+        assert req.block_hashes == block_hashes(ids, 64) and len(req.block_hashes) == 3
+        assert (req.num_tokens, req.bootstrap_room, req.max_new_tokens) == (200, 5, 8)
+        assert reply == client.reply_endpoint
+
+        items = []
+        deadline = time.monotonic() + 5
+        while not items and time.monotonic() < deadline:
+            items = worker.recv(0.5)
+        (work,) = items
+        assert (work.rid, work.seq, work.payload, work.reply) == ("a", 17, b"P", client.reply_endpoint)
+        assert work.request.num_tokens == 200 and work.header["room"] == 5
+
+        worker.admit(work)
+        assert worker.report(1, 0, 200)
+        rep, done, lo = fake.report()
+        assert (rep.acked_seq, rep.num_running, rep.num_tokens, done, lo) == (17, 1, 200, (), 17)
+
+        assert worker.send(work, {"completion_tokens": 2}, b"partial", final=False)
+        assert worker.send(work, {"completion_tokens": 4}, b"done")
+        got = []
+        while len(got) < 2:
+            got += client.poll(5)
+        assert [(r.kind, r.final, r.payload) for r in got] == [("out", False, b"partial"), ("out", True, b"done")]
+        assert got[1].meta == {"completion_tokens": 4} and got[1].rank == 1
+        assert client.pending == set()
+
+        worker.heartbeat()
+        rep, done, _ = fake.report()
+        assert done == (17,) and rep.num_running == 1  # heartbeat repeats the last load
+
+
+def test_client_counts_and_hashes_without_token_ids(ctx, fake):
+    with Client(fake.ingress_ep, zmq_ctx=ctx) as client:
+        client.submit("n", num_tokens=77, block_hashes=[5, 6], routed_dp_rank=2, data_parallel_rank=1)
+        req, _ = wire.decode_request(fake.ingress.recv_multipart()[0])
+        assert (req.num_tokens, req.block_hashes, req.routed_dp_rank, req.data_parallel_rank) == (77, (5, 6), 2, 1)
+        with pytest.raises(ValueError, match="token_ids or num_tokens"):
+            client.submit("x")
+
+
+def test_client_rejection_fail_stale_and_garbage(ctx, fake):
+    with Client(fake.ingress_ep, zmq_ctx=ctx) as client:
+        client.submit("a", num_tokens=1)
+        client.submit("b", num_tokens=1)
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(client.reply_endpoint)
+        push.send(b"garbage")
+        push.send(wire.encode_rej("a", "invalid_rank", "routed_dp_rank=7 out of range [0, 4)"))
+        push.send(wire.encode_fail("b", 3, "rank_died", "rank 3 died"))
+        push.send(wire.encode_fail("a", 3, "rank_died", "late duplicate"))
+        got = client.wait_all(5)
+        push.close()
+        assert [(r.kind, r.rid, r.code) for r in got] == [("rej", "a", "invalid_rank"), ("fail", "b", "rank_died")]
+        deadline = time.monotonic() + 5
+        while client.stale < 1 and time.monotonic() < deadline:
+            client.poll(0.1)
+        assert client.bad_replies == 1 and client.stale == 1
+
+
+def test_control_messages_reach_worker(ctx, fake):
+    seen = []
+    with Client(fake.ingress_ep, zmq_ctx=ctx) as client, Worker(
+        0, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx, on_control=seen.append
+    ) as worker:
+        client.control("flush_cache", {"why": "test"})
+        (frame,) = fake.ingress.recv_multipart()
+        fake.dispatch.send(frame)  # the controller broadcasts the header as is
+        fake.dispatch.send(b"junk")
+        fake.dispatch.send_multipart(wire.dispatch_frames(5, 0, wire.encode_request("x", num_tokens=1, reply="ipc:///r"), b""))
+        deadline = time.monotonic() + 5
+        while (not seen or worker.bad_frames < 2) and time.monotonic() < deadline:
+            assert worker.recv(0.2) == []
+        assert seen == [wire.Control("flush_cache", {"why": "test"})]
+        assert worker.bad_frames == 2  # garbage, and a dispatch meant for rank 5
+
+
+def test_worker_heartbeats_while_idle(ctx, fake):
+    with Worker(0, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx, heartbeat_interval_s=0.05) as worker:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.4:
+            worker.recv(1.0)  # returns early to send heartbeats
+        seqs = []
+        while True:
+            try:
+                seqs.append(wire.decode_load(fake.reports.recv(zmq.NOBLOCK))[0].seq)
+            except zmq.Again:
+                break
+        assert len(seqs) >= 4 and seqs == sorted(seqs)
+
+
+def test_submit_times_out_without_controller(ctx, tmp_path):
+    with Client(f"ipc://{tmp_path}/nobody", zmq_ctx=ctx, send_timeout_s=0.2) as client:
+        client._tx.sndhwm = 1  # make the queue fill at once
+        with pytest.raises(ControllerUnavailableError, match="took no request"):
+            for i in range(10_000):
+                client.submit(f"r{i}", num_tokens=1)
+
+
+def test_async_client_streams(tmp_path):
+    async def main():
+        actx = zmq.asyncio.Context()
+        ingress = actx.socket(zmq.PULL)
+        ingress.linger = 0
+        ep = endpoints.bind(ingress, f"ipc://{tmp_path}/ingress")
+        client = AsyncClient(ep, zmq_ctx=actx)
+        try:
+            s1 = await client.submit("s1", token_ids=[1] * 70)
+            s2 = await client.submit("s2", num_tokens=3)
+            with pytest.raises(ValueError, match="already pending"):
+                await client.submit("s1", num_tokens=1)
+            h1 = msgpack.unpackb((await ingress.recv_multipart())[0])
+            await ingress.recv_multipart()
+            assert h1["n"] == 70 and len(h1["bh"]) == 1
+            push = actx.socket(zmq.PUSH)
+            push.linger = 0
+            push.connect(client.reply_endpoint)
+            await push.send_multipart([wire.encode_out("s1", 0, False), b"a"])
+            await push.send(wire.encode_rej("s2", "no_active_rank", "all ranks inactive"))
+            await push.send_multipart([wire.encode_out("s1", 0, True), b"b"])
+            await push.send_multipart([wire.encode_out("zz", 0, True), b"?"])
+            got = [r async for r in s1]
+            assert [r.payload for r in got] == [b"a", b"b"]
+            (rej,) = await s2.collect(timeout_s=5)
+            assert rej.code == "no_active_rank"
+            unclaimed = await client.poll(5)
+            assert [r.rid for r in unclaimed] == ["zz"]
+            assert client.pending == set()
+            push.close()
+        finally:
+            await client.close()
+            ingress.close()
+            actx.term()
+
+    asyncio.run(main())
+
+
+def test_endpoint_checks(tmp_path):
+    from dpcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="expected ipc"):
+        endpoints.check("http://x")
+    with pytest.raises(ConfigError, match="ipc path longer"):
+        endpoints.check("ipc:///" + "a" * 200)
+    ep, d = endpoints.reply_endpoint_like("ipc:///tmp/x")
+    assert ep.startswith("ipc://") and d is not None
+    endpoints.remove_run_dir(d)
+    assert endpoints.reply_endpoint_like("tcp://127.0.0.1:5")[0] == "tcp://127.0.0.1:*"

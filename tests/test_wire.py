@@ -1,0 +1,196 @@
+"""Round trips and rejections of every dpcore wire message."""
+
+from __future__ import annotations
+
+import pickle
+
+import msgpack
+import pytest
+
+from dpcore import wire
+from dpcore.errors import WireError
+from dpcore.model import LoadReport, Request
+from dpcore.wire import MalformedHeader
+
+
+def _req(**fields):
+    base = {"v": 1, "t": "req", "rid": "r1", "n": 10, "reply": "ipc:///tmp/x"}
+    base.update(fields)
+    return msgpack.packb({k: v for k, v in base.items() if v is not ...})
+
+
+def test_request_round_trip_all_fields():
+    hdr = wire.encode_request(
+        "r1",
+        num_tokens=130,
+        reply="tcp://127.0.0.1:5555",
+        block_hashes=[1, 2, (1 << 63) - 1],
+        bootstrap_room=77,
+        routed_dp_rank=3,
+        data_parallel_rank=2,
+        disagg_prefill_dp_rank=1,
+        max_new_tokens=16,
+    )
+    req, reply = wire.decode_request(hdr)
+    assert reply == "tcp://127.0.0.1:5555"
+    assert req == Request("r1", 130, (1, 2, (1 << 63) - 1), 77, 3, 2, 1, 16)
+
+
+def test_request_minimal_omits_optional_keys():
+    hdr = wire.encode_request("r2", num_tokens=0, reply="ipc:///tmp/r")
+    assert set(msgpack.unpackb(hdr)) == {"v", "t", "rid", "n", "reply"}
+    req, _ = wire.decode_request(hdr)
+    assert req == Request("r2")
+
+
+def test_ranks_pass_through_for_the_core_to_validate():
+    req, _ = wire.decode_request(_req(rdr="two", dpr=-1, pdr=99))
+    assert (req.routed_dp_rank, req.data_parallel_rank, req.disagg_prefill_dp_rank) == ("two", -1, 99)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"rid": ""}, "'rid'"),
+        ({"rid": 5}, "'rid'"),
+        ({"n": -1}, "'n'"),
+        ({"n": "10"}, "'n'"),
+        ({"n": True}, "'n'"),
+        ({"bh": [1, "x"]}, "'bh'"),
+        ({"bh": 3}, "'bh'"),
+        ({"room": 1.5}, "'room'"),
+        ({"mnt": -2}, "'mnt'"),
+    ],
+)
+def test_bad_request_field_names_reply_endpoint(fields, needle):
+    with pytest.raises(MalformedHeader, match=needle) as ei:
+        wire.decode_request(_req(**fields))
+    assert ei.value.reply == "ipc:///tmp/x"
+    assert ei.value.code == "malformed_request"
+    assert isinstance(ei.value, WireError)
+
+
+def test_bad_request_without_reply_is_plain_wire_error():
+    with pytest.raises(WireError, match="'reply'") as ei:
+        wire.decode_request(_req(reply=...))
+    assert not isinstance(ei.value, MalformedHeader)
+    with pytest.raises(WireError) as ei:
+        wire.decode_request(_req(reply="not an endpoint", n=-5))
+    assert not isinstance(ei.value, MalformedHeader)
+
+
+@pytest.mark.parametrize(
+    ("buf", "needle"),
+    [
+        (b"", "not a msgpack frame"),
+        (b"\xc1", "not a msgpack frame"),
+        (msgpack.packb([1, 2]), "expected a msgpack map"),
+        (msgpack.packb({"t": "req"}), "unsupported wire version None"),
+        (msgpack.packb({"v": 2, "t": "req"}), "unsupported wire version 2"),
+        (msgpack.packb({"v": 1, "t": "nope"}), "unexpected message type 'nope'"),
+        (msgpack.packb({"v": 1, "t": "load"}), "unexpected message type 'load'"),
+        (pickle.dumps({"v": 1, "t": "req"}), "not a msgpack frame|expected a msgpack map|version"),
+        (msgpack.packb({1: 2}), "not a msgpack frame"),
+    ],
+)
+def test_garbage_is_a_wire_error(buf, needle):
+    with pytest.raises(WireError, match=needle):
+        wire.decode_request(buf)
+
+
+def test_dispatch_forwards_header_bytes_and_payload():
+    hdr = wire.encode_request("r3", num_tokens=5, reply="ipc:///tmp/y", bootstrap_room=9)
+    frames = wire.dispatch_frames(2, 41, hdr, b"\x00payload", prefill_rank=3)
+    assert frames[1] is hdr  # untouched, not re-encoded
+    d = wire.decode_dispatch(frames)
+    assert (d.rank, d.seq, d.prefill_rank, d.payload) == (2, 41, 3, b"\x00payload")
+    assert d.header["rid"] == "r3" and d.header["room"] == 9
+    assert wire.decode_dispatch(wire.dispatch_frames(0, 0, hdr, b"")).prefill_rank is None
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [wire.encode_dispatch(0, 1)],
+        [wire.encode_dispatch(0, -1), wire.encode_request("r", num_tokens=1, reply="ipc:///a"), b""],
+        [wire.encode_dispatch(0, 1), wire.encode_ctl("x"), b""],
+        [wire.encode_ctl("x"), wire.encode_request("r", num_tokens=1, reply="ipc:///a"), b""],
+    ],
+)
+def test_bad_dispatch(frames):
+    with pytest.raises(WireError):
+        wire.decode_dispatch(frames)
+
+
+def test_replies_round_trip():
+    out = wire.decode_reply([wire.encode_out("r", 1, False, {"completion_tokens": 3}), b"abc"])
+    assert out == wire.Reply("out", "r", 1, False, "", "", {"completion_tokens": 3}, b"abc")
+    assert wire.decode_reply([wire.encode_out("r", 1, True)]).payload == b""
+    rej = wire.decode_reply([wire.encode_rej("r", "invalid_rank", "routed_dp_rank=9 out of range")])
+    assert (rej.kind, rej.rid, rej.rank, rej.final, rej.code) == ("rej", "r", None, True, "invalid_rank")
+    fail = wire.decode_reply([wire.encode_fail("r", 2, "rank_died", "rank 2 died")])
+    assert (fail.kind, fail.rank, fail.msg) == ("fail", 2, "rank 2 died")
+    assert wire.decode_reply([wire.encode_rej(None, "malformed_request", "x")]).rid == ""
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [msgpack.packb({"v": 1, "t": "out", "rid": "r", "rank": 0, "final": 1})],
+        [msgpack.packb({"v": 1, "t": "out", "rid": "r", "rank": 0, "final": True, "meta": [1]})],
+        [wire.encode_out("r", 0, True), b"a", b"b"],
+        [msgpack.packb({"v": 1, "t": "rej", "rid": "r", "code": 3, "msg": "m"})],
+        [wire.encode_rej("r", "c", "m"), b"extra"],
+        [wire.encode_ctl("x")],
+    ],
+)
+def test_bad_reply(frames):
+    with pytest.raises(WireError):
+        wire.decode_reply(frames)
+
+
+def test_load_round_trip():
+    buf = wire.encode_load(3, epoch=7, seq=12, ack=40, run=2, wait=1, tok=900, kvu=800, kvc=10_000, done=[38, 39], lo=30)
+    report, done, lo = wire.decode_load(buf)
+    assert report == LoadReport(3, 7, 12, 40, 2, 1, 900, 800, 10_000)
+    assert done == (38, 39) and lo == 30
+    report, done, lo = wire.decode_load(wire.encode_load(0, epoch=1, seq=1))
+    assert report.acked_seq == -1 and done == () and lo is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"rank": -1},
+        {"rank": "0"},
+        {"ack": -2},
+        {"run": None},
+        {"done": [1, "2"]},
+        {"done": 5},
+        {"lo": -1},
+    ],
+)
+def test_bad_load(fields):
+    h = msgpack.unpackb(wire.encode_load(0, epoch=1, seq=1))
+    h.update(fields)
+    with pytest.raises(WireError):
+        wire.decode_load(msgpack.packb(h))
+
+
+def test_ctl_round_trip_and_errors():
+    assert wire.decode_ctl(wire.encode_ctl("flush_cache", {"a": 1})) == wire.Control("flush_cache", {"a": 1})
+    with pytest.raises(WireError, match="'op'"):
+        wire.decode_ctl(msgpack.packb({"v": 1, "t": "ctl", "op": ""}))
+    with pytest.raises(WireError, match="'op'"):
+        wire.decode_ctl(msgpack.packb({"v": 1, "t": "ctl"}))
+    assert wire.message_type(wire.encode_ctl("x")) == "ctl"
+
+
+def test_token_ids_payload():
+    ids = [0, 1, 151_643, (1 << 32) - 1]
+    assert wire.unpack_token_ids(wire.pack_token_ids(ids)) == ids
+    assert len(wire.pack_token_ids(range(1000))) == 4000
+    with pytest.raises(WireError):
+        wire.unpack_token_ids(b"abc")
+
