@@ -22,6 +22,8 @@ from dpcore.errors import DpcoreError, PolicyOptionError
 COMMANDS: list[tuple[str, str, str]] = [
     ("policies", "dpcore.cli", "list installed policies"),
     ("serve", "dpcore.cli", "run the controller (or validate with --dry-run)"),
+    ("mock-worker", "dpcore.mock.worker", "run one mock engine rank (used by the demo and tests)"),
+    ("bootstrap-registry", "dpcore.runtime.bootstrap", "run a standalone PD bootstrap registry (HTTP)"),
 ]
 
 EXIT_CONFIG = 2

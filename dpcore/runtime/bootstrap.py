@@ -1,0 +1,407 @@
+"""The PD bootstrap registry: which prefill rank holds the KV of a bootstrap room.
+
+In PD disaggregation mode (b) the prefill controller picks a rank with any policy and
+records ``room -> rank`` here; the decode side asks for the ranks of the rooms it has to
+pull KV for. The HTTP API is the one SGLang's bootstrap server speaks (upstream #19168):
+
+* ``POST /register_dp_rank {"bootstrap_room": int, "dp_rank": int}`` → ``{"ok": true}``
+* ``POST /query_dp_ranks {"bootstrap_rooms": [int, ...]}`` → ``{"<room>": rank, ...}``;
+  unknown or expired rooms are left out, so the caller asks again later.
+* ``GET /health`` → ``{"status": "ok", "entries": n}``
+* ``GET /info`` → what the prefill side configured (``dp_size``, ``load_balance_method``,
+  ``follow_bootstrap_room``), so decode does not have to guess how prefill places requests.
+
+Entries expire ``ttl_s`` (120 s) after their last registration and the table is bounded:
+when full, the oldest entry goes first (it is also the closest to expiry). Bad input is a
+4xx answer with a JSON ``{"error": code, "detail": message}`` body, never a 500.
+
+The registry is a plain thread-safe object, so the prefill controller that hosts the HTTP
+server in a thread registers in-process, without a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from dpcore.errors import DpcoreError
+
+if TYPE_CHECKING:
+    import httpx
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request as HttpRequest
+    from starlette.responses import JSONResponse
+
+DEFAULT_TTL_S = 120.0
+DEFAULT_MAX_ENTRIES = 200_000
+#: Rooms per ``/query_dp_ranks`` call; the client splits larger batches.
+MAX_QUERY_ROOMS = 4096
+#: Request bodies above this are refused (a query of MAX_QUERY_ROOMS 20-digit rooms is ~90 kB).
+MAX_BODY_BYTES = 1 << 20
+#: SGLang draws rooms from [0, 2**63); accept any unsigned 64-bit value.
+_ROOM_LIMIT = 1 << 64
+
+
+class RegistryError(DpcoreError):
+    """The bootstrap registry could not be reached or answered with an error."""
+
+
+class BadRegistryInput(DpcoreError, ValueError):
+    """A registry call carried invalid data; the message says which field and why."""
+
+
+def _check_uint(value: Any, field: str, limit: int = _ROOM_LIMIT) -> int:
+    if type(value) is not int or not 0 <= value < limit:  # bool is refused too
+        msg = f"{field} must be an integer in [0, {limit}), got {value!r}"
+        raise BadRegistryInput(msg)
+    return value
+
+
+class BootstrapRegistry:
+    """Thread-safe ``room -> (rank, registered_at)`` table with expiry and a size bound.
+
+    :param ttl_s: Seconds an entry lives after its last registration.
+    :param max_entries: Size bound; registering past it drops the oldest entry.
+    :param dp_size: Prefill dp size, when known: ranks outside ``[0, dp_size)`` are refused.
+    :param info: Extra facts served on ``GET /info`` (e.g. the prefill policy name).
+    :param clock: Monotonic clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        dp_size: int | None = None,
+        info: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl_s > 0:
+            msg = f"ttl_s must be positive, got {ttl_s!r}"
+            raise ValueError(msg)
+        if max_entries < 1:
+            msg = f"max_entries must be at least 1, got {max_entries!r}"
+            raise ValueError(msg)
+        self.ttl_s = float(ttl_s)
+        self.max_entries = max_entries
+        self.dp_size = dp_size
+        self.info: dict[str, Any] = {"dp_size": dp_size, **(info or {})}
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Ordered by registration time: re-registering moves a room to the end, so the
+        # expired entries are always a prefix.
+        self._rooms: OrderedDict[int, tuple[int, float]] = OrderedDict()
+        self.stats = {"registered": 0, "queried": 0, "found": 0, "expired": 0, "evicted": 0}
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def _expire(self, now: float) -> None:
+        rooms = self._rooms
+        cutoff = now - self.ttl_s
+        while rooms:
+            room, (_, at) = next(iter(rooms.items()))
+            if at > cutoff:
+                break
+            del rooms[room]
+            self.stats["expired"] += 1
+
+    def register(self, room: Any, rank: Any) -> None:
+        """Record that *room*'s KV lives on prefill *rank*; raises :class:`BadRegistryInput`."""
+        room = _check_uint(room, "bootstrap_room")
+        rank = _check_uint(rank, "dp_rank", self.dp_size or _ROOM_LIMIT)
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            rooms = self._rooms
+            rooms.pop(room, None)
+            rooms[room] = (rank, now)
+            if len(rooms) > self.max_entries:
+                rooms.popitem(last=False)
+                self.stats["evicted"] += 1
+            self.stats["registered"] += 1
+
+    def query(self, rooms: Iterable[Any]) -> dict[int, int]:
+        """The ranks of the known, unexpired *rooms*; unknown ones are left out."""
+        checked = [_check_uint(r, "bootstrap_rooms[]") for r in rooms]
+        out: dict[int, int] = {}
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            table = self._rooms
+            for room in checked:
+                entry = table.get(room)
+                if entry is not None:
+                    out[room] = entry[0]
+            self.stats["queried"] += len(checked)
+            self.stats["found"] += len(out)
+        return out
+
+
+# --------------------------------------------------------------------------- HTTP server
+
+
+def make_app(registry: BootstrapRegistry) -> Starlette:
+    """The Starlette app serving *registry*."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    def error(status: int, code: str, detail: str) -> JSONResponse:
+        return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+    async def body_object(request: HttpRequest) -> dict[str, Any] | JSONResponse:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return error(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            return error(413, "body_too_large", f"request body over {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            return error(400, "invalid_json", f"request body is not JSON: {exc}")
+        if not isinstance(body, dict):
+            return error(400, "invalid_body", f"expected a JSON object, got {type(body).__name__}")
+        return body
+
+    async def register_dp_rank(request: HttpRequest) -> JSONResponse:
+        body = await body_object(request)
+        if isinstance(body, JSONResponse):
+            return body
+        missing = [k for k in ("bootstrap_room", "dp_rank") if k not in body]
+        if missing:
+            return error(400, "missing_field", f"missing {', '.join(missing)}")
+        try:
+            registry.register(body["bootstrap_room"], body["dp_rank"])
+        except BadRegistryInput as exc:
+            return error(400, "invalid_field", str(exc))
+        return JSONResponse({"ok": True})
+
+    async def query_dp_ranks(request: HttpRequest) -> JSONResponse:
+        body = await body_object(request)
+        if isinstance(body, JSONResponse):
+            return body
+        rooms = body.get("bootstrap_rooms")
+        if not isinstance(rooms, list):
+            return error(400, "invalid_field", f"bootstrap_rooms must be a list, got {rooms!r:.80}")
+        if len(rooms) > MAX_QUERY_ROOMS:
+            detail = f"{len(rooms)} rooms in one query; at most {MAX_QUERY_ROOMS}"
+            return error(413, "too_many_rooms", detail)
+        try:
+            found = registry.query(rooms)
+        except BadRegistryInput as exc:
+            return error(400, "invalid_field", str(exc))
+        return JSONResponse({str(room): rank for room, rank in found.items()})
+
+    async def health(request: HttpRequest) -> JSONResponse:
+        return JSONResponse({"status": "ok", "entries": len(registry)})
+
+    async def info(request: HttpRequest) -> JSONResponse:
+        return JSONResponse({**registry.info, "ttl_s": registry.ttl_s, "stats": dict(registry.stats)})
+
+    async def http_error(request: HttpRequest, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    routes = [
+        Route("/register_dp_rank", register_dp_rank, methods=["POST"]),
+        Route("/query_dp_ranks", query_dp_ranks, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/info", info, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})  # type: ignore[dict-item]
+
+
+class RegistryServer:
+    """Serves a registry over HTTP with uvicorn, in a daemon thread of this process.
+
+    ``port=0`` binds a free port; :attr:`url` says which. Binds 127.0.0.1 unless told
+    otherwise. Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(self, registry: BootstrapRegistry, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> RegistryServer:
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        # proto must be IPPROTO_TCP, or asyncio does not set TCP_NODELAY on accepted sockets
+        # and every response waits ~40 ms for a delayed ACK (headers and body are two writes).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            msg = f"bootstrap registry cannot bind {self.host}:{self.port}: {exc}"
+            raise RegistryError(msg) from exc
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        config = uvicorn.Config(make_app(self.registry), log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        self._server = server
+        # uvicorn installs signal handlers only on the main thread, so it leaves ours alone.
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(server.serve(sockets=[sock])), name="dpcore-bootstrap", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                msg = f"bootstrap registry on {self.url} did not start"
+                raise RegistryError(msg)
+            time.sleep(0.005)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._sock is not None:
+            self._sock.close()
+        self._server = self._thread = self._sock = None
+
+    def __enter__(self) -> RegistryServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- client
+
+
+class RegistryClient:
+    """Talks to a registry over HTTP, reusing one keep-alive connection (httpx).
+
+    Not thread-safe: give each thread its own client.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 5.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self._http: httpx.Client = httpx.Client(
+            base_url=self.url,
+            timeout=timeout_s,
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+        )
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        import httpx
+
+        try:
+            resp = self._http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            msg = f"bootstrap registry {self.url}{path}: {type(exc).__name__}: {exc}"
+            raise RegistryError(msg) from exc
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if resp.status_code != 200:
+            detail = data.get("detail") if isinstance(data, dict) else resp.text[:200]
+            msg = f"bootstrap registry {self.url}{path}: HTTP {resp.status_code}: {detail}"
+            raise RegistryError(msg)
+        return data
+
+    def register(self, room: int, rank: int) -> None:
+        self._call("POST", "/register_dp_rank", {"bootstrap_room": room, "dp_rank": rank})
+
+    def query(self, rooms: Iterable[int]) -> dict[int, int]:
+        """Ranks of the known *rooms*, in as many calls as :data:`MAX_QUERY_ROOMS` needs."""
+        rooms = list(rooms)
+        out: dict[int, int] = {}
+        for i in range(0, len(rooms), MAX_QUERY_ROOMS):
+            data = self._call("POST", "/query_dp_ranks", {"bootstrap_rooms": rooms[i : i + MAX_QUERY_ROOMS]})
+            if not isinstance(data, dict):
+                msg = f"bootstrap registry {self.url}/query_dp_ranks answered {data!r:.80}, not an object"
+                raise RegistryError(msg)
+            try:
+                out.update((int(k), int(v)) for k, v in data.items())
+            except (TypeError, ValueError) as exc:
+                msg = f"bootstrap registry {self.url}/query_dp_ranks: bad entry in {data!r:.80}"
+                raise RegistryError(msg) from exc
+        return out
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/health"))
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/info"))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- CLI: dpcore bootstrap-registry
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8998, help="port to bind (default 8998, SGLang's)")
+    p.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="entry lifetime in seconds")
+    p.add_argument("--max-entries", type=int, default=DEFAULT_MAX_ENTRIES, help="size bound")
+    p.add_argument("--dp-size", type=int, default=None, help="prefill dp size (refuse ranks outside it)")
+    p.add_argument(
+        "--load-balance-method", default=None, help="the prefill policy, served on GET /info for decode"
+    )
+
+
+def run(args: Any) -> int:
+    """Run a standalone registry in the foreground until Ctrl-C."""
+    import structlog
+
+    from dpcore.errors import ConfigError
+
+    try:
+        registry = BootstrapRegistry(
+            ttl_s=args.ttl, max_entries=args.max_entries, dp_size=args.dp_size,
+            info=prefill_info(args.load_balance_method, args.dp_size),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"bootstrap-registry: {exc}") from exc
+    server = RegistryServer(registry, host=args.host, port=args.port).start()
+    structlog.get_logger("dpcore").info("bootstrap_registry_started", url=server.url)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.stop()
+
+
+def prefill_info(load_balance_method: str | None, dp_size: int | None) -> dict[str, Any]:
+    """What ``GET /info`` tells decode about the prefill side."""
+    return {
+        "load_balance_method": load_balance_method,
+        "follow_bootstrap_room": None if load_balance_method is None
+        else load_balance_method == "follow_bootstrap_room",
+        "dp_size": dp_size,
+    }
