@@ -277,6 +277,15 @@ def decode_request(buf: Any) -> tuple[Request, str | None]:
     return request_from_header(h)
 
 
+def decode_ingress(buf: Any) -> tuple[Request, str | None] | Control:
+    """Decode what a controller's ingress receives: a request or a control message."""
+    h = _unpack(buf, "ingress")
+    t = _expect(h, (REQ, CTL), "ingress")
+    if t == REQ:
+        return request_from_header(h)
+    return control_from_header(h)
+
+
 # --------------------------------------------------------------------------- dispatch
 
 

@@ -8,19 +8,15 @@ request on top of the report), sends outputs straight to the request's sender wi
 also the heartbeat: :meth:`Worker.recv` sends one by itself whenever the rank has been quiet
 for ``heartbeat_interval_s``, so a rank that is alive never looks dead.
 
-Run ``python -m dpcore.sdk.worker --rank R --dispatch EP --report EP`` for a minimal echo
-rank (used by the end-to-end tests; the realistic mock engine is ``dpcore mock-worker``).
+:mod:`dpcore.sdk.echo` is a minimal rank built on it (the realistic mock engine is
+``dpcore mock-worker``).
 """
 
 from __future__ import annotations
 
-import argparse
-import heapq
-import signal
-import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import zmq
@@ -270,62 +266,3 @@ class Worker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --------------------------------------------------------------------------- echo rank
-
-
-def _echo_main(argv: Sequence[str] | None = None) -> int:
-    """A minimal rank: answers each request with its payload after ``--delay-s``."""
-    p = argparse.ArgumentParser(prog="python -m dpcore.sdk.worker", description=_echo_main.__doc__)
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--dispatch", required=True, help="the controller's dispatch endpoint for this rank")
-    p.add_argument("--report", required=True, help="the controller's report endpoint")
-    p.add_argument("--delay-s", type=float, default=0.0, help="time each request stays running")
-    p.add_argument("--no-admit", action="store_true", help="receive but never admit (a stuck rank)")
-    p.add_argument("--heartbeat-s", type=float, default=0.2)
-    args = p.parse_args(argv)
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    w = Worker(
-        args.rank, dispatch_endpoint=args.dispatch, report_endpoint=args.report,
-        heartbeat_interval_s=args.heartbeat_s,
-    )  # fmt: skip
-    running: list[tuple[float, int, Work]] = []  # heap of (due, seq, work)
-    tokens = 0
-    print(f"echo rank {args.rank} ready", flush=True)
-    while not stop:
-        timeout = args.heartbeat_s
-        if running:
-            timeout = max(0.0, min(timeout, running[0][0] - time.monotonic()))
-        items = w.recv(timeout)
-        changed = bool(items)
-        if not args.no_admit:
-            now = time.monotonic()
-            for work in items:
-                w.admit(work)
-                tokens += work.request.num_tokens
-                heapq.heappush(running, (now + args.delay_s, work.seq, work))
-            now = time.monotonic()
-            while running and running[0][0] <= now:
-                _, _, work = heapq.heappop(running)
-                tokens -= work.request.num_tokens
-                meta = {"prompt_tokens": work.request.num_tokens, "completion_tokens": 0}
-                if work.prefill_rank is not None:
-                    meta["prefill_rank"] = work.prefill_rank
-                w.send(work, meta, work.payload)
-                changed = True
-        if changed:
-            w.report(len(running), 0, tokens)
-    w.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_echo_main())
