@@ -120,6 +120,13 @@ class MalformedRequestError(RequestRejected):
     code = "malformed_request"
 
 
+class PrefillRankUnresolvedError(RequestRejected):
+    """PD decode: the prefill rank holding this request's KV could not be learned in time."""
+
+    code = "prefill_rank_unresolved"
+    http_status = 504
+
+
 class PolicyFailedError(RequestRejected):
     """A policy raised an unexpected exception for this request (a bug in the policy)."""
 

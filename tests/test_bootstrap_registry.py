@@ -166,3 +166,14 @@ def test_client_reuses_its_connection(server: RegistryServer) -> None:
             client.register(i, i % 4)
         assert list(pool.connections) == first
         assert len(first) == 1
+
+
+def test_batch_registration_is_all_or_nothing(server: RegistryServer) -> None:
+    with RegistryClient(server.url) as client:
+        client.register_many([(1, 0), (2, 3)])
+        assert client.query([1, 2]) == {1: 0, 2: 3}
+        with pytest.raises(RegistryError, match="dp_rank"):
+            client.register_many([(3, 1), (4, 7)])  # rank 7 is outside dp size 4
+        assert client.query([3, 4]) == {}
+    resp = httpx.post(f"{server.url}/register_dp_ranks", json={"entries": [1, 2]})
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_field"

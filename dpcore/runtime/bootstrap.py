@@ -5,6 +5,8 @@ records ``room -> rank`` here; the decode side asks for the ranks of the rooms i
 pull KV for. The HTTP API is the one SGLang's bootstrap server speaks (upstream #19168):
 
 * ``POST /register_dp_rank {"bootstrap_room": int, "dp_rank": int}`` → ``{"ok": true}``
+* ``POST /register_dp_ranks {"entries": [{"bootstrap_room", "dp_rank"}, ...]}`` (a dpcore
+  extension: one call per batch, for a prefill controller that registers remotely)
 * ``POST /query_dp_ranks {"bootstrap_rooms": [int, ...]}`` → ``{"<room>": rank, ...}``;
   unknown or expired rooms are left out, so the caller asks again later.
 * ``GET /health`` → ``{"status": "ok", "entries": n}``
@@ -115,18 +117,24 @@ class BootstrapRegistry:
 
     def register(self, room: Any, rank: Any) -> None:
         """Record that *room*'s KV lives on prefill *rank*; raises :class:`BadRegistryInput`."""
-        room = _check_uint(room, "bootstrap_room")
-        rank = _check_uint(rank, "dp_rank", self.dp_size or _ROOM_LIMIT)
+        self.register_many(((room, rank),))
+
+    def register_many(self, entries: Iterable[tuple[Any, Any]]) -> int:
+        """Register ``(room, rank)`` pairs, all or none (every pair is checked first)."""
+        limit = self.dp_size or _ROOM_LIMIT
+        checked = [(_check_uint(room, "bootstrap_room"), _check_uint(rank, "dp_rank", limit)) for room, rank in entries]
         with self._lock:
             now = self._clock()
             self._expire(now)
             rooms = self._rooms
-            rooms.pop(room, None)
-            rooms[room] = (rank, now)
-            if len(rooms) > self.max_entries:
+            for room, rank in checked:
+                rooms.pop(room, None)
+                rooms[room] = (rank, now)
+            while len(rooms) > self.max_entries:
                 rooms.popitem(last=False)
                 self.stats["evicted"] += 1
-            self.stats["registered"] += 1
+            self.stats["registered"] += len(checked)
+        return len(checked)
 
     def query(self, rooms: Iterable[Any]) -> dict[int, int]:
         """The ranks of the known, unexpired *rooms*; unknown ones are left out."""
@@ -186,6 +194,22 @@ def make_app(registry: BootstrapRegistry) -> Starlette:
             return error(400, "invalid_field", str(exc))
         return JSONResponse({"ok": True})
 
+    async def register_dp_ranks(request: HttpRequest) -> JSONResponse:
+        body = await body_object(request)
+        if isinstance(body, JSONResponse):
+            return body
+        entries = body.get("entries")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            detail = 'entries must be a list of {"bootstrap_room": int, "dp_rank": int} objects'
+            return error(400, "invalid_field", detail)
+        if len(entries) > MAX_QUERY_ROOMS:
+            return error(413, "too_many_rooms", f"{len(entries)} entries in one call; at most {MAX_QUERY_ROOMS}")
+        try:
+            n = registry.register_many((e.get("bootstrap_room"), e.get("dp_rank")) for e in entries)
+        except BadRegistryInput as exc:
+            return error(400, "invalid_field", str(exc))
+        return JSONResponse({"ok": True, "registered": n})
+
     async def query_dp_ranks(request: HttpRequest) -> JSONResponse:
         body = await body_object(request)
         if isinstance(body, JSONResponse):
@@ -214,6 +238,7 @@ def make_app(registry: BootstrapRegistry) -> Starlette:
 
     routes = [
         Route("/register_dp_rank", register_dp_rank, methods=["POST"]),
+        Route("/register_dp_ranks", register_dp_ranks, methods=["POST"]),
         Route("/query_dp_ranks", query_dp_ranks, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/info", info, methods=["GET"]),
@@ -328,6 +353,12 @@ class RegistryClient:
 
     def register(self, room: int, rank: int) -> None:
         self._call("POST", "/register_dp_rank", {"bootstrap_room": room, "dp_rank": rank})
+
+    def register_many(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Register ``(room, rank)`` pairs in as few calls as :data:`MAX_QUERY_ROOMS` allows."""
+        items = [{"bootstrap_room": room, "dp_rank": rank} for room, rank in entries]
+        for i in range(0, len(items), MAX_QUERY_ROOMS):
+            self._call("POST", "/register_dp_ranks", {"entries": items[i : i + MAX_QUERY_ROOMS]})
 
     def query(self, rooms: Iterable[int]) -> dict[int, int]:
         """Ranks of the known *rooms*, in as many calls as :data:`MAX_QUERY_ROOMS` needs."""
