@@ -1,0 +1,366 @@
+"""The Starlette app of the HTTP front.
+
+Generation endpoints (SGLang ``/generate``, OpenAI ``/v1/completions`` and
+``/v1/chat/completions``) parse the body (:mod:`dpcore.http.protocol`), submit one request
+to the controller and wait for the rank's first reply before answering, so a rejection
+becomes a proper HTTP status (400 for a bad rank, 503 when every rank is down, ...) even for
+streaming requests. After that, a streaming request gets server-sent events.
+
+The endpoints routers poll read the controller's status snapshot: ``/health``,
+``/health_generate``, ``/server_info`` (and ``/get_server_info``), ``/model_info`` (and
+``/get_model_info``), ``/v1/models``, ``/get_load`` and ``/v1/loads``.
+
+Errors are JSON ``{"error": code, "detail": message}`` (plus ``rid`` when known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from attrs import field, frozen
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from dpcore.errors import RequestRejected
+from dpcore.http.protocol import PARSERS, GenerateInput, HttpError
+from dpcore.http.responses import DONE, Output, sse
+from dpcore.http.tokenizer import ByteTokenizer, Tokenizer
+from dpcore.runtime.status import StatusUnavailableError
+from dpcore.sdk.client import ControllerUnavailableError
+
+if TYPE_CHECKING:
+    from dpcore.http.link import ControllerLink
+    from dpcore.sdk.client import ReplyStream
+    from dpcore.wire import Reply
+
+#: Response header naming the rank that served the request.
+SERVED_RANK_HEADER = "X-Dpcore-Dp-Rank"
+DEFAULT_MAX_BODY_BYTES = 32 << 20
+#: Paths open without the API key, as in SGLang: what load balancers probe.
+OPEN_PREFIXES = ("/health", "/metrics")
+
+
+@frozen
+class FrontConfig:
+    """Settings of one HTTP front.
+
+    :ivar model: Name served in ``/v1/models`` and ``model_path`` of ``/model_info``.
+    :ivar api_key: When set, every path but ``/health*`` needs ``Authorization: Bearer KEY``.
+    :ivar max_body_bytes: Larger request bodies get 413.
+    :ivar request_timeout_s: Longest wait for a rank's next reply before answering 504.
+    :ivar bootstrap_port: PD prefill: the bootstrap registry port, shown in ``/server_info``.
+    """
+
+    model: str = "dpcore-mock"
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float = 600.0
+    bootstrap_port: int | None = None
+    tokenizer: Tokenizer = field(factory=ByteTokenizer)
+
+
+def _rejection_statuses() -> dict[str, int]:
+    out: dict[str, int] = {}
+    todo: list[type[RequestRejected]] = [RequestRejected]
+    while todo:
+        cls = todo.pop()
+        out.setdefault(cls.code, cls.http_status)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def status_for(code: str, default: int = 500) -> int:
+    """The HTTP status for a controller rejection *code* (*default* for unknown codes)."""
+    return _rejection_statuses().get(code, default)
+
+
+def error_response(exc: HttpError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+# --------------------------------------------------------------------------- request plumbing
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The JSON body, refusing more than *limit* bytes before reading them all."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise HttpError(413, "body_too_large", f"request body of {size} bytes is over the limit of {limit}")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise HttpError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def reply_error(reply: Reply, rid: str) -> HttpError:
+    """The HTTP error for a ``rej``/``fail`` reply, or an ``out`` the engine marked failed."""
+    if reply.kind == "out":
+        return HttpError(500, "engine_error", str(reply.meta.get("error")), rid=rid)
+    # A failure means the request was lost with its rank: retryable, so 503 by default.
+    default = 503 if reply.kind == "fail" else 500
+    return HttpError(status_for(reply.code, default), reply.code, reply.msg, rid=rid)
+
+
+class Front:
+    """Request handling shared by the routes; one per app."""
+
+    def __init__(self, link: ControllerLink, config: FrontConfig) -> None:
+        self.link = link
+        self.config = config
+        self.started = int(time.time())
+
+    async def _next(self, stream: ReplyStream, deadline: float, rid: str) -> Reply:
+        left = deadline - time.monotonic()
+        try:
+            return await stream.next(max(0.0, left))
+        except asyncio.TimeoutError:
+            self.link.forget(rid)
+            msg = f"no reply from the rank within {self.config.request_timeout_s:g}s"
+            raise HttpError(504, "timeout", msg, rid=rid) from None
+
+    async def submit(self, inp: GenerateInput) -> tuple[ReplyStream, Reply, float]:
+        """Send *inp*; return its stream and its first reply (raises for rej/fail)."""
+        try:
+            stream = await self.link.submit(inp)
+        except ValueError as exc:  # the rid is already in flight on this front
+            raise HttpError(400, "duplicate_rid", str(exc), rid=inp.rid) from None
+        except ControllerUnavailableError as exc:
+            raise HttpError(503, "controller_unavailable", str(exc), rid=inp.rid) from None
+        deadline = time.monotonic() + self.config.request_timeout_s
+        first = await self._next(stream, deadline, inp.rid)
+        if first.kind != "out" or "error" in first.meta:
+            raise reply_error(first, inp.rid)
+        return stream, first, deadline
+
+    async def generate(self, request: Request, kind: str) -> Response:
+        started = time.monotonic()
+        body = await read_json(request, self.config.max_body_bytes)
+        inp = PARSERS[kind](body, request.headers, self.config.tokenizer)
+        stream, first, deadline = await self.submit(inp)
+        out = Output(inp, self.config.tokenizer, started)
+        out.add(first)
+        headers = {SERVED_RANK_HEADER: str(first.rank), "X-Request-Id": inp.rid}
+        if inp.stream:
+            return StreamingResponse(
+                self._events(stream, out, deadline), media_type="text/event-stream", headers=headers
+            )
+        try:
+            while not out.final:
+                reply = await self._next(stream, deadline, inp.rid)
+                if reply.kind != "out" or "error" in reply.meta:
+                    raise reply_error(reply, inp.rid)
+                out.add(reply)
+        except BaseException:
+            self.link.forget(inp.rid)
+            raise
+        return JSONResponse(out.body(), headers=headers)
+
+    async def _events(self, stream: ReplyStream, out: Output, deadline: float) -> AsyncIterator[bytes]:
+        rid = out.inp.rid
+        try:
+            for event in out.chunk(first=True):
+                yield sse(event)
+            while not out.final:
+                try:
+                    reply = await self._next(stream, deadline, rid)
+                    if reply.kind != "out" or "error" in reply.meta:
+                        raise reply_error(reply, rid)
+                except HttpError as exc:  # headers are gone: report it in the stream
+                    yield sse({"error": {"code": exc.code, "message": str(exc), "status": exc.status}})
+                    break
+                out.add(reply)
+                for event in out.chunk(first=False):
+                    yield sse(event)
+            yield DONE
+        finally:
+            if not out.final:
+                self.link.forget(rid)  # client went away or the request failed mid-stream
+
+    # ------------------------------------------------------------------ polled endpoints
+
+    async def status(self) -> dict[str, Any]:
+        try:
+            return await self.link.status()
+        except StatusUnavailableError as exc:
+            raise HttpError(503, "controller_unavailable", str(exc)) from None
+
+    async def health(self, request: Request) -> Response:
+        st = await self.status()
+        if not st["active_ranks"]:
+            raise HttpError(503, "no_active_rank", f"all {st['dp_size']} ranks are inactive")
+        return JSONResponse({"status": "ok", "active_ranks": st["active_ranks"]})
+
+    async def health_generate(self, request: Request) -> Response:
+        """A one-token request through the controller and a rank, as SGLang's."""
+        st = await self.status()
+        mode = st["disaggregation_mode"]
+        inp = GenerateInput(
+            kind="generate",
+            rid=f"health-{uuid.uuid4().hex}",
+            token_ids=(0,),
+            max_new_tokens=1,
+            # PD: a room for prefill policies that need one; decode is told the prefill rank.
+            bootstrap_room=uuid.uuid4().int >> 65 if mode == "prefill" else None,
+            disagg_prefill_dp_rank=0 if mode == "decode" else None,
+        )
+        stream, first, deadline = await self.submit(inp)
+        while not first.final:
+            first = await self._next(stream, deadline, inp.rid)
+        return JSONResponse({"status": "ok", "dp_rank": first.rank})
+
+    async def server_info(self, request: Request) -> Response:
+        st = await self.status()
+        from dpcore import __version__
+
+        info: dict[str, Any] = {
+            "dp_size": st["dp_size"],
+            "load_balance_method": st["load_balance_method"],
+            "load_balance_method_requested": st["requested"],
+            "load_balance_reason": st["reason"],
+            "disaggregation_mode": st["disaggregation_mode"],
+            "model_path": self.config.model,
+            "served_model_name": self.config.model,
+            "tokenizer": self.config.tokenizer.name,
+            "tp_size": 1,
+            "version": __version__,
+            "server": "dpcore",
+            "active_ranks": st["active_ranks"],
+            # mini_lb and other tools count ranks as len(internal_states).
+            "internal_states": st["loads"],
+        }
+        if self.config.bootstrap_port is not None:
+            info["disaggregation_bootstrap_port"] = self.config.bootstrap_port
+        return JSONResponse(info)
+
+    async def model_info(self, request: Request) -> Response:
+        return JSONResponse({
+            "model_path": self.config.model,
+            "tokenizer_path": None,
+            "is_generation": True,
+            "served_model_name": self.config.model,
+        })  # fmt: skip
+
+    async def models(self, request: Request) -> Response:
+        card = {"id": self.config.model, "object": "model", "created": self.started,
+                "owned_by": "dpcore", "root": self.config.model}  # fmt: skip
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def get_load(self, request: Request) -> Response:
+        keys = ("dp_rank", "num_reqs", "num_waiting_reqs", "num_tokens")
+        return JSONResponse([{k: r[k] for k in keys} for r in (await self.status())["loads"]])
+
+    async def v1_loads(self, request: Request) -> Response:
+        loads = (await self.status())["loads"]
+        ranks = []
+        for r in loads:
+            waiting = r["num_waiting_reqs"]
+            cap = r["kv_capacity"]
+            ranks.append({
+                "dp_rank": r["dp_rank"],
+                "active": r["active"],
+                "reported": r["reported"],
+                "num_running_reqs": r["num_reqs"] - waiting,
+                "num_waiting_reqs": waiting,
+                "num_total_reqs": r["num_reqs"],
+                "num_used_tokens": r["num_tokens"],
+                "max_total_num_tokens": cap,
+                "token_usage": round(r["kv_used"] / cap, 6) if cap else 0.0,
+                "unacked_dispatches": r["unacked"],
+            })  # fmt: skip
+        aggregate = {
+            "total_running_reqs": sum(x["num_running_reqs"] for x in ranks),
+            "total_waiting_reqs": sum(x["num_waiting_reqs"] for x in ranks),
+            "total_reqs": sum(x["num_total_reqs"] for x in ranks),
+            "total_tokens": sum(x["num_used_tokens"] for x in ranks),
+        }
+        return JSONResponse({
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+            "dp_rank_count": len(ranks),
+            "loads": ranks,
+            "aggregate": aggregate,
+        })  # fmt: skip
+
+
+# --------------------------------------------------------------------------- app
+
+
+def _guard(front: Front, handler: Callable[[Request], Awaitable[Response]], *, open_: bool) -> Callable[[Request], Awaitable[Response]]:
+    key = front.config.api_key
+
+    async def endpoint(request: Request) -> Response:
+        if key is not None and not open_:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return error_response(HttpError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)"))
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return error_response(exc)
+
+    return endpoint
+
+
+def create_app(link: ControllerLink, config: FrontConfig | None = None) -> Starlette:
+    """The app; *link* is started on startup and closed on shutdown."""
+    config = config or FrontConfig()
+    front = Front(link, config)
+
+    def gen(kind: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            return await front.generate(request, kind)
+
+        return handler
+
+    table: list[tuple[str, Callable[[Request], Awaitable[Response]], str]] = [
+        ("/generate", gen("generate"), "POST"),
+        ("/v1/completions", gen("completion"), "POST"),
+        ("/v1/chat/completions", gen("chat"), "POST"),
+        ("/health", front.health, "GET"),
+        ("/health_generate", front.health_generate, "GET"),
+        ("/server_info", front.server_info, "GET"),
+        ("/get_server_info", front.server_info, "GET"),
+        ("/model_info", front.model_info, "GET"),
+        ("/get_model_info", front.model_info, "GET"),
+        ("/v1/models", front.models, "GET"),
+        ("/get_load", front.get_load, "GET"),
+        ("/v1/loads", front.v1_loads, "GET"),
+    ]
+    routes = [
+        Route(path, _guard(front, h, open_=path.startswith(OPEN_PREFIXES)), methods=[method])
+        for path, h, method in table
+    ]
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(HttpError(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await link.start()
+        try:
+            yield
+        finally:
+            await link.close()
+
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error},  # type: ignore[dict-item]
+        lifespan=lifespan,
+    )

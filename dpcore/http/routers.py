@@ -1,0 +1,105 @@
+"""The real routers dpcore is tested behind: a cached venv and a safe environment.
+
+``sglang-router`` and ``vllm-router`` are installed from PyPI, at pinned versions, into a venv
+outside the repository (``$DPCORE_CACHE``, default ``~/.cache/dpcore``), named after a hash
+of the pins and the Python version, so a fresh machine builds it once and later runs reuse
+it. A file lock makes concurrent test runs wait for one build instead of racing.
+
+:func:`router_env` is the environment to run them in: Hugging Face offline and every proxy
+variable pointing at a closed loopback port, so a router that tries to fetch a tokenizer
+for the model name it discovers cannot reach anything but 127.0.0.1.
+
+``python -m dpcore.http.routers`` builds (or finds) the venv and prints its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+#: Exact versions the interop tests were written against (checked on PyPI).
+PINS = ("sglang-router==0.3.2", "vllm-router==0.1.17")
+#: A loopback port nothing listens on: proxies and the HF endpoint go nowhere.
+DEAD_END = "http://127.0.0.1:9"
+_DONE = ".dpcore-complete"
+
+
+class RouterVenvError(RuntimeError):
+    """The router venv could not be built; the message holds pip's last output lines."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPCORE_CACHE") or Path.home() / ".cache" / "dpcore")
+
+
+def venv_path(pins: tuple[str, ...] = PINS) -> Path:
+    key = "\n".join((*pins, sys.version, sys.platform)).encode()
+    return cache_dir() / f"venv-interop-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_venv(pins: tuple[str, ...] = PINS, *, timeout_s: float = 900.0) -> Path:
+    """The venv with *pins* installed, building it on first use; returns its directory."""
+    venv = venv_path(pins)
+    if (venv / _DONE).exists():
+        return venv
+    with _locked(venv.with_name(venv.name + ".lock")):
+        if (venv / _DONE).exists():  # another process built it while we waited
+            return venv
+        # A half-built venv (an interrupted run) is thrown away; venvs cannot be moved, so
+        # it is built in place and marked complete last.
+        shutil.rmtree(venv, ignore_errors=True)
+        steps = (
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins],
+        )
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+            if proc.returncode != 0:
+                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                msg = f"building {venv} failed at {' '.join(cmd[:4])}...:\n{tail}"
+                raise RouterVenvError(msg)
+        (venv / _DONE).write_text("\n".join(pins) + "\n")
+    return venv
+
+
+def executable(name: str, pins: tuple[str, ...] = PINS) -> str:
+    """Path of ``sglang-router`` or ``vllm-router`` in the (built) venv."""
+    return str(ensure_venv(pins) / "bin" / name)
+
+
+def router_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """*base* (default ``os.environ``) with downloads disabled and proxies dead-ended.
+
+    ``NO_PROXY`` lets the router reach the loopback servers it fronts; every other address
+    goes to a closed port.
+    """
+    env = dict(os.environ if base is None else base)
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
+        env[key] = DEAD_END
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HF_ENDPOINT"] = DEAD_END
+    return env
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(ensure_venv())

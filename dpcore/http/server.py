@@ -1,0 +1,165 @@
+"""Running the HTTP front: ``dpcore http-front`` and ``dpcore serve --http-port``.
+
+The front is its own process, so JSON parsing and HTTP never compete with the controller's
+loop for the GIL. ``dpcore http-front`` connects to a running controller (several fronts
+may share one); ``dpcore serve --http-port P`` starts one as a child process
+(:func:`spawn`), which exits when its parent does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from dpcore.errors import ConfigError
+
+API_KEY_ENV = "DPCORE_API_KEY"
+
+
+def add_front_arguments(p: argparse.ArgumentParser | Any, *, prefix: str = "--http-") -> None:
+    """Options of the front itself (shared by ``serve`` and ``http-front``)."""
+    p.add_argument(f"{prefix}host", default="127.0.0.1",
+                   help="address the HTTP front binds (default 127.0.0.1)")  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on all but /health* (default: ${API_KEY_ENV}, else none)",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds to wait for a rank's next reply before 504 (default 600)")  # fmt: skip
+    p.add_argument("--served-model-name", default="dpcore-mock", help="model name reported to clients and routers")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser | Any) -> None:
+    """What ``dpcore serve`` adds: ``--http-port`` and the front's options."""
+    g = p.add_argument_group("HTTP front (extra dpcore[http])")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="serve SGLang/OpenAI HTTP on this port (0: any free port); default: no HTTP")  # fmt: skip
+    add_front_arguments(g)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``dpcore http-front``."""
+    p.add_argument("--ingress", required=True, metavar="EP", help="the controller's ingress endpoint")
+    p.add_argument("--status", required=True, metavar="EP", help="the controller's status endpoint")
+    p.add_argument("--http-port", type=int, required=True, help="port to listen on (0: any free port)")
+    p.add_argument("--block-size", type=int, default=64, help="tokens per hashed block (match the ranks)")
+    p.add_argument("--bootstrap-port", type=int, default=None, help="PD prefill: registry port for /server_info")
+    p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
+    p.add_argument("--port-file", default=None, help="write the bound port here once listening")
+    add_front_arguments(p)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Validate the front's options before anything is bound."""
+    port = getattr(args, "http_port", None)
+    if port is not None and not 0 <= port < 65536:
+        raise ConfigError(f"--http-port must be in 0..65535, got {port}")
+    if args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
+    if not args.request_timeout > 0:
+        raise ConfigError(f"--request-timeout must be positive, got {args.request_timeout}")
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"the HTTP front needs the http extra: pip install 'dpcore[http]' ({exc})") from None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"HTTP front cannot bind {host}:{port}: {exc}") from exc
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dpcore http-front``: serve until SIGINT/SIGTERM (or the parent exits)."""
+    import asyncio
+
+    import structlog
+    import uvicorn
+
+    from dpcore.http.app import FrontConfig, create_app
+    from dpcore.http.link import ControllerLink
+
+    check(args)
+    config = FrontConfig(
+        model=args.served_model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
+        bootstrap_port=args.bootstrap_port,
+    )
+    link = ControllerLink(args.ingress, args.status, block_size=args.block_size)
+    sock = _bind(args.http_host, args.http_port)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(link, config), log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    )
+    log = structlog.get_logger("dpcore").bind(component="http")
+
+    async def serve() -> None:
+        task = asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            log.info("http_front_started", url=f"http://{args.http_host}:{port}", pid=os.getpid())
+            if args.port_file:
+                with open(args.port_file + ".tmp", "w") as f:
+                    f.write(f"{port}\n")
+                os.replace(args.port_file + ".tmp", args.port_file)
+        if args.exit_with_parent:
+            parent = os.getppid()
+            while not task.done():
+                if os.getppid() != parent:
+                    server.should_exit = True
+                await asyncio.sleep(0.5)
+        await task
+
+    try:
+        asyncio.run(serve())
+    finally:
+        sock.close()
+    return 0
+
+
+def spawn(
+    args: argparse.Namespace,
+    *,
+    ingress: str,
+    status: str,
+    bootstrap_port: int | None = None,
+    block_size: int = 64,
+    extra: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
+    """Start ``dpcore http-front`` for ``dpcore serve``; the child exits with its parent.
+
+    The child inherits stderr (its log lines join the controller's) and the API key through
+    the environment, never the command line (other users can read ``ps``).
+    """
+    cmd = [
+        sys.executable, "-m", "dpcore", "--log-level", getattr(args, "log_level", "info"),
+        "http-front", "--ingress", ingress, "--status", status,
+        "--http-port", str(args.http_port), "--http-host", args.http_host,
+        "--block-size", str(block_size), "--exit-with-parent",
+        "--max-body-bytes", str(args.max_body_bytes), "--request-timeout", str(args.request_timeout),
+        "--served-model-name", args.served_model_name, *extra,
+    ]  # fmt: skip
+    if bootstrap_port is not None:
+        cmd += ["--bootstrap-port", str(bootstrap_port)]
+    env = dict(os.environ)
+    if args.api_key:
+        env[API_KEY_ENV] = args.api_key
+    return subprocess.Popen(cmd, env=env)
