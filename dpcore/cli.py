@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("serve", "dpcore.cli", "run the controller (or validate with --dry-run)"),
     ("mock-worker", "dpcore.mock.worker", "run one mock engine rank (used by the demo and tests)"),
     ("bootstrap-registry", "dpcore.runtime.bootstrap", "run a standalone PD bootstrap registry (HTTP)"),
+    ("simulate", "dpcore.sim.cli", "replay a trace through policies and peer baselines"),
     ("http-front", "dpcore.http.server", "run an SGLang/OpenAI HTTP front for a running controller"),
 ]
 

@@ -1,0 +1,62 @@
+"""The engine model's parameters, pinned so that results stay comparable.
+
+The defaults are DESIGN.md's, loosely shaped on one 8-rank DP-attention deployment. Change
+one only with a documented reason, never to make a policy look better; every run prints the
+values it used.
+"""
+
+from __future__ import annotations
+
+import math
+
+from attrs import field, frozen
+
+
+def _positive(_inst: object, attr: object, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{attr.name} must be a positive number, got {value!r}")  # type: ignore[attr-defined]
+
+
+def _non_negative(_inst: object, attr: object, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{attr.name} must be a number >= 0, got {value!r}")  # type: ignore[attr-defined]
+
+
+@frozen
+class EngineConfig:
+    """One rank of the modelled engine, and how it reports its load.
+
+    :ivar prefill_tokens_per_s: Prefill throughput on uncached prompt tokens.
+    :ivar decode_step_s: Fixed time of one continuous-batching decode step.
+    :ivar decode_step_per_request_s: Extra decode-step time per running request.
+    :ivar kv_capacity_tokens: KV cache per rank, shared by running requests and the prefix
+        cache (cached blocks no running request uses are evicted LRU when space is needed).
+    :ivar report_interval_s: A rank reports its load at least this often...
+    :ivar report_steps: ...and after this many decode steps, whichever comes first
+        (``0``: time only).
+    :ivar report_delay_s: How late a report reaches the controller.
+    """
+
+    prefill_tokens_per_s: float = field(default=12_000.0, validator=_positive)
+    decode_step_s: float = field(default=0.025, validator=_positive)
+    decode_step_per_request_s: float = field(default=0.00008, validator=_non_negative)
+    kv_capacity_tokens: int = field(default=500_000, validator=_positive)
+    report_interval_s: float = field(default=0.1, validator=_positive)
+    report_steps: int = field(default=15, validator=_non_negative)
+    report_delay_s: float = field(default=0.05, validator=_non_negative)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(parameter, value) pairs for the printed report."""
+        return [
+            ("prefill throughput", f"{self.prefill_tokens_per_s:,.0f} uncached tokens/s per rank"),
+            (
+                "decode step",
+                f"{self.decode_step_s * 1e3:g} ms + {self.decode_step_per_request_s * 1e3:g} ms per running request",
+            ),
+            ("KV capacity", f"{self.kv_capacity_tokens:,} tokens per rank, shared with the LRU prefix cache"),
+            (
+                "load reports",
+                f"every {self.report_steps} decode steps or {self.report_interval_s * 1e3:g} ms, "
+                f"delivered {self.report_delay_s * 1e3:g} ms late",
+            ),
+        ]

@@ -1,0 +1,562 @@
+"""A deterministic discrete-event model of ``dp_size`` engine ranks behind one controller.
+
+Each rank runs one iteration at a time, prefill first (SGLang's default scheduling):
+
+* **Admission.** Waiting requests are admitted first come, first served. A request needs KV
+  for its uncached prompt blocks plus its whole output (reserved up front, so a running
+  request is never preempted); cached blocks that no running request uses are evicted LRU
+  to make room. When the head of the queue does not fit, it and everyone behind it wait
+  until a running request finishes. A request that could never fit (prompt + output larger
+  than the rank's KV) is rejected by the engine.
+* **Prefill** of one request takes ``uncached tokens / prefill_tokens_per_s`` (at least one
+  token is computed); it ends with the first output token (TTFT).
+* **Decode** runs continuous-batching steps of ``decode_step_s + decode_step_per_request_s ×
+  running``; every step gives each running request one token. A run of steps is simulated as
+  one event up to the next completion, cut at the next step boundary when a request arrives.
+* **Prefix cache.** Per rank, blocks of the trace's ``hash_ids`` (512 tokens in Mooncake).
+  The cached prefix is matched when a request is admitted. Blocks in use are pinned; when the
+  last user finishes they become evictable, deepest block first (as a radix tree evicts
+  leaves first).
+* **Load reports** are taken every ``report_interval_s`` (random phase per rank) or after
+  ``report_steps`` decode steps, whichever comes first, and reach the controller
+  ``report_delay_s`` later; they acknowledge the last dispatch the rank had received.
+
+The controller side is a *router*: anything with ``select``, ``dispatched``, ``report``,
+``first_token``, ``finished`` and ``last_decision``. Installed dpcore policies are driven
+through :class:`PluginRouter`, i.e. the real :class:`~dpcore.manager.PolicyManager` and
+:class:`~dpcore.ledger.LoadLedger` on the simulated clock; peer baselines
+(:mod:`dpcore.sim.baselines`) implement the same interface. Every router sees the same
+arrivals at the same simulated times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from attrs import field, frozen
+
+from dpcore.errors import RequestRejected
+from dpcore.manager import PolicyManager
+from dpcore.model import Decision, LoadReport, Request
+from dpcore.sim.config import EngineConfig
+from dpcore.sim.traces import Trace
+
+# Event kinds (small ints: compared in the hot loop).
+_PREFILL_DONE, _DECODE_DONE, _REPORT_TAKE, _REPORT_DELIVER = range(4)
+_IDLE, _PREFILL, _DECODE = range(3)
+#: Per-rank samples of the load for the "load over time" plot.
+SERIES_POINTS = 400
+_EPS = 1e-9
+
+
+class Router(Protocol):
+    """What the engine needs from the controller side (a policy chain or a baseline)."""
+
+    last_decision: Decision
+
+    def select(self, request: Request) -> int: ...
+
+    def dispatched(self, request: Request, rank: int) -> int: ...
+
+    def report(self, report: LoadReport) -> bool: ...
+
+    def first_token(self, request: Request, rank: int) -> None: ...
+
+    def finished(self, request: Request, rank: int) -> None: ...
+
+
+class PluginRouter:
+    """Drives a dpcore policy chain exactly as the live controller does.
+
+    ``select`` then ``dispatched`` per request, ``report`` per delivered load report; the
+    controller never sees first tokens or completions (they bypass it), so those are no-ops.
+    """
+
+    def __init__(self, manager: PolicyManager) -> None:
+        self.manager = manager
+        self.select = manager.select
+        self.dispatched = manager.dispatched
+        self.report = manager.report
+
+    @property
+    def last_decision(self) -> Decision:
+        return self.manager.last_decision
+
+    def first_token(self, request: Request, rank: int) -> None:
+        pass
+
+    def finished(self, request: Request, rank: int) -> None:
+        pass
+
+
+@frozen
+class ExplainedDecision:
+    """One sampled decision, for ``--explain``."""
+
+    rid: str
+    time_s: float
+    rank: int
+    policy: str
+    reason: str
+    scores: dict[str, Any] | None
+
+
+@frozen
+class RunResult:
+    """Raw outcome of one policy on one trace (metrics are computed in :mod:`report`).
+
+    Per-request lists are aligned with the trace; ``nan`` marks requests that did not
+    complete (rejected).
+    """
+
+    policy: str
+    dp_size: int
+    arrival: list[float]
+    start: list[float]
+    first_token: list[float]
+    finish: list[float]
+    rank: list[int]
+    output_tokens: list[int]
+    input_tokens_admitted: int
+    hit_tokens: int
+    served_tokens: list[int]
+    completed: int
+    rejected: int
+    reject_reasons: dict[str, int]
+    series: list[list[tuple[float, int, int]]]
+    explained: list[ExplainedDecision] = field(factory=list)
+    events: int = 0
+
+
+class _Job:
+    __slots__ = ("i", "req", "n_in", "n_out", "hashes", "rank", "s_start")
+
+    def __init__(self, i: int, req: Request, n_in: int, n_out: int, hashes: tuple[int, ...]) -> None:
+        self.i = i
+        self.req = req
+        self.n_in = n_in
+        self.n_out = n_out
+        self.hashes = hashes
+        self.rank = -1
+        self.s_start = 0
+
+
+class _Rank:
+    __slots__ = (
+        "idx", "waiting", "waiting_tokens", "decode", "s", "s_sum", "state", "cur", "version",
+        "run_start", "tau", "run_steps", "pinned", "evictable", "pinned_tokens", "evictable_tokens",
+        "reserved", "last_seq", "rep_seq", "rep_gen", "s_rep", "next_sample", "series", "served",
+    )  # fmt: skip
+
+    def __init__(self, idx: int) -> None:
+        self.idx = idx
+        self.waiting: deque[_Job] = deque()
+        self.waiting_tokens = 0
+        self.decode: list[tuple[int, int, _Job]] = []  # heap by finish step
+        self.s = 0  # decode steps completed
+        self.s_sum = 0  # sum of s_start over the decode set
+        self.state = _IDLE
+        self.cur: _Job | None = None
+        self.version = 0
+        self.run_start = 0.0
+        self.tau = 0.0
+        self.run_steps = 0
+        self.pinned: dict[int, list[int]] = {}  # block -> [users, tokens]
+        self.evictable: OrderedDict[int, int] = OrderedDict()  # block -> tokens, LRU first
+        self.pinned_tokens = 0
+        self.evictable_tokens = 0
+        self.reserved = 0  # output tokens reserved by admitted requests
+        self.last_seq = -1
+        self.rep_seq = 0
+        self.rep_gen = 0
+        self.s_rep = 0
+        self.next_sample = 0.0
+        self.series: list[tuple[float, int, int]] = []
+        self.served = 0
+
+
+def build_requests(trace: Trace) -> list[Request]:
+    """The :class:`~dpcore.model.Request` each policy sees, one per trace request."""
+    return [
+        Request(
+            rid=f"r{r.index}",
+            num_tokens=r.input_length,
+            block_hashes=r.hash_ids,
+            max_new_tokens=r.output_length,
+        )
+        for r in trace.requests
+    ]
+
+
+class Simulation:
+    """One replay of *trace* through ``dp_size`` ranks; call :meth:`run` once.
+
+    :param trace: The arrivals.
+    :param dp_size: Number of ranks.
+    :param config: Engine parameters.
+    :param seed: Seeds report phases and ``--explain`` sampling (and, through the caller,
+        any randomness of the router).
+    :param explain: How many decisions to sample for ``--explain``.
+    :param progress: Called with the fraction of arrivals processed, now and then.
+    """
+
+    def __init__(
+        self,
+        trace: Trace,
+        dp_size: int,
+        config: EngineConfig | None = None,
+        *,
+        seed: int = 0,
+        explain: int = 0,
+        progress: Callable[[float], None] | None = None,
+    ) -> None:
+        self.trace = trace
+        self.dp_size = dp_size
+        self.config = config or EngineConfig()
+        self.seed = seed
+        self.now = trace.requests[0].arrival if trace.requests else 0.0
+        self.block_size = trace.block_size or 1
+        self.ranks = [_Rank(i) for i in range(dp_size)]
+        self.requests = build_requests(trace)
+        self._explain = explain
+        self._progress = progress
+
+    def clock(self) -> float:
+        """Simulated time in seconds; the ledger and every baseline read it."""
+        return self.now
+
+    def cached_blocks(self, rank: int, hashes: Sequence[int]) -> int:
+        """Blocks of *hashes*' prefix that *rank*'s cache holds now (a KV-event view)."""
+        r = self.ranks[rank]
+        pinned, evictable = r.pinned, r.evictable
+        n = 0
+        for h in hashes:
+            if h in pinned or h in evictable:
+                n += 1
+            else:
+                break
+        return n
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, router: Router, name: str = "") -> RunResult:  # noqa: C901 - one hot loop
+        cfg = self.config
+        trace = self.trace
+        dp = self.dp_size
+        ranks = self.ranks
+        reqs = self.requests
+        n = len(reqs)
+        bs = self.block_size
+        cap = cfg.kv_capacity_tokens
+        prefill_rate = cfg.prefill_tokens_per_s
+        step_base, step_per = cfg.decode_step_s, cfg.decode_step_per_request_s
+        interval, delay, rep_steps = cfg.report_interval_s, cfg.report_delay_s, cfg.report_steps
+        rng = random.Random(self.seed)
+        heap: list[tuple[float, int, int, int, Any]] = []
+        push, pop = heapq.heappush, heapq.heappop
+        counter = 0
+
+        arrivals = [r.arrival for r in trace.requests]
+        t_begin = arrivals[0] if n else 0.0
+        span = (arrivals[-1] - t_begin) if n else 0.0
+        sample_dt = max(span, 1.0) / SERIES_POINTS
+        explain_at = set(rng.sample(range(n), min(self._explain, n))) if self._explain else set()
+        explained: list[ExplainedDecision] = []
+
+        nan = math.nan
+        start = [nan] * n
+        first = [nan] * n
+        finish = [nan] * n
+        rank_of = [-1] * n
+        out_tokens = [0] * n
+        reasons: Counter[str] = Counter()
+        completed = rejected = outstanding = 0
+        admitted_in = hit_total = 0
+        events = 0
+
+        for r in ranks:
+            # Ranks are not synchronized: each report timer gets its own phase.
+            counter += 1
+            push(heap, (t_begin + rng.random() * interval, counter, _REPORT_TAKE, r.idx, 0))
+            r.next_sample = t_begin
+
+        # -------------------------------------------------------------- helpers
+
+        def start_next(r: _Rank, now: float) -> None:
+            nonlocal counter, admitted_in, hit_total
+            if r.waiting:
+                job = r.waiting[0]
+                hashes = job.hashes
+                pinned, evictable = r.pinned, r.evictable
+                m = moved = 0
+                for h in hashes:
+                    if h in pinned:
+                        m += 1
+                    elif h in evictable:
+                        moved += evictable[h]
+                        m += 1
+                    else:
+                        break
+                n_in = job.n_in
+                hit = min(m * bs, n_in) if hashes else 0
+                new_tokens = n_in - hit
+                if r.pinned_tokens + moved + new_tokens + r.reserved + job.n_out <= cap:
+                    r.waiting.popleft()
+                    r.waiting_tokens -= n_in
+                    # Pin the matched prefix, insert the rest; then evict to fit.
+                    for k in range(m):
+                        h = hashes[k]
+                        e = pinned.get(h)
+                        if e is None:
+                            pinned[h] = [1, evictable.pop(h)]
+                        else:
+                            e[0] += 1
+                    left = n_in - m * bs
+                    for k in range(m, len(hashes)):
+                        h = hashes[k]
+                        tok = bs if left > bs else left
+                        left -= bs
+                        e = pinned.get(h)
+                        if e is None and h not in evictable:
+                            pinned[h] = [1, tok]
+                            continue
+                        # Cached already, though not as part of the matched prefix (a
+                        # duplicate id in one prompt, or a deeper block that outlived its
+                        # parent): no new KV for it.
+                        new_tokens -= tok
+                        if e is None:
+                            old = evictable.pop(h)
+                            pinned[h] = [1, old]
+                            moved += old
+                        else:
+                            e[0] += 1
+                    r.pinned_tokens += moved + new_tokens
+                    r.evictable_tokens -= moved
+                    r.reserved += job.n_out
+                    excess = r.pinned_tokens + r.evictable_tokens + r.reserved - cap
+                    while excess > 0:
+                        _, tok = evictable.popitem(last=False)
+                        r.evictable_tokens -= tok
+                        excess -= tok
+                    start[job.i] = now
+                    admitted_in += n_in
+                    hit_total += hit
+                    r.state = _PREFILL
+                    r.cur = job
+                    r.version += 1
+                    counter += 1
+                    compute = n_in - hit if n_in > hit else 1
+                    push(heap, (now + compute / prefill_rate, counter, _PREFILL_DONE, r.idx, r.version))
+                    return
+            if r.decode:
+                k = len(r.decode)
+                tau = step_base + step_per * k
+                steps = r.decode[0][0] - r.s
+                r.state = _DECODE
+                r.run_start = now
+                r.tau = tau
+                r.run_steps = steps
+                r.version += 1
+                counter += 1
+                push(heap, (now + steps * tau, counter, _DECODE_DONE, r.idx, r.version))
+                if rep_steps:
+                    need = r.s_rep + rep_steps - r.s
+                    if need <= steps:
+                        counter += 1
+                        push(heap, (now + max(need, 0) * tau, counter, _REPORT_TAKE, r.idx, -1))
+                return
+            r.state = _IDLE
+
+        def release(r: _Rank, job: _Job, now: float) -> None:
+            nonlocal completed, outstanding
+            finish[job.i] = now
+            completed += 1
+            outstanding -= 1
+            r.reserved -= job.n_out
+            hashes = job.hashes
+            if hashes:
+                pinned, evictable = r.pinned, r.evictable
+                freed = 0
+                # Deepest block first, so the shared root is the most recently used.
+                for h in reversed(hashes):
+                    e = pinned[h]
+                    e[0] -= 1
+                    if not e[0]:
+                        del pinned[h]
+                        evictable[h] = e[1]
+                        freed += e[1]
+                r.pinned_tokens -= freed
+                r.evictable_tokens += freed
+            else:
+                r.pinned_tokens -= job.n_in
+            router.finished(job.req, r.idx)
+
+        def steps_now(r: _Rank, now: float) -> int:
+            if r.state != _DECODE:
+                return r.s
+            done = int((now - r.run_start) / r.tau + _EPS)
+            return r.s + (done if done < r.run_steps else r.run_steps)
+
+        # -------------------------------------------------------------- events
+
+        ai = 0
+        progress = self._progress
+        progress_every = max(n // 50, 1)
+        inf = math.inf
+        while True:
+            next_arrival = arrivals[ai] if ai < n else inf
+            if heap and heap[0][0] <= next_arrival:
+                now, _, kind, ri, payload = pop(heap)
+                self.now = now
+                events += 1
+                r = ranks[ri]
+                if kind == _REPORT_TAKE:
+                    if payload >= 0:
+                        if payload != r.rep_gen:
+                            continue
+                    elif steps_now(r, now) - r.s_rep < rep_steps:
+                        continue  # a step trigger made stale by an earlier report
+                    s_now = steps_now(r, now)
+                    k = len(r.decode)
+                    kv_used = r.pinned_tokens + k * (s_now + 1) - r.s_sum
+                    running = k + (1 if r.state == _PREFILL else 0)
+                    waiting = len(r.waiting)
+                    rep = LoadReport(
+                        rank=ri,
+                        epoch=0,
+                        seq=r.rep_seq,
+                        acked_seq=r.last_seq,
+                        num_running=running,
+                        num_waiting=waiting,
+                        num_tokens=kv_used + r.waiting_tokens,
+                        kv_used=kv_used,
+                        kv_capacity=cap,
+                    )
+                    r.rep_seq += 1
+                    r.rep_gen += 1
+                    r.s_rep = s_now
+                    if now >= r.next_sample:
+                        r.series.append((now, running + waiting, kv_used + r.waiting_tokens))
+                        r.next_sample = now + sample_dt
+                    counter += 1
+                    push(heap, (now + interval, counter, _REPORT_TAKE, ri, r.rep_gen))
+                    if rep_steps and r.state == _DECODE and s_now + rep_steps <= r.s + r.run_steps:
+                        counter += 1
+                        at = r.run_start + (s_now + rep_steps - r.s) * r.tau
+                        push(heap, (at, counter, _REPORT_TAKE, ri, -1))
+                    if delay > 0:
+                        counter += 1
+                        push(heap, (now + delay, counter, _REPORT_DELIVER, ri, rep))
+                    else:
+                        router.report(rep)
+                elif kind == _REPORT_DELIVER:
+                    router.report(payload)
+                elif payload != r.version:
+                    continue  # an iteration end that was rescheduled
+                elif kind == _PREFILL_DONE:
+                    job = r.cur
+                    r.cur = None
+                    first[job.i] = now
+                    router.first_token(job.req, ri)
+                    if job.n_out <= 1:
+                        release(r, job, now)
+                    else:
+                        job.s_start = r.s
+                        r.s_sum += r.s
+                        heapq.heappush(r.decode, (r.s + job.n_out - 1, job.i, job))
+                    start_next(r, now)
+                else:  # _DECODE_DONE
+                    r.s += r.run_steps
+                    dec = r.decode
+                    while dec and dec[0][0] <= r.s:
+                        job = heapq.heappop(dec)[2]
+                        r.s_sum -= job.s_start
+                        release(r, job, now)
+                    start_next(r, now)
+                if ai >= n and not outstanding:
+                    break
+                continue
+            if ai >= n:
+                break
+            # ---------------------------------------------------------- arrival
+            now = next_arrival
+            self.now = now
+            i = ai
+            ai += 1
+            if progress is not None and ai % progress_every == 0:
+                progress(ai / n)
+            req = reqs[i]
+            try:
+                rank = router.select(req)
+            except RequestRejected as exc:
+                rejected += 1
+                reasons[exc.code] += 1
+                continue
+            seq = router.dispatched(req, rank)
+            if i in explain_at:
+                d = router.last_decision
+                explained.append(
+                    ExplainedDecision(
+                        rid=req.rid,
+                        time_s=now,
+                        rank=rank,
+                        policy=d.policy,
+                        reason=d.reason,
+                        scores=dict(d.scores) if d.scores else None,
+                    )
+                )
+            r = ranks[rank]
+            r.last_seq = seq
+            tr = trace.requests[i]
+            n_out = tr.output_length if tr.output_length > 0 else 1
+            rank_of[i] = rank
+            if tr.input_length + n_out > cap:
+                # The engine refuses a request that could never fit in its KV cache.
+                rejected += 1
+                reasons["engine_too_long"] += 1
+                router.finished(req, rank)
+                continue
+            job = _Job(i, req, tr.input_length, n_out, tr.hash_ids)
+            job.rank = rank
+            out_tokens[i] = n_out
+            r.served += tr.input_length
+            r.waiting.append(job)
+            r.waiting_tokens += tr.input_length
+            outstanding += 1
+            if r.state == _IDLE:
+                start_next(r, now)
+            elif r.state == _DECODE and len(r.waiting) == 1:
+                # The next iteration (after the step in flight) will prefill it.
+                done = math.ceil((now - r.run_start) / r.tau - _EPS)
+                if done < r.run_steps:
+                    r.run_steps = max(done, 0)
+                    r.version += 1
+                    counter += 1
+                    push(heap, (r.run_start + r.run_steps * r.tau, counter, _DECODE_DONE, rank, r.version))
+
+        if progress is not None:
+            progress(1.0)
+        return RunResult(
+            policy=name,
+            dp_size=dp,
+            arrival=arrivals,
+            start=start,
+            first_token=first,
+            finish=finish,
+            rank=rank_of,
+            output_tokens=out_tokens,
+            input_tokens_admitted=admitted_in,
+            hit_tokens=hit_total,
+            served_tokens=[r.served for r in ranks],
+            completed=completed,
+            rejected=rejected,
+            reject_reasons=dict(reasons),
+            series=[r.series for r in ranks],
+            explained=explained,
+            events=events,
+        )
