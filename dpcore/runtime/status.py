@@ -1,9 +1,10 @@
 """The controller's status channel: a snapshot of policy, liveness and loads on request.
 
 The controller owns the load ledger; an HTTP front (another process) needs it for
-``/get_load``, ``/server_info`` and ``/health``. Rather than share memory, the controller
-binds one ROUTER socket, polls it in its loop, and answers each question with a msgpack
-snapshot, sent ``NOBLOCK`` (a slow asker loses its answer; the loop never waits). The asker
+``/get_load``, ``/server_info`` and ``/health``. :class:`StatusServer` is a thread in the
+controller's process with one ROUTER socket: for each batch of questions it has the
+controller's loop build one msgpack snapshot (``call_soon``) and answers ``NOBLOCK`` (a slow
+asker loses its answer). The loop gains no socket and never waits on an asker. The asker
 side is :class:`AsyncStatusClient` (``zmq.asyncio`` DEALER, one id per question; late
 answers to abandoned questions are dropped).
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+from concurrent.futures import Future
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
 VERSION = 1
 ASK = "status?"
 ANSWER = "status"
-#: Questions answered per loop turn; the rest wait for the next turn.
+#: Questions answered with one snapshot; the rest wait for the next one.
 MAX_PER_TURN = 64
 
 
@@ -76,57 +79,114 @@ def _unpack(buf: bytes, t: str) -> dict[str, Any]:
 
 
 class StatusServer:
-    """The controller side. The controller polls :attr:`socket` in its loop
-    (:meth:`Controller.add_socket <dpcore.runtime.controller.Controller.add_socket>`) and
-    calls :meth:`handle` when it is readable.
+    """The controller side: a thread answering status questions on a ROUTER socket.
 
-    :param ctx: The controller's ZMQ context.
+    The snapshot is built on the controller's loop thread (through *call_soon*, i.e.
+    :meth:`Controller.call_soon <dpcore.runtime.controller.Controller.call_soon>`), so it is
+    consistent and the loop needs no extra socket; this thread only waits for it. One
+    snapshot answers every question that arrived meanwhile.
+
     :param endpoint: Where to bind (``tcp://127.0.0.1:0`` picks a port).
-    :param source: Builds the snapshot; called once per turn that has questions.
+    :param source: Builds the snapshot (a msgpack-able mapping).
+    :param call_soon: Runs a function on the thread that owns what *source* reads; default:
+        call *source* on the status thread.
+    :param ctx: ZMQ context to share; a private one is made (and terminated) otherwise.
+    :param timeout_s: How long to wait for the loop thread before dropping the questions
+        (their askers time out on their side).
     """
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, source: Callable[[], Mapping[str, Any]]) -> None:  # type: ignore[type-arg]
-        self.socket = ctx.socket(zmq.ROUTER)
+    def __init__(
+        self,
+        endpoint: str,
+        source: Callable[[], Mapping[str, Any]],
+        *,
+        call_soon: Callable[[Callable[[], None]], None] | None = None,
+        ctx: zmq.Context | None = None,  # type: ignore[type-arg]
+        timeout_s: float = 2.0,
+    ) -> None:
+        self._own_ctx = ctx is None
+        self._ctx = ctx or zmq.Context()
+        self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
         try:
             self.endpoint = endpoints.bind(self.socket, endpoint)
         except BaseException:
-            self.socket.close(linger=0)
+            self.close()
             raise
         self._source = source
+        self._call_soon = call_soon
+        self.timeout_s = timeout_s
         self.answered = 0
         self.bad = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def handle(self) -> int:
-        """Answer the waiting questions (at most :data:`MAX_PER_TURN`); returns how many."""
+    def start(self) -> StatusServer:
+        self._thread = threading.Thread(target=self._run, name="dpcore-status", daemon=True)
+        self._thread.start()
+        return self
+
+    def _snapshot(self) -> Mapping[str, Any] | None:
+        if self._call_soon is None:
+            return self._source()
+        fut: Future[Mapping[str, Any]] = Future()
+
+        def build() -> None:
+            try:
+                fut.set_result(self._source())
+            except Exception as exc:  # reported to this thread, never raised in the loop
+                fut.set_exception(exc)
+
+        self._call_soon(build)
+        try:
+            return fut.result(self.timeout_s)
+        except Exception:  # the loop is stopping or stuck
+            return None
+
+    def _run(self) -> None:
         sock = self.socket
-        data: Mapping[str, Any] | None = None
-        n = 0
-        while n < MAX_PER_TURN:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            n += 1
-            try:
-                if len(frames) != 2:
-                    raise WireError(f"status: expected 2 frames, got {len(frames)}")
-                ask = _unpack(frames[1], ASK)
-            except WireError:
-                self.bad += 1
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(200):
                 continue
-            if data is None:  # one snapshot serves every question of this turn
-                data = self._source()
-            answer = _pack({"v": VERSION, "t": ANSWER, "id": ask.get("id"), "data": data})
-            try:
-                sock.send_multipart((frames[0], answer), zmq.NOBLOCK)
-            except zmq.Again:
+            asks: list[tuple[bytes, Any]] = []
+            while len(asks) < MAX_PER_TURN:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    if len(frames) != 2:
+                        raise WireError(f"status: expected 2 frames, got {len(frames)}")
+                    asks.append((frames[0], _unpack(frames[1], ASK).get("id")))
+                except WireError:
+                    self.bad += 1
+            data = self._snapshot() if asks else None
+            if data is None:
                 continue
-            self.answered += 1
-        return n
+            for peer, qid in asks:
+                answer = _pack({"v": VERSION, "t": ANSWER, "id": qid, "data": data})
+                try:
+                    sock.send_multipart((peer, answer), zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                self.answered += 1
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
         self.socket.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    def __enter__(self) -> StatusServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class AsyncStatusClient:
