@@ -60,6 +60,9 @@ BATCH = 128
 REPLY_LINGER_MS = 500
 #: Reply sockets kept open (one per sender endpoint, LRU).
 REPLY_SOCKETS = 256
+#: Rejections/failures queued per sender: a shutdown or a dead rank can fail thousands at
+#: once, possibly before the connection to that sender is even up. Frames are ~100 bytes.
+REPLY_HWM = 1 << 16
 
 CODE_RANK_DIED = "rank_died"
 CODE_RANK_BUSY = "rank_busy"
@@ -197,6 +200,7 @@ class Controller:
         self.unknown_done = 0
         self.undeliverable = 0
         self.controls = 0
+        self.internal_errors = 0
         self.dispatched = [0] * n
         self.completed = [0] * n
         self.failed = [0] * n
@@ -260,6 +264,7 @@ class Controller:
         if self._pd_sock is not None:
             self._poller.register(self._pd_sock, zmq.POLLIN)
         self._writable = {s: r for r, s in enumerate(self._dispatch)}
+        self._watching: set[int] = set()
 
     def _bind(self, kind: int, endpoint: str, sndhwm: int | None = None) -> zmq.Socket:  # type: ignore[type-arg]
         s = self._ctx.socket(kind)
@@ -308,7 +313,7 @@ class Controller:
         self._wake()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run *fn* on the loop thread (tests use it to read state consistently)."""
+        """Run *fn* on the loop thread (from any thread), e.g. to read state consistently."""
         self._commands.append(fn)
         self._wake()
 
@@ -347,6 +352,7 @@ class Controller:
             "unknown_done": self.unknown_done,
             "undeliverable_replies": self.undeliverable,
             "controls": self.controls,
+            "internal_errors": self.internal_errors,
             "rejected_by_code": dict(self.rejected_by_code),
             "failed_by_code": dict(self.failed_by_code),
             "active_ranks": list(self.ledger.active_ranks),
@@ -409,21 +415,25 @@ class Controller:
                 events = poller.poll(max(1, int(wait * 1000) + 1))
                 if not events:
                     continue
-                ev = dict(events)
-                if wake_fd in ev:
-                    self._on_wake()
-                if reports in ev:
-                    self._drain_reports()
-                if pd_sock is not None and pd_sock in ev:
-                    self._drain_pd()
-                if ingress in ev:
-                    self._on_ingress()
-                for sock, flags in events:
-                    if flags & zmq.POLLOUT and sock in writable:
-                        self._flush(writable[sock])
-        except Exception:
-            self.log.exception("controller_loop_crashed")
-            raise
+                try:
+                    ev = dict(events)
+                    if wake_fd in ev:
+                        self._on_wake()
+                    if reports in ev:
+                        self._drain_reports()
+                    if pd_sock is not None and pd_sock in ev:
+                        self._drain_pd()
+                    if ingress in ev:
+                        self._on_ingress()
+                    if len(ev) > 1 or ingress not in ev:
+                        for sock, flags in events:
+                            if flags & zmq.POLLOUT and sock in writable:
+                                self._flush(writable[sock])
+                except Exception:
+                    # A bug must cost at most the messages of this turn, never the loop.
+                    self.internal_errors += 1
+                    if _rate_limited(self.internal_errors):
+                        self.log.exception("controller_internal_error", count=self.internal_errors)
         finally:
             self._shutdown()
             self._running = False
@@ -437,7 +447,11 @@ class Controller:
             pass
         cmds = self._commands
         while cmds:
-            cmds.popleft()()
+            fn = cmds.popleft()
+            try:
+                fn()
+            except Exception as exc:  # a caller's function must not take the loop down
+                self.log.error("call_soon_failed", fn=repr(fn), error=repr(exc))
 
     # ------------------------------------------------------------------ requests
 
@@ -528,7 +542,7 @@ class Controller:
                     self._busy(rank, request, reply, moved_from)
                     return
                 bl.append((seq, frames))
-                self._poller.register(self._dispatch[rank], zmq.POLLOUT)
+                self._watch_out(rank)
         self.manager.dispatched(request, rank)
         self._inflight[rank][seq] = [request, reply, hdr, payload, pr]
         self.dispatched[rank] += 1
@@ -565,7 +579,18 @@ class Controller:
             except zmq.Again:
                 return
             bl.popleft()
-        self._poller.unregister(sock)
+        self._unwatch_out(rank)
+
+    def _watch_out(self, rank: int) -> None:
+        """Poll *rank*'s socket for writability while its backlog is not empty."""
+        if rank not in self._watching:
+            self._watching.add(rank)
+            self._poller.register(self._dispatch[rank], zmq.POLLOUT)
+
+    def _unwatch_out(self, rank: int) -> None:
+        if rank in self._watching:
+            self._watching.discard(rank)
+            self._poller.unregister(self._dispatch[rank])
 
     def _bad_frame(self, why: str) -> None:
         self.bad_frames += 1
@@ -626,6 +651,7 @@ class Controller:
         sock = self._ctx.socket(zmq.PUSH)
         # Bounded linger: a rejection or failure sent just before shutdown should still arrive.
         sock.linger = REPLY_LINGER_MS
+        sock.sndhwm = REPLY_HWM
         sock.connect(endpoint)
         self._replies[endpoint] = sock
         if len(self._replies) > REPLY_SOCKETS:
@@ -666,7 +692,7 @@ class Controller:
             except zmq.Again:
                 if self.backlog_max:
                     bl.append((None, (frame,)))
-                    self._poller.register(self._dispatch[r], zmq.POLLOUT)
+                    self._watch_out(r)
 
     # ------------------------------------------------------------------ reports
 
@@ -750,7 +776,7 @@ class Controller:
         timeout = self.heartbeat_timeout_s
         for r in self.ledger.expire(timeout, now):
             self.log.warning("rank_inactive", rank=r, silent_s=round(now - self.ledger.last_seen[r], 3))
-            self._lose(r, f"rank {r} stopped reporting for more than {timeout:g}s", None)
+            self._lose(r, f"rank {r} stopped reporting for more than {timeout:g}s", None, dead=True)
         seen = self.ledger.last_seen
         active = self.ledger.active_ranks
         nxt = min((seen[r] for r in active), default=now) + timeout
@@ -759,24 +785,32 @@ class Controller:
 
     def _new_life(self, r: int, epoch: int, lo: int | None) -> None:
         self.log.warning("rank_restarted", rank=r, epoch=epoch)
-        self._lose(r, f"rank {r} restarted", lo)
+        # Forget the old life's load first: re-dispatches below may land on the new one.
         self.ledger.forget(r)
+        self._lose(r, f"rank {r} restarted", lo, dead=False)
 
-    def _lose(self, r: int, why: str, keep_from: int | None) -> None:
+    def _lose(self, r: int, why: str, keep_from: int | None, dead: bool) -> None:
         """Settle the requests of a dead life of rank *r*: fail the admitted ones,
-        re-dispatch the others. Dispatches from *keep_from* on went to the new life."""
+        re-dispatch the others.
+
+        *dead*: the rank is gone (inactive); else it restarted and dispatches from
+        *keep_from* on (``None``: none yet) and those still in the backlog are the new life's.
+        """
         inflight = self._inflight[r]
         ack = self._acked[r]
         self._acked[r] = -1 if keep_from is None else keep_from - 1
         bl = self._backlog[r]
-        if keep_from is None:
+        if dead:
+            # Never sent: re-dispatched below with the rest.
             bl.clear()
-            self._unregister_out(r)
+            self._unwatch_out(r)
+            unsent: set[int] = set()
         else:
-            kept = [x for x in bl if x[0] is None or x[0] >= keep_from]
-            bl.clear()
-            bl.extend(kept)
-        lost = [(s, e) for s, e in inflight.items() if keep_from is None or s < keep_from]
+            # Never sent: they go to the new life of the rank, like any later dispatch.
+            unsent = {x[0] for x in bl if x[0] is not None}
+        lost = [
+            (s, e) for s, e in inflight.items() if s not in unsent and (keep_from is None or s < keep_from)
+        ]
         failed = moved = 0
         for s, e in lost:
             del inflight[s]
@@ -790,12 +824,6 @@ class Controller:
         if lost:
             self.log.warning("rank_requests_settled", rank=r, failed=failed, redispatched=moved)
 
-    def _unregister_out(self, r: int) -> None:
-        sock = self._dispatch[r]
-        try:
-            self._poller.unregister(sock)
-        except KeyError:
-            pass
 
     # ------------------------------------------------------------------ shutdown
 

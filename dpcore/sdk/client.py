@@ -34,6 +34,8 @@ from dpcore.wire import Reply
 
 __all__ = ["AsyncClient", "Client", "ControllerUnavailableError", "Reply", "ReplyStream"]
 
+#: How long requests queued at close() may still take to reach the controller.
+_SEND_LINGER_MS = 1000
 #: Replies with no waiting stream kept for :meth:`AsyncClient.poll`; older ones are dropped.
 _UNCLAIMED_MAX = 4096
 
@@ -70,7 +72,8 @@ class _Base:
         self._rx = ctx.socket(zmq.PULL)
         self._rx.linger = 0
         self._tx = ctx.socket(zmq.PUSH)
-        self._tx.linger = 0
+        # Requests submitted just before close() still leave (bounded: close never hangs).
+        self._tx.linger = _SEND_LINGER_MS
         try:
             self.reply_endpoint = endpoints.bind(self._rx, reply_endpoint)
             self._tx.connect(ingress)
@@ -117,7 +120,7 @@ class _Base:
             return None
 
     def _close_sockets(self) -> None:
-        self._tx.close(linger=0)
+        self._tx.close()
         self._rx.close(linger=0)
         if self._own_ctx:
             self._ctx.term()

@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report", required=True, help="the controller's report endpoint")
     p.add_argument("--delay-s", type=float, default=0.0, help="time each request stays running")
     p.add_argument("--no-admit", action="store_true", help="receive but never admit (a stuck rank)")
+    p.add_argument("--extra-load", type=int, default=0, metavar="N",
+                   help="report N more waiting requests (and N*100 tokens) than it has: a busy rank")  # fmt: skip
     p.add_argument("--heartbeat-s", type=float, default=0.2)
     args = p.parse_args(argv)
     stop = False
@@ -44,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     running: list[tuple[float, int, Work]] = []  # heap of (due, seq, work)
     tokens = 0
-    print(f"echo rank {args.rank} ready", flush=True)
+    if args.extra_load:
+        w.report(0, args.extra_load, 100 * args.extra_load)
     while not stop:
         timeout = args.heartbeat_s
         if running:
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 w.send(work, meta, work.payload)
                 changed = True
         if changed:
-            w.report(len(running), 0, tokens)
+            w.report(len(running), args.extra_load, tokens + 100 * args.extra_load)
     w.close()
     return 0
 

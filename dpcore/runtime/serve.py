@@ -1,0 +1,166 @@
+"""``dpcore serve``: the controller as a process.
+
+Binds the controller's sockets (ipc under a run directory by default, or TCP), optionally
+writes them to ``--endpoints-file`` so ranks, senders and the HTTP front can find them,
+serves ``/metrics`` on 127.0.0.1 when ``--metrics-port`` is given, and runs the loop until
+SIGTERM or SIGINT. On the signal it stops taking requests (new ones are rejected with
+``shutting_down``), lets in-flight ones finish for up to ``--drain-timeout`` seconds, fails
+the rest, prints the final counters and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from dpcore.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The runtime flags of ``dpcore serve`` (the policy flags are added by the CLI)."""
+    g = p.add_argument_group("sockets")
+    g.add_argument("--transport", choices=["ipc", "tcp"], default="ipc",
+                   help="ipc sockets in --run-dir (default), or tcp on --host")  # fmt: skip
+    g.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="ipc: directory for the sockets (default: a fresh one under /tmp, removed at exit)")  # fmt: skip
+    g.add_argument("--host", default="127.0.0.1",
+                   help="tcp: address to bind (default 127.0.0.1; use this host's address for multi-node)")  # fmt: skip
+    g.add_argument("--port-base", type=int, default=0, metavar="PORT",
+                   help="tcp: ingress on PORT, reports on PORT+1, rank r on PORT+2+r (default 0: random ports)")  # fmt: skip
+    g.add_argument("--endpoints-file", default=None, metavar="PATH",
+                   help="write the bound endpoints as JSON here once listening")  # fmt: skip
+    r = p.add_argument_group("runtime")
+    r.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S",
+                   help="a rank silent for S seconds becomes inactive (default 3)")  # fmt: skip
+    r.add_argument("--sndhwm", type=int, default=1000, metavar="N",
+                   help="messages queued per rank socket before the backlog is used (default 1000)")  # fmt: skip
+    r.add_argument("--backlog", type=int, default=1024, metavar="N",
+                   help="dispatches held per full rank before requests are rejected rank_busy (default 1024)")  # fmt: skip
+    r.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM, wait up to S seconds for in-flight requests (default 10)")  # fmt: skip
+    r.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port; default off)")  # fmt: skip
+    try:
+        from dpcore.runtime import pd
+    except ImportError:  # pragma: no cover - PD support is part of the package
+        return
+    pd.add_arguments(p)
+
+
+def _endpoints(args: argparse.Namespace, dp_size: int) -> tuple[Any, str | None, str]:
+    """(ControllerEndpoints, run dir we created or None, status endpoint)."""
+    from dpcore.runtime.controller import ControllerEndpoints
+    from dpcore.sdk import endpoints as ep
+
+    if args.transport == "tcp":
+        if not 0 <= args.port_base < 65536 - dp_size - 3:
+            msg = f"--port-base {args.port_base} leaves no room for {dp_size + 3} ports"
+            raise ConfigError(msg)
+        eps = ControllerEndpoints.tcp(dp_size, args.host, args.port_base)
+        status = f"tcp://{args.host}:{args.port_base + 2 + dp_size}" if args.port_base else f"tcp://{args.host}:*"
+        return eps, None, status
+    created = None
+    run_dir = args.run_dir
+    if run_dir is None:
+        run_dir = created = ep.make_run_dir()
+    return ControllerEndpoints.ipc(run_dir, dp_size), created, ep.ipc(run_dir, "status")
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)  # atomic: readers never see half a file
+
+
+def print_stats(stats: dict[str, Any], file: Any = None) -> None:
+    """The final counters as a rich table (and the accounting identities)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="dpcore controller: final counters")
+    for col in ("rank", "dispatched", "completed", "failed", "redispatched", "rejected", "in flight"):
+        t.add_column(col, justify="right")
+    for row in stats["per_rank"]:
+        t.add_row(*(str(row[k]) for k in ("rank", "dispatched", "completed", "failed", "redispatched", "rejected", "in_flight")))
+    t.add_row(
+        "all", *(str(stats[k]) for k in ("dispatched", "completed", "failed", "redispatched", "rejected", "in_flight")),
+        style="bold",
+    )  # fmt: skip
+    console = Console(file=file or sys.stdout)
+    console.print(t)
+    console.print(
+        f"received {stats['received']} = dispatched {stats['dispatched']} - redispatched {stats['redispatched']}"
+        f" + rejected {stats['rejected']} + parked {stats['parked']}: {stats['balanced']['received']}; "
+        f"dispatched = completed + failed + redispatched + in flight: {stats['balanced']['dispatched']}"
+    )
+    if stats["rejected_by_code"] or stats["failed_by_code"]:
+        console.print(f"rejected by code {stats['rejected_by_code']}, failed by code {stats['failed_by_code']}")
+
+
+def run(args: argparse.Namespace, manager: Any) -> int:
+    import structlog
+    import zmq
+
+    from dpcore.runtime import metrics, status
+    from dpcore.runtime import pd as pdmod
+    from dpcore.runtime.controller import Controller
+    from dpcore.sdk import endpoints as ep
+
+    log = structlog.get_logger("dpcore.serve")
+    eps, created_dir, status_ep = _endpoints(args, manager.ctx.dp_size)
+    ctx = zmq.Context()
+    handler = None
+    controller = None
+    status_server = None
+    metrics_server = None
+    try:
+        handler = pdmod.from_args(args, manager, zmq_ctx=ctx, log=log)
+        prefill_dp = None
+        if manager.ctx.disaggregation_mode == "decode":
+            prefill_dp = handler.prefill_dp_size if handler is not None else args.prefill_dp_size
+        controller = Controller(
+            manager, endpoints=eps, zmq_ctx=ctx, heartbeat_timeout_s=args.heartbeat_timeout,
+            sndhwm=args.sndhwm, backlog=args.backlog, pd=handler, prefill_dp_size=prefill_dp,
+            drain_timeout_s=args.drain_timeout,
+        )  # fmt: skip
+        c = controller
+        status_server = status.StatusServer(
+            status_ep, lambda: status.snapshot(manager, counters=c.stats()), call_soon=c.call_soon, ctx=ctx
+        ).start()
+        info: dict[str, Any] = {**controller.endpoints.to_dict(), "status": status_server.endpoint, "pid": os.getpid()}
+        if args.metrics_port is not None:
+            metrics_server, port = metrics.serve(controller, args.metrics_port)
+            info["metrics"] = f"http://127.0.0.1:{port}/metrics"
+        if handler is not None and getattr(handler, "server", None) is not None:
+            info["bootstrap"] = handler.server.url
+        if args.endpoints_file:
+            _write_json(args.endpoints_file, info)
+        log.info("serving", **info)
+
+        def _on_signal(signum: int, _frame: object) -> None:
+            log.info("stopping", signal=signal.Signals(signum).name, drain_timeout_s=args.drain_timeout)
+            c.request_stop()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        stats = controller.run()
+    finally:
+        if controller is not None:
+            controller.close()
+        if status_server is not None:
+            status_server.close()
+        if handler is not None:
+            handler.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        ctx.term()
+        ep.remove_run_dir(created_dir)
+        if args.endpoints_file:
+            Path(args.endpoints_file).unlink(missing_ok=True)
+    print_stats(stats)
+    return 0
