@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import attrs
 import pytest
 
 from dpcore.ledger import LoadLedger
@@ -77,14 +78,7 @@ def test_single_rank_matches_a_hand_computed_timeline() -> None:
 
 
 def test_kv_full_queues_until_a_request_finishes_and_evicts_lru() -> None:
-    cfg = EngineConfig(
-        prefill_tokens_per_s=1000.0,
-        decode_step_s=0.010,
-        decode_step_per_request_s=0.001,
-        kv_capacity_tokens=150,
-        report_interval_s=1.0,
-        report_delay_s=0.0,
-    )
+    cfg = attrs.evolve(TINY, kv_capacity_tokens=150)
     trace = tiny_trace(
         (0.0, 100, 3, tuple(range(1, 11))),
         (0.05, 100, 2, tuple(range(21, 31))),
@@ -235,3 +229,13 @@ def test_same_seed_same_json_and_independent_of_process_count() -> None:
     assert one == doc(2)
     other_seed = build_json(run_all(RunSpec(trace_path=MOONCAKE, dp_size=4, seed=8, time_scale=2.0), names), 0.0, 0.0)
     assert other_seed != one
+
+
+def test_explaining_decisions_does_not_change_the_run() -> None:
+    plain = RunSpec(trace_path=MOONCAKE, dp_size=4, limit=150)
+    explained = RunSpec(trace_path=MOONCAKE, dp_size=4, limit=150, explain=5)
+    a = run_all(plain, ["cache_aware"])["cache_aware"]
+    b = run_all(explained, ["cache_aware"])["cache_aware"]
+    assert build_json({"x": a}, 0, 0) == build_json({"x": b}, 0, 0)
+    assert len(b.explained) == 5 and not a.explained
+    assert all(d.policy == "cache_aware" and d.reason for d in b.explained)

@@ -265,7 +265,9 @@ class Simulation:
         t_begin = arrivals[0] if n else 0.0
         span = (arrivals[-1] - t_begin) if n else 0.0
         sample_dt = max(span, 1.0) / SERIES_POINTS
-        explain_at = set(rng.sample(range(n), min(self._explain, n))) if self._explain else set()
+        # A separate stream, so that asking for explanations never changes the run.
+        pick = random.Random(f"explain-{self.seed}")
+        explain_at = set(pick.sample(range(n), min(self._explain, n))) if self._explain else set()
         explained: list[ExplainedDecision] = []
 
         nan = math.nan
@@ -497,7 +499,6 @@ class Simulation:
                 rejected += 1
                 reasons[exc.code] += 1
                 continue
-            seq = router.dispatched(req, rank)
             if i in explain_at:
                 d = router.last_decision
                 explained.append(
@@ -510,6 +511,7 @@ class Simulation:
                         scores=dict(d.scores) if d.scores else None,
                     )
                 )
+            seq = router.dispatched(req, rank)
             r = ranks[rank]
             r.last_seq = seq
             tr = trace.requests[i]

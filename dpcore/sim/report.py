@@ -215,5 +215,5 @@ def plot(path: str | Path, results: Mapping[str, RunResult], *, title: str) -> N
         if i % ncols == 0:
             sub.set_ylabel("requests on rank", fontsize=8)
         sub.set_xlabel("simulated time (s)", fontsize=8)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
