@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import attrs
+import structlog
 from attrs import field, frozen
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -60,6 +62,7 @@ class FrontConfig:
     :ivar max_body_bytes: Larger request bodies get 413.
     :ivar request_timeout_s: Longest wait for a rank's next reply before answering 504.
     :ivar bootstrap_port: PD prefill: the bootstrap registry port, shown in ``/server_info``.
+    :ivar log_requests: Log one line per request (rid, ranks, room, status).
     """
 
     model: str = "dpcore-mock"
@@ -67,6 +70,7 @@ class FrontConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout_s: float = 600.0
     bootstrap_port: int | None = None
+    log_requests: bool = False
     tokenizer: Tokenizer = field(factory=ByteTokenizer)
 
 
@@ -125,6 +129,8 @@ class Front:
         self.link = link
         self.config = config
         self.started = int(time.time())
+        self._mode: str | None = None
+        self.request_log = structlog.get_logger("dpcore.http") if config.log_requests else None
 
     async def _next(self, stream: ReplyStream, deadline: float, rid: str) -> Reply:
         left = deadline - time.monotonic()
@@ -151,29 +157,39 @@ class Front:
 
     async def generate(self, request: Request, kind: str) -> Response:
         started = time.monotonic()
-        body = await read_json(request, self.config.max_body_bytes)
-        inp = PARSERS[kind](body, request.headers, self.config.tokenizer)
-        stream, first, deadline = await self.submit(inp)
-        out = Output(inp, self.config.tokenizer, started)
-        out.add(first)
-        headers = {SERVED_RANK_HEADER: str(first.rank), "X-Request-Id": inp.rid}
-        if inp.stream:
-            return StreamingResponse(
-                self._events(stream, out, deadline), media_type="text/event-stream", headers=headers
-            )
+        inp: GenerateInput | None = None
         try:
-            while not out.final:
-                reply = await self._next(stream, deadline, inp.rid)
-                if reply.kind != "out" or "error" in reply.meta:
-                    raise reply_error(reply, inp.rid)
-                out.add(reply)
-        except BaseException:
-            self.link.forget(inp.rid)
+            body = await read_json(request, self.config.max_body_bytes)
+            inp = PARSERS[kind](body, request.headers, self.config.tokenizer)
+            if await self.mode() == "prefill" and inp.max_new_tokens > 1:
+                # A PD prefill server computes the prompt's KV and the first token; decode
+                # generates the rest.
+                inp = attrs.evolve(inp, max_new_tokens=1)
+            stream, first, deadline = await self.submit(inp)
+            out = Output(inp, self.config.tokenizer, started)
+            out.add(first)
+            headers = {SERVED_RANK_HEADER: str(first.rank), "X-Request-Id": inp.rid}
+            if inp.stream:
+                events = self._events(stream, out, deadline)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            try:
+                while not out.final:
+                    reply = await self._next(stream, deadline, inp.rid)
+                    if reply.kind != "out" or "error" in reply.meta:
+                        raise reply_error(reply, inp.rid)
+                    out.add(reply)
+            except BaseException:
+                self.link.forget(inp.rid)
+                raise
+        except HttpError as exc:
+            self._log_request(kind, inp, None, exc)
             raise
+        self._log_request(kind, inp, out, None)
         return JSONResponse(out.body(), headers=headers)
 
     async def _events(self, stream: ReplyStream, out: Output, deadline: float) -> AsyncIterator[bytes]:
         rid = out.inp.rid
+        error: HttpError | None = None
         try:
             for event in out.chunk(first=True):
                 yield sse(event)
@@ -183,6 +199,7 @@ class Front:
                     if reply.kind != "out" or "error" in reply.meta:
                         raise reply_error(reply, rid)
                 except HttpError as exc:  # headers are gone: report it in the stream
+                    error = exc
                     yield sse({"error": {"code": exc.code, "message": str(exc), "status": exc.status}})
                     break
                 out.add(reply)
@@ -192,6 +209,28 @@ class Front:
         finally:
             if not out.final:
                 self.link.forget(rid)  # client went away or the request failed mid-stream
+            self._log_request(out.inp.kind, out.inp, out, error)
+
+    def _log_request(self, kind: str, inp: GenerateInput | None, out: Output | None, error: HttpError | None) -> None:
+        """One line per request with ``--log-requests``: where it went and how it ended."""
+        if self.request_log is None:
+            return
+        fields: dict[str, Any] = {"kind": kind, "status": error.status if error else 200}
+        if inp is not None:
+            fields.update(rid=inp.rid, routed_dp_rank=inp.routed_dp_rank, bootstrap_room=inp.bootstrap_room,
+                          disagg_prefill_dp_rank=inp.disagg_prefill_dp_rank, prompt_tokens=len(inp.token_ids))  # fmt: skip
+        if out is not None:
+            fields.update(dp_rank=out.rank, prefill_dp_rank=out.meta.get("prefill_dp_rank"),
+                          completion_tokens=out.completion_tokens, final=out.final)  # fmt: skip
+        if error is not None:
+            fields.update(error=error.code, detail=str(error))
+        self.request_log.info("request", **fields)
+
+    async def mode(self) -> str:
+        """The controller's disaggregation mode (fixed for its life, so asked once)."""
+        if self._mode is None:
+            self._mode = (await self.status())["disaggregation_mode"]
+        return self._mode
 
     # ------------------------------------------------------------------ polled endpoints
 
@@ -244,6 +283,7 @@ class Front:
             "active_ranks": st["active_ranks"],
             # mini_lb and other tools count ranks as len(internal_states).
             "internal_states": st["loads"],
+            "counters": st.get("counters"),
         }
         if self.config.bootstrap_port is not None:
             info["disaggregation_bootstrap_port"] = self.config.bootstrap_port

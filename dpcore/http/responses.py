@@ -143,6 +143,7 @@ class Output:
             "dp_rank": self.rank,
             # What the front was asked for, so a caller can check it was followed.
             "routed_dp_rank": inp.routed_dp_rank,
+            "bootstrap_room": inp.bootstrap_room,
             "e2e_latency": round(time.monotonic() - self.started, 6),
         }
 

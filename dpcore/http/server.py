@@ -34,6 +34,8 @@ def add_front_arguments(p: argparse.ArgumentParser | Any, *, prefix: str = "--ht
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds to wait for a rank's next reply before 504 (default 600)")  # fmt: skip
     p.add_argument("--served-model-name", default="dpcore-mock", help="model name reported to clients and routers")
+    p.add_argument("--log-requests", action="store_true",
+                   help="log one line per request: rid, rank served, rank asked for, bootstrap room, status")  # fmt: skip
 
 
 def add_serve_arguments(p: argparse.ArgumentParser | Any) -> None:
@@ -74,7 +76,10 @@ def check(args: argparse.Namespace) -> None:
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
+    # the listening socket says TCP; without it every keep-alive response waits ~40 ms for a
+    # delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         bootstrap_port=args.bootstrap_port,
+        log_requests=args.log_requests,
     )
     link = ControllerLink(args.ingress, args.status, block_size=args.block_size)
     sock = _bind(args.http_host, args.http_port)
@@ -157,6 +163,8 @@ def spawn(
         "--max-body-bytes", str(args.max_body_bytes), "--request-timeout", str(args.request_timeout),
         "--served-model-name", args.served_model_name, *extra,
     ]  # fmt: skip
+    if args.log_requests:
+        cmd.append("--log-requests")
     if bootstrap_port is not None:
         cmd += ["--bootstrap-port", str(bootstrap_port)]
     env = dict(os.environ)

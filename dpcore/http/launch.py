@@ -1,0 +1,216 @@
+"""Start a whole HTTP-fronted deployment as processes: controller, mock ranks, HTTP front.
+
+Used by the HTTP and interop tests, and handy for trying a router by hand::
+
+    with launch(dp_size=4, log_dir=Path("/tmp/x")) as stack:
+        print(stack.url)          # http://127.0.0.1:PORT, SGLang/OpenAI compatible
+
+Every process is started by this module and stopped by its pid (SIGTERM, then SIGKILL),
+binds 127.0.0.1 only, and writes its log to ``log_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from attrs import define, field
+
+DPCORE = (sys.executable, "-m", "dpcore")
+
+
+class LaunchError(RuntimeError):
+    """A process did not come up; the message ends with the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for programs that cannot take port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@define
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    _fh: IO[bytes]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL: by this process's own pid only."""
+        p = self.popen
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self._fh.close()
+        return p.returncode
+
+
+@define
+class Group:
+    """Processes started together and stopped in reverse order."""
+
+    log_dir: Path
+    procs: list[Proc] = field(factory=list)
+
+    def start(self, name: str, cmd: Sequence[str], env: dict[str, str] | None = None) -> Proc:
+        log = self.log_dir / f"{name}.log"
+        fh = open(log, "wb")  # noqa: SIM115 - closed by Proc.stop
+        popen = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        proc = Proc(name, popen, log, fh)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for(what: str, check: Any, procs: Sequence[Proc], timeout_s: float) -> Any:
+    """Poll *check* until it returns a truthy value; fail early if a process died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        for p in procs:
+            if not p.alive():
+                msg = f"{p.name} exited with {p.popen.returncode} while waiting for {what}:\n{tail(p.log)}"
+                raise LaunchError(msg)
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {p.name}\n{tail(p.log, 10)}" for p in procs)
+            msg = f"timed out after {timeout_s:g}s waiting for {what}\n{logs}"
+            raise LaunchError(msg)
+        time.sleep(0.05)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def _read_port(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@define
+class Stack:
+    """A running deployment. :attr:`url` is the HTTP front."""
+
+    group: Group
+    url: str
+    endpoints: dict[str, Any]
+    front: Proc
+    controller: Proc
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def close(self) -> None:
+        self.group.close()
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def launch(
+    dp_size: int,
+    *,
+    log_dir: Path,
+    name: str = "dpcore",
+    method: str = "round_robin",
+    mode: str = "null",
+    serve_args: Sequence[str] = (),
+    front_args: Sequence[str] = (),
+    worker_args: Sequence[str] = ("--speedup", "50"),
+    ranks: Sequence[int] | None = None,
+    timeout_s: float = 30.0,
+) -> Stack:
+    """Start ``dpcore serve``, one ``dpcore mock-worker`` per rank in *ranks* (default all)
+    and ``dpcore http-front``; return once every rank is active and the front answers."""
+    import httpx
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    eps_file = log_dir / f"{name}-endpoints.json"
+    port_file = log_dir / f"{name}-http-port"
+    for f in (eps_file, port_file):
+        f.unlink(missing_ok=True)
+    group = Group(log_dir)
+    try:
+        ctl = group.start(f"{name}-controller", [
+            *DPCORE, "--log-json", "serve", "--dp-size", str(dp_size), "--load-balance-method", method,
+            "--disaggregation-mode", mode, "--endpoints-file", str(eps_file), *serve_args,
+        ])  # fmt: skip
+        eps = wait_for("the controller's endpoints file", lambda: _read_json(eps_file), [ctl], timeout_s)
+        for r in range(dp_size) if ranks is None else ranks:
+            group.start(f"{name}-rank{r}", [
+                *DPCORE, "--log-json", "mock-worker", "--rank", str(r), "--dispatch", eps["dispatch"][r],
+                "--report", eps["report"], "--exit-with-parent", *worker_args,
+            ])  # fmt: skip
+        front = group.start(f"{name}-front", [
+            *DPCORE, "--log-json", "http-front", "--ingress", eps["ingress"], "--status", eps["status"],
+            "--http-port", "0", "--port-file", str(port_file), "--exit-with-parent", *front_args,
+        ])  # fmt: skip
+        port = wait_for("the HTTP front's port", lambda: _read_port(port_file), group.procs, timeout_s)
+        url = f"http://127.0.0.1:{port}"
+        started = set(range(dp_size) if ranks is None else ranks)
+
+        def ready() -> bool:
+            try:
+                r = httpx.get(f"{url}/server_info", timeout=2.0)
+            except httpx.HTTPError:
+                return False
+            if r.status_code != 200:
+                return False
+            # Every started rank has reported (a rank is "active" before it ever speaks).
+            return all(x["reported"] and x["active"] for x in r.json()["internal_states"] if x["dp_rank"] in started)
+
+        wait_for("every rank to report", ready, group.procs, timeout_s)
+        return Stack(group, url, eps, front, ctl)
+    except BaseException:
+        group.close()
+        raise
+
+
+def env_without_proxies() -> dict[str, str]:
+    """This process's environment minus proxy variables (clients talk to 127.0.0.1)."""
+    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
