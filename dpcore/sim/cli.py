@@ -9,6 +9,8 @@ equal-capacity oracle; optionally writes JSON and a plot.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from dpcore.errors import ConfigError
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     check_policies(names, spec)
     trace = spec.load_trace()  # errors (with line numbers) before any worker starts
 
-    console = Console()
+    # Off a terminal rich would squeeze the table into 80 columns; logs can be wide.
+    console = Console(width=200) if not sys.stdout.isatty() and "COLUMNS" not in os.environ else Console()
     jobs = args.jobs or default_jobs(len(names))
     with Progress(
         TextColumn("{task.description:<28}"),
