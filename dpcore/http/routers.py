@@ -101,5 +101,60 @@ def router_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# --------------------------------------------------------------------------- command lines
+
+
+def _loopback(url: str) -> str:
+    if not url.startswith(("http://127.0.0.1:", "http://localhost:", "http://[::1]:")):
+        msg = f"{url!r}: the routers are only ever pointed at loopback servers here"
+        raise ValueError(msg)
+    return url
+
+
+def sglang_pd_command(
+    exe: str, *, port: int, metrics_port: int, prefill_url: str, bootstrap_port: int, decode_url: str,
+    policy: str = "round_robin", extra: tuple[str, ...] = (),
+) -> list[str]:  # fmt: skip
+    """``sglang-router launch --pd-disaggregation`` bound to 127.0.0.1 (router and metrics).
+
+    ``--dp-aware`` is refused: it makes the router expand workers by the ``dp_size`` it
+    discovers, which is not what these tests exercise.
+    """
+    if "--dp-aware" in extra:
+        raise ValueError("never pass --dp-aware to sglang-router here")
+    return [
+        exe, "launch", "--host", "127.0.0.1", "--port", str(port),
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
+        "--pd-disaggregation", "--prefill", _loopback(prefill_url), str(bootstrap_port),
+        "--decode", _loopback(decode_url), "--policy", policy, *extra,
+    ]  # fmt: skip
+
+
+def vllm_dp_command(
+    exe: str, *, port: int, metrics_port: int, worker_url: str, dp_size: int, policy: str = "random",
+    extra: tuple[str, ...] = (),
+) -> list[str]:  # fmt: skip
+    """``vllm-router`` expanding one worker into *dp_size* DP-aware workers (it then sends
+    ``X-data-parallel-rank``), bound to 127.0.0.1."""
+    return [
+        exe, "--host", "127.0.0.1", "--port", str(port),
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
+        "--worker-urls", _loopback(worker_url), "--intra-node-data-parallel-size", str(dp_size),
+        "--policy", policy, *extra,
+    ]  # fmt: skip
+
+
+def worker_counts(metrics_text: str, metric: str) -> dict[str, float]:
+    """Per-``worker`` label values of one counter in a router's ``/metrics`` text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == metric and "worker" in sample.labels:
+                out[sample.labels["worker"]] = sample.value
+    return out
+
+
 if __name__ == "__main__":  # pragma: no cover
     print(ensure_venv())
