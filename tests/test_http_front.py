@@ -310,12 +310,9 @@ def test_request_log_lines(stack: Stack, client: httpx.Client) -> None:
                                    "sampling_params": {"max_new_tokens": 1}})  # fmt: skip
 
     def line() -> dict | None:
-        for raw in stack.front.log.read_text().splitlines():
-            if '"t-log"' in raw:
-                return json.loads(raw)
-        return None
+        return next((x for x in stack.request_log() if x.get("rid") == "t-log"), None)
 
-    rec = wait_for("the request log line", line, [stack.front], 5.0)
+    rec = wait_for("the request log line", line, [stack.serve], 5.0)
     assert rec["event"] == "request" and rec["status"] == 200
     assert (rec["dp_rank"], rec["routed_dp_rank"], rec["kind"]) == (1, 1, "generate")
 
@@ -357,14 +354,14 @@ def test_inactive_and_down_ranks(tmp_path: Path) -> None:
     serve = ("--heartbeat-timeout", "0.5")
     with launch(2, log_dir=tmp_path, name="half", ranks=[0], serve_args=serve) as s, \
             httpx.Client(base_url=s.url, timeout=10) as c:  # fmt: skip
-        wait_for("rank 1 to time out", lambda: c.get("/health").json()["active_ranks"] == [0], [s.controller], 10)
+        wait_for("rank 1 to time out", lambda: c.get("/health").json()["active_ranks"] == [0], [s.serve], 10)
         detail = error_of(c.post("/generate", json={"text": "x", "routed_dp_rank": 1}), 503, "rank_inactive")
         assert "inactive" in detail
         r = c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 1}})
         assert r.json()["meta_info"]["dp_rank"] == 0
     with launch(2, log_dir=tmp_path, name="none", ranks=[], serve_args=serve) as s, \
             httpx.Client(base_url=s.url, timeout=10) as c:  # fmt: skip
-        wait_for("every rank to time out", lambda: c.get("/health").status_code == 503, [s.controller], 10)
+        wait_for("every rank to time out", lambda: c.get("/health").status_code == 503, [s.serve], 10)
         error_of(c.get("/health"), 503, "no_active_rank")
         error_of(c.post("/generate", json={"text": "x"}), 503, "no_active_rank")
         error_of(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 503, "no_active_rank")

@@ -43,11 +43,6 @@ def sglang_router_exe() -> str:
     return executable("sglang-router")  # builds the cached router venv on first use
 
 
-def request_log(stack: Stack) -> list[dict]:
-    lines = (json.loads(x) for x in stack.front.log.read_text().splitlines() if x.startswith("{"))
-    return [x for x in lines if x.get("event") == "request"]
-
-
 def one_request(client: httpx.Client, i: int) -> None:
     stream = i % 4 == 0
     prompt = f"pd request {i} " + "y" * random.Random(i).randrange(1, 400)
@@ -95,15 +90,15 @@ def test_decode_resolves_the_prefill_rank_prefill_used(
             except httpx.HTTPError:
                 return False
 
-        wait_for("sglang-router with both workers", ready, [router, prefill.front, decode.front], 60)
+        wait_for("sglang-router with both workers", ready, [router, prefill.serve, decode.serve], 60)
         with httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: one_request(client, i), range(N)))
 
         def both_logged() -> tuple[list[dict], list[dict]] | None:
-            p, d = request_log(prefill), request_log(decode)
+            p, d = prefill.request_log(), decode.request_log()
             return (p, d) if len(p) >= N + 1 and len(d) >= N + 1 else None
 
-        p_log, d_log = wait_for("both request logs", both_logged, [prefill.front, decode.front], 10)
+        p_log, d_log = wait_for("both request logs", both_logged, [prefill.serve, decode.serve], 10)
         registry = httpx.get(f"http://127.0.0.1:{bootstrap}/info").json()
 
     assert all(x["status"] == 200 for x in p_log + d_log)

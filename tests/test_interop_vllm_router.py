@@ -62,11 +62,6 @@ def setup(vllm_router_exe: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield stack, url, metrics
 
 
-def request_log(stack: Stack) -> list[dict]:
-    lines = (json.loads(x) for x in stack.front.log.read_text().splitlines() if x.startswith("{"))
-    return [x for x in lines if x.get("event") == "request"]
-
-
 def one_request(client: httpx.Client, i: int) -> int | None:
     """Send request *i* (kind and streaming vary with i); return the served rank when the
     response body says it (SGLang /generate), else ``None``."""
@@ -103,7 +98,7 @@ def test_every_request_lands_on_the_rank_the_router_chose(setup: tuple[Stack, st
     before_router = worker_counts(httpx.get(metrics).text, METRIC)
     time.sleep(0.06)  # past the front's status cache
     before_ctl = [r["dispatched"] for r in httpx.get(f"{stack.url}/server_info").json()["counters"]["per_rank"]]
-    seen_before = len(request_log(stack))
+    seen_before = len(stack.request_log())
 
     with httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(8) as pool:
         served = list(pool.map(lambda i: one_request(client, i), range(N)))
@@ -116,10 +111,10 @@ def test_every_request_lands_on_the_rank_the_router_chose(setup: tuple[Stack, st
 
     # The front: what the router asked for (header) and what served it, request by request.
     def logged() -> list[dict] | None:
-        lines = request_log(stack)[seen_before:]
+        lines = stack.request_log()[seen_before:]
         return lines if len(lines) >= N else None
 
-    log = wait_for("all request log lines", logged, [stack.front], 10)
+    log = wait_for("all request log lines", logged, [stack.serve], 10)
     assert len(log) == N
     assert all(x["status"] == 200 for x in log)
     mismatched = [x for x in log if x["routed_dp_rank"] is None or x["dp_rank"] != x["routed_dp_rank"]]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import time
@@ -74,8 +75,12 @@ class FrontConfig:
     tokenizer: Tokenizer = field(factory=ByteTokenizer)
 
 
+@functools.cache
 def _rejection_statuses() -> dict[str, int]:
-    out: dict[str, int] = {}
+    from dpcore.runtime import controller  # its RequestRejected subclasses and plain codes
+
+    # Codes the controller sends without a RequestRejected class; all mean "try again".
+    out: dict[str, int] = {controller.CODE_SHUTDOWN: 503, controller.CODE_RANK_DIED: 503, "controller_shutdown": 503}
     todo: list[type[RequestRejected]] = [RequestRejected]
     while todo:
         cls = todo.pop()

@@ -121,28 +121,33 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _read_port(path: Path) -> int | None:
-    try:
-        return int(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 @define
 class Stack:
-    """A running deployment. :attr:`url` is the HTTP front."""
+    """A running deployment. :attr:`url` is the HTTP front; ``dpcore serve`` runs it as a
+    child, whose log lines (``--log-requests`` ones too) join :attr:`serve`'s log."""
 
     group: Group
     url: str
     endpoints: dict[str, Any]
-    front: Proc
-    controller: Proc
+    serve: Proc
 
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
+    def request_log(self) -> list[dict[str, Any]]:
+        """The front's ``--log-requests`` records so far (needs ``--log-json``, as launched)."""
+        out = []
+        for line in self.serve.log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"event": "request"' in line:
+                rec = json.loads(line)
+                if rec.get("event") == "request":
+                    out.append(rec)
+        return out
+
     def close(self) -> None:
+        # The controller first, while its ranks still run, so its drain ends at once.
+        self.serve.stop()
         self.group.close()
 
     def __enter__(self) -> Stack:
@@ -165,20 +170,20 @@ def launch(
     ranks: Sequence[int] | None = None,
     timeout_s: float = 30.0,
 ) -> Stack:
-    """Start ``dpcore serve``, one ``dpcore mock-worker`` per rank in *ranks* (default all)
-    and ``dpcore http-front``; return once every rank is active and the front answers."""
+    """Start ``dpcore serve --http-port 0`` and one ``dpcore mock-worker`` per rank in
+    *ranks* (default all); return once every started rank reported and the front answers.
+    *front_args* are HTTP front flags of ``dpcore serve`` (``--log-requests``...)."""
     import httpx
 
     log_dir.mkdir(parents=True, exist_ok=True)
     eps_file = log_dir / f"{name}-endpoints.json"
-    port_file = log_dir / f"{name}-http-port"
-    for f in (eps_file, port_file):
-        f.unlink(missing_ok=True)
+    eps_file.unlink(missing_ok=True)
     group = Group(log_dir)
     try:
-        ctl = group.start(f"{name}-controller", [
+        ctl = group.start(f"{name}-serve", [
             *DPCORE, "--log-json", "serve", "--dp-size", str(dp_size), "--load-balance-method", method,
-            "--disaggregation-mode", mode, "--endpoints-file", str(eps_file), *serve_args,
+            "--disaggregation-mode", mode, "--endpoints-file", str(eps_file), "--http-port", "0",
+            "--drain-timeout", "1", *serve_args, *front_args,
         ])  # fmt: skip
         eps = wait_for("the controller's endpoints file", lambda: _read_json(eps_file), [ctl], timeout_s)
         for r in range(dp_size) if ranks is None else ranks:
@@ -186,12 +191,7 @@ def launch(
                 *DPCORE, "--log-json", "mock-worker", "--rank", str(r), "--dispatch", eps["dispatch"][r],
                 "--report", eps["report"], "--exit-with-parent", *worker_args,
             ])  # fmt: skip
-        front = group.start(f"{name}-front", [
-            *DPCORE, "--log-json", "http-front", "--ingress", eps["ingress"], "--status", eps["status"],
-            "--http-port", "0", "--port-file", str(port_file), "--exit-with-parent", *front_args,
-        ])  # fmt: skip
-        port = wait_for("the HTTP front's port", lambda: _read_port(port_file), group.procs, timeout_s)
-        url = f"http://127.0.0.1:{port}"
+        url = eps["http"]
         started = set(range(dp_size) if ranks is None else ranks)
 
         def ready() -> bool:
@@ -205,7 +205,7 @@ def launch(
             return all(x["reported"] and x["active"] for x in r.json()["internal_states"] if x["dp_rank"] in started)
 
         wait_for("every rank to report", ready, group.procs, timeout_s)
-        return Stack(group, url, eps, front, ctl)
+        return Stack(group, url, eps, ctl)
     except BaseException:
         group.close()
         raise

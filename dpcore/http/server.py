@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 from dpcore.errors import ConfigError
@@ -50,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """``dpcore http-front``."""
     p.add_argument("--ingress", required=True, metavar="EP", help="the controller's ingress endpoint")
     p.add_argument("--status", required=True, metavar="EP", help="the controller's status endpoint")
-    p.add_argument("--http-port", type=int, required=True, help="port to listen on (0: any free port)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--http-port", type=int, help="port to listen on (0: any free port)")
+    where.add_argument("--http-fd", type=int, help=argparse.SUPPRESS)  # a listening socket from dpcore serve
     p.add_argument("--block-size", type=int, default=64, help="tokens per hashed block (match the ranks)")
     p.add_argument("--bootstrap-port", type=int, default=None, help="PD prefill: registry port for /server_info")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
@@ -74,7 +75,9 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"the HTTP front needs the http extra: pip install 'dpcore[http]' ({exc})") from None
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
+    """The front's listening socket (``dpcore serve`` binds it, so a taken port fails before
+    anything starts, and hands it to the child)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
     # the listening socket says TCP; without it every keep-alive response waits ~40 ms for a
@@ -109,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
         log_requests=args.log_requests,
     )
     link = ControllerLink(args.ingress, args.status, block_size=args.block_size)
-    sock = _bind(args.http_host, args.http_port)
+    if args.http_fd is not None:
+        sock = socket.socket(fileno=args.http_fd)
+    else:
+        sock = bind(args.http_host, args.http_port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(create_app(link, config), log_level="warning", access_log=False, timeout_graceful_shutdown=2)
@@ -143,31 +149,43 @@ def run(args: argparse.Namespace) -> int:
 
 def spawn(
     args: argparse.Namespace,
+    sock: socket.socket,
     *,
     ingress: str,
     status: str,
     bootstrap_port: int | None = None,
-    block_size: int = 64,
-    extra: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start ``dpcore http-front`` for ``dpcore serve``; the child exits with its parent.
+    """Start ``dpcore http-front`` on the listening socket *sock* for ``dpcore serve``.
 
-    The child inherits stderr (its log lines join the controller's) and the API key through
-    the environment, never the command line (other users can read ``ps``).
+    The child exits with its parent, inherits stderr (its log lines join the controller's)
+    and gets the API key through the environment, never the command line (``ps`` shows
+    command lines to every user).
     """
     cmd = [
         sys.executable, "-m", "dpcore", "--log-level", getattr(args, "log_level", "info"),
-        "http-front", "--ingress", ingress, "--status", status,
-        "--http-port", str(args.http_port), "--http-host", args.http_host,
-        "--block-size", str(block_size), "--exit-with-parent",
+        *(["--log-json"] if getattr(args, "log_json", False) else []),
+        "http-front", "--ingress", ingress, "--status", status, "--http-fd", str(sock.fileno()),
+        "--http-host", args.http_host, "--exit-with-parent",
         "--max-body-bytes", str(args.max_body_bytes), "--request-timeout", str(args.request_timeout),
-        "--served-model-name", args.served_model_name, *extra,
+        "--served-model-name", args.served_model_name,
     ]  # fmt: skip
-    if args.log_requests:
-        cmd.append("--log-requests")
     if bootstrap_port is not None:
         cmd += ["--bootstrap-port", str(bootstrap_port)]
+    if args.log_requests:
+        cmd.append("--log-requests")
     env = dict(os.environ)
     if args.api_key:
         env[API_KEY_ENV] = args.api_key
-    return subprocess.Popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=env, pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[bytes] | None, timeout_s: float = 5.0) -> None:
+    """Stop the front :func:`spawn` started: SIGTERM, then SIGKILL, by its pid."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout_s)

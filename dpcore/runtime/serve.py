@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     except ImportError:  # pragma: no cover - PD support is part of the package
         return
     pd.add_arguments(p)
+    from dpcore.http import server as http_server  # light: the HTTP stack loads in the child
+
+    http_server.add_serve_arguments(p)
 
 
 def _endpoints(args: argparse.Namespace, dp_size: int) -> tuple[Any, str | None, str]:
@@ -118,7 +121,14 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     controller = None
     status_server = None
     metrics_server = None
+    front = None
+    http_sock = None
     try:
+        if args.http_port is not None:
+            from dpcore.http import server as http_server
+
+            http_server.check(args)
+            http_sock = http_server.bind(args.http_host, args.http_port)
         handler = pdmod.from_args(args, manager, zmq_ctx=ctx, log=log)
         prefill_dp = None
         if manager.ctx.disaggregation_mode == "decode":
@@ -138,6 +148,13 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             info["metrics"] = f"http://127.0.0.1:{port}/metrics"
         if handler is not None and getattr(handler, "server", None) is not None:
             info["bootstrap"] = handler.server.url
+        if http_sock is not None:
+            server = getattr(handler, "server", None)
+            front = http_server.spawn(
+                args, http_sock, ingress=controller.endpoints.ingress, status=status_server.endpoint,
+                bootstrap_port=server.port if server is not None else None,
+            )  # fmt: skip
+            info["http"] = f"http://{args.http_host}:{http_sock.getsockname()[1]}"
         if args.endpoints_file:
             _write_json(args.endpoints_file, info)
         log.info("serving", **info)
@@ -150,6 +167,10 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         signal.signal(signal.SIGINT, _on_signal)
         stats = controller.run()
     finally:
+        if front is not None:
+            http_server.stop(front)
+        if http_sock is not None:
+            http_sock.close()
         if controller is not None:
             controller.close()
         if status_server is not None:
