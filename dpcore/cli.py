@@ -22,6 +22,7 @@ from dpcore.errors import DpcoreError, PolicyOptionError
 COMMANDS: list[tuple[str, str, str]] = [
     ("policies", "dpcore.cli", "list installed policies"),
     ("serve", "dpcore.cli", "run the controller (or validate with --dry-run)"),
+    ("demo", "dpcore.demo", "run a controller and mock ranks, replay a real trace, show per-rank results"),
     ("mock-worker", "dpcore.mock.worker", "run one mock engine rank (used by the demo and tests)"),
     ("bootstrap-registry", "dpcore.runtime.bootstrap", "run a standalone PD bootstrap registry (HTTP)"),
     ("simulate", "dpcore.sim.cli", "replay a trace through policies and peer baselines"),

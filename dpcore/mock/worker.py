@@ -163,6 +163,10 @@ class MockRank:
 # --------------------------------------------------------------------------- CLI
 
 
+class _Stopped(Exception):
+    """Raised by the SIGTERM/SIGINT handler to leave the loop."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EngineParams()
     p.add_argument("--rank", type=int, required=True, help="this rank's index")
@@ -212,13 +216,17 @@ def run(args: argparse.Namespace) -> int:
     rank = MockRank(worker, params, args.speedup)
 
     def _stop(*_: object) -> None:
+        # Raising interrupts the wait in recv() at once; whatever is running is lost either way.
         rank.stop = True
+        raise _Stopped
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info("mock_worker_started", pid=os.getpid(), speedup=args.speedup, kv_capacity=params.kv_capacity)
     try:
         rank.run(parent)
+    except _Stopped:
+        pass
     finally:
         worker.close()
         log.info("mock_worker_stopped", completed=rank.completed, decode_steps=rank.engine.decode_steps)
