@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"Mooncake .jsonl or Azure .csv trace (default: the bundled {BUNDLED_SAMPLE})",
     )
     p.add_argument("--format", choices=("mooncake", "azure"), help="trace format (default: from the file)")
-    p.add_argument("--dp-size", type=int, default=8, help="data-parallel ranks (default 8)")
+    p.add_argument("--dp-size", type=int, default=8, metavar="N", help="data-parallel ranks (default 8)")
     p.add_argument(
         "--policy",
         action="append",
@@ -62,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="POLICY.OPTION=VALUE",
         help="constructor option for a dpcore policy, e.g. cache_aware.balance_abs=32; repeatable",
     )
-    p.add_argument("--time-scale", type=float, default=1.0, help="divide inter-arrival times by X (default 1)")
+    p.add_argument("--time-scale", type=float, default=1.0, metavar="X", help="divide inter-arrival times by X (default 1)")
     p.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests")
-    p.add_argument("--seed", type=int, default=0, help="seed for tick spreading, report phases, ties (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for tick spreading, report phases, ties (default 0)")
     p.add_argument(
         "--ticks",
         choices=("spread", "burst"),
