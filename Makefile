@@ -7,10 +7,13 @@ STAMP := $(VENV)/.dpcore-installed
 
 .PHONY: setup demo test test-fast bench simulate clean
 
-$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml adapters/sglang/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[sim,http,test]' $(foreach p,$(PLUGINS),-e $(p)) -e examples/dp_power_of_two
+	# The SGLang adapter's tooling only: SGLang itself (CUDA wheels, GBs) stays out of .venv;
+	# its tests build a pinned CPU venv of their own (adapters/sglang/dpcore_sglang/venv.py).
+	$(PY) -m pip install -q --no-deps -e adapters/sglang
 	touch $(STAMP)
 
 setup: $(STAMP)

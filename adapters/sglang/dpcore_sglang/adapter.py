@@ -1,0 +1,244 @@
+"""dpcore's policy chain in place of the dispatch inside SGLang's ``DataParallelController``.
+
+:func:`install` takes a constructed controller and swaps four of its attributes; SGLang's
+own event loop, message dispatcher, sockets, message formats and load-snapshot reader keep
+running unchanged:
+
+* ``dispatching`` (what the controller calls for every tokenized request): build a
+  :class:`dpcore.Request`, ask the chain for a rank, send with SGLang's ``sock_send``, then
+  ``manager.dispatched`` (ledger + ``on_dispatch``). A request the chain rejects (bad
+  ``routed_dp_rank``, missing ``bootstrap_room``, no active rank...) is answered to the
+  tokenizer with SGLang's own ``AbortReq`` — the message a scheduler sends for a request it
+  aborts — so only that request fails, with the reason and an HTTP status. Upstream raises
+  instead, which ends the controller and the whole server.
+* ``dp_budget`` (what ``refresh_load_budget`` hands every new load-snapshot batch): each
+  snapshot becomes a :class:`dpcore.LoadReport` through ``manager.report``.
+* ``recv_from_tokenizer``: wrapped so that SGLang's loop blocks in ``poll`` when idle
+  instead of spinning (:mod:`dpcore_sglang.recv`).
+* ``dispatch_health_check``: SGLang's own, but a failure (no active rank) answers the
+  health check instead of ending the server.
+
+SGLang's active-rank state (``status``, ``dp_active``, updated by ``ActiveRanksOutput`` and
+elastic scale-up) is mirrored into the ledger before each decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import structlog
+import zmq
+from sglang.srt.managers.io_struct import AbortReq, sock_send
+from sglang.srt.utils.network import get_zmq_socket
+
+from dpcore.errors import MalformedRequestError, NoActiveRankError, RequestRejected
+from dpcore.manager import PolicyManager
+from dpcore_sglang.config import AdapterConfig
+from dpcore_sglang.convert import SnapshotFeed, to_request
+from dpcore_sglang.recv import BlockingReceiver
+
+log = logging.getLogger("dpcore_sglang")
+
+
+def policy_logger() -> Any:
+    """A structlog logger that writes through SGLang's stdlib logging (filtered by level first)."""
+    return structlog.wrap_logger(
+        logging.getLogger("dpcore"),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.processors.KeyValueRenderer(key_order=["event"]),
+        ],
+    )
+
+
+def _runtime(ctl: Any) -> tuple[str, int]:
+    """(disaggregation mode, page size) as SGLang resolved them for this process."""
+    try:
+        from sglang.srt.runtime_context import get_disagg, get_schedule
+
+        return str(get_disagg().disaggregation_mode or "null"), int(get_schedule().page_size or 1)
+    except Exception:  # not published (a controller built by hand): read the raw args
+        args = ctl.server_args
+        return str(getattr(args, "disaggregation_mode", None) or "null"), int(getattr(args, "page_size", None) or 1)
+
+
+def _soft_watchdog_timeout() -> float | None:
+    try:
+        from sglang.srt.runtime_context import get_device
+
+        return get_device().soft_watchdog_timeout
+    except Exception:
+        return None
+
+
+class DpcoreDispatcher:
+    """The adapter's state inside one controller; see the module docstring.
+
+    :param ctl: The controller (after SGLang's ``__init__`` bound its sockets).
+    :param config: The adapter's settings.
+    :param manager: A ready manager (tests); default: built from ``config.method``.
+    """
+
+    def __init__(self, ctl: Any, config: AdapterConfig, manager: PolicyManager | None = None) -> None:
+        self.ctl = ctl
+        self.config = config
+        dp_size = len(ctl.workers)
+        mode, page_size = _runtime(ctl)
+        if manager is None:
+            manager = PolicyManager.from_method(
+                config.method,
+                dp_size=dp_size,
+                disaggregation_mode=mode,
+                options=config.options,
+                log=policy_logger(),
+            )
+        self.manager = manager
+        self.ledger = manager.ledger
+        self.block_size = config.hashed_block_size(manager.chain, page_size)
+        self.feed = SnapshotFeed(dp_size)
+        self.dispatched = [0] * dp_size
+        self.rejected: Counter[str] = Counter()
+        self._abort_sock: zmq.Socket | None = None
+        self._status: Any = None
+        self._active: Any = None
+        self._upstream_health_check = ctl.dispatch_health_check
+        self._sync_active()
+
+    # ------------------------------------------------------------------ dispatch
+
+    def dispatch(self, req: Any) -> None:
+        """``ctl.dispatching``: place and send one tokenized request."""
+        ctl = self.ctl
+        if ctl.status is not self._status or ctl._active_workers is not self._active:
+            self._sync_active()
+        try:
+            request = to_request(req, self.block_size)
+        except Exception as exc:
+            msg = f"request {req.rid!r} cannot be read: {exc!r}"
+            self.reject(req, MalformedRequestError(msg, rid=req.rid))
+            return
+        try:
+            rank = self.manager.select(request)
+        except RequestRejected as exc:
+            self.reject(req, exc)
+            return
+        sock_send(ctl.workers[rank], req)
+        self.feed.sent(rank, self.manager.dispatched(request, rank))
+        self.dispatched[rank] += 1
+
+    def dispatch_health_check(self, req: Any) -> None:
+        """``ctl.dispatch_health_check``: SGLang's own, unless no rank can take it.
+
+        Upstream then either raises (elastic EP: the server dies) or sends the probe to a
+        rank its fault tolerance marked dead; answering it as failed is what it is.
+        """
+        ctl = self.ctl
+        if ctl.status is not self._status or ctl._active_workers is not self._active:
+            self._sync_active()
+        try:
+            if not self.ledger.active_ranks:
+                msg = f"health check {req.rid!r}: all {len(ctl.workers)} ranks are inactive"
+                raise NoActiveRankError(msg, rid=req.rid)
+            self._upstream_health_check(req)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            msg = f"health check {req.rid!r} cannot be placed: {exc}"
+            self.reject(req, NoActiveRankError(msg, rid=req.rid))
+        except RequestRejected as exc:
+            self.reject(req, exc)
+
+    def reject(self, req: Any, exc: RequestRejected) -> None:
+        """Fail one request: count it, log it, answer its tokenizer with SGLang's ``AbortReq``."""
+        self.rejected[exc.code] += 1
+        log.warning(
+            "dpcore rejected request %s (%s, %d rejected so far): %s",
+            req.rid,
+            exc.code,
+            sum(self.rejected.values()),
+            exc,
+        )
+        message = str(exc)
+        abort = AbortReq(
+            rid=req.rid,
+            abort_message=message,
+            finished_reason={"type": "abort", "message": message, "status_code": exc.http_status},
+            http_worker_ipc=getattr(req, "http_worker_ipc", None),
+        )
+        sock_send(self._tokenizer(), abort)
+
+    def _tokenizer(self) -> zmq.Socket:
+        # The endpoint schedulers answer the tokenizer on (they connect a PUSH; so do we).
+        if self._abort_sock is None:
+            self._abort_sock = get_zmq_socket(
+                self.ctl.context, zmq.PUSH, self.ctl.port_args.tokenizer_ipc_name, False
+            )
+        return self._abort_sock
+
+    # ------------------------------------------------------------------ loads and liveness
+
+    def update_budget(self, loads: Any) -> None:
+        """``ctl.dp_budget.update_budget``: SGLang's fresh load snapshots, as dpcore reports."""
+        ledger = self.ledger
+        for report in self.feed.reports(loads):
+            # SGLang's active-rank state is authoritative; a report must not revive a rank.
+            if ledger.is_active(report.rank):
+                self.manager.report(report)
+
+    @property
+    def total_requests(self) -> list[int]:
+        """Effective requests per rank (the name ``DPBudget`` uses)."""
+        return self.ledger.requests
+
+    @property
+    def total_tokens(self) -> list[int]:
+        """Effective tokens per rank (the name ``DPBudget`` uses)."""
+        return self.ledger.tokens
+
+    def _sync_active(self) -> None:
+        ctl = self.ctl
+        status = ctl.status
+        dp_active = getattr(ctl, "dp_active", None)
+        for r, sock in enumerate(ctl.workers):
+            alive = sock is not None and bool(status[r]) and (dp_active is None or bool(dp_active[r]))
+            if self.ledger.set_active(r, alive) and not alive:
+                self.feed.forget(r)
+        self._status = status
+        self._active = ctl._active_workers
+
+    def stats(self) -> dict[str, Any]:
+        recv = self.ctl.recv_from_tokenizer
+        return {
+            "chain": list(self.manager.chain),
+            "dispatched": list(self.dispatched),
+            "rejected": dict(self.rejected),
+            "bad_frames": getattr(recv, "bad_frames", 0),
+            "active": list(self.ledger.active_ranks),
+            "block_size": self.block_size,
+        }
+
+
+def install(ctl: Any, config: AdapterConfig, manager: PolicyManager | None = None) -> DpcoreDispatcher:
+    """Put dpcore in charge of *ctl*'s dispatch; returns the adapter (also ``ctl.dpcore``)."""
+    adapter = DpcoreDispatcher(ctl, config, manager)
+    ctl.dispatching = adapter.dispatch
+    ctl.dp_budget = adapter
+    # Feed every policy the load snapshots, not only SGLang's load-aware methods.
+    ctl.refresh_load_budget_on_dispatch = True
+    ctl.dispatch_health_check = adapter.dispatch_health_check
+    if config.poll_timeout_ms is not None and not isinstance(ctl.recv_from_tokenizer, BlockingReceiver):
+        timeout_ms = config.poll_timeout_ms
+        watchdog_s = _soft_watchdog_timeout()
+        if watchdog_s:  # wake often enough that SGLang's loop feeds its watchdog in time
+            timeout_ms = max(1, min(timeout_ms, int(watchdog_s * 250)))
+        ctl.recv_from_tokenizer = BlockingReceiver(ctl.recv_from_tokenizer, timeout_ms)
+    ctl.dpcore = adapter
+    log.info(
+        "dpcore policy chain %s in SGLang's controller (%s; %d ranks, block hashes %s)",
+        list(adapter.manager.chain),
+        adapter.manager.resolution.reason,
+        len(ctl.workers),
+        f"every {adapter.block_size} tokens" if adapter.block_size else "off",
+    )
+    return adapter

@@ -1,0 +1,68 @@
+"""A receive socket that makes SGLang's own event loop block when idle.
+
+SGLang's controller loop asks for the next message with ``NOBLOCK`` and, when there is
+none, asks again at once: a full core spent spinning while idle. Its socket is an
+attribute (``recv_from_tokenizer``), so the adapter wraps it instead of touching SGLang's
+code: a ``NOBLOCK`` receive that finds nothing waits in ``poll`` until a message arrives, or
+until *timeout_ms* passes (then it reports "nothing" as before, so the loop feeds its
+watchdog). While requests flow, the first ``NOBLOCK`` receive succeeds and nothing waits.
+
+With SGLang's default pickle IPC it also keeps an undecodable frame from killing the server
+(upstream lets the exception end the loop and the process): the frame is logged, counted
+and dropped. Deserialising is still pickle, SGLang's own format, so whoever can write to
+the tokenizer socket can still run code in the controller; only SGLang can change that.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+import zmq
+
+log = logging.getLogger("dpcore_sglang")
+
+
+class BlockingReceiver:
+    """Wraps a zmq socket; everything but ``recv``/``recv_pyobj`` passes through.
+
+    :param sock: The controller's PULL socket.
+    :param timeout_ms: Longest wait per idle receive.
+    """
+
+    def __init__(self, sock: zmq.Socket, timeout_ms: int = 1000) -> None:
+        self._sock = sock
+        self._timeout_ms = timeout_ms
+        self.bad_frames = 0
+        self.idle_waits = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+        sock = self._sock
+        if not flags & zmq.NOBLOCK:
+            return sock.recv(flags, copy=copy, track=track)
+        try:
+            return sock.recv(flags, copy=copy, track=track)
+        except zmq.Again:
+            self.idle_waits += 1
+            if not sock.poll(self._timeout_ms, zmq.POLLIN):
+                raise
+            return sock.recv(flags, copy=copy, track=track)
+
+    def recv_pyobj(self, flags: int = 0) -> Any:
+        frame = self.recv(flags)
+        try:
+            return pickle.loads(frame)  # SGLang's own IPC format, as recv_pyobj does
+        except Exception as exc:
+            self.bad_frames += 1
+            log.error(
+                "dpcore: dropped an undecodable message from the tokenizer (%d so far, %d bytes): %r",
+                self.bad_frames,
+                len(frame),
+                exc,
+            )
+            # SGLang's loop treats a ZMQError as "no message now" and goes round again.
+            raise zmq.Again() from exc

@@ -1,0 +1,266 @@
+"""The adapter's SGLang-free parts, in dpcore's own environment (no SGLang installed)."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import zmq
+
+from dpcore.errors import ConfigError
+from dpcore.ledger import LoadLedger
+from dpcore_sglang import launch_server, versions
+from dpcore_sglang.config import AdapterConfig
+from dpcore_sglang.convert import SnapshotFeed, to_request
+from dpcore_sglang.recv import BlockingReceiver
+from dpcore_sglang.venv import pinned_file, venv_key
+
+
+def snapshot(rank: int, ts: float, running: int = 0, waiting: int = 0, tokens: int = 0) -> SimpleNamespace:
+    """The fields of SGLang's LoadSnapshot the feed reads."""
+    return SimpleNamespace(
+        dp_rank=rank,
+        timestamp=ts,
+        num_running_reqs=running,
+        num_waiting_reqs=waiting,
+        num_total_tokens=tokens,
+        num_used_tokens=tokens,
+        max_total_num_tokens=100_000,
+    )
+
+
+def tokenized(**fields) -> SimpleNamespace:
+    base = dict(
+        rid="r1",
+        input_ids=list(range(200)),
+        input_embeds=None,
+        sampling_params=SimpleNamespace(max_new_tokens=32),
+        bootstrap_room=None,
+        routed_dp_rank=None,
+        disagg_prefill_dp_rank=None,
+    )
+    base.update(fields)
+    return SimpleNamespace(**base)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_round_trips_through_the_environment_variable():
+    c = AdapterConfig(method="cache_aware,total_tokens", options={"cache_aware": {"balance_abs": 32}}, block_size=128)
+    assert AdapterConfig.from_json(c.to_json()) == c
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1]", "JSON object"),
+        ('{"method": "x", "surprise": 1}', "unknown keys"),
+        ('{"options": {"cache_aware": 3}}', "options must map"),
+        ('{"block_hashes": "sometimes"}', "block_hashes must be one of"),
+        ('{"block_size": 0}', "block_size must be a positive integer"),
+    ],
+)
+def test_bad_config_is_a_config_error(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        AdapterConfig.from_json(raw)
+
+
+def test_block_size_is_whole_pages_of_at_least_64_tokens():
+    auto = AdapterConfig()
+    assert auto.hashed_block_size(("cache_aware",), page_size=1) == 64
+    assert auto.hashed_block_size(("cache_aware",), page_size=16) == 64
+    assert auto.hashed_block_size(("cache_aware",), page_size=48) == 96
+    assert auto.hashed_block_size(("cache_aware",), page_size=256) == 256
+    assert AdapterConfig(block_size=256).hashed_block_size(("cache_aware",), page_size=64) == 256
+    with pytest.raises(ConfigError, match="not a multiple of SGLang's page size 64"):
+        AdapterConfig(block_size=100).hashed_block_size(("cache_aware",), page_size=64)
+
+
+def test_auto_hashes_only_for_chains_that_can_read_prompt_contents():
+    auto = AdapterConfig()
+    assert auto.hashed_block_size(("total_requests",), 1) == 0
+    assert auto.hashed_block_size(("follow_bootstrap_room", "total_tokens"), 1) == 0
+    assert auto.hashed_block_size(("power_of_two",), 1) == 64  # unknown policies may read them
+    assert AdapterConfig(block_hashes="on").hashed_block_size(("round_robin",), 1) == 64
+    assert AdapterConfig(block_hashes="off").hashed_block_size(("cache_aware",), 1) == 0
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def test_request_fields_map_to_dpcore():
+    req = to_request(tokenized(bootstrap_room=77, routed_dp_rank=2, disagg_prefill_dp_rank=1), block_size=64)
+    assert (req.rid, req.num_tokens, req.bootstrap_room) == ("r1", 200, 77)
+    assert (req.routed_dp_rank, req.disagg_prefill_dp_rank, req.max_new_tokens) == (2, 1, 32)
+    assert len(req.block_hashes) == 3  # whole 64-token blocks of 200 tokens
+    assert req.data_parallel_rank is None
+
+
+def test_request_block_hashes_identify_shared_prefixes():
+    a = to_request(tokenized(input_ids=list(range(256))), block_size=64)
+    b = to_request(tokenized(input_ids=list(range(192)) + [9] * 64), block_size=64)
+    assert a.block_hashes[:3] == b.block_hashes[:3]
+    assert a.block_hashes[3] != b.block_hashes[3]
+    assert to_request(tokenized(), block_size=0).block_hashes == ()
+
+
+def test_embeddings_only_request_counts_embedding_rows():
+    req = to_request(tokenized(input_ids=None, input_embeds=[[0.0] * 4] * 7), block_size=64)
+    assert (req.num_tokens, req.block_hashes) == (7, ())
+
+
+# ----------------------------------------------------------------------------- load snapshots
+
+
+def test_first_snapshot_acknowledges_nothing_and_placeholders_are_ignored():
+    feed = SnapshotFeed(2, clock=lambda: 10.0)
+    feed.sent(0, 0)
+    assert feed.reports([snapshot(0, 0.0)]) == []  # the writer's placeholder
+    (rep,) = feed.reports([snapshot(0, 11.0, running=1)])
+    assert (rep.rank, rep.seq, rep.acked_seq, rep.num_requests) == (0, 1, -1, 1)
+    assert feed.reports([snapshot(0, 11.0, running=1)]) == []  # the same snapshot read again
+
+
+def test_a_snapshot_acknowledges_what_was_sent_before_the_previous_one():
+    now = [0.0]
+    feed = SnapshotFeed(1, clock=lambda: now[0])
+    ledger = LoadLedger(1)
+
+    def send(t: float) -> None:
+        now[0] = t
+        feed.sent(0, ledger.record_dispatch(0, 100))
+
+    send(1.0)
+    send(2.0)
+    (rep,) = feed.reports([snapshot(0, 2.5, waiting=1)])  # took only the first one in
+    ledger.apply_report(rep)
+    assert ledger.requests == [3]  # 1 reported + both dispatches kept: none acknowledged yet
+    send(3.0)
+    (rep,) = feed.reports([snapshot(0, 3.5, waiting=2)])
+    ledger.apply_report(rep)
+    assert rep.acked_seq == 1  # sent at 1.0 and 2.0, both before the previous snapshot (2.5)
+    assert ledger.requests == [3]  # 2 reported + the one sent at 3.0
+    (rep,) = feed.reports([snapshot(0, 4.5, waiting=0)])
+    ledger.apply_report(rep)
+    assert (rep.acked_seq, ledger.requests) == (2, [0])
+
+
+def test_a_stale_snapshot_does_not_erase_a_burst():
+    # SGLang #26058: upstream overwrites the budget with the snapshot and forgets the burst.
+    now = [0.0]
+    feed = SnapshotFeed(2, clock=lambda: now[0])
+    ledger = LoadLedger(2)
+    for rep in feed.reports([snapshot(0, 1.0), snapshot(1, 1.0)]):
+        ledger.apply_report(rep)
+    now[0] = 2.0
+    for _ in range(5):
+        feed.sent(0, ledger.record_dispatch(0, 10))
+    for rep in feed.reports([snapshot(0, 1.5), snapshot(1, 1.5)]):  # taken before the burst
+        ledger.apply_report(rep)
+    assert ledger.requests == [5, 0]
+
+
+# ----------------------------------------------------------------------------- receiving
+
+
+@pytest.fixture
+def pair(tmp_path):
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(f"ipc://{tmp_path}/in")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"ipc://{tmp_path}/in")
+    yield push, pull
+    push.close(linger=0)
+    pull.close(linger=0)
+    ctx.term()
+
+
+def test_noblock_receive_waits_in_poll_until_a_message_arrives(pair):
+    push, pull = pair
+    recv = BlockingReceiver(pull, timeout_ms=5000)
+    timer = threading.Timer(0.3, lambda: push.send_pyobj({"hello": 1}))
+    timer.start()
+    t0 = time.monotonic()
+    assert recv.recv_pyobj(zmq.NOBLOCK) == {"hello": 1}
+    assert 0.2 < time.monotonic() - t0 < 4.0  # it waited for the message, not the timeout
+    assert recv.idle_waits == 1
+
+
+def test_noblock_receive_still_says_nothing_after_the_timeout(pair):
+    _push, pull = pair
+    recv = BlockingReceiver(pull, timeout_ms=50)
+    with pytest.raises(zmq.Again):
+        recv.recv(zmq.NOBLOCK)
+
+
+def test_undecodable_frames_are_dropped_as_no_message(pair):
+    push, pull = pair
+    recv = BlockingReceiver(pull, timeout_ms=1000)
+    push.send(b"\x00not a pickle")
+    with pytest.raises(zmq.Again):
+        recv.recv_pyobj(zmq.NOBLOCK)
+    push.send(pickle.dumps("ok"))
+    assert recv.recv_pyobj(zmq.NOBLOCK) == "ok"
+    assert recv.bad_frames == 1
+    assert recv.closed is False  # everything else is the socket's
+
+
+# ----------------------------------------------------------------------------- versions and launcher
+
+
+def test_only_tested_sglang_releases_are_accepted():
+    assert versions.check_sglang_version("0.5.23") == "0.5.23"
+    with pytest.raises(versions.UnsupportedSglangError, match="sglang 0.5.22 is installed, but dpcore-sglang supports only sglang 0.5.23"):
+        versions.check_sglang_version("0.5.22")
+
+
+def test_launcher_refuses_an_unsupported_sglang(monkeypatch, capsys):
+    monkeypatch.setattr(versions, "installed_sglang_version", lambda: "0.6.0")
+    assert launch_server.main(["--model-path", "m", "--dp-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "sglang 0.6.0 is installed, but dpcore-sglang supports only sglang 0.5.23" in err
+
+
+def test_launcher_without_sglang_says_how_to_install_it():
+    # dpcore's own environment has no SGLang: one line, exit 2, before anything starts.
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpcore_sglang.launch_server", "--model-path", "m", "--load-balance-method", "cache_aware"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "sglang is not installed" in proc.stderr
+    assert "pip install sglang==0.5.23" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("chain", "told"),
+    [
+        (("round_robin",), "round_robin"),
+        (("follow_bootstrap_room",), "follow_bootstrap_room"),
+        (("total_tokens",), "total_tokens"),
+        (("cache_aware",), "total_requests"),
+        (("follow_bootstrap_room", "total_tokens"), "total_requests"),
+    ],
+)
+def test_sglang_is_told_its_own_name_or_a_load_aware_one(chain, told):
+    assert launch_server.sglang_method(chain) == told
+
+
+def test_venv_key_follows_the_pinned_set():
+    text = pinned_file().read_text()
+    assert "sglang==0.5.23" in text
+    assert "torch==2.13.0" in text
+    assert venv_key(text) == venv_key(text)
+    assert venv_key(text) != venv_key(text + "extra==1\n")
