@@ -113,7 +113,7 @@ def test_lru_evicts_least_recently_used_unpinned_blocks() -> None:
 
 def test_kv_capacity_bounds_admission_and_queued_requests_wait() -> None:
     # 1,000 tokens of KV; each request reserves 400 prompt + 100 output = 500.
-    e = MockEngine(EngineParams(block_size=100, kv_capacity=1000))
+    e = MockEngine(EngineParams(block_size=100, kv_capacity=1000, max_prefill_tokens=10_000))
     jobs = [job(f"r{i}", 400, out=100) for i in range(3)]
     for j in jobs:
         e.add(j)

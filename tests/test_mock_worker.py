@@ -156,16 +156,18 @@ def test_kv_capacity_queues_requests_and_reports_show_it(harness) -> None:
 
 
 def test_streaming_requests_get_chunks_that_add_up(harness) -> None:
-    h = harness("--speedup", "100", "--report-every-steps", "5")
+    # Slow enough (decode ≈ 110 ms wall) that a busy machine still sees several chunks.
+    h = harness("--speedup", "5", "--report-every-steps", "5")
     h.send("s", 300, out=23, payload=msgpack.packb({"stream": True}))
     h.send("plain", 300, out=23)
     replies = h.replies_until_final(2)
     chunks = [r for r in replies if r.rid == "s"]
-    assert len(chunks) >= 1 + 22 // 5  # the first token, then one per macro step at least
+    assert len(chunks) >= 3  # the first token(s), at least one macro step, the final
     assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert b"".join(c.payload for c in chunks) == generated_text("s", 0, 23)
     counts = [c.meta["completion_tokens"] for c in chunks]
-    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == 23
+    # Strictly growing; the first chunk has the first token (and more if the process woke late).
+    assert all(a < b for a, b in zip(counts, counts[1:])) and counts[0] >= 1 and counts[-1] == 23
     plain = [r for r in replies if r.rid == "plain"]
     assert len(plain) == 1 and plain[0].payload == generated_text("plain", 0, 23)
 

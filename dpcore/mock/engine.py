@@ -8,9 +8,9 @@ It keeps what makes a DP rank's load interesting to a controller, and nothing el
   first, when no running request holds them. A request that does not fit waits.
 * **Prefix cache.** An LRU table over the request's block hashes; a request's cached tokens
   are its leading blocks found in the table. Blocks enter the table when their prefill ends.
-* **Prefill** takes ``uncached tokens / prefill_tokens_per_s``; admitted requests are
-  prefilled in batches of up to ``max_prefill_tokens`` uncached tokens, before decoding
-  (SGLang's default priority). The prefill produces the first output token.
+* **Prefill** takes ``uncached tokens / prefill_tokens_per_s``, before any decoding (SGLang's
+  default priority); one request at a time by default, or batches of up to
+  ``max_prefill_tokens`` uncached tokens. The prefill produces the first output token.
 * **Decode** steps take ``decode_step_s + decode_step_per_req_s × running`` and give every
   running request one token. Consecutive steps run as one *macro step* (up to the next
   finish, and at most ``report_every_steps`` steps or ``report_interval_s``), so the process
@@ -30,37 +30,33 @@ from typing import Any
 
 from attrs import define, field, frozen
 
-
-def _positive(_inst: object, attr: Any, value: float) -> None:
-    if not value > 0:
-        msg = f"{attr.name} must be positive, got {value!r}"
-        raise ValueError(msg)
+from dpcore.sim.config import EngineConfig, _non_negative, _positive
 
 
-def _non_negative(_inst: object, attr: Any, value: float) -> None:
-    if not value >= 0:
-        msg = f"{attr.name} must be >= 0, got {value!r}"
-        raise ValueError(msg)
+# One source for the pinned engine numbers (DESIGN.md): the simulator's.
+_SIM = EngineConfig()
 
 
 @frozen
 class EngineParams:
-    """Per-rank engine numbers; the defaults are DESIGN.md's simulator defaults.
+    """Per-rank engine numbers; the defaults are the simulator's (DESIGN.md's pinned numbers).
 
     :ivar block_size: Tokens per block hash; must match the sender's (the client SDK
         hashes 64-token blocks by default, Mooncake trace ``hash_ids`` are 512-token blocks).
+    :ivar max_prefill_tokens: Uncached tokens per prefill batch. A batch always takes at least
+        one request, so the default 1 prefills one request at a time, as the simulator does.
     :ivar default_output_tokens: Output length when a request gives no ``max_new_tokens``.
     """
 
-    prefill_tokens_per_s: float = field(default=12_000.0, validator=_positive)
-    decode_step_s: float = field(default=0.025, validator=_positive)
-    decode_step_per_req_s: float = field(default=0.00008, validator=_non_negative)
-    kv_capacity: int = field(default=500_000, validator=_positive)
+    prefill_tokens_per_s: float = field(default=_SIM.prefill_tokens_per_s, validator=_positive)
+    decode_step_s: float = field(default=_SIM.decode_step_s, validator=_positive)
+    decode_step_per_req_s: float = field(default=_SIM.decode_step_per_request_s, validator=_non_negative)
+    kv_capacity: int = field(default=_SIM.kv_capacity_tokens, validator=_positive)
     block_size: int = field(default=64, validator=_positive)
-    max_prefill_tokens: int = field(default=16_384, validator=_positive)
+    max_prefill_tokens: int = field(default=1, validator=_positive)
     default_output_tokens: int = field(default=128, validator=_non_negative)
-    report_every_steps: int = field(default=15, validator=_positive)
-    report_interval_s: float = field(default=0.1, validator=_positive)
+    report_every_steps: int = field(default=_SIM.report_steps or 15, validator=_positive)
+    report_interval_s: float = field(default=_SIM.report_interval_s, validator=_positive)
 
 
 @define(eq=False)
