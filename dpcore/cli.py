@@ -26,7 +26,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("mock-worker", "dpcore.mock.worker", "run one mock engine rank (used by the demo and tests)"),
     ("bootstrap-registry", "dpcore.runtime.bootstrap", "run a standalone PD bootstrap registry (HTTP)"),
     ("simulate", "dpcore.sim.cli", "replay a trace through policies and peer baselines"),
+    ("bench", "dpcore.bench", "measure forwarding throughput against a pickle loop and zmq.proxy"),
     ("http-front", "dpcore.http.server", "run an SGLang/OpenAI HTTP front for a running controller"),
+    ("keys", "dpcore.security", "generate a CURVE key set for TCP between controller, ranks and senders"),
 ]
 
 EXIT_CONFIG = 2

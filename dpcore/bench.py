@@ -1,0 +1,388 @@
+"""``dpcore bench``: how fast the controller forwards requests, against two references.
+
+All three run on this machine with the same requests (``--tokens`` token ids each, 4 ranks,
+ipc sockets), one sender process and one receiver process per rank:
+
+1. **dpcore**: the real :class:`~dpcore.runtime.controller.Controller` with
+   ``total_requests``; receivers acknowledge and report load (with ``done`` seqs) every 256
+   messages, as a rank would.
+2. **pickle loop**: SGLang's style, ``recv_pyobj`` → round robin → ``send_pyobj``
+   (:mod:`dpcore.bench_baseline`, the only pickle in dpcore).
+3. **zmq.proxy**: libzmq's C proxy from a PULL to a PUSH, the transport's ceiling.
+
+Throughput is ``count / (last receive - first receive)`` over all receivers, median of
+``--repeat`` runs (the loops are interleaved, so drift on a shared machine hits all three).
+The router's CPU time per message (all its threads, from ``/proc``) is shown too: it is
+steadier than msgs/s when other work shares the cores. The benchmark also times each first-party policy's decision through the
+hooks without sockets (``select`` + ``dispatched``, a load report every 256 decisions) and
+the controller's CPU use while idle with four heartbeating ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+FIRST_PARTY = ("round_robin", "follow_bootstrap_room", "total_requests", "total_tokens", "cache_aware")
+MODES = ("dpcore", "pickle", "proxy")
+REPORT_EVERY = 256
+HEARTBEAT_S = 0.5
+
+# ----------------------------------------------------------------------------- processes
+# Everything below runs in spawned children; imports stay inside so spawning is cheap.
+
+
+def _quiet() -> None:
+    from dpcore import log
+
+    log.configure("warning")
+
+
+def _token_ids(n: int) -> list[int]:
+    # Deterministic, vocab-sized ids (the values do not matter, their count does).
+    return [(i * 7919 + 13) % 151_000 for i in range(n)]
+
+
+def _router(mode: str, eps: dict[str, Any], ready: Any) -> None:
+    import zmq
+
+    _quiet()
+    if mode == "dpcore":
+        from dpcore.manager import PolicyManager
+        from dpcore.runtime.controller import Controller, ControllerEndpoints
+
+        manager = PolicyManager.from_method("total_requests", dp_size=len(eps["dispatch"]))
+        ce = ControllerEndpoints(eps["ingress"], eps["report"], tuple(eps["dispatch"]))
+        c = Controller(manager, endpoints=ce, heartbeat_timeout_s=30.0)
+        signal.signal(signal.SIGTERM, lambda *_: c.request_stop(0.0))
+        ready.set()
+        c.run()
+        return
+    ctx = zmq.Context()
+    ingress = ctx.socket(zmq.PULL)
+    ingress.bind(eps["ingress"])
+    if mode == "proxy":
+        backend = ctx.socket(zmq.PUSH)
+        backend.bind(eps["dispatch"][0])
+        ready.set()
+        zmq.proxy(ingress, backend)  # runs until the process is terminated
+        return
+    from dpcore.bench_baseline import pickle_loop
+
+    workers = []
+    for ep in eps["dispatch"]:
+        s = ctx.socket(zmq.PUSH)
+        s.bind(ep)
+        workers.append(s)
+    ready.set()
+    pickle_loop(ingress, workers)
+
+
+def _receiver(mode: str, rank: int, eps: dict[str, Any], counts: Any, first: Any, last: Any, ready: Any, stop: Any) -> None:
+    import msgpack
+    import zmq
+
+    from dpcore import wire
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    pull.connect(eps["dispatch"][0 if mode == "proxy" else rank])
+    report = None
+    epoch = time.time_ns()
+    rseq = 0
+    done: list[int] = []
+    last_report = 0.0
+
+    def send_report() -> None:
+        nonlocal rseq, last_report
+        rseq += 1
+        ack = done[-1] if done else -1
+        report.send(wire.encode_load(rank, epoch=epoch, seq=rseq, ack=ack, done=done), zmq.NOBLOCK)  # type: ignore[union-attr]
+        done.clear()
+        last_report = time.monotonic()
+
+    if mode == "dpcore":
+        report = ctx.socket(zmq.PUSH)
+        report.linger = 0
+        report.connect(eps["report"])
+        send_report()
+    ready.set()
+    unpack = msgpack.unpackb
+    n = 0
+    recv = pull.recv_multipart
+    while not stop.is_set():
+        if not pull.poll(100):
+            if report is not None and time.monotonic() - last_report > HEARTBEAT_S:
+                send_report()
+            continue
+        while True:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if n == 0:
+                first[rank] = time.monotonic()
+            n += 1
+            if report is not None:
+                done.append(unpack(frames[0])["seq"])
+                if len(done) >= REPORT_EVERY:
+                    send_report()
+        last[rank] = time.monotonic()
+        counts[rank] = n
+        if report is not None and done:
+            send_report()
+    pull.close()
+    if report is not None:
+        report.close()
+    ctx.term()
+
+
+def _sender(mode: str, ingress: str, count: int, tokens: int) -> None:
+    import zmq
+
+    from dpcore import wire
+    from dpcore.hashing import block_hashes
+
+    ids = _token_ids(tokens)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.connect(ingress)
+    if mode == "pickle":
+        from dpcore.bench_baseline import send_requests
+
+        send_requests(s, count, ids)
+    else:
+        payload = wire.pack_token_ids(ids)
+        bh = block_hashes(ids)
+        reply = "ipc:///nonexistent/dpcore-bench-reply"  # nothing is rejected in the benchmark
+        enc = wire.encode_request
+        send = s.send_multipart
+        for i in range(count):
+            send((enc(f"r{i}", num_tokens=tokens, reply=reply, block_hashes=bh), payload))
+    s.close(linger=-1)  # deliver everything before exiting
+    ctx.term()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User+system CPU time of process *pid* (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def forward_once(mode: str, count: int, tokens: int, dp_size: int, idle_s: float = 0.0) -> dict[str, Any]:
+    """One forwarding run; returns msgs/s (and idle CPU % of the router when *idle_s*)."""
+    from dpcore.sdk import endpoints as ep
+
+    ctx = mp.get_context("spawn")
+    run_dir = ep.make_run_dir("dpcore-bench-")
+    eps = {
+        "ingress": ep.ipc(run_dir, "in"),
+        "report": ep.ipc(run_dir, "rep"),
+        "dispatch": [ep.ipc(run_dir, f"r{r}") for r in range(dp_size)],
+    }
+    counts = ctx.Array("q", dp_size, lock=False)
+    first = ctx.Array("d", dp_size, lock=False)
+    last = ctx.Array("d", dp_size, lock=False)
+    stop = ctx.Event()
+    router_ready = ctx.Event()
+    router = ctx.Process(target=_router, args=(mode, eps, router_ready), daemon=True)
+    procs = []
+    out: dict[str, Any] = {}
+    try:
+        router.start()
+        if not router_ready.wait(30):
+            raise RuntimeError(f"bench: the {mode} router did not start")
+        readies = []
+        for r in range(dp_size):
+            ready = ctx.Event()
+            p = ctx.Process(target=_receiver, args=(mode, r, eps, counts, first, last, ready, stop), daemon=True)
+            p.start()
+            procs.append(p)
+            readies.append(ready)
+        for ready in readies:
+            if not ready.wait(30):
+                raise RuntimeError("bench: a receiver did not start")
+        time.sleep(0.3)  # let every connection finish its handshake
+        cpu0 = _cpu_seconds(router.pid)  # type: ignore[arg-type]
+        sender = ctx.Process(target=_sender, args=(mode, eps["ingress"], count, tokens), daemon=True)
+        sender.start()
+        procs.append(sender)
+        deadline = time.monotonic() + 30 + count / 2000
+        while sum(counts) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench: {mode} delivered {sum(counts)} of {count} messages in time")
+            time.sleep(0.01)
+        cpu1 = _cpu_seconds(router.pid)  # type: ignore[arg-type]
+        if cpu0 is not None and cpu1 is not None:
+            out["router_cpu_us_per_msg"] = (cpu1 - cpu0) / count * 1e6
+        time.sleep(0.05)
+        span = max(last) - min(first[r] for r in range(dp_size) if counts[r])
+        out["msgs_per_s"] = count / span if span > 0 else float("inf")
+        out["per_rank"] = list(counts)
+        if idle_s > 0:
+            time.sleep(0.5)  # the last reports settle
+            c0 = _cpu_seconds(router.pid)  # type: ignore[arg-type]
+            t0 = time.monotonic()
+            time.sleep(idle_s)
+            c1 = _cpu_seconds(router.pid)  # type: ignore[arg-type]
+            if c0 is not None and c1 is not None:
+                out["idle_cpu_percent"] = 100.0 * (c1 - c0) / (time.monotonic() - t0)
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(5)
+        router.terminate()
+        router.join(10)
+        for p in [*procs, router]:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        ep.remove_run_dir(run_dir)
+    return out
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, float]:
+    """µs per decision (select + dispatched through the hooks) for each first-party policy."""
+    from dpcore.discovery import available
+    from dpcore.hashing import block_hashes
+    from dpcore.manager import PolicyManager
+    from dpcore.model import LoadReport, Request
+
+    installed = available()
+    base = _token_ids(tokens)
+    prefixes = [block_hashes([p * 1_000_003 + t for t in base]) for p in range(64)]
+    reqs = [
+        Request(f"r{i}", tokens, prefixes[i % 64], bootstrap_room=i * 2654435761 % (1 << 40))
+        for i in range(min(decisions, 4096))
+    ]
+    out: dict[str, float] = {}
+    for name in FIRST_PARTY:
+        if name not in installed:
+            continue
+        m = PolicyManager.from_method(name, dp_size=dp_size)
+        select, dispatched, report = m.select, m.dispatched, m.report
+        seqs = [0] * dp_size
+        acked = [-1] * dp_size
+        t0 = time.perf_counter()
+        for i in range(decisions):
+            req = reqs[i % len(reqs)]
+            rank = select(req)
+            acked[rank] = dispatched(req, rank)
+            if i % REPORT_EVERY == REPORT_EVERY - 1:
+                for r in range(dp_size):
+                    seqs[r] += 1
+                    report(LoadReport(r, 0, seqs[r], acked[r], 1, 0, tokens))
+        out[name] = (time.perf_counter() - t0) / decisions * 1e6
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", type=int, default=100_000, help="requests per run (default 100000)")
+    p.add_argument("--tokens", type=int, default=1000, help="token ids per request (default 1000)")
+    p.add_argument("--dp-size", type=int, default=4, help="ranks (default 4)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per loop; the median is reported (default 3)")
+    p.add_argument("--decisions", type=int, default=50_000, help="decisions timed per policy (default 50000)")
+    p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU measurement window (default 3)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from dpcore.errors import ConfigError
+
+    if args.count < 100 or args.repeat < 1 or args.dp_size < 1 or args.tokens < 1 or args.decisions < 1:
+        msg = "--count must be >= 100 and --repeat, --dp-size, --tokens, --decisions >= 1"
+        raise ConfigError(msg)
+    console = Console()
+    runs: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    idle = None
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("forwarding", total=args.repeat * len(MODES))
+        for i in range(args.repeat):
+            # Interleave the loops so drift on a shared machine hits all three alike.
+            for mode in MODES:
+                progress.update(task, description=f"{mode} run {i + 1}/{args.repeat}")
+                measure_idle = mode == "dpcore" and i == args.repeat - 1
+                res = forward_once(mode, args.count, args.tokens, args.dp_size, args.idle_seconds if measure_idle else 0.0)
+                runs[mode].append(res["msgs_per_s"])
+                if "router_cpu_us_per_msg" in res:
+                    cpu[mode].append(res["router_cpu_us_per_msg"])
+                if measure_idle:
+                    idle = res.get("idle_cpu_percent")
+                progress.advance(task)
+        progress.update(task, description="policy decisions")
+        costs = policy_costs(args.decisions, args.tokens)
+    med = {m: statistics.median(v) for m, v in runs.items()}
+    med_cpu = {m: statistics.median(v) for m, v in cpu.items() if v}
+    vs_pickle = med["dpcore"] / med["pickle"]
+    vs_proxy = med["dpcore"] / med["proxy"]
+
+    t = Table(title=f"forwarding: {args.count:,} requests x {args.tokens} token ids, {args.dp_size} ranks, ipc")
+    for col in ("loop", "msgs/s (median)", "runs", "dpcore is", "router CPU µs/msg"):
+        t.add_column(col, justify="right" if col != "loop" else "left")
+    labels = {
+        "dpcore": "dpcore controller (total_requests, reports flowing)",
+        "pickle": "pickle loop (recv_pyobj -> rr -> send_pyobj)",
+        "proxy": "zmq.proxy (C)",
+    }
+    for mode in MODES:
+        ratio = "" if mode == "dpcore" else f"{med['dpcore'] / med[mode]:.2f}x"
+        router_cpu = f"{med_cpu[mode]:.1f}" if mode in med_cpu else "?"
+        t.add_row(labels[mode], f"{med[mode]:,.0f}", " / ".join(f"{x:,.0f}" for x in runs[mode]), ratio, router_cpu)
+    console.print(t)
+    ok = lambda good: "[green]met[/green]" if good else "[red]missed[/red]"  # noqa: E731
+    console.print(f"dpcore / pickle loop = {vs_pickle:.2f}x (target >= 2.0x: {ok(vs_pickle >= 2.0)})")
+    console.print(f"dpcore / zmq.proxy   = {vs_proxy:.2f}x (target >= 0.6x: {ok(vs_proxy >= 0.6)})")
+    pt = Table(title="policy decision cost through the hooks (select + dispatched, no sockets)")
+    pt.add_column("policy")
+    pt.add_column("µs / decision", justify="right")
+    for name, us in costs.items():
+        pt.add_row(name, f"{us:.2f}")
+    console.print(pt)
+    if idle is not None:
+        console.print(f"idle controller CPU: {idle:.2f}% of a core over {args.idle_seconds:g}s (goal <= 2%)")
+    if args.json:
+        result = {
+            "dpcore_msgs_per_s": med["dpcore"],
+            "pickle_loop_msgs_per_s": med["pickle"],
+            "zmq_proxy_msgs_per_s": med["proxy"],
+            "dpcore_vs_pickle_loop": vs_pickle,
+            "dpcore_vs_zmq_proxy": vs_proxy,
+            "runs": runs,
+            "router_cpu_us_per_msg": med_cpu,
+            "policy_decision_us": costs,
+            "idle_cpu_percent": idle,
+            "count": args.count,
+            "tokens": args.tokens,
+            "dp_size": args.dp_size,
+            "repeat": args.repeat,
+            "cpus": os.cpu_count(),
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
