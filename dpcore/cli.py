@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("simulate", "dpcore.sim.cli", "replay a trace through policies and peer baselines"),
     ("bench", "dpcore.bench", "measure forwarding throughput against a pickle loop and zmq.proxy"),
     ("http-front", "dpcore.http.server", "run an SGLang/OpenAI HTTP front for a running controller"),
+    ("keys", "dpcore.security", "generate a CURVE key set for TCP between controller, ranks and senders"),
 ]
 
 EXIT_CONFIG = 2

@@ -52,6 +52,12 @@ REPLY_TYPES = (OUT, REJ, FAIL)
 _MAX_INT = (1 << 63) - 1
 
 _MAX_DONE = 1 << 16
+
+#: Largest frame a controller's ingress or a sender's reply socket accepts by default (the
+#: transport drops the connection of a peer that sends more; the client SDK refuses first).
+MAX_MESSAGE_BYTES = 64 << 20
+#: Largest load-report frame (a full ``done`` list of 65,536 seqs is about 600 KB).
+MAX_REPORT_BYTES = 1 << 20
 _BIG_ENDIAN = sys.byteorder == "big"
 
 

@@ -121,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.Config(create_app(link, config), log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     )
     log = structlog.get_logger("dpcore").bind(component="http")
+    if config.api_key is None:
+        from dpcore import security
+
+        security.warn_exposed("the HTTP front", args.http_host,
+                              "Anyone who can reach it can send generation requests and read loads.",
+                              f"set --api-key (or ${API_KEY_ENV}), or bind 127.0.0.1 (--http-host)", log)  # fmt: skip
 
     async def serve() -> None:
         task = asyncio.ensure_future(server.serve(sockets=[sock]))

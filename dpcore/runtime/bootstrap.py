@@ -419,8 +419,14 @@ def run(args: Any) -> int:
         )
     except ValueError as exc:
         raise ConfigError(f"bootstrap-registry: {exc}") from exc
+    from dpcore import security
+
+    log = structlog.get_logger("dpcore")
+    security.warn_exposed("the PD bootstrap registry (HTTP, no authentication available)", args.host,
+                          "Anyone who can reach it can register or read room -> rank entries.",
+                          "bind it to 127.0.0.1 or a private network (--host)", log)  # fmt: skip
     server = RegistryServer(registry, host=args.host, port=args.port).start()
-    structlog.get_logger("dpcore").info("bootstrap_registry_started", url=server.url)
+    log.info("bootstrap_registry_started", url=server.url)
     try:
         while True:
             time.sleep(3600)

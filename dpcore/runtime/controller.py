@@ -44,7 +44,7 @@ import structlog
 import zmq
 from attrs import frozen
 
-from dpcore import wire
+from dpcore import security, wire
 from dpcore.errors import ConfigError, InvalidRankError, RequestRejected, WireError
 from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport, Request
@@ -150,6 +150,10 @@ class Controller:
     :param prefill_dp_size: PD decode: the prefill side's dp size (validates
         ``disagg_prefill_dp_rank``; ``1`` means every request's KV is on prefill rank 0).
     :param drain_timeout_s: On stop, how long in-flight requests may still complete.
+    :param curve: CURVE keys for TCP endpoints (:mod:`dpcore.security`); default: from the
+        environment, ``False``: none.
+    :param max_message_bytes: Largest ingress frame; the transport drops the connection of
+        a peer that sends a bigger one (the client SDK refuses to send it).
     """
 
     def __init__(
@@ -166,6 +170,8 @@ class Controller:
         prefill_dp_size: int | None = None,
         drain_timeout_s: float = 10.0,
         log: Any = None,
+        curve: security.CurveArg = None,
+        max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
     ) -> None:
         n = manager.ctx.dp_size
         mode = manager.ctx.disaggregation_mode
@@ -199,6 +205,7 @@ class Controller:
         self.stale_reports = 0
         self.unknown_done = 0
         self.undeliverable = 0
+        self.reports = 0
         self.controls = 0
         self.internal_errors = 0
         self.dispatched = [0] * n
@@ -233,6 +240,9 @@ class Controller:
         # --- sockets
         self._own_ctx = zmq_ctx is None
         self._ctx = zmq_ctx or zmq.Context()
+        self._curve = security.resolve(curve)
+        self._zap: security.ZapGuard | None = None
+        self.max_message_bytes = max_message_bytes
         self._run_dir: str | None = None
         if endpoints is None:
             if run_dir is None:
@@ -240,8 +250,10 @@ class Controller:
             endpoints = ControllerEndpoints.ipc(run_dir, n)
         self._socks: list[zmq.Socket] = []  # type: ignore[type-arg]
         try:
-            self._ingress = self._bind(zmq.PULL, endpoints.ingress)
-            self._reports = self._bind(zmq.PULL, endpoints.report)
+            eps = (endpoints.ingress, endpoints.report, *endpoints.dispatch)
+            self._zap = security.guard_for(self._ctx, self._curve, eps)
+            self._ingress = self._bind(zmq.PULL, endpoints.ingress, maxmsgsize=max_message_bytes)
+            self._reports = self._bind(zmq.PULL, endpoints.report, maxmsgsize=wire.MAX_REPORT_BYTES)
             self._dispatch = [self._bind(zmq.PUSH, e, sndhwm=sndhwm) for e in endpoints.dispatch]
         except BaseException:
             self._close_sockets()
@@ -266,12 +278,14 @@ class Controller:
         self._writable = {s: r for r, s in enumerate(self._dispatch)}
         self._watching: set[int] = set()
 
-    def _bind(self, kind: int, endpoint: str, sndhwm: int | None = None) -> zmq.Socket:  # type: ignore[type-arg]
+    def _bind(self, kind: int, endpoint: str, sndhwm: int | None = None, maxmsgsize: int = -1) -> zmq.Socket:  # type: ignore[type-arg]
         s = self._ctx.socket(kind)
         s.linger = 0
         if sndhwm is not None:
             s.sndhwm = sndhwm
         self._socks.append(s)
+        s.maxmsgsize = maxmsgsize
+        security.server(s, endpoint, self._curve)
         ep.bind(s, endpoint)
         return s
 
@@ -347,6 +361,7 @@ class Controller:
             "failed": sum(self.failed),
             "in_flight": sum(inflight),
             "bad_frames": self.bad_frames,
+            "reports": self.reports,
             "bad_reports": self.bad_reports,
             "stale_reports": self.stale_reports,
             "unknown_done": self.unknown_done,
@@ -652,6 +667,7 @@ class Controller:
         # Bounded linger: a rejection or failure sent just before shutdown should still arrive.
         sock.linger = REPLY_LINGER_MS
         sock.sndhwm = REPLY_HWM
+        security.client(sock, endpoint, self._curve)
         sock.connect(endpoint)
         self._replies[endpoint] = sock
         if len(self._replies) > REPLY_SOCKETS:
@@ -705,6 +721,7 @@ class Controller:
                 buf = recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
+            self.reports += 1
             try:
                 report, done, lo = wire.decode_load(buf)
             except WireError as exc:
@@ -882,6 +899,9 @@ class Controller:
         for s in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
             if s is not None:
                 s.close()
+        zap, self._zap = getattr(self, "_zap", None), None
+        if zap is not None:
+            zap.release()  # before term(): the handler's sockets live in this context
         if self._own_ctx:
             self._ctx.term()
         ep.remove_run_dir(self._run_dir)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dpcore import security
 from dpcore.errors import ConfigError
 
 
@@ -45,6 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, wait up to S seconds for in-flight requests (default 10)")  # fmt: skip
     r.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port; default off)")  # fmt: skip
+    r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
+                   help="largest ingress frame; a peer sending more is disconnected (default 64 MiB)")  # fmt: skip
+    s = p.add_argument_group("security")
+    s.add_argument("--curve-dir", default=None, metavar="DIR",
+                   help="tcp: CURVE keys from `dpcore keys` (default: $DPCORE_CURVE_DIR; none: no CURVE)")  # fmt: skip
     try:
         from dpcore.runtime import pd
     except ImportError:  # pragma: no cover - PD support is part of the package
@@ -105,6 +111,15 @@ def print_stats(stats: dict[str, Any], file: Any = None) -> None:
         console.print(f"rejected by code {stats['rejected_by_code']}, failed by code {stats['failed_by_code']}")
 
 
+def _curve_keys(args: argparse.Namespace) -> Any:
+    """The CURVE keys of ``--curve-dir`` (exported to child processes), else the environment's."""
+    if args.curve_dir:
+        keys = security.load_dir(args.curve_dir)
+        os.environ[security.ENV_DIR] = str(Path(args.curve_dir).resolve())  # the HTTP front child inherits it
+        return keys
+    return security.from_env()
+
+
 def run(args: argparse.Namespace, manager: Any) -> int:
     import structlog
     import zmq
@@ -115,6 +130,16 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     from dpcore.sdk import endpoints as ep
 
     log = structlog.get_logger("dpcore.serve")
+    if args.max_message_bytes < 1024:
+        raise ConfigError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
+    keys = _curve_keys(args)
+    if args.transport == "tcp" and keys is None:
+        security.warn_exposed("dpcore serve (the controller's ZMQ sockets)", args.host, security.ZMQ_RISK,
+                              security.ZMQ_FIX, log)  # fmt: skip
+    if getattr(args, "bootstrap_port", None) is not None:
+        security.warn_exposed("the PD bootstrap registry (HTTP, no authentication available)", args.bootstrap_host,
+                              "Anyone who can reach it can register or read room -> rank entries.",
+                              "bind it to 127.0.0.1 or a private network (--bootstrap-host)", log)  # fmt: skip
     eps, created_dir, status_ep = _endpoints(args, manager.ctx.dp_size)
     ctx = zmq.Context()
     handler = None
@@ -136,12 +161,13 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         controller = Controller(
             manager, endpoints=eps, zmq_ctx=ctx, heartbeat_timeout_s=args.heartbeat_timeout,
             sndhwm=args.sndhwm, backlog=args.backlog, pd=handler, prefill_dp_size=prefill_dp,
-            drain_timeout_s=args.drain_timeout,
+            drain_timeout_s=args.drain_timeout, curve=keys or False, max_message_bytes=args.max_message_bytes,
         )  # fmt: skip
         c = controller
         status_server = status.StatusServer(
-            status_ep, lambda: status.snapshot(manager, counters=c.stats()), call_soon=c.call_soon, ctx=ctx
-        ).start()
+            status_ep, lambda: status.snapshot(manager, counters=c.stats()), call_soon=c.call_soon, ctx=ctx,
+            curve=keys or False,
+        ).start()  # fmt: skip
         info: dict[str, Any] = {**controller.endpoints.to_dict(), "status": status_server.endpoint, "pid": os.getpid()}
         if args.metrics_port is not None:
             metrics_server, port = metrics.serve(controller, args.metrics_port)

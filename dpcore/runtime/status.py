@@ -24,6 +24,7 @@ import msgpack
 import zmq
 
 from dpcore.errors import DpcoreError, WireError
+from dpcore import security
 from dpcore.sdk import endpoints
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ ASK = "status?"
 ANSWER = "status"
 #: Questions answered with one snapshot; the rest wait for the next one.
 MAX_PER_TURN = 64
+#: Largest question frame accepted (questions are a few bytes).
+MAX_ASK_BYTES = 1 << 16
 
 
 class StatusUnavailableError(DpcoreError):
@@ -103,11 +106,16 @@ class StatusServer:
         call_soon: Callable[[Callable[[], None]], None] | None = None,
         ctx: zmq.Context | None = None,  # type: ignore[type-arg]
         timeout_s: float = 2.0,
+        curve: security.CurveArg = None,
     ) -> None:
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
+        keys = security.resolve(curve)
+        self._zap = security.guard_for(self._ctx, keys, [endpoint])
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
+        self.socket.maxmsgsize = MAX_ASK_BYTES
+        security.server(self.socket, endpoint, keys)
         try:
             self.endpoint = endpoints.bind(self.socket, endpoint)
         except BaseException:
@@ -179,6 +187,9 @@ class StatusServer:
             self._thread.join(timeout_s)
             self._thread = None
         self.socket.close(linger=0)
+        zap, self._zap = self._zap, None
+        if zap is not None:
+            zap.release()  # before term(): the handler's sockets live in this context
         if self._own_ctx:
             self._ctx.term()
 
@@ -196,12 +207,15 @@ class AsyncStatusClient:
     one snapshot.
     """
 
-    def __init__(self, endpoint: str, *, ctx: zmq.asyncio.Context, max_age_s: float = 0.05) -> None:
+    def __init__(
+        self, endpoint: str, *, ctx: zmq.asyncio.Context, max_age_s: float = 0.05, curve: security.CurveArg = None
+    ) -> None:
         endpoints.check(endpoint, "status endpoint")
         self.endpoint = endpoint
         self.max_age_s = max_age_s
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        security.client(self._sock, endpoint, security.resolve(curve))
         self._sock.connect(endpoint)
         self._ids = itertools.count()
         self._lock = asyncio.Lock()

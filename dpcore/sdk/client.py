@@ -26,13 +26,13 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from dpcore import wire
+from dpcore import security, wire
 from dpcore.errors import DpcoreError, WireError
 from dpcore.hashing import DEFAULT_BLOCK_SIZE, block_hashes
 from dpcore.sdk import endpoints
 from dpcore.wire import Reply
 
-__all__ = ["AsyncClient", "Client", "ControllerUnavailableError", "Reply", "ReplyStream"]
+__all__ = ["AsyncClient", "Client", "ControllerUnavailableError", "MessageTooLargeError", "Reply", "ReplyStream"]
 
 #: How long requests queued at close() may still take to reach the controller.
 _SEND_LINGER_MS = 1000
@@ -42,6 +42,10 @@ _UNCLAIMED_MAX = 4096
 
 class ControllerUnavailableError(DpcoreError):
     """The controller's ingress did not take a request within the send timeout."""
+
+
+class MessageTooLargeError(DpcoreError):
+    """A request frame is over the ingress frame limit (the controller would drop it)."""
 
 
 class _Base:
@@ -55,6 +59,8 @@ class _Base:
         block_size: int,
         reply_endpoint: str | None,
         send_timeout_s: float,
+        curve: security.CurveArg = None,
+        max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
     ) -> None:
         endpoints.check(ingress, "ingress")
         self.ingress = ingress
@@ -67,13 +73,19 @@ class _Base:
         self.stale = 0
         #: Replies that could not be decoded.
         self.bad_replies = 0
+        self.max_message_bytes = max_message_bytes
         if reply_endpoint is None:
             reply_endpoint, self._run_dir = endpoints.reply_endpoint_like(ingress)
+        self._curve = security.resolve(curve)
+        self._zap = security.guard_for(ctx, self._curve, [reply_endpoint])
         self._rx = ctx.socket(zmq.PULL)
         self._rx.linger = 0
+        self._rx.maxmsgsize = max_message_bytes
+        security.server(self._rx, reply_endpoint, self._curve)
         self._tx = ctx.socket(zmq.PUSH)
         # Requests submitted just before close() still leave (bounded: close never hangs).
         self._tx.linger = _SEND_LINGER_MS
+        security.client(self._tx, ingress, self._curve)
         try:
             self.reply_endpoint = endpoints.bind(self._rx, reply_endpoint)
             self._tx.connect(ingress)
@@ -112,6 +124,15 @@ class _Base:
             max_new_tokens=max_new_tokens,
         )
 
+    def _check_size(self, rid: str, header: bytes, payload: bytes) -> None:
+        big = max(len(header), len(payload))
+        if big > self.max_message_bytes:
+            msg = (
+                f"request {rid!r}: a frame of {big} bytes is over the ingress limit of "
+                f"{self.max_message_bytes} bytes (--max-message-bytes)"
+            )
+            raise MessageTooLargeError(msg)
+
     def _decode(self, frames: list[bytes]) -> Reply | None:
         try:
             return wire.decode_reply(frames)
@@ -122,6 +143,9 @@ class _Base:
     def _close_sockets(self) -> None:
         self._tx.close()
         self._rx.close(linger=0)
+        zap, self._zap = getattr(self, "_zap", None), None
+        if zap is not None:
+            zap.release()  # before term(): the handler's sockets live in this context
         if self._own_ctx:
             self._ctx.term()
         endpoints.remove_run_dir(self._run_dir)
@@ -139,6 +163,10 @@ class Client(_Base):
         ingress (ipc in a private directory, or a random 127.0.0.1 port). For multi-node,
         pass ``tcp://<this host's address>:*``.
     :param send_timeout_s: How long :meth:`submit` may wait for the ingress to take a request.
+    :param curve: CURVE keys for TCP (:mod:`dpcore.security`); default: from the environment,
+        ``False``: none.
+    :param max_message_bytes: Largest frame to send or accept; bigger requests raise
+        :class:`MessageTooLargeError` (match the controller's ``--max-message-bytes``).
     """
 
     def __init__(
@@ -149,11 +177,14 @@ class Client(_Base):
         block_size: int = DEFAULT_BLOCK_SIZE,
         reply_endpoint: str | None = None,
         send_timeout_s: float = 5.0,
+        curve: security.CurveArg = None,
+        max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
     ) -> None:
         own = zmq_ctx is None
         super().__init__(
-            ingress, zmq_ctx or zmq.Context(), own, block_size, reply_endpoint, send_timeout_s
-        )
+            ingress, zmq_ctx or zmq.Context(), own, block_size, reply_endpoint, send_timeout_s,
+            curve, max_message_bytes,
+        )  # fmt: skip
         self._tx.sndtimeo = int(send_timeout_s * 1000)
         self._poller = zmq.Poller()
         self._poller.register(self._rx, zmq.POLLIN)
@@ -184,6 +215,7 @@ class Client(_Base):
 
     def send_raw(self, rid: str, header: bytes, payload: bytes = b"") -> None:
         """Send an already encoded request header (see :func:`dpcore.wire.encode_request`)."""
+        self._check_size(rid, header, payload)
         try:
             self._tx.send_multipart((header, payload))
         except zmq.Again:
@@ -294,11 +326,14 @@ class AsyncClient(_Base):
         block_size: int = DEFAULT_BLOCK_SIZE,
         reply_endpoint: str | None = None,
         send_timeout_s: float = 5.0,
+        curve: security.CurveArg = None,
+        max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
     ) -> None:
         own = zmq_ctx is None
         super().__init__(
-            ingress, zmq_ctx or zmq.asyncio.Context(), own, block_size, reply_endpoint, send_timeout_s
-        )
+            ingress, zmq_ctx or zmq.asyncio.Context(), own, block_size, reply_endpoint, send_timeout_s,
+            curve, max_message_bytes,
+        )  # fmt: skip
         self._streams: dict[str, ReplyStream] = {}
         self._unclaimed: deque[Reply] = deque(maxlen=_UNCLAIMED_MAX)
         self._unclaimed_event = asyncio.Event()
@@ -330,6 +365,7 @@ class AsyncClient(_Base):
         if rid in self._streams:
             msg = f"request id {rid!r} is already pending on this client"
             raise ValueError(msg)
+        self._check_size(rid, hdr, payload)
         self._start()
         stream = ReplyStream(rid)
         # Registered before sending, so a reply can never arrive before its stream exists.

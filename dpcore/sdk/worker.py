@@ -22,7 +22,7 @@ from typing import Any
 import zmq
 from attrs import frozen
 
-from dpcore import wire
+from dpcore import security, wire
 from dpcore.errors import WireError
 from dpcore.model import Request
 from dpcore.wire import Control
@@ -70,6 +70,8 @@ class Worker:
     :param reply_sockets: How many senders' reply sockets to keep open (LRU).
     :param on_control: Called with each control message; otherwise they queue in
         :attr:`controls`.
+    :param curve: CURVE keys for TCP (:mod:`dpcore.security`); default: from the environment,
+        ``False``: none.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Worker:
         heartbeat_interval_s: float = 0.5,
         reply_sockets: int = 64,
         on_control: Callable[[Control], None] | None = None,
+        curve: security.CurveArg = None,
     ) -> None:
         if type(rank) is not int or rank < 0:
             msg = f"rank must be an integer >= 0, got {rank!r}"
@@ -103,6 +106,9 @@ class Worker:
         self._rx.linger = 0
         self._tx = self._ctx.socket(zmq.PUSH)
         self._tx.linger = 0
+        self._curve = security.resolve(curve)
+        security.client(self._rx, dispatch_endpoint, self._curve)
+        security.client(self._tx, report_endpoint, self._curve)
         self._rx.connect(dispatch_endpoint)
         self._tx.connect(report_endpoint)
         self._poller = zmq.Poller()
@@ -202,6 +208,7 @@ class Worker:
         sock = self._ctx.socket(zmq.PUSH)
         # Outputs are the product: give them a moment to leave when the socket is evicted.
         sock.linger = _REPLY_LINGER_MS
+        security.client(sock, endpoint, self._curve)
         sock.connect(endpoint)
         self._replies[endpoint] = sock
         if len(self._replies) > self._reply_max:
