@@ -400,3 +400,36 @@ def test_concurrent_requests_each_get_their_own_reply(client: httpx.Client) -> N
     for t in threads:
         t.join(30)
     assert results == {f"conc-{i}": f"conc-{i}" for i in range(40)}
+
+
+# --------------------------------------------------------------------------- start-up errors
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (("--http-port", "70000"), "--http-port must be in 0..65535"),
+        (("--http-port", "0", "--max-body-bytes", "0"), "--max-body-bytes must be positive"),
+        (("--http-port", "0", "--request-timeout", "-1"), "--request-timeout must be positive"),
+    ],
+)
+def test_serve_refuses_bad_http_flags(dpcore_exe: list[str], flags: tuple[str, ...], words: str) -> None:
+    import subprocess
+
+    p = subprocess.run([*dpcore_exe, "serve", "--dp-size", "1", *flags], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert words in p.stderr and "Traceback" not in p.stderr
+
+
+def test_serve_refuses_a_taken_http_port(dpcore_exe: list[str]) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([*dpcore_exe, "serve", "--dp-size", "1", "--http-port", str(port)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert f"cannot bind 127.0.0.1:{port}" in p.stderr and "Traceback" not in p.stderr
