@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from dpcore.http.launch import Group, Stack, free_port, launch, wait_for
+from dpcore.http.launch import Group, free_port, launch, wait_for
 from dpcore.http.routers import executable, router_env, sglang_pd_command
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]

@@ -12,7 +12,6 @@ binds 127.0.0.1 only, and writes its log to ``log_dir``.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -210,7 +209,3 @@ def launch(
         group.close()
         raise
 
-
-def env_without_proxies() -> dict[str, str]:
-    """This process's environment minus proxy variables (clients talk to 127.0.0.1)."""
-    return {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
