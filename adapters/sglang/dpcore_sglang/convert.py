@@ -29,19 +29,19 @@ def to_request(req: Any, block_size: int = 0) -> Request:
     else:
         embeds = getattr(req, "input_embeds", None)
         n = len(embeds) if embeds is not None else 0
-    params = getattr(req, "sampling_params", None)
     rid = req.rid
+    # Positional, in Request's field order: this runs once per request on the hot path.
     return Request(
-        rid=rid if isinstance(rid, str) else str(rid),
-        num_tokens=n,
-        block_hashes=block_hashes(ids, block_size) if block_size and ids is not None else (),
-        bootstrap_room=getattr(req, "bootstrap_room", None),
-        routed_dp_rank=getattr(req, "routed_dp_rank", None),
-        # Removed from the tokenized message in 0.5.x (migrated to routed_dp_rank at
-        # ingress); read it when an older producer still sets it.
-        data_parallel_rank=getattr(req, "data_parallel_rank", None),
-        disagg_prefill_dp_rank=getattr(req, "disagg_prefill_dp_rank", None),
-        max_new_tokens=getattr(params, "max_new_tokens", None),
+        rid if isinstance(rid, str) else str(rid),
+        n,
+        block_hashes(ids, block_size) if block_size and ids is not None else (),
+        getattr(req, "bootstrap_room", None),
+        getattr(req, "routed_dp_rank", None),
+        # data_parallel_rank left the tokenized message in 0.5.x (TokenizerManager migrates
+        # it to routed_dp_rank); read it in case an older producer still sets it.
+        getattr(req, "data_parallel_rank", None),
+        getattr(req, "disagg_prefill_dp_rank", None),
+        getattr(getattr(req, "sampling_params", None), "max_new_tokens", None),
     )
 
 

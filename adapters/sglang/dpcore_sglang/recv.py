@@ -53,7 +53,10 @@ class BlockingReceiver:
             return sock.recv(flags, copy=copy, track=track)
 
     def recv_pyobj(self, flags: int = 0) -> Any:
-        frame = self.recv(flags)
+        try:  # the busy path, inlined: a message is already waiting
+            frame = self._sock.recv(flags)
+        except zmq.Again:
+            frame = self.recv(flags)
         try:
             return pickle.loads(frame)  # SGLang's own IPC format, as recv_pyobj does
         except Exception as exc:

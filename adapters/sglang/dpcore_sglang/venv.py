@@ -93,7 +93,7 @@ def ensure_venv(
             return venv
         if venv.exists():  # an interrupted build
             shutil.rmtree(venv)
-        log(f"building the pinned SGLang venv at {venv} (once; takes about a minute)")
+        log(f"building the pinned SGLang venv at {venv} (once; 1 to 3 minutes)")
         t0 = time.monotonic()
         _run([sys.executable, "-m", "venv", str(venv)], "creating the venv")
         py = str(venv_python(venv))

@@ -62,6 +62,7 @@ def test_dry_run_keeps_sglangs_own_method_names(capfd, method, mode, chain, told
         (["--prefill-round-robin-balance"], "--prefill-round-robin-balance was removed"),
         (["--load-balance-method", "cache_aware", "--policy-option", "cache_aware.nope=1"], "does not accept options"),
         (["--disaggregation-mode", "both"], "invalid choice"),
+        (["--load-balance-method", "cache_aware", "--page-size", "64", "--dpcore-block-size", "100"], "not a multiple"),
     ],
 )
 def test_bad_arguments_fail_before_sglang_starts(capfd, args, message):

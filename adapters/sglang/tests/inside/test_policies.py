@@ -77,6 +77,15 @@ def test_auto_resolves_the_dpcore_way(controller):
     assert {d.rid: d.rank for d in h.deliveries(4)} == {f"r{i}": i for i in range(4)}
 
 
+@pytest.mark.parametrize(("mode", "expected"), [("prefill", [3, 2, 1, 0]), ("decode", [0, 1, 2, 3])])
+def test_auto_follows_sglangs_disaggregation_mode(controller, mode, expected):
+    told = "follow_bootstrap_room" if mode == "prefill" else "round_robin"  # what the launcher tells SGLang
+    h = controller(sglang_method=told, adapter=dpcore("auto"), server_args={"disaggregation_mode": mode})
+    for i, room in enumerate((3, 6, 9, 12)):
+        h.send(make_request(f"r{i}", bootstrap_room=room))
+    assert {d.rid: d.rank for d in h.deliveries(4)} == {f"r{i}": r for i, r in enumerate(expected)}
+
+
 def test_third_party_policy_installed_by_pip(controller):
     info = available()["power_of_two"]
     assert info.dist == "dp-power-of-two"  # the example plugin, pip-installed next to dpcore

@@ -1,0 +1,177 @@
+"""``python -m dpcore_sglang.bench``: SGLang's own controller loop, without and with the adapter.
+
+In one run, on the same machine, with the same traffic: SGLang 0.5.23's unmodified
+``run_data_parallel_controller_process`` (its ``__init__``, event loop, pickle IPC and
+load-snapshot reader) dispatching with its own ``total_requests`` method, and the same
+process with the adapter switched on and dpcore's ``total_requests`` policy. Reported:
+
+* throughput: pre-pickled ``TokenizedGenerateReqInput`` frames pushed at the controller as
+  fast as it takes them, drained by one process per rank that publishes a load snapshot
+  every 256 messages through SGLang's writer; the median over ``--repeat`` interleaved runs,
+  and the ratio dpcore / SGLang;
+* idle CPU: the controller process's CPU time over ``--idle-seconds`` with no traffic.
+
+Outside an environment with SGLang it builds (or reuses) the pinned venv of
+:mod:`dpcore_sglang.venv` and runs itself there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pickle
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("sglang", "dpcore")
+WARMUP = 2000
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--requests", type=int, default=30_000, help="requests per throughput run (default 30000)")
+    p.add_argument("--tokens", type=int, default=1000, help="token ids per request (default 1000)")
+    p.add_argument("--dp-size", type=int, default=4, help="ranks (default 4)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per variant; medians are reported (default 3)")
+    p.add_argument("--idle-seconds", type=float, default=5.0, help="idle CPU window (default 5)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m dpcore_sglang.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if args.requests < 100 or args.repeat < 1 or args.dp_size < 2 or args.tokens < 1 or args.idle_seconds <= 0:
+        p.error("--requests must be >= 100, --repeat >= 1, --dp-size >= 2, --tokens >= 1, --idle-seconds > 0")
+    if importlib.util.find_spec("sglang") is None:
+        return run_in_venv(argv)
+    return run_inside(args)
+
+
+def run_in_venv(argv: list[str]) -> int:
+    """Re-run this command in the pinned SGLang venv, with this checkout's packages."""
+    from dpcore_sglang.venv import ensure_venv, find_repo, install_overlay, overlay_env, repo_projects, venv_python
+
+    repo = find_repo()
+    if repo is None:
+        print("dpcore_sglang.bench: SGLang is not installed here and this is not a dpcore checkout; "
+              "run it where sglang==0.5.23 is installed", file=sys.stderr)
+        return 2
+    venv = ensure_venv(log=lambda m: print(m, file=sys.stderr))
+    tmp = Path(tempfile.mkdtemp(prefix="dpsg-"))
+    try:
+        install_overlay(venv, tmp / "site", repo_projects(repo))
+        env = overlay_env(tmp / "site")
+        env["TMPDIR"] = str(tmp)
+        return subprocess.run([str(venv_python(venv)), "-m", "dpcore_sglang.bench", *argv], env=env, check=False).returncode
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _adapter(variant: str) -> Any:
+    from dpcore_sglang.config import AdapterConfig
+
+    return None if variant == "sglang" else AdapterConfig(method="total_requests")
+
+
+def throughput(variant: str, frame: bytes, requests: int, dp_size: int) -> dict[str, Any]:
+    """One run: requests per second through SGLang's controller, and where they went."""
+    from dpcore_sglang.testing import ControllerHarness
+
+    with ControllerHarness(dp_size=dp_size, sglang_method="total_requests", adapter=_adapter(variant), mode="count") as h:
+        for _ in range(WARMUP):
+            h.send_raw(frame)
+        h.counts(WARMUP, timeout=60)
+        t0 = time.perf_counter()
+        for _ in range(requests):
+            h.send_raw(frame)
+        per_rank = h.counts(WARMUP + requests, timeout=600)
+        took = time.perf_counter() - t0
+        if sum(per_rank) < WARMUP + requests or h.quit_signals:
+            msg = f"{variant}: only {sum(per_rank)} of {WARMUP + requests} requests arrived"
+            raise RuntimeError(msg)
+    return {"req_per_s": requests / took, "per_rank": per_rank}
+
+
+def idle_cpu(variant: str, frame: bytes, dp_size: int, seconds: float) -> float:
+    """Percent of one core the controller process uses with no traffic."""
+    from dpcore_sglang.testing import ControllerHarness
+
+    with ControllerHarness(dp_size=dp_size, sglang_method="total_requests", adapter=_adapter(variant), mode="count") as h:
+        h.send_raw(frame)
+        h.counts(1, timeout=30)
+        time.sleep(0.5)
+        c0, t0 = h.cpu_seconds(), time.monotonic()
+        time.sleep(seconds)
+        return 100.0 * (h.cpu_seconds() - c0) / (time.monotonic() - t0)
+
+
+def run_inside(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dpcore_sglang.testing import make_request
+    from dpcore_sglang.versions import installed_sglang_version
+
+    console = Console(stderr=True)
+    # SGLang's own IPC format (pickle IPC is its default), made once: the producer is not measured.
+    frame = pickle.dumps(make_request("bench", args.tokens), protocol=pickle.HIGHEST_PROTOCOL)
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    for i in range(args.repeat):
+        for variant in VARIANTS:  # interleaved, so drift on a shared machine hits both alike
+            console.log(f"{variant}: throughput run {i + 1}/{args.repeat}")
+            runs[variant].append(throughput(variant, frame, args.requests, args.dp_size))
+    idle = {}
+    for variant in VARIANTS:
+        console.log(f"{variant}: idle CPU over {args.idle_seconds:g} s")
+        idle[variant] = idle_cpu(variant, frame, args.dp_size, args.idle_seconds)
+    med = {v: statistics.median(r["req_per_s"] for r in runs[v]) for v in VARIANTS}
+    ratio = med["dpcore"] / med["sglang"]
+
+    table = Table(
+        title=f"SGLang {installed_sglang_version()} controller: {args.requests:,} requests x {args.tokens} token ids, "
+        f"{args.dp_size} ranks, total_requests"
+    )
+    for col in ("dispatch", "req/s (median)", "runs", "per rank (last run)", f"idle CPU, {args.idle_seconds:g} s"):
+        table.add_column(col, justify="right")
+    for v, label in (("sglang", "SGLang's own"), ("dpcore", "dpcore adapter")):
+        table.add_row(
+            label,
+            f"{med[v]:,.0f}",
+            " / ".join(f"{r['req_per_s']:,.0f}" for r in runs[v]),
+            " ".join(str(n) for n in runs[v][-1]["per_rank"]),
+            f"{idle[v]:.1f} %",
+        )
+    Console().print(table)
+    Console().print(f"throughput ratio dpcore / SGLang: [bold]{ratio:.3f}[/] (goal >= 0.95); "
+                    f"idle CPU {idle['sglang']:.1f} % -> {idle['dpcore']:.1f} % of a core (goal <= 2 %)")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "sglang": installed_sglang_version(),
+                    "requests": args.requests,
+                    "tokens": args.tokens,
+                    "dp_size": args.dp_size,
+                    "runs": runs,
+                    "median_req_per_s": med,
+                    "throughput_ratio": ratio,
+                    "idle_cpu_percent": idle,
+                    "idle_seconds": args.idle_seconds,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
