@@ -305,9 +305,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decisions", type=int, default=50_000, help="decisions timed per policy (default 50000)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU measurement window (default 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--sglang",
+        action="store_true",
+        help="instead: SGLang's own controller loop without and with the dpcore-sglang adapter "
+        "(30000 requests, idle CPU over 5 s; --tokens, --dp-size, --repeat and --json apply)",
+    )
+
+
+def run_sglang(args: argparse.Namespace) -> int:
+    """``--sglang``: hand over to the adapter's benchmark (adapters/sglang)."""
+    from dpcore.errors import ConfigError
+
+    try:
+        from dpcore_sglang.bench import main
+    except ImportError as exc:
+        msg = "dpcore bench --sglang needs dpcore-sglang: pip install --no-deps -e adapters/sglang (make setup does)"
+        raise ConfigError(msg) from exc
+    argv = ["--tokens", str(args.tokens), "--dp-size", str(args.dp_size), "--repeat", str(args.repeat)]
+    return main(argv + (["--json", args.json] if args.json else []))
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sglang:
+        return run_sglang(args)
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table

@@ -264,3 +264,17 @@ def test_venv_key_follows_the_pinned_set():
     assert "torch==2.13.0" in text
     assert venv_key(text) == venv_key(text)
     assert venv_key(text) != venv_key(text + "extra==1\n")
+
+
+def test_dpcore_bench_sglang_hands_over_to_the_adapters_benchmark(monkeypatch):
+    import argparse
+
+    import dpcore_sglang.bench
+    from dpcore import bench
+
+    seen = []
+    monkeypatch.setattr(dpcore_sglang.bench, "main", lambda argv: seen.append(argv) or 0)
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    assert bench.run(p.parse_args(["--sglang", "--tokens", "500", "--json", "out.json"])) == 0
+    assert seen == [["--tokens", "500", "--dp-size", "4", "--repeat", "3", "--json", "out.json"]]
