@@ -161,7 +161,7 @@ def test_every_first_party_policy_dispatches(method):
         else:
             assert len(ranks) == 4 and min(ranks.values()) >= 25, ranks
         wait_for(lambda: c.stats()["in_flight"] == 0, 5, "completions reported")
-        st = c.stats()
+        st = c.consistent_stats()
         assert st["completed"] == st["dispatched"] == n
         assert_balanced(st)
         assert sum(v for (p, _), v in c.decision_reasons.items() if p == method) >= n
@@ -235,10 +235,10 @@ def test_router_ranks_followed_and_bad_input_rejected_while_serving():
             assert (replies[rid].kind, replies[rid].code) == ("rej", "invalid_rank"), replies[rid]
         assert "out of range [0, 4)" in replies["bad0"].msg and "not an integer" in replies["bad2"].msg
         assert replies["neg"].code == replies["3f"].code == "malformed_request"
-        st = c.stats()
+        st = c.consistent_stats()
         assert st["bad_frames"] == 3 and st["rejected"] == 8 and st["received"] == 16
         wait_for(lambda: c.stats()["in_flight"] == 0, 5, "completions")
-        assert_balanced(c.stats())
+        assert_balanced(c.consistent_stats())
 
 
 def test_full_rank_uses_backlog_then_rejects_busy_then_flushes():
@@ -257,7 +257,7 @@ def test_full_rank_uses_backlog_then_rejects_busy_then_flushes():
         late = client.wait_all(10)
         assert [(r.kind, r.rank) for r in late] == [("out", 3), ("out", 3)]
         assert c.stats()["per_rank"][3]["rejected"] == 8
-        assert_balanced(c.stats())
+        assert_balanced(c.consistent_stats())
 
 
 def test_control_messages_are_broadcast(tmp_path):
@@ -317,7 +317,8 @@ def test_killed_rank_goes_inactive_gets_nothing_and_rejoins():
         send(100)
         replies = client.wait_all(10)
         assert not client.pending
-        st = c.stats()
+        wait_for(lambda: c.stats()["in_flight"] == 0, 5, "completions reported")
+        st = c.consistent_stats()
         assert st["per_rank"][2]["dispatched"] == at_death  # nothing went to the dead rank
         assert st["per_rank"][2]["in_flight"] == 0
         assert st["failed_by_code"].get("rank_died", 0) >= 1
@@ -342,9 +343,31 @@ def test_unadmitted_requests_move_to_live_ranks_when_rank_dies():
         replies = client.wait_all(10)
         assert len(replies) == 40 and all(r.kind == "out" and r.rank != 3 for r in replies)
         wait_for(lambda: c.stats()["in_flight"] == 0, 5, "completions reported")
-        st = c.stats()
+        st = c.consistent_stats()
         assert st["per_rank"][3]["redispatched"] == 10 and st["failed"] == 0
         assert st["completed"] == 40 and st["dispatched"] == 50
+        assert_balanced(st)
+
+
+def test_rank_restarted_before_its_deadline_is_a_new_life():
+    # Rank 1 holds 10 admitted requests (1 s each), dies and is back well within the 3 s
+    # deadline: its old requests fail once, the new life serves what comes next.
+    with cluster("round_robin", heartbeat_timeout_s=3.0, rank_args={1: ("--delay-s", "1.0")}) as (c, ranks, client):
+        submit_all(client, 40, prefix="a", num_tokens=10)
+        wait_for(lambda: c.ledger.reports[1] is not None and c.ledger.reports[1].acked_seq >= 9, 5, "rank 1 admitted")
+        ranks.kill(1)
+        ranks.start(1)
+        ranks.wait_ready([1])
+        assert c.ledger.is_active(1)  # never declared dead: the restart was quicker
+        submit_all(client, 40, prefix="b", num_tokens=10)
+        replies = client.wait_all(15)
+        assert not client.pending and len({r.rid for r in replies}) == len(replies) == 80
+        fails = {r.rid for r in replies if r.kind == "fail"}
+        assert len(fails) == 10 and all(rid.startswith("a") for rid in fails)
+        assert by_rank(r for r in replies if r.rid.startswith("b"))[1] == 10
+        wait_for(lambda: c.stats()["in_flight"] == 0, 5, "completions reported")
+        st = c.consistent_stats()
+        assert st["failed_by_code"] == {"rank_died": 10}
         assert_balanced(st)
 
 
@@ -415,7 +438,8 @@ def test_pd_handler_plug_point_decode_and_prefill():
             for i in range(6):
                 client.submit(f"d{i}", num_tokens=5, bootstrap_room=i)
             wait_for(lambda: len(pd.submitted) == 3, 5, "odd rooms parked")
-            assert c.stats()["parked"] == 3 and c.stats()["balanced"]["received"]
+            st = c.consistent_stats()
+            assert st["parked"] == 3 and st["balanced"]["received"]
             pd.answer("d1", 3)
             pd.answer("d3", 2)
             pd.answer("d5", RequestRejected("room 5 not registered in time", rid="d5"))

@@ -21,7 +21,9 @@ re-dispatched to another rank (they may have been lost in the dead socket's queu
 engine has started them). Admitted requests are failed: their sender gets a ``fail`` with
 code ``rank_died``. Requests admitted after the rank's last report look unadmitted and are
 re-dispatched, so a request may in rare cases run twice; the client SDK keeps only the first
-final reply per request.
+final reply per request. A rank restarted before its deadline keeps what is still in its
+backlog (never sent); of what was sent, its reports' ``lo`` (first seq this life received)
+tells the new life's requests from the lost ones.
 
 Accounting (see :meth:`Controller.stats`), exact at any moment::
 
@@ -36,6 +38,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import Future
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -125,6 +128,30 @@ class ControllerEndpoints:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ingress": self.ingress, "report": self.report, "dispatch": list(self.dispatch)}
+
+
+def _send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> bool:  # type: ignore[type-arg]
+    """Send a multipart message without blocking and without copying received frames.
+
+    Returns ``False`` when the socket is full (nothing was sent). Only the first part can
+    be refused: ZMQ takes the remaining parts of a message it accepted.
+    """
+    last = len(frames) - 1
+    try:
+        sock.send(frames[0], _MORE_NOBLOCK if last else _NOBLOCK, copy=False)
+    except zmq.Again:
+        return False
+    for i in range(1, last):
+        sock.send(frames[i], _SNDMORE, copy=False)
+    if last:
+        sock.send(frames[last], 0, copy=False)
+    return True
+
+
+# Plain ints: combining pyzmq's enum flags per message costs more than the send itself.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_MORE_NOBLOCK = _NOBLOCK | _SNDMORE
 
 
 def _rate_limited(n: int) -> bool:
@@ -227,6 +254,9 @@ class Controller:
         self._backlog: list[deque[tuple[int | None, Sequence[Any]]]] = [deque() for _ in range(n)]
         self._acked = [-1] * n
         self._epoch: list[int | None] = [None] * n
+        # A rank that restarted before anyone noticed: the previous life's ack, the seqs that
+        # may have gone to it, and when to stop waiting to learn which did (see _new_life).
+        self._old_life: dict[int, tuple[int, set[int], float]] = {}
         self._parked: dict[str, tuple[Request, str, Any, Any]] = {}
         self._commands: deque[Callable[[], None]] = deque()
         self._stop_at: float | None = None
@@ -344,6 +374,18 @@ class Controller:
 
     def in_flight_tokens(self) -> list[int]:
         return [sum(e[0].num_tokens for e in list(d.values())) for d in self._inflight]
+
+    def consistent_stats(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """:meth:`stats` taken on the loop thread, between two messages (from any thread).
+
+        :meth:`stats` itself reads counters the loop may be updating, so from another
+        thread the identities can be off by a message in flight through the code.
+        """
+        if not self._running or threading.current_thread() is self._thread:
+            return self.stats()
+        fut: Future[dict[str, Any]] = Future()
+        self.call_soon(lambda: fut.set_result(self.stats()))
+        return fut.result(timeout_s)
 
     def stats(self) -> dict[str, Any]:
         """Counters and the two accounting identities (see the module docstring)."""
@@ -471,17 +513,26 @@ class Controller:
     # ------------------------------------------------------------------ requests
 
     def _on_ingress(self) -> None:
-        recv = self._ingress.recv_multipart
+        # Frames are received without copying (copy=False) and forwarded the same way:
+        # the payload is never copied or decoded in this process.
+        recv = self._ingress.recv
         decode = wire.decode_ingress
         place = self._place
         for _ in range(BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
+                hdr = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            hdr = frames[0]
+            payload: Any = b""
+            extra = 0
+            if hdr.more:
+                payload = recv(copy=False)
+                more = payload.more
+                while more:  # a request has at most two frames; drop the rest
+                    more = recv(copy=False).more
+                    extra += 1
             try:
-                msg = decode(hdr)
+                msg = decode(hdr.buffer)
             except wire.MalformedHeader as exc:
                 self.received += 1
                 self._reject(exc.reply, exc.rid, exc.code, str(exc))
@@ -490,18 +541,17 @@ class Controller:
                 self._bad_frame(str(exc))
                 continue
             if type(msg) is wire.Control:
-                self._broadcast(hdr)
+                self._broadcast(hdr.bytes)
                 continue
             request, reply = msg
             self.received += 1
-            nf = len(frames)
-            if nf > 2:
-                self._reject(reply, request.rid, "malformed_request", f"request {request.rid!r}: {nf} frames, expected header and payload")
-                continue
-            if self._stop_at is not None:
+            if extra:
+                msg = f"request {request.rid!r}: {extra + 2} frames, expected a header and a payload"
+                self._reject(reply, request.rid, "malformed_request", msg)
+            elif self._stop_at is not None:
                 self._reject(reply, request.rid, CODE_SHUTDOWN, "controller is shutting down")
-                continue
-            place(request, reply, hdr, frames[1] if nf == 2 else b"", None)
+            else:
+                place(request, reply, hdr, payload, None)
 
     def _place(
         self, request: Request, reply: str, hdr: Any, payload: Any, moved_from: int | None, pr: int | None = None
@@ -549,15 +599,12 @@ class Controller:
                 self._busy(rank, request, reply, moved_from)
                 return
             bl.append((seq, frames))
-        else:
-            try:
-                self._dispatch[rank].send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                if self.backlog_max == 0:
-                    self._busy(rank, request, reply, moved_from)
-                    return
-                bl.append((seq, frames))
-                self._watch_out(rank)
+        elif not _send_frames(self._dispatch[rank], frames):
+            if self.backlog_max == 0:
+                self._busy(rank, request, reply, moved_from)
+                return
+            bl.append((seq, frames))
+            self._watch_out(rank)
         self.manager.dispatched(request, rank)
         self._inflight[rank][seq] = [request, reply, hdr, payload, pr]
         self.dispatched[rank] += 1
@@ -589,9 +636,7 @@ class Controller:
         bl = self._backlog[rank]
         sock = self._dispatch[rank]
         while bl:
-            try:
-                sock.send_multipart(bl[0][1], zmq.NOBLOCK)
-            except zmq.Again:
+            if not _send_frames(sock, bl[0][1]):
                 return
             bl.popleft()
         self._unwatch_out(rank)
@@ -740,6 +785,8 @@ class Controller:
                     self._new_life(r, report.epoch, lo)
                 self._epoch[r] = report.epoch
                 latest.pop(r, None)
+            elif lo is not None and r in self._old_life:
+                self._settle_old_life(r, lo)
             if done:
                 self._complete(r, done)
             prev = latest.get(r)
@@ -793,44 +840,67 @@ class Controller:
         timeout = self.heartbeat_timeout_s
         for r in self.ledger.expire(timeout, now):
             self.log.warning("rank_inactive", rank=r, silent_s=round(now - self.ledger.last_seen[r], 3))
-            self._lose(r, f"rank {r} stopped reporting for more than {timeout:g}s", None, dead=True)
+            self._lose(r, f"rank {r} stopped reporting for more than {timeout:g}s")
+        for r, (_, _, deadline) in list(self._old_life.items()):
+            if now >= deadline:
+                self._settle_old_life(r, None)
         seen = self.ledger.last_seen
         active = self.ledger.active_ranks
         nxt = min((seen[r] for r in active), default=now) + timeout
+        nxt = min([nxt, *(d for _, _, d in self._old_life.values())])
         # Wake just after the earliest deadline; never sooner than 10 ms from now.
         self._next_liveness = max(nxt + 0.001, now + 0.01)
 
-    def _new_life(self, r: int, epoch: int, lo: int | None) -> None:
-        self.log.warning("rank_restarted", rank=r, epoch=epoch)
-        # Forget the old life's load first: re-dispatches below may land on the new one.
-        self.ledger.forget(r)
-        self._lose(r, f"rank {r} restarted", lo, dead=False)
-
-    def _lose(self, r: int, why: str, keep_from: int | None, dead: bool) -> None:
-        """Settle the requests of a dead life of rank *r*: fail the admitted ones,
-        re-dispatch the others.
-
-        *dead*: the rank is gone (inactive); else it restarted and dispatches from
-        *keep_from* on (``None``: none yet) and those still in the backlog are the new life's.
-        """
-        inflight = self._inflight[r]
+    def _lose(self, r: int, why: str) -> None:
+        """Rank *r* is gone: settle everything it held, including its backlog."""
+        old = self._old_life.pop(r, None)
+        if old is not None:
+            self._settle(r, old[1], old[0], why)
+        self._backlog[r].clear()  # never sent: re-dispatched below with the rest
+        self._unwatch_out(r)
         ack = self._acked[r]
-        self._acked[r] = -1 if keep_from is None else keep_from - 1
-        bl = self._backlog[r]
-        if dead:
-            # Never sent: re-dispatched below with the rest.
-            bl.clear()
-            self._unwatch_out(r)
-            unsent: set[int] = set()
-        else:
-            # Never sent: they go to the new life of the rank, like any later dispatch.
-            unsent = {x[0] for x in bl if x[0] is not None}
-        lost = [
-            (s, e) for s, e in inflight.items() if s not in unsent and (keep_from is None or s < keep_from)
-        ]
+        self._acked[r] = -1
+        self._settle(r, set(self._inflight[r]), ack, why)
+
+    def _new_life(self, r: int, epoch: int, lo: int | None) -> None:
+        """Rank *r* restarted (a new epoch) before its silence was noticed.
+
+        Requests still in its backlog were never sent and go to the new life. Of those sent,
+        the ones from ``lo`` on (the first seq the new life received) are the new life's; the
+        others were lost with the old one. Until a report says ``lo`` they cannot be told
+        apart (some may still be on their way to the new life), so they wait for it, at most
+        one heartbeat timeout, and are settled as lost then.
+        """
+        self.log.warning("rank_restarted", rank=r, epoch=epoch)
+        # Forget the old life's load first: re-dispatches may land on the new one.
+        self.ledger.forget(r)
+        old = self._old_life.pop(r, None)
+        if old is not None:  # restarted twice before we learned anything: the oldest is gone
+            self._settle(r, old[1], old[0], f"rank {r} restarted")
+        ack = self._acked[r]
+        self._acked[r] = -1
+        unsent = {x[0] for x in self._backlog[r]}
+        sent = {s for s in self._inflight[r] if s not in unsent}
+        if not sent:
+            return
+        self._old_life[r] = (ack, sent, time.monotonic() + self.heartbeat_timeout_s)
+        self._reschedule_liveness()
+        if lo is not None:
+            self._settle_old_life(r, lo)
+
+    def _settle_old_life(self, r: int, lo: int | None) -> None:
+        ack, sent, _ = self._old_life.pop(r)
+        self._settle(r, {s for s in sent if lo is None or s < lo}, ack, f"rank {r} restarted")
+
+    def _settle(self, r: int, seqs: set[int], ack: int, why: str) -> None:
+        """Requests *seqs* of rank *r* were lost with it: fail the ones it had admitted
+        (``<= ack``), re-dispatch the others (their frames are still here)."""
+        inflight = self._inflight[r]
         failed = moved = 0
-        for s, e in lost:
-            del inflight[s]
+        for s in sorted(seqs):
+            e = inflight.pop(s, None)
+            if e is None:
+                continue  # completed meanwhile
             request, reply, hdr, payload, pr = e
             if s <= ack or hdr is None:
                 failed += 1
@@ -838,9 +908,8 @@ class Controller:
             else:
                 moved += 1
                 self._place(request, reply, hdr, payload, r, pr)
-        if lost:
+        if failed or moved:
             self.log.warning("rank_requests_settled", rank=r, failed=failed, redispatched=moved)
-
 
     # ------------------------------------------------------------------ shutdown
 
