@@ -37,9 +37,9 @@ import bisect
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
-from concurrent.futures import Future
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, Protocol
 
 import msgpack
@@ -293,7 +293,10 @@ class Controller:
             self._reports.last_endpoint.decode(),
             tuple(s.last_endpoint.decode() for s in self._dispatch),
         )
-        self._replies: OrderedDict[str, zmq.Socket] = OrderedDict()  # type: ignore[type-arg]
+        # Bounded linger: a rejection or failure sent just before shutdown should still arrive.
+        self._replies = ep.PushCache(
+            self._ctx, size=REPLY_SOCKETS, linger_ms=REPLY_LINGER_MS, sndhwm=REPLY_HWM, curve=self._curve
+        )
         # A socketpair wakes the poller from other threads and signal handlers.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -512,7 +515,8 @@ class Controller:
 
     # ------------------------------------------------------------------ requests
 
-    def _on_ingress(self) -> None:
+    def _on_ingress(self) -> bool:
+        """Handle up to :data:`BATCH` ingress messages; ``True`` if more may be waiting."""
         # Frames are received without copying (copy=False) and forwarded the same way:
         # the payload is never copied or decoded in this process.
         recv = self._ingress.recv
@@ -522,7 +526,7 @@ class Controller:
             try:
                 hdr = recv(_NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             payload: Any = b""
             extra = 0
             if hdr.more:
@@ -552,6 +556,7 @@ class Controller:
                 self._reject(reply, request.rid, CODE_SHUTDOWN, "controller is shutting down")
             else:
                 place(request, reply, hdr, payload, None)
+        return True
 
     def _place(
         self, request: Request, reply: str, hdr: Any, payload: Any, moved_from: int | None, pr: int | None = None
@@ -703,25 +708,9 @@ class Controller:
 
     # ------------------------------------------------------------------ replies
 
-    def _reply_socket(self, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
-        sock = self._replies.get(endpoint)
-        if sock is not None:
-            self._replies.move_to_end(endpoint)
-            return sock
-        sock = self._ctx.socket(zmq.PUSH)
-        # Bounded linger: a rejection or failure sent just before shutdown should still arrive.
-        sock.linger = REPLY_LINGER_MS
-        sock.sndhwm = REPLY_HWM
-        security.client(sock, endpoint, self._curve)
-        sock.connect(endpoint)
-        self._replies[endpoint] = sock
-        if len(self._replies) > REPLY_SOCKETS:
-            self._replies.popitem(last=False)[1].close()
-        return sock
-
     def _send_reply(self, endpoint: str, frame: bytes) -> None:
         try:
-            self._reply_socket(endpoint).send(frame, zmq.NOBLOCK)
+            self._replies.get(endpoint).send(frame, zmq.NOBLOCK)
         except (zmq.Again, zmq.ZMQError) as exc:
             self.undeliverable += 1
             if _rate_limited(self.undeliverable):
@@ -915,37 +904,24 @@ class Controller:
 
     def _drain_step(self, now: float) -> bool:
         """While stopping: True when it is time to close."""
-        if self._parked:
-            for rid, (_, reply, _, _) in list(self._parked.items()):
-                self._reject(reply, rid, CODE_SHUTDOWN, "controller is shutting down")
-            self._parked.clear()
+        self._reject_parked()
         return sum(len(d) for d in self._inflight) == 0 or now >= (self._stop_at or 0.0)
+
+    def _reject_parked(self) -> None:
+        for rid, (_, reply, _, _) in self._parked.items():
+            self._reject(reply, rid, CODE_SHUTDOWN, "controller is shutting down")
+        self._parked.clear()
 
     def _shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
-        # Whatever is still queued at the ingress is answered, not silently dropped.
-        while True:
-            try:
-                frames = self._ingress.recv_multipart(zmq.NOBLOCK)
-            except zmq.ZMQError:
-                break
-            try:
-                msg = wire.decode_ingress(frames[0])
-            except wire.MalformedHeader as exc:
-                self.received += 1
-                self._reject(exc.reply, exc.rid, exc.code, str(exc))
-                continue
-            except WireError as exc:
-                self._bad_frame(str(exc))
-                continue
-            if type(msg) is not wire.Control:
-                self.received += 1
-                self._reject(msg[1], msg[0].rid, CODE_SHUTDOWN, "controller is shutting down")
-        for rid, (_, reply, _, _) in list(self._parked.items()):
-            self._reject(reply, rid, CODE_SHUTDOWN, "controller is shutting down")
-        self._parked.clear()
+        # Whatever is still queued at the ingress is answered (shutting_down), not dropped.
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+        while self._on_ingress():
+            pass
+        self._reject_parked()
         for r, inflight in enumerate(self._inflight):
             for e in inflight.values():
                 self._fail_one(r, e[0].rid, e[1], "controller_shutdown", "the controller stopped before the request finished")
@@ -961,8 +937,9 @@ class Controller:
         )
 
     def _close_sockets(self) -> None:
-        for s in getattr(self, "_replies", {}).values():
-            s.close()
+        replies = getattr(self, "_replies", None)
+        if replies is not None:
+            replies.close()
         for s in self._socks:
             s.close(linger=0)
         for s in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):

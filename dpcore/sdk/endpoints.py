@@ -11,10 +11,13 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import zmq
 
+from dpcore import security
 from dpcore.errors import ConfigError
 
 SCHEMES = ("ipc://", "tcp://", "inproc://")
@@ -77,3 +80,45 @@ def reply_endpoint_like(peer: str) -> tuple[str, str | None]:
         return f"inproc://dpcore-reply-{uuid.uuid4().hex}", None
     # TCP: loopback unless the caller passes an address peers on other hosts can reach.
     return "tcp://127.0.0.1:*", None
+
+
+class PushCache:
+    """PUSH sockets to senders' reply endpoints: one per endpoint, the least recently used
+    closed past *size*.
+
+    :param linger_ms: How long a closed socket may still deliver what it holds (close never
+        waits for it; only terminating the context does, at most this long).
+    :param sndhwm: Messages queued per endpoint before sends are refused (default: ZMQ's).
+    :param curve: CURVE keys for TCP reply endpoints (:mod:`dpcore.security`).
+    """
+
+    def __init__(
+        self, ctx: zmq.Context, *, size: int, linger_ms: int, sndhwm: int | None = None, curve: Any = None  # type: ignore[type-arg]
+    ) -> None:
+        self._ctx = ctx
+        self._size = size
+        self._linger_ms = linger_ms
+        self._sndhwm = sndhwm
+        self._curve = curve
+        self._socks: OrderedDict[str, zmq.Socket] = OrderedDict()  # type: ignore[type-arg]
+
+    def get(self, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
+        sock = self._socks.get(endpoint)
+        if sock is not None:
+            self._socks.move_to_end(endpoint)
+            return sock
+        sock = self._ctx.socket(zmq.PUSH)
+        sock.linger = self._linger_ms
+        if self._sndhwm is not None:
+            sock.sndhwm = self._sndhwm
+        security.client(sock, endpoint, self._curve)
+        sock.connect(endpoint)
+        self._socks[endpoint] = sock
+        if len(self._socks) > self._size:
+            self._socks.popitem(last=False)[1].close()
+        return sock
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()

@@ -15,7 +15,7 @@ for ``heartbeat_interval_s``, so a rank that is alive never looks dead.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,6 +25,7 @@ from attrs import frozen
 from dpcore import security, wire
 from dpcore.errors import WireError
 from dpcore.model import Request
+from dpcore.sdk import endpoints
 from dpcore.wire import Control
 
 __all__ = ["Control", "Work", "Worker"]
@@ -113,8 +114,10 @@ class Worker:
         self._tx.connect(report_endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._rx, zmq.POLLIN)
-        self._replies: OrderedDict[str, zmq.Socket] = OrderedDict()  # type: ignore[type-arg]
-        self._reply_max = reply_sockets
+        # Outputs are the product: give them a moment to leave when a socket is evicted.
+        self._replies = endpoints.PushCache(
+            self._ctx, size=reply_sockets, linger_ms=_REPLY_LINGER_MS, curve=self._curve
+        )
         self._report_seq = 0
         self._ack = -1
         self._lo: int | None = None
@@ -190,7 +193,7 @@ class Worker:
         Never blocks: if the sender's socket is full or gone the output is dropped and
         counted in :attr:`dropped_outputs`. Returns whether it was sent.
         """
-        sock = self._reply_socket(work.reply)
+        sock = self._replies.get(work.reply)
         if final:
             self.finish(work)
         try:
@@ -199,22 +202,6 @@ class Worker:
             self.dropped_outputs += 1
             return False
         return True
-
-    def _reply_socket(self, endpoint: str) -> zmq.Socket:  # type: ignore[type-arg]
-        sock = self._replies.get(endpoint)
-        if sock is not None:
-            self._replies.move_to_end(endpoint)
-            return sock
-        sock = self._ctx.socket(zmq.PUSH)
-        # Outputs are the product: give them a moment to leave when the socket is evicted.
-        sock.linger = _REPLY_LINGER_MS
-        security.client(sock, endpoint, self._curve)
-        sock.connect(endpoint)
-        self._replies[endpoint] = sock
-        if len(self._replies) > self._reply_max:
-            _, old = self._replies.popitem(last=False)
-            old.close()
-        return sock
 
     # ------------------------------------------------------------------ reports
 
@@ -260,9 +247,7 @@ class Worker:
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        for sock in self._replies.values():
-            sock.close()
-        self._replies.clear()
+        self._replies.close()
         self._rx.close(linger=0)
         self._tx.close(linger=0)
         if self._own_ctx:
