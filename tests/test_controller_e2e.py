@@ -167,6 +167,16 @@ def test_every_first_party_policy_dispatches(method):
         assert sum(v for (p, _), v in c.decision_reasons.items() if p == method) >= n
 
 
+def test_tcp_endpoints_on_random_loopback_ports():
+    from dpcore.runtime.controller import ControllerEndpoints
+
+    with cluster("round_robin", endpoints=ControllerEndpoints.tcp(4), curve=False) as (c, _, client):
+        assert all(e.startswith("tcp://127.0.0.1:") and not e.endswith(":*") for e in c.endpoints.dispatch)
+        assert client.reply_endpoint.startswith("tcp://127.0.0.1:")
+        submit_all(client, 40, num_tokens=5)
+        assert by_rank(client.wait_all(10)) == {0: 10, 1: 10, 2: 10, 3: 10}
+
+
 @pytest.mark.parametrize("method", ["total_requests", "total_tokens"])
 def test_load_reports_change_decisions(method):
     # Rank 0 reports 1,000 waiting requests (100k tokens) it was never sent by this controller.
