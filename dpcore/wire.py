@@ -25,6 +25,7 @@ header that is broken but still names its sender's reply endpoint raises
 
 from __future__ import annotations
 
+import re
 import sys
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,27 @@ _MAX_DONE = 1 << 16
 MAX_MESSAGE_BYTES = 64 << 20
 #: Largest load-report frame (a full ``done`` list of 65,536 seqs is about 600 KB).
 MAX_REPORT_BYTES = 1 << 20
+
+#: A reply endpoint the controller and the ranks can connect to. Anything else (``tcp://``,
+#: a path too long for a unix socket, spaces...) makes ``connect`` fail, so such a request
+#: has no usable sender: it is dropped and counted, and never reaches a rank.
+_REPLY_RE = re.compile(
+    r"(?:ipc://[^\x00]{1,100}|inproc://[^\x00]{1,256}|tcp://(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253}):[0-9]{1,5})\Z"
+)
+_REPLY_OK: dict[str, bool] = {}
+
+
+def valid_reply(reply: Any) -> bool:
+    """Whether *reply* is an endpoint string peers can connect to (cached: senders reuse theirs)."""
+    if type(reply) is not str:
+        return False
+    ok = _REPLY_OK.get(reply)
+    if ok is None:
+        # Unix socket paths are limited in bytes, not characters.
+        ok = _REPLY_RE.match(reply) is not None and (not reply.startswith("ipc://") or len(reply.encode()) <= 106)
+        if len(_REPLY_OK) < 4096:
+            _REPLY_OK[reply] = ok
+    return ok
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -246,8 +268,7 @@ def request_from_header(h: Mapping[str, Any]) -> tuple[Request, str | None]:
         and rid
         and type(n) is int
         and n >= 0
-        and type(reply) is str
-        and "://" in reply
+        and valid_reply(reply)
         and (bh is None or (type(bh) is list and all(type(x) is int for x in bh)))
         and (room is None or type(room) is int)
         and (mnt is None or (type(mnt) is int and mnt >= 0))
@@ -259,7 +280,7 @@ def request_from_header(h: Mapping[str, Any]) -> tuple[Request, str | None]:
 def _request_error(h: Mapping[str, Any]) -> WireError:
     """The precise error for a request header that failed the fast check."""
     reply = h.get("reply")
-    if type(reply) is not str or "://" not in reply:
+    if not valid_reply(reply):
         reply = None
     rid = h.get("rid")
     n = h.get("n")

@@ -694,3 +694,21 @@ def test_oversized_frame_is_refused_and_others_keep_going(clusters: dict) -> Non
     assert c.received == received + 1 and rid not in books.finals
     ok = books.submit("fits", payload=b"y" * (60 * 1024))
     assert reply(books, ok).payload == b"y" * (60 * 1024)
+
+
+def test_rank_survives_an_unconnectable_reply_endpoint() -> None:
+    # The controller refuses such requests (wire.valid_reply); a rank must not die on one either.
+    from dpcore.model import Request
+    from dpcore.sdk.worker import Work, Worker
+
+    ctx = zmq.Context()
+    w = Worker(0, dispatch_endpoint="inproc://fault-d", report_endpoint="inproc://fault-r", zmq_ctx=ctx)
+    try:
+        for bad in ("tcp://", "ipc://", "tcp://a b:1"):
+            work = Work("r", 0, {}, b"", bad, None, Request("r", 1))
+            assert w.send(work, {"x": 1}) is False
+        assert w.dropped_outputs == 3
+        assert not wire.valid_reply("tcp://") and wire.valid_reply("tcp://127.0.0.1:5555")
+    finally:
+        w.close()
+        ctx.term()

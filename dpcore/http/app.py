@@ -40,7 +40,7 @@ from dpcore.http.protocol import PARSERS, GenerateInput, HttpError
 from dpcore.http.responses import DONE, Output, sse
 from dpcore.http.tokenizer import ByteTokenizer, Tokenizer
 from dpcore.runtime.status import StatusUnavailableError
-from dpcore.sdk.client import ControllerUnavailableError
+from dpcore.sdk.client import ControllerUnavailableError, MessageTooLargeError
 
 if TYPE_CHECKING:
     from dpcore.http.link import ControllerLink
@@ -52,6 +52,7 @@ SERVED_RANK_HEADER = "X-Dpcore-Dp-Rank"
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 #: Paths open without the API key, as in SGLang: what load balancers probe.
 OPEN_PREFIXES = ("/health", "/metrics")
+_log = structlog.get_logger("dpcore.http")
 
 
 @frozen
@@ -116,6 +117,13 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(b"".join(chunks))
     except ValueError as exc:
         raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:  # json.loads recurses per nesting level
+        raise HttpError(400, "invalid_json", "request body is nested too deeply") from None
+
+
+def bad_unicode() -> HttpError:
+    # No rid in the answer: it may be the string that cannot be encoded.
+    return HttpError(400, "invalid_field", "strings must be valid Unicode (JSON had a lone surrogate escape)")
 
 
 def reply_error(reply: Reply, rid: str) -> HttpError:
@@ -150,6 +158,13 @@ class Front:
         """Send *inp*; return its stream and its first reply (raises for rej/fail)."""
         try:
             stream = await self.link.submit(inp)
+        except UnicodeEncodeError:  # a string the wire cannot carry
+            raise bad_unicode() from None
+        except OverflowError:  # e.g. in sampling_params, which are passed on untouched
+            msg = "an integer in the request does not fit in 64 bits"
+            raise HttpError(400, "invalid_field", msg, rid=inp.rid) from None
+        except MessageTooLargeError as exc:
+            raise HttpError(413, "body_too_large", str(exc), rid=inp.rid) from None
         except ValueError as exc:  # the rid is already in flight on this front
             raise HttpError(400, "duplicate_rid", str(exc), rid=inp.rid) from None
         except ControllerUnavailableError as exc:
@@ -165,7 +180,10 @@ class Front:
         inp: GenerateInput | None = None
         try:
             body = await read_json(request, self.config.max_body_bytes)
-            inp = PARSERS[kind](body, request.headers, self.config.tokenizer)
+            try:
+                inp = PARSERS[kind](body, request.headers, self.config.tokenizer)
+            except UnicodeEncodeError:  # the tokenizer met a lone surrogate
+                raise bad_unicode() from None
             if await self.mode() == "prefill" and inp.max_new_tokens > 1:
                 # A PD prefill server computes the prompt's KV and the first token; decode
                 # generates the rest.
@@ -173,7 +191,9 @@ class Front:
             stream, first, deadline = await self.submit(inp)
             out = Output(inp, self.config.tokenizer, started)
             out.add(first)
-            headers = {SERVED_RANK_HEADER: str(first.rank), "X-Request-Id": inp.rid}
+            headers = {SERVED_RANK_HEADER: str(first.rank)}
+            if inp.rid.isascii() and inp.rid.isprintable():  # else it cannot be a header value
+                headers["X-Request-Id"] = inp.rid
             if inp.stream:
                 events = self._events(stream, out, deadline)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -358,6 +378,9 @@ def _guard(front: Front, handler: Callable[[Request], Awaitable[Response]], *, o
             return await handler(request)
         except HttpError as exc:
             return error_response(exc)
+        except Exception:  # a bug: answer in JSON and keep the connection, never a bare 500
+            _log.exception("http_internal_error", path=request.url.path)
+            return error_response(HttpError(500, "internal_error", "internal error in the HTTP front (logged)"))
 
     return endpoint
 

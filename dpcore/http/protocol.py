@@ -34,6 +34,10 @@ DEFAULT_MAX_NEW_TOKENS = {"generate": 128, "completion": 16, "chat": 128}
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _ROOM_LIMIT = 1 << 64
+#: Integers the wire can carry (msgpack: int64 and uint64); JSON has no limit of its own.
+_WIRE_INT = range(-(1 << 63), 1 << 64)
+#: Token ids are hashed as int64.
+_TOKEN_LIMIT = 1 << 63
 _RID_MAX = 256
 
 
@@ -120,6 +124,9 @@ def _opt_int(body: Mapping[str, Any], key: str, *, code: str, minimum: int | Non
     if type(value) is not int:  # bool is an int subclass and is refused too
         msg = f"{key} must be an integer, got {value!r:.60}"
         raise bad(code, msg)
+    if value not in _WIRE_INT:
+        msg = f"{key} is out of range (an integer of {value.bit_length()} bits)"
+        raise bad(code, msg)
     if minimum is not None and value < minimum:
         msg = f"{key} must be >= {minimum}, got {value}"
         raise bad(code, msg)
@@ -164,6 +171,9 @@ def header_rank(headers: Mapping[str, str]) -> int | None:
     if not _INT_RE.fullmatch(value):
         msg = f"Invalid X-Data-Parallel-Rank header: must be an integer, got {raw!r:.60}"
         raise bad("invalid_rank", msg)
+    if len(value) > 20 or int(value) not in _WIRE_INT:
+        msg = f"Invalid X-Data-Parallel-Rank header: {raw!r:.30} is out of range"
+        raise bad("invalid_rank", msg)
     return int(value)
 
 
@@ -184,8 +194,8 @@ def _token_ids(value: Any, key: str) -> tuple[int, ...]:
     if value and isinstance(value[0], list):
         raise _batch(key)
     for i, t in enumerate(value):
-        if type(t) is not int or t < 0:
-            msg = f"{key}[{i}] must be a non-negative integer token id, got {t!r:.60}"
+        if type(t) is not int or not 0 <= t < _TOKEN_LIMIT:
+            msg = f"{key}[{i}] must be a non-negative 64-bit integer token id, got {t!r:.60}"
             raise bad("invalid_field", msg)
     return tuple(value)
 

@@ -112,7 +112,11 @@ class PushCache:
         if self._sndhwm is not None:
             sock.sndhwm = self._sndhwm
         security.client(sock, endpoint, self._curve)
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)  # not cached: a bad endpoint must not leak a socket per message
+            raise
         self._socks[endpoint] = sock
         if len(self._socks) > self._size:
             self._socks.popitem(last=False)[1].close()

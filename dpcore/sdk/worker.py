@@ -193,12 +193,12 @@ class Worker:
         Never blocks: if the sender's socket is full or gone the output is dropped and
         counted in :attr:`dropped_outputs`. Returns whether it was sent.
         """
-        sock = self._replies.get(work.reply)
         if final:
             self.finish(work)
         try:
+            sock = self._replies.get(work.reply)
             sock.send_multipart((wire.encode_out(work.rid, self.rank, final, meta), payload), zmq.NOBLOCK)
-        except zmq.Again:
+        except zmq.ZMQError:  # full (Again), or an endpoint nobody can connect to: never fatal
             self.dropped_outputs += 1
             return False
         return True
