@@ -61,6 +61,9 @@ class LoadReport:
     :ivar num_tokens: Tokens held: KV in use plus prompts of waiting requests.
     :ivar kv_used: KV cache tokens in use.
     :ivar kv_capacity: KV cache capacity in tokens (0: unknown).
+    :ivar prefill_tokens: Prompt tokens the rank is still computing for requests whose
+        prefill has started (uncached part only); ``-1`` when the engine does not say.
+        Waiting requests are not included: they are counted by ``num_waiting``.
     """
 
     rank: int
@@ -72,6 +75,7 @@ class LoadReport:
     num_tokens: int = 0
     kv_used: int = 0
     kv_capacity: int = 0
+    prefill_tokens: int = -1
 
     @property
     def num_requests(self) -> int:

@@ -73,5 +73,5 @@ def test_invalid_mode_and_sizes_fail(dpcore_exe):
     _fails(dpcore_exe, "--disaggregation-mode", "both", expect="invalid --disaggregation-mode")
     _fails(dpcore_exe, "--dp-size", "0", expect="--dp-size must be at least 1")
     _fails(dpcore_exe, "--policy-option", "balance_abs=3", expect="expected POLICY.OPTION=VALUE")
-    _fails(dpcore_exe, "--load-balance-method", "cache_aware", "--policy-option", "cache_aware.cache_threshold=7",
-           expect="cache_threshold must be in [0, 1]")
+    _fails(dpcore_exe, "--load-balance-method", "cache_aware", "--policy-option", "cache_aware.min_match=7",
+           expect="min_match in [0, 1]")

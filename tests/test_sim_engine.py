@@ -197,6 +197,10 @@ def test_reports_agree_with_the_request_timeline_and_arrive_late() -> None:
         waiting = sum(1 for i in arrived if r.start[i] > taken)
         assert (rep.num_running, rep.num_waiting) == (running, waiting)
         assert rep.kv_used <= rep.kv_capacity == cfg.kv_capacity_tokens
+        # prefill_tokens: what is left of the prefill in progress at the time it was taken
+        prefilling = [i for i in arrived if r.start[i] <= taken < r.first_token[i]]
+        left = sum(round((r.first_token[i] - taken) * cfg.prefill_tokens_per_s) for i in prefilling)
+        assert abs(rep.prefill_tokens - left) <= 1
         assert rep.num_tokens == rep.kv_used + sum(trace.requests[i].input_length for i in arrived if r.start[i] > taken)
         checked += 1
     assert checked > 50

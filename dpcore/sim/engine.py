@@ -17,7 +17,8 @@ Each rank runs one iteration at a time, prefill first (SGLang's default scheduli
   The cached prefix is matched when a request is admitted. Blocks in use are pinned; when the
   last user finishes they become evictable, deepest block first (as a radix tree evicts
   leaves first).
-* **Load reports** are taken every ``report_interval_s`` (random phase per rank) or after
+* **Load reports** (including ``prefill_tokens``, what is left of the prefill in progress)
+  are taken every ``report_interval_s`` (random phase per rank) or after
   ``report_steps`` decode steps, whichever comes first, and reach the controller
   ``report_delay_s`` later; they acknowledge the last dispatch the rank had received.
 
@@ -151,6 +152,7 @@ class _Rank:
         "idx", "waiting", "waiting_tokens", "decode", "s", "s_sum", "state", "cur", "version",
         "run_start", "tau", "run_steps", "pinned", "evictable", "pinned_tokens", "evictable_tokens",
         "reserved", "last_seq", "rep_seq", "rep_gen", "s_rep", "next_sample", "series", "served",
+        "prefill_end",
     )  # fmt: skip
 
     def __init__(self, idx: int) -> None:
@@ -162,6 +164,7 @@ class _Rank:
         self.s_sum = 0  # sum of s_start over the decode set
         self.state = _IDLE
         self.cur: _Job | None = None
+        self.prefill_end = 0.0
         self.version = 0
         self.run_start = 0.0
         self.tau = 0.0
@@ -353,7 +356,8 @@ class Simulation:
                     r.version += 1
                     counter += 1
                     compute = n_in - hit if n_in > hit else 1
-                    push(heap, (now + compute / prefill_rate, counter, _PREFILL_DONE, r.idx, r.version))
+                    r.prefill_end = now + compute / prefill_rate
+                    push(heap, (r.prefill_end, counter, _PREFILL_DONE, r.idx, r.version))
                     return
             if r.decode:
                 k = len(r.decode)
@@ -438,6 +442,9 @@ class Simulation:
                         num_tokens=kv_used + r.waiting_tokens,
                         kv_used=kv_used,
                         kv_capacity=cap,
+                        prefill_tokens=(
+                            round((r.prefill_end - now) * prefill_rate) if r.state == _PREFILL else 0
+                        ),
                     )
                     r.rep_seq += 1
                     r.rep_gen += 1

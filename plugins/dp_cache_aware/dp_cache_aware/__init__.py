@@ -1,133 +1,345 @@
-"""``cache_aware``: send a request where its prefix is most likely cached, unless load is
-imbalanced.
+"""``cache_aware``: send each request where it will get its first token soonest, without
+giving up the prefix affinity that keeps the cluster's caches useful.
 
-The policy keeps an approximate index of which rank was sent which prompt blocks (the
-request's chained ``block_hashes``), bounded in entries and aged out after
-``eviction_interval`` seconds without use. Per request:
+For each active rank the policy estimates, in seconds::
 
-1. If the active ranks' loads (requests, from the shared ledger) are imbalanced, i.e.
-   ``max - min > balance_abs`` and ``max > balance_rel * min``, go to the least loaded rank.
-2. Otherwise find the longest indexed prefix. If it covers more than ``cache_threshold`` of
-   the prompt, go to the least loaded rank holding it; else to the least loaded rank.
+    cost(r) = prefill backlog(r) + work_weight * uncached prompt tokens(r) / prefill rate
 
-Defaults are SMG's launcher defaults (0.3 / 64 / 1.5 / 120 s).
+* **Uncached tokens** come from an approximate per-rank prefix index over the request's
+  chained ``block_hashes``, kept per rank in LRU order (deepest block first, so prefixes
+  outlive their tails, as in a radix cache). A block touched within the rank's unpinned KV
+  (``kv_capacity - kv_used`` from its reports) counts as cached; older blocks, remembered up
+  to ``memory_factor`` × ``kv_capacity``, count less and less. Matches shorter than
+  ``min_match`` of the prompt (a system prompt every rank holds) do not steer at all.
+* **Backlog** is the prefill queued on the rank: each dispatch adds its expected uncached
+  work, time drains it at the prefill rate, and every load report reconciles it with what
+  the rank says is waiting, what it has not acknowledged, and (when the engine reports
+  ``prefill_tokens``) what is left of the prefill in progress.
+* ``work_weight`` > 1 charges prefill work more than waiting: work sent to a rank also
+  delays everyone who arrives there after it, so breaking a conversation's affinity to save
+  this request a short wait costs the cluster more than it saves.
+
+Ranks within ``tolerance`` seconds of the cheapest are near-ties: the one that has
+prefilled least over the last ``duty_window`` seconds wins (its decodes stall least), then
+the one with fewer requests, then rotation. As a last-resort guard, when request counts are
+imbalanced past ``balance_abs`` and ``balance_rel`` (sgl-model-gateway's launcher
+thresholds), the least loaded rank is chosen.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
+from collections import OrderedDict, deque
 
-from dpcore import NoActiveRankError, PolicyContext, Request, hookimpl
+from dpcore import LoadReport, NoActiveRankError, PolicyContext, Request, hookimpl
 
 __all__ = ["CacheAwarePolicy"]
 
+#: Recent dispatches remembered per rank for reconciliation with reports.
+_RECENT = 4096
+
 
 class CacheAwarePolicy:
-    """Longest cached prefix per rank, with a load-imbalance escape hatch."""
+    """Least expected time to first token, from a prefix index and a reconciled backlog."""
 
     name = "cache_aware"
 
     def __init__(
         self,
         ctx: PolicyContext,
-        cache_threshold: float = 0.3,
+        prefill_tokens_per_s: float = 12_000.0,
         balance_abs: float = 64,
         balance_rel: float = 1.5,
-        eviction_interval: float = 120.0,
-        max_blocks: int = 1 << 18,
+        memory_factor: float = 3.0,
+        max_blocks: int = 1 << 20,
+        eviction_interval: float = 600.0,
+        work_weight: float = 5.0,
+        tolerance: float = 0.1,
+        min_match: float = 0.3,
+        duty_window: float = 30.0,
     ) -> None:
-        self.cache_threshold = float(cache_threshold)
+        self.work_weight = float(work_weight)
+        self.tolerance = float(tolerance)
+        self.min_match = float(min_match)
+        self.duty_window = float(duty_window)
+        self.rate = float(prefill_tokens_per_s)
         self.balance_abs = float(balance_abs)
         self.balance_rel = float(balance_rel)
-        self.eviction_interval = float(eviction_interval)
+        self.memory_factor = float(memory_factor)
+        if self.memory_factor < 1.0:
+            raise ValueError(f"memory_factor must be >= 1, got {memory_factor}")
         self.max_blocks = int(max_blocks)
-        if not 0.0 <= self.cache_threshold <= 1.0:
-            raise ValueError(f"cache_threshold must be in [0, 1], got {cache_threshold}")
+        self.eviction_interval = float(eviction_interval)
+        if self.rate <= 0:
+            raise ValueError(f"prefill_tokens_per_s must be positive, got {prefill_tokens_per_s}")
+        if self.work_weight < 1.0 or self.tolerance < 0 or not 0.0 <= self.min_match <= 1.0:
+            raise ValueError("need work_weight >= 1, tolerance >= 0 and min_match in [0, 1]")
+        if self.duty_window <= 0:
+            raise ValueError(f"duty_window must be positive, got {duty_window}")
         if self.max_blocks < 1 or self.eviction_interval <= 0:
             raise ValueError("max_blocks and eviction_interval must be positive")
-        # block hash -> [bitmask of ranks, last use time]; LRU order = insertion order.
-        self._index: OrderedDict[int, list] = OrderedDict()
+        dp = ctx.dp_size
+        # Per rank: block hash -> [touch stamp, last use time]; LRU = insertion order.
+        self._cache: list[OrderedDict[int, list]] = [OrderedDict() for _ in range(dp)]
+        # Per rank: tokens touched so far; an entry's age is this minus its stamp.
+        self._touched = [0.0] * dp
+        self._capacity = [float("inf")] * dp
+        self._pinned = [0.0] * dp
+        # Block hash -> bitmask of ranks holding it (the union of the per-rank LRUs).
+        self._holders: dict[int, int] = {}
+        self._busy_until = [0.0] * dp
+        # Per rank: exponentially decayed prefill seconds dispatched, and when last decayed.
+        self._duty = [0.0] * dp
+        self._duty_t = [0.0] * dp
+        self._costs = [0.0] * dp
+        self._recent: list[deque[tuple[int, float]]] = [deque(maxlen=_RECENT) for _ in range(dp)]
         self._turn = 0
+        # select_rank's per-rank prefix depths, reused by on_dispatch for the same request.
+        self._last_rid: str | None = None
+        self._last_depth: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self._index)
+        """Indexed (rank, block) pairs; bounded by ``max_blocks``."""
+        return sum(len(c) for c in self._cache)
 
-    def _least_loaded(self, ranks: tuple[int, ...], reqs: list[int]) -> int:
-        n = len(ranks)
-        start = self._turn % n
-        self._turn = start + 1
-        best = ranks[start]
-        for i in range(1, n):
-            r = ranks[(start + i) % n]
-            if reqs[r] < reqs[best]:
-                best = r
-        return best
+    # ------------------------------------------------------------------ estimates
 
-    def _match(self, hashes: tuple[int, ...], candidates: int) -> tuple[int, int]:
-        """Longest indexed prefix among *candidates* (bitmask): (depth, ranks holding it)."""
-        index = self._index
-        mask = candidates
-        depth = 0
+    def _depths(self, hashes: tuple[int, ...], active_mask: int) -> dict[int, int]:
+        """Per rank, how many leading blocks of *hashes* it holds (ranks with 0 omitted)."""
+        holders = self._holders
+        mask = active_mask
+        depth: dict[int, int] = {}
+        i = 0
         for h in hashes:
-            entry = index.get(h)
-            if entry is None:
-                break
-            m = mask & entry[0]
-            if not m:
-                break
+            m = mask & holders.get(h, 0)
+            dropped = mask & ~m
+            if dropped and i:
+                while dropped:
+                    low = dropped & -dropped
+                    depth[low.bit_length() - 1] = i
+                    dropped ^= low
             mask = m
-            depth += 1
-        return depth, mask
+            if not mask:
+                break
+            i += 1
+        else:
+            while mask:
+                low = mask & -mask
+                depth[low.bit_length() - 1] = i
+                mask ^= low
+        return depth
+
+    def _cached(self, rank: int, hashes: tuple[int, ...], depth: int, block_tokens: float) -> float:
+        """Expected cached tokens of the first *depth* blocks on *rank*.
+
+        A block touched within the last ``capacity`` tokens is taken as cached; older ones
+        (kept up to ``memory_factor`` × capacity for affinity) count less and less.
+        """
+        cap = self._capacity[rank]
+        horizon = cap * self.memory_factor
+        # Running requests pin their KV, and some were admitted before the blocks we ask
+        # about: only the unpinned part of the cache is sure to hold them.
+        cap -= self._pinned[rank]
+        clock = self._touched[rank]
+        cache = self._cache[rank]
+        total = 0.0
+        for i in range(depth):
+            age = clock - cache[hashes[i]][0]
+            if age <= cap:
+                total += block_tokens
+            elif age < horizon:
+                total += block_tokens * (horizon - age) / (horizon - cap)
+        return total
+
+    def _uncached(self, request: Request, rank: int, depth: int) -> float:
+        n = request.num_tokens
+        blocks = len(request.block_hashes)
+        # A match on a few leading blocks (a system prompt every rank soon holds) is not
+        # worth steering for; below min_match the ranks compete on load alone.
+        if not depth or depth < self.min_match * blocks:
+            return float(n)
+        left = n - self._cached(rank, request.block_hashes, depth, n / blocks)
+        return left if left > 1.0 else 1.0
+
+    def _decayed(self, rank: int, now: float) -> float:
+        dt = now - self._duty_t[rank]
+        d = self._duty[rank]
+        return d * math.exp(-dt / self.duty_window) if dt > 0 else d
+
+    # ------------------------------------------------------------------ hooks
 
     @hookimpl
     def select_rank(self, request: Request, ctx: PolicyContext) -> int:
         ranks = ctx.active_ranks
-        if not ranks:
+        n = len(ranks)
+        if not n:
             msg = f"no active rank for request {request.rid!r}: all {ctx.dp_size} ranks are inactive"
             raise NoActiveRankError(msg, rid=request.rid)
         reqs = ctx.ledger.requests
-        loads = [reqs[r] for r in ranks]
-        lo, hi = min(loads), max(loads)
+        start = self._turn % n
+        self._turn = start + 1
+        lo = hi = reqs[ranks[0]]
+        for r in ranks:
+            v = reqs[r]
+            if v < lo:
+                lo = v
+            elif v > hi:
+                hi = v
         if hi - lo > self.balance_abs and hi > self.balance_rel * lo:
-            ctx.explain(self.name, "imbalanced", {"min_load": lo, "max_load": hi})
-            return self._least_loaded(ranks, reqs)
+            best = ranks[start]
+            for i in range(1, n):
+                r = ranks[(start + i) % n]
+                if reqs[r] < reqs[best]:
+                    best = r
+            ctx.explain(self.name, "imbalanced", {"min_requests": lo, "max_requests": hi})
+            self._last_rid = None
+            return best
+
         hashes = request.block_hashes
         if hashes:
-            active_mask = 0
+            mask = 0
             for r in ranks:
-                active_mask |= 1 << r
-            depth, mask = self._match(hashes, active_mask)
-            if depth and depth / len(hashes) > self.cache_threshold:
-                holders = tuple(r for r in ranks if mask >> r & 1)
-                ctx.explain(self.name, "prefix_hit", {"matched_blocks": depth, "blocks": len(hashes)})
-                return self._least_loaded(holders, reqs)
-        ctx.explain(self.name, "cache_miss", {"blocks": len(hashes)})
-        return self._least_loaded(ranks, reqs)
+                mask |= 1 << r
+            depth = self._depths(hashes, mask)
+        else:
+            depth = {}
+        self._last_rid, self._last_depth = request.rid, depth
+        now = ctx.now()
+        rate = self.rate / self.work_weight
+        busy = self._busy_until
+        full = float(request.num_tokens)
+        costs = self._costs
+        lowest = math.inf
+        for i in range(n):
+            r = ranks[(start + i) % n]
+            wait = busy[r] - now
+            d = depth.get(r, 0)
+            cost = (wait if wait > 0.0 else 0.0) + (self._uncached(request, r, d) if d else full) / rate
+            costs[r] = cost
+            if cost < lowest:
+                lowest = cost
+        # Near-ties go to the rank that has prefilled least lately: its decodes stall least.
+        limit = lowest + self.tolerance
+        best = -1
+        best_duty = best_reqs = 0.0
+        for i in range(n):
+            r = ranks[(start + i) % n]
+            if costs[r] > limit:
+                continue
+            duty = self._decayed(r, now)
+            if best < 0 or duty < best_duty - 1e-9 or (duty <= best_duty + 1e-9 and reqs[r] < best_reqs):
+                best, best_duty, best_reqs = r, duty, reqs[r]
+        best_cost = costs[best]
+        d = depth.get(best, 0)
+        ctx.explain(
+            self.name,
+            "prefix_hit" if d else "least_backlog",
+            {"expected_ttft_s": round(best_cost, 4), "matched_blocks": d, "blocks": len(hashes)},
+        )
+        return best
 
     @hookimpl
     def on_dispatch(self, request: Request, rank: int, ctx: PolicyContext) -> None:
-        if not request.block_hashes:
-            return
         now = ctx.now()
-        index = self._index
-        bit = 1 << rank
-        for h in request.block_hashes:
-            entry = index.get(h)
-            if entry is None:
-                index[h] = [bit, now]
-            else:
-                entry[0] |= bit
-                entry[1] = now
-                index.move_to_end(h)
-        self._evict(now)
+        hashes = request.block_hashes
+        if self._last_rid == request.rid:
+            d = self._last_depth.get(rank, 0)
+        elif hashes:
+            d = self._depths(hashes, 1 << rank).get(rank, 0)
+        else:
+            d = 0
+        self._last_rid = None
+        work = self._uncached(request, rank, d) / self.rate
+        busy = self._busy_until
+        busy[rank] = (busy[rank] if busy[rank] > now else now) + work
+        self._duty[rank] = self._decayed(rank, now) + work
+        self._duty_t[rank] = now
+        self._recent[rank].append((ctx.ledger.next_dispatch_seq(rank) - 1, work))
+        if hashes:
+            self._remember(rank, hashes, request.num_tokens / len(hashes), now)
 
-    def _evict(self, now: float) -> None:
-        index = self._index
-        while len(index) > self.max_blocks:
-            index.popitem(last=False)
-        horizon = now - self.eviction_interval
-        while index:
-            h, entry = next(iter(index.items()))
-            if entry[1] >= horizon:
+    @hookimpl
+    def on_load_report(self, report: LoadReport, ctx: PolicyContext) -> None:
+        # Reconcile: the prefill still ahead on the rank is the work of the requests it says
+        # are waiting (the newest acknowledged ones, FIFO), plus what it has not acknowledged,
+        # plus what is left of the one it may be prefilling now (the last admitted): exact
+        # when the engine reports prefill_tokens, else at most its whole expected work.
+        r = report.rank
+        recent = self._recent[r]
+        first_waiting = report.acked_seq - report.num_waiting
+        while recent and recent[0][0] < first_waiting:
+            recent.popleft()
+        current = ahead = 0.0
+        for seq, work in recent:
+            if seq == first_waiting:
+                current = work
+            else:
+                ahead += work
+        now = ctx.now()
+        lo = now + ahead
+        if report.prefill_tokens >= 0:
+            # The rank says how much of the prefill in progress is left: no guessing.
+            self._busy_until[r] = lo + report.prefill_tokens / self.rate
+        else:
+            hi = lo + current
+            b = self._busy_until[r]
+            self._busy_until[r] = lo if b < lo else hi if b > hi else b
+        if report.kv_capacity:
+            self._capacity[r] = float(report.kv_capacity)
+            self._pinned[r] = float(min(report.kv_used, report.kv_capacity))
+            self._trim(r)
+
+    # ------------------------------------------------------------------ prefix index
+
+    def _remember(self, rank: int, hashes: tuple[int, ...], block_tokens: float, now: float) -> None:
+        cache = self._cache[rank]
+        holders = self._holders
+        bit = 1 << rank
+        clock = self._touched[rank]
+        # Deepest block first, so that a prefix is always at least as recent as what
+        # extends it: evicting from the LRU end then cuts prompts from their tails, as a
+        # radix-tree cache does, and a shared root outlives the conversations under it.
+        for h in reversed(hashes):
+            clock += block_tokens
+            e = cache.get(h)
+            if e is None:
+                cache[h] = [clock, now]
+                holders[h] = holders.get(h, 0) | bit
+            else:
+                e[0] = clock
+                e[1] = now
+                cache.move_to_end(h)
+        self._touched[rank] = clock
+        self._trim(rank)
+        self._age(now)
+
+    def _drop(self, rank: int, h: int) -> None:
+        m = self._holders.get(h, 0) & ~(1 << rank)
+        if m:
+            self._holders[h] = m
+        else:
+            self._holders.pop(h, None)
+
+    def _trim(self, rank: int) -> None:
+        """Forget blocks older than the memory horizon (they cannot still be cached)."""
+        cache = self._cache[rank]
+        oldest = self._touched[rank] - self._capacity[rank] * self.memory_factor
+        while cache:
+            h, e = next(iter(cache.items()))
+            if e[0] >= oldest:
                 break
-            del index[h]
+            del cache[h]
+            self._drop(rank, h)
+
+    def _age(self, now: float) -> None:
+        """Bound memory: drop entries unused for ``eviction_interval`` or past ``max_blocks``."""
+        horizon = now - self.eviction_interval
+        total = len(self)
+        for rank, cache in enumerate(self._cache):
+            while cache:
+                h, e = next(iter(cache.items()))
+                if e[1] >= horizon and total <= self.max_blocks:
+                    break
+                del cache[h]
+                self._drop(rank, h)
+                total -= 1
