@@ -712,3 +712,42 @@ def test_rank_survives_an_unconnectable_reply_endpoint() -> None:
     finally:
         w.close()
         ctx.term()
+
+
+def test_restarted_rank_with_a_clock_behind_rejoins(rr: Books) -> None:
+    """A rank restarted on a host whose clock is behind has a smaller epoch than its dead
+    previous life; once that life is declared dead, the new one is taken, not ignored as stale."""
+    import threading
+
+    from dpcore.sdk.worker import Worker
+
+    lc, c = rr.lc, rr.lc.controller
+    old = c._epoch[3]
+    assert old is not None
+    lc.kill(3)
+    lc.wait_inactive(3, timeout_s=HEARTBEAT_TIMEOUT_S + 5)
+    stop = threading.Event()
+
+    def rank3() -> None:
+        with Worker(3, dispatch_endpoint=c.endpoints.dispatch[3], report_endpoint=c.endpoints.report,
+                    epoch=old - 5 * 10**9, heartbeat_interval_s=0.1) as w:  # fmt: skip
+            while not stop.is_set():
+                for work in w.recv(0.05):
+                    w.admit(work)
+                    w.send(work, {"clock": "behind"})
+                    w.report(0, 0, 0)
+
+    t = threading.Thread(target=rank3, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: c._epoch[3] == old - 5 * 10**9 and c.ledger.is_active(3), 5, "the new life to be taken")
+        rid = rr.submit("clock", routed_dp_rank=3)
+        r = reply(rr, rid)
+        assert (r.kind, r.rank, r.meta) == ("out", 3, {"clock": "behind"})
+    finally:
+        stop.set()
+        t.join(5)
+    lc.wait_inactive(3, timeout_s=HEARTBEAT_TIMEOUT_S + 5)
+    lc.start_rank(3)
+    lc.wait_ready([3])
+    ends_well(rr)

@@ -767,8 +767,11 @@ class Controller:
                 continue
             known = self._epoch[r]
             if known != report.epoch:
-                if known is not None and report.epoch < known:
-                    self.stale_reports += 1  # a late report from a previous life
+                # A smaller epoch is a late report from a previous life, while the current
+                # life is alive. Once it went silent past its deadline, any other epoch is a
+                # new life: a restart on a host whose clock is behind must not be locked out.
+                if known is not None and report.epoch < known and self.ledger.is_active(r):
+                    self.stale_reports += 1
                     continue
                 if known is not None:
                     self._new_life(r, report.epoch, lo)
