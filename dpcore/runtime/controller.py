@@ -3,10 +3,11 @@
 Sockets (all bound here; senders and ranks connect):
 
 * **ingress** (PULL): ``req`` and ``ctl`` messages from any number of senders.
-* **dispatch[r]** (PUSH, one per rank): sends are ``NOBLOCK`` with a bounded ``SNDHWM``. When
-  a rank's queue is full (slow, dead, or not connected yet) the dispatch waits in a bounded
-  per-rank backlog, flushed when the socket becomes writable; when the backlog is full too,
-  the request is rejected (``rank_busy``). The loop never blocks on a rank.
+* **dispatch[r]** (PUSH, one per rank): dispatches wait in a bounded per-rank backlog and are
+  sent ``NOBLOCK`` (bounded ``SNDHWM``) before the loop polls again, so a burst costs each
+  rank socket one wake-up. What a full socket (slow, dead, or not connected yet) does not
+  take stays in the backlog until the socket is writable; when the backlog is full too, the
+  request is rejected (``rank_busy``). The loop never blocks on a rank.
 * **report** (PULL): load reports, drained completely every turn before any request is
   handled. Only the newest report per rank is applied (latest wins); the ``done`` lists of
   all of them are used, so no completion is lost by coalescing.
@@ -205,8 +206,8 @@ class Controller:
         if not heartbeat_timeout_s > 0:
             msg = f"--heartbeat-timeout must be > 0 seconds, got {heartbeat_timeout_s}"
             raise ConfigError(msg)
-        if sndhwm < 1 or backlog < 0:
-            msg = f"--sndhwm must be >= 1 and --backlog >= 0, got {sndhwm} and {backlog}"
+        if sndhwm < 1 or backlog < 1:
+            msg = f"--sndhwm and --backlog must be >= 1, got {sndhwm} and {backlog}"
             raise ConfigError(msg)
         if prefill_dp_size is not None and (mode != "decode" or prefill_dp_size < 1):
             msg = f"--prefill-dp-size={prefill_dp_size} needs --disaggregation-mode decode and a value >= 1"
@@ -310,6 +311,9 @@ class Controller:
             self._poller.register(self._pd_sock, zmq.POLLIN)
         self._writable = {s: r for r, s in enumerate(self._dispatch)}
         self._watching: set[int] = set()
+        # Ranks with dispatches staged this turn; sent together before the next poll, so a
+        # burst wakes each rank socket's I/O once instead of once per message.
+        self._dirty: set[int] = set()
 
     def _bind(self, kind: int, endpoint: str, sndhwm: int | None = None, maxmsgsize: int = -1) -> zmq.Socket:  # type: ignore[type-arg]
         s = self._ctx.socket(kind)
@@ -469,6 +473,8 @@ class Controller:
                     self._check_liveness(now)
                 if self._stop_at is not None and self._drain_step(now):
                     break
+                if self._dirty:
+                    self._flush_dirty()
                 wait = self._next_liveness - now
                 if self._stop_at is not None:
                     wait = min(wait, 0.05)
@@ -599,17 +605,13 @@ class Controller:
         seq = self.ledger.next_dispatch_seq(rank)
         frames = (self._pack({"v": 1, "t": "dispatch", "rank": rank, "seq": seq, "pr": pr}), hdr, payload)
         bl = self._backlog[rank]
-        if bl:
+        if len(bl) >= self.backlog_max:
+            self._flush(rank)
             if len(bl) >= self.backlog_max:
                 self._busy(rank, request, reply, moved_from)
                 return
-            bl.append((seq, frames))
-        elif not _send_frames(self._dispatch[rank], frames):
-            if self.backlog_max == 0:
-                self._busy(rank, request, reply, moved_from)
-                return
-            bl.append((seq, frames))
-            self._watch_out(rank)
+        bl.append((seq, frames))
+        self._dirty.add(rank)
         self.manager.dispatched(request, rank)
         self._inflight[rank][seq] = [request, reply, hdr, payload, pr]
         self.dispatched[rank] += 1
@@ -642,9 +644,15 @@ class Controller:
         sock = self._dispatch[rank]
         while bl:
             if not _send_frames(sock, bl[0][1]):
+                self._watch_out(rank)  # the rest goes when the socket has room
                 return
             bl.popleft()
         self._unwatch_out(rank)
+
+    def _flush_dirty(self) -> None:
+        for r in self._dirty:
+            self._flush(r)
+        self._dirty.clear()
 
     def _watch_out(self, rank: int) -> None:
         """Poll *rank*'s socket for writability while its backlog is not empty."""
@@ -733,16 +741,13 @@ class Controller:
         self.controls += 1
         for r in self.ledger.active_ranks:
             bl = self._backlog[r]
-            if bl:
-                if len(bl) < self.backlog_max:
-                    bl.append((None, (frame,)))
-                continue
-            try:
-                self._dispatch[r].send(frame, zmq.NOBLOCK)
-            except zmq.Again:
-                if self.backlog_max:
-                    bl.append((None, (frame,)))
-                    self._watch_out(r)
+            if len(bl) >= self.backlog_max:
+                self._flush(r)
+                if len(bl) >= self.backlog_max:
+                    self.log.warning("control_dropped", rank=r, reason="rank socket and backlog full")
+                    continue
+            bl.append((None, (frame,)))
+            self._dirty.add(r)
 
     # ------------------------------------------------------------------ reports
 
