@@ -125,14 +125,14 @@ def _receiver(mode: str, rank: int, eps: dict[str, Any], counts: Any, first: Any
             continue
         while True:
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = recv(zmq.NOBLOCK, copy=False)  # the same cheap receive in every mode
             except zmq.Again:
                 break
             if n == 0:
                 first[rank] = time.monotonic()
             n += 1
             if report is not None:
-                done.append(unpack(frames[0])["seq"])
+                done.append(unpack(frames[0].buffer)["seq"])
                 if len(done) >= REPORT_EVERY:
                     send_report()
         last[rank] = time.monotonic()
