@@ -172,8 +172,9 @@ class Controller:
     :param endpoints: Where to listen; default: ipc sockets under *run_dir*.
     :param run_dir: Directory for ipc sockets; default: a fresh temporary one (removed on close).
     :param heartbeat_timeout_s: A rank silent this long becomes inactive.
-    :param sndhwm: Messages queued per rank socket before dispatches go to the backlog.
-    :param backlog: Dispatches held per rank when its socket is full; then ``rank_busy``.
+    :param sndhwm: Messages queued per rank socket before dispatches stay in the backlog.
+    :param backlog: Dispatches waiting per rank in the controller (staged for the next send,
+        or refused by a full socket); when full, new ones for that rank are ``rank_busy``.
     :param pd: PD handler (see :class:`PDHandler`), in prefill or decode mode.
     :param prefill_dp_size: PD decode: the prefill side's dp size (validates
         ``disagg_prefill_dp_rank``; ``1`` means every request's KV is on prefill rank 0).
