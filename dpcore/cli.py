@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("bench", "dpcore.bench", "measure forwarding throughput against a pickle loop and zmq.proxy"),
     ("http-front", "dpcore.http.server", "run an SGLang/OpenAI HTTP front for a running controller"),
     ("keys", "dpcore.security", "generate a CURVE key set for TCP between controller, ranks and senders"),
+    ("soak", "dpcore.soak", "fault soak: controller + mock ranks under kills, stalls, floods and bad requests"),
 ]
 
 EXIT_CONFIG = 2

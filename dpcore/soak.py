@@ -1,0 +1,571 @@
+"""``dpcore soak``: a bounded fault soak of a real controller with real mock ranks.
+
+``dpcore serve`` and ``--dp-size`` ``dpcore mock-worker`` processes run on loopback (ipc
+sockets in a private directory). A driver sends requests at a steady ``--rate`` through the
+client SDK, with ``--bad-fraction`` of them bad (an out-of-range rank, a broken header that
+still names its sender, a frame that is not msgpack at all), while a chaos schedule
+
+* SIGKILLs a rank and restarts it a moment later (a crash),
+* SIGTERMs a rank and restarts it at once (a controlled restart),
+* SIGSTOPs a rank for longer than ``--heartbeat-timeout`` and then SIGCONTs it (a stall),
+* floods the load-report channel with broken, out-of-range and stale reports.
+
+At the end the driver stops sending, waits for every reply, SIGTERMs the controller and
+checks the books: every request got exactly one final reply; the controller's counters add
+up (received = completed + failed + rejected, dispatched = completed + failed +
+redispatched); rejections are exactly the bad requests; failures are ``rank_died`` on a
+rank that was being disrupted at the time; every disrupted rank served again without anyone
+doing anything; the controller exits 0. It prints latency percentiles of the good requests
+and the controller's memory over time (the checks are about the books, not speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+from attrs import define, field, frozen
+
+from dpcore.errors import ConfigError
+
+DPCORE = (sys.executable, "-m", "dpcore")
+#: Chaos cycle: one event per slot, spread evenly over the run.
+SCHEDULE = ("kill", "flood", "pause", "term", "kill", "flood", "pause", "kill")
+#: How long a killed rank stays down before it is restarted.
+RESTART_AFTER_S = 1.5
+
+
+@frozen
+class SoakConfig:
+    duration_s: float = 60.0
+    rate: float = 100.0
+    dp_size: int = 4
+    method: str = "total_requests"
+    heartbeat_timeout_s: float = 1.0
+    bad_fraction: float = 0.05
+    flood_frames: int = 20_000
+    speedup: float = 50.0
+    seed: int = 0
+
+    def check(self) -> None:
+        if not 5 <= self.duration_s <= 3600:
+            raise ConfigError(f"--duration must be in 5..3600 seconds, got {self.duration_s}")
+        if not 1 <= self.rate <= 2000:
+            raise ConfigError(f"--rate must be in 1..2000 requests/s, got {self.rate}")
+        if self.dp_size < 2:
+            raise ConfigError(f"--dp-size must be at least 2 (one rank is disrupted at a time), got {self.dp_size}")
+        if not 0 <= self.bad_fraction <= 0.5:
+            raise ConfigError(f"--bad-fraction must be in 0..0.5, got {self.bad_fraction}")
+        if not self.heartbeat_timeout_s > 0:
+            raise ConfigError(f"--heartbeat-timeout must be positive, got {self.heartbeat_timeout_s}")
+
+
+@define
+class Disruption:
+    kind: str
+    rank: int
+    start: float
+    #: When the rank was running again (restart or SIGCONT); ``None`` for floods.
+    back: float | None = None
+    #: First request submitted after ``back`` that this rank served, seconds after ``back``.
+    rejoined_after_s: float | None = None
+
+
+@define
+class Books:
+    """What the driver sent and got back."""
+
+    sent_at: dict[str, float] = field(factory=dict)
+    good: set[str] = field(factory=set)
+    bad_answered: dict[str, str] = field(factory=dict)  # rid -> expected rejection code
+    bad_unanswered: int = 0
+    finals: dict[str, Any] = field(factory=dict)  # rid -> Reply
+    ended_at: dict[str, float] = field(factory=dict)
+
+
+class Soak:
+    """One soak run in *workdir* (logs of every process are kept there)."""
+
+    def __init__(self, cfg: SoakConfig, workdir: Path) -> None:
+        from dpcore.http.launch import Group
+
+        self.cfg = cfg
+        self.workdir = workdir
+        self.group = Group(workdir)
+        self.rng = random.Random(cfg.seed)
+        self.books = Books()
+        self.disruptions: list[Disruption] = []
+        self.rss: list[tuple[float, int]] = []
+        self.flooded: Counter[str] = Counter()
+        # Open for the whole run: a closing peer's frames still queued at the controller would
+        # be dropped by ZMQ, and the books count every flooded frame.
+        self._flood_sock: Any = None
+        self.ranks: dict[int, Any] = {}
+        self.eps: dict[str, Any] = {}
+        self.t0 = 0.0
+        self._stop = threading.Event()
+        self._rank_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ processes
+
+    def _start_controller(self) -> Any:
+        from dpcore.http.launch import wait_for
+
+        eps_file = self.workdir / "endpoints.json"
+        cfg = self.cfg
+        proc = self.group.start("controller", [
+            *DPCORE, "--log-json", "serve", "--dp-size", str(cfg.dp_size), "--load-balance-method", cfg.method,
+            "--heartbeat-timeout", str(cfg.heartbeat_timeout_s), "--drain-timeout", "5",
+            "--endpoints-file", str(eps_file),
+        ])  # fmt: skip
+
+        def read() -> dict[str, Any] | None:
+            try:
+                return json.loads(eps_file.read_text())  # type: ignore[no-any-return]
+            except (OSError, ValueError):
+                return None
+
+        self.eps = wait_for("the controller's endpoints", read, [proc], 30)
+        return proc
+
+    def _start_rank(self, rank: int) -> None:
+        proc = self.group.start(f"rank{rank}-{len(self.group.procs)}", [
+            *DPCORE, "--log-json", "mock-worker", "--rank", str(rank), "--dispatch", self.eps["dispatch"][rank],
+            "--report", self.eps["report"], "--speedup", str(self.cfg.speedup), "--heartbeat-s", "0.1",
+            "--exit-with-parent",
+        ])  # fmt: skip
+        with self._rank_lock:
+            self.ranks[rank] = proc
+
+    def _signal(self, rank: int, sig: int) -> Any:
+        with self._rank_lock:
+            proc = self.ranks[rank]
+        proc.popen.send_signal(sig)
+        return proc
+
+    # ------------------------------------------------------------------ status
+
+    def status(self, timeout_s: float = 3.0) -> dict[str, Any]:
+        import zmq.asyncio
+
+        from dpcore.runtime.status import AsyncStatusClient
+
+        async def ask() -> dict[str, Any]:
+            ctx = zmq.asyncio.Context()
+            client = AsyncStatusClient(self.eps["status"], ctx=ctx, max_age_s=0.0)
+            try:
+                return await client.get(timeout_s)
+            finally:
+                client.close()
+                ctx.term()
+
+        return asyncio.run(ask())
+
+    def _settled_counters(self, timeout_s: float = 15.0) -> dict[str, Any]:
+        """The controller's counters once the last completions have been reported (a rank
+        answers its sender before its next load report tells the controller)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            counters: dict[str, Any] = self.status()["counters"]
+            if counters["in_flight"] == 0 and counters["parked"] == 0 or time.monotonic() > deadline:
+                return counters
+            time.sleep(0.1)
+
+    def _wait_all_reported(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            loads = self.status()["loads"]
+            if all(x["reported"] and x["active"] for x in loads):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"ranks did not all report within {timeout_s:g}s; logs in {self.workdir}")
+
+    # ------------------------------------------------------------------ chaos
+
+    def _chaos(self) -> None:
+        cfg = self.cfg
+        # Quiet margins at both ends: a warm start, and time for the last rank to rejoin.
+        start, end = 0.1 * cfg.duration_s, cfg.duration_s - max(4.0, 3 * cfg.heartbeat_timeout_s)
+        slot = (end - start) / len(SCHEDULE)
+        for i, kind in enumerate(SCHEDULE):
+            at = self.t0 + start + i * slot
+            if self._sleep_until(at):
+                return
+            rank = i % cfg.dp_size
+            d = Disruption(kind, rank, time.monotonic())
+            self.disruptions.append(d)
+            if kind == "kill":
+                self._signal(rank, signal.SIGKILL).popen.wait(10)
+                if self._sleep_until(time.monotonic() + RESTART_AFTER_S):
+                    return
+                self._start_rank(rank)
+            elif kind == "term":
+                proc = self._signal(rank, signal.SIGTERM)
+                proc.popen.wait(10)
+                self._start_rank(rank)
+            elif kind == "pause":
+                self._signal(rank, signal.SIGSTOP)
+                stopped = self._sleep_until(time.monotonic() + 2.5 * cfg.heartbeat_timeout_s)
+                self._signal(rank, signal.SIGCONT)
+                if stopped:
+                    return
+            else:
+                self._flood(min(slot * 0.5, 3.0))
+            d.back = time.monotonic() if kind != "flood" else None
+
+    def _sleep_until(self, t: float) -> bool:
+        """Sleep until *t*; True if the run is being stopped."""
+        return self._stop.wait(max(0.0, t - time.monotonic()))
+
+    def _flood(self, seconds: float) -> None:
+        """Broken, out-of-range and stale reports, as fast as the socket takes them."""
+        import msgpack
+        import zmq
+
+        from dpcore import wire
+
+        assert self._flood_sock is not None  # made by run()
+        n = self.cfg.dp_size
+        frames = [
+            (b"\x00not msgpack", "bad"),
+            (msgpack.packb({"v": 1, "t": "load", "rank": n + 3, "epoch": 1, "seq": 1, "ack": -1,
+                            "run": 0, "wait": 0, "tok": 0, "kvu": 0, "kvc": 0}), "bad"),  # fmt: skip
+            (msgpack.packb({"v": 1, "t": "load", "rank": 0, "epoch": 1, "seq": -5}), "bad"),
+            (msgpack.packb({"v": 9, "t": "load"}), "bad"),
+            # Well-formed but from a life long gone (epoch 1): counted stale, never applied.
+            *((wire.encode_load(r, epoch=1, seq=10**9, ack=10**9, run=10**6, wait=10**6, tok=10**12), "stale")
+              for r in range(n)),
+        ]  # fmt: skip
+        push = self._flood_sock
+        end = time.monotonic() + seconds
+        sent: Counter[str] = Counter()
+        try:
+            for frame, kind in itertools.cycle(frames):
+                if sent.total() >= self.cfg.flood_frames or time.monotonic() > end or self._stop.is_set():
+                    break
+                while True:
+                    try:
+                        push.send(frame, zmq.NOBLOCK)
+                        break
+                    except zmq.Again:  # the controller reads reports at its own pace
+                        time.sleep(0.001)
+                sent[kind] += 1
+        finally:
+            self.flooded.update(sent)
+
+    def _watch_memory(self, pid: int) -> None:
+        from dpcore.runtime.local import rss_bytes
+
+        while not self._stop.wait(0.5):
+            try:
+                self.rss.append((time.monotonic() - self.t0, rss_bytes(pid)))
+            except OSError:
+                return
+
+    # ------------------------------------------------------------------ driving
+
+    def _send_bad(self, client: Any, raw: Any, rid: str) -> None:
+        import msgpack
+
+        kind = self.rng.randrange(4)
+        b = self.books
+        if kind == 0:
+            client.submit(rid, num_tokens=10, routed_dp_rank=self.cfg.dp_size + 5)
+            b.bad_answered[rid] = "invalid_rank"
+        elif kind == 1:
+            client.submit(rid, num_tokens=10, data_parallel_rank="two")
+            b.bad_answered[rid] = "invalid_rank"
+        elif kind == 2:
+            header = msgpack.packb({"v": 1, "t": "req", "rid": rid, "n": -7, "reply": client.reply_endpoint})
+            raw.send_multipart([header, b""])
+            client.pending.add(rid)
+            b.bad_answered[rid] = "malformed_request"
+        else:
+            raw.send(b"\xc1 not a dpcore frame " + rid.encode())
+            b.bad_unanswered += 1
+            return
+        b.sent_at[rid] = time.monotonic()
+
+    def _collect(self, client: Any, timeout_s: float) -> None:
+        now_ = time.monotonic
+        for r in client.poll(timeout_s):
+            if r.final:
+                self.books.finals[r.rid] = r
+                self.books.ended_at[r.rid] = now_()
+
+    def _drive(self, client: Any) -> None:
+        import zmq
+
+        raw = zmq.Context.instance().socket(zmq.PUSH)  # frames the SDK would never build
+        raw.linger = 1000
+        raw.connect(self.eps["ingress"])
+        cfg = self.cfg
+        b = self.books
+        interval = 1.0 / cfg.rate
+        n = int(cfg.duration_s * cfg.rate)
+        try:
+            for i in range(n):
+                due = self.t0 + i * interval
+                while True:  # collect replies while waiting for the next send
+                    left = due - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._collect(client, left)
+                rid = f"s{i}"
+                if self.rng.random() < cfg.bad_fraction:
+                    self._send_bad(client, raw, rid)
+                    continue
+                tokens = self.rng.randint(32, 2048)
+                client.submit(rid, num_tokens=tokens, max_new_tokens=self.rng.randint(2, 24))
+                b.sent_at[rid] = time.monotonic()
+                b.good.add(rid)
+            deadline = time.monotonic() + 30
+            while client.pending and time.monotonic() < deadline:
+                self._collect(client, 0.2)
+        finally:
+            raw.close()
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        import zmq
+
+        from dpcore.sdk.client import Client
+
+        cfg = self.cfg
+        controller = self._start_controller()
+        ctx = zmq.Context()
+        self._flood_sock = ctx.socket(zmq.PUSH)
+        self._flood_sock.linger = 0
+        self._flood_sock.connect(self.eps["report"])
+        try:
+            for r in range(cfg.dp_size):
+                self._start_rank(r)
+            self._wait_all_reported()
+            with Client(self.eps["ingress"]) as client:
+                self.t0 = time.monotonic()
+                threads = [
+                    threading.Thread(target=self._chaos, name="soak-chaos", daemon=True),
+                    threading.Thread(target=self._watch_memory, args=(controller.popen.pid,), daemon=True),
+                ]
+                for t in threads:
+                    t.start()
+                try:
+                    self._drive(client)
+                finally:
+                    self._stop.set()
+                    for t in threads:
+                        t.join(30)
+                pending = sorted(client.pending)
+                stale = client.stale
+                bad_replies = client.bad_replies
+            counters = self._settled_counters()
+            t_term = time.monotonic()
+            controller.popen.send_signal(signal.SIGTERM)
+            exit_code = controller.popen.wait(30)
+            shutdown_s = time.monotonic() - t_term
+        finally:
+            self._flood_sock.close()
+            ctx.term()
+            self.group.close()
+        final = _final_line(controller.log)
+        return self._figures(counters, final, exit_code, shutdown_s, pending, stale, bad_replies)
+
+    # ------------------------------------------------------------------ figures
+
+    def _figures(self, counters: dict[str, Any], final: dict[str, Any] | None, exit_code: int,
+                 shutdown_s: float, pending: list[str], stale: int, bad_replies: int) -> dict[str, Any]:  # fmt: skip
+        b = self.books
+        kinds = Counter(r.kind for r in b.finals.values())
+        good_rej = Counter(r.code for rid, r in b.finals.items() if rid in b.good and r.kind == "rej")
+        bad_ok = sum(1 for rid, code in b.bad_answered.items() if rid in b.finals and b.finals[rid].code == code)
+        fails = [(rid, r) for rid, r in b.finals.items() if r.kind == "fail"]
+        latencies = sorted(
+            1000 * (b.ended_at[rid] - b.sent_at[rid]) for rid in b.good if rid in b.finals and b.finals[rid].kind == "out"
+        )
+        self._rejoins()
+        unexplained = [rid for rid, r in fails if not self._explained(r, b.ended_at[rid])]
+        warm = [v for t, v in self.rss if t >= 0.25 * self.cfg.duration_s]
+        rss = {
+            "start_mb": round(warm[0] / 2**20, 1) if warm else None,
+            "end_mb": round(warm[-1] / 2**20, 1) if warm else None,
+            "max_mb": round(max(warm) / 2**20, 1) if warm else None,
+            "samples": len(self.rss),
+        }
+        disrupted = [d for d in self.disruptions if d.kind != "flood"]
+        c = counters
+        figures: dict[str, Any] = {
+            "config": attrs.asdict(self.cfg),
+            "sent": {"good": len(b.good), "bad_answered": len(b.bad_answered), "bad_unanswered": b.bad_unanswered},
+            "replies": {"out": kinds["out"], "fail": kinds["fail"], "rej": kinds["rej"], "pending": len(pending),
+                        "duplicates_dropped": stale, "undecodable": bad_replies,
+                        "good_rejected": dict(good_rej), "bad_rejected_as_expected": bad_ok,
+                        "fail_codes": dict(Counter(r.code for _, r in fails)), "fails_unexplained": len(unexplained)},  # fmt: skip
+            "controller": {k: c.get(k) for k in ("received", "dispatched", "redispatched", "completed", "failed",
+                                                 "rejected", "in_flight", "parked", "bad_frames", "reports", "bad_reports",
+                                                 "stale_reports", "unknown_done", "internal_errors", "balanced",
+                                                 "rejected_by_code", "failed_by_code")},  # fmt: skip
+            "final": final,
+            "disruptions": [
+                {"kind": d.kind, "rank": d.rank, "at_s": round(d.start - self.t0, 2),
+                 "rejoined_after_s": None if d.rejoined_after_s is None else round(d.rejoined_after_s, 2)}
+                for d in self.disruptions
+            ],  # fmt: skip
+            "kills": sum(d.kind == "kill" for d in disrupted),
+            "restarts": sum(d.kind in ("kill", "term") for d in disrupted),
+            "pauses": sum(d.kind == "pause" for d in disrupted),
+            "rejoined": sum(d.rejoined_after_s is not None for d in disrupted),
+            "disrupted": len(disrupted),
+            "flood_frames": {"bad": self.flooded["bad"], "stale": self.flooded["stale"]},
+            "latency_ms": _percentiles(latencies),
+            "rss": rss,
+            "shutdown": {"exit_code": exit_code, "seconds": round(shutdown_s, 2)},
+        }
+        figures["checks"] = checks(figures)
+        return figures
+
+    def _rejoins(self) -> None:
+        """For each disruption: how soon the rank served a request sent after it was back."""
+        b = self.books
+        served: dict[int, list[tuple[float, float]]] = {}
+        for rid, r in b.finals.items():
+            if r.kind == "out" and r.rank is not None:
+                served.setdefault(r.rank, []).append((b.sent_at[rid], b.ended_at[rid]))
+        for d in self.disruptions:
+            if d.back is None:
+                continue
+            after = [end for sent, end in served.get(d.rank, ()) if sent >= d.back]
+            if after:
+                d.rejoined_after_s = min(after) - d.back
+
+    def _explained(self, reply: Any, at: float) -> bool:
+        """A failure is explained by a disruption of its rank that began before it (and
+        that the controller noticed within a heartbeat timeout or so)."""
+        if reply.code != "rank_died":
+            return False
+        limit = 2 * self.cfg.heartbeat_timeout_s + RESTART_AFTER_S + 3.0
+        return any(d.rank == reply.rank and d.kind != "flood" and d.start <= at <= d.start + limit for d in self.disruptions)
+
+
+def _final_line(log: Path) -> dict[str, Any] | None:
+    for line in log.read_text(errors="replace").splitlines():
+        if '"controller_stopped"' in line:
+            try:
+                return json.loads(line)  # type: ignore[no-any-return]
+            except ValueError:
+                return None
+    return None
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"count": 0, "p50": None, "p99": None, "max": None}
+    p99 = values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
+    return {"count": len(values), "p50": round(statistics.median(values), 2), "p99": round(p99, 2),
+            "max": round(values[-1], 2)}  # fmt: skip
+
+
+def checks(f: dict[str, Any]) -> dict[str, bool]:
+    """The soak's verdicts: the books, not the speed."""
+    s, r, c, fin = f["sent"], f["replies"], f["controller"], f["final"] or {}
+    answered = s["good"] + s["bad_answered"]
+    return {
+        "every request got exactly one final reply": r["pending"] == 0 and r["out"] + r["fail"] + r["rej"] == answered,
+        "controller: received = completed + failed + rejected": c["in_flight"] == 0 and c["parked"] == 0
+        and c["received"] == c["completed"] + c["failed"] + c["rejected"] == answered,
+        "controller: dispatched = completed + failed + redispatched": c["dispatched"]
+        == c["completed"] + c["failed"] + c["redispatched"] and c["balanced"] == {"received": True, "dispatched": True},
+        "controller and client agree": c["rejected"] == r["rej"] and c["completed"] + c["failed"] == r["out"] + r["fail"],
+        "rejections are exactly the bad requests": r["bad_rejected_as_expected"] == s["bad_answered"] and not r["good_rejected"],
+        "failures only rank_died on a disrupted rank": r["fails_unexplained"] == 0,
+        "bad frames all counted": c["bad_frames"] == s["bad_unanswered"],
+        "every flooded report counted, none applied": c["bad_reports"] == f["flood_frames"]["bad"]
+        and c["stale_reports"] >= f["flood_frames"]["stale"],
+        "every disrupted rank rejoined by itself": f["rejoined"] == f["disrupted"] > 0,
+        "no internal errors": c["internal_errors"] == 0,
+        # A leak grows with traffic; 16 MiB is far above the noise of a flat process.
+        "controller memory flat": f["rss"]["end_mb"] is not None and f["rss"]["end_mb"] - f["rss"]["start_mb"] < 16,
+        "clean shutdown (exit 0, books balanced)": f["shutdown"]["exit_code"] == 0 and fin.get("balanced") is True,
+    }
+
+
+def print_figures(f: dict[str, Any], file: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    cfg = f["config"]
+    t = Table(title=f"dpcore soak: {cfg['duration_s']:g}s at {cfg['rate']:g} req/s, {cfg['dp_size']} mock ranks, {cfg['method']}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    s, r, c, lat, rss = f["sent"], f["replies"], f["controller"], f["latency_ms"], f["rss"]
+    rows = [
+        ("requests sent (good / bad answered / bad frames)", f"{s['good']} / {s['bad_answered']} / {s['bad_unanswered']}"),
+        ("controller received", c["received"]),
+        ("dispatched (incl. re-dispatches)", c["dispatched"]),
+        ("completed", c["completed"]),
+        ("failed (rank died)", c["failed"]),
+        ("re-dispatched (unadmitted on a dead rank)", c["redispatched"]),
+        ("rejected", f"{c['rejected']} {c['rejected_by_code']}"),
+        ("client finals out / fail / rej", f"{r['out']} / {r['fail']} / {r['rej']}"),
+        ("late duplicate outputs dropped by the client", r["duplicates_dropped"]),
+        ("ranks killed / SIGTERM-restarted / paused", f"{f['kills']} / {f['restarts'] - f['kills']} / {f['pauses']}"),
+        ("disrupted ranks that rejoined by themselves", f"{f['rejoined']} / {f['disrupted']}"),
+        ("report flood: bad / stale frames sent", f"{f['flood_frames']['bad']} / {f['flood_frames']['stale']}"),
+        ("controller counted bad / stale reports", f"{c['bad_reports']} / {c['stale_reports']}"),
+        ("latency of good requests p50 / p99 / max (ms)", f"{lat['p50']} / {lat['p99']} / {lat['max']}"),
+        ("controller RSS from 25% of the run: start / end / max (MB)", f"{rss['start_mb']} / {rss['end_mb']} / {rss['max_mb']}"),
+        ("SIGTERM to exit (s), exit code", f"{f['shutdown']['seconds']}, {f['shutdown']['exit_code']}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    console.print(t)
+    for name, ok in f["checks"].items():
+        console.print(f"[{'green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/] {name}")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = SoakConfig()
+    p.add_argument("--duration", type=float, default=d.duration_s, help=f"seconds of traffic (default {d.duration_s:g})")
+    p.add_argument("--rate", type=float, default=d.rate, help=f"requests per second (default {d.rate:g})")
+    p.add_argument("--dp-size", type=int, default=d.dp_size, help=f"mock ranks (default {d.dp_size})")
+    p.add_argument("--load-balance-method", default=d.method, help=f"policy (default {d.method})")
+    p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s,
+                   help=f"controller's rank heartbeat deadline, seconds (default {d.heartbeat_timeout_s:g})")  # fmt: skip
+    p.add_argument("--bad-fraction", type=float, default=d.bad_fraction, help=f"share of bad requests (default {d.bad_fraction})")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--workdir", default=None, metavar="DIR", help="keep the processes' logs here (default: a temporary dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = SoakConfig(
+        duration_s=args.duration, rate=args.rate, dp_size=args.dp_size, method=args.load_balance_method,
+        heartbeat_timeout_s=args.heartbeat_timeout, bad_fraction=args.bad_fraction, seed=args.seed,
+    )  # fmt: skip
+    cfg.check()
+    with tempfile.TemporaryDirectory(prefix="dpcore-soak-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        figures = Soak(cfg, workdir).run()
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, default=str))
+    print_figures(figures)
+    return 0 if all(figures["checks"].values()) else 1

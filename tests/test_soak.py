@@ -1,0 +1,42 @@
+"""The fault soak (``dpcore soak``) as a bounded test: ~75 s of wall time.
+
+A real ``dpcore serve`` and four ``dpcore mock-worker`` processes take 100 requests/s for
+60 s while ranks are SIGKILLed and restarted, SIGTERMed and restarted, SIGSTOPped past their
+heartbeat deadline and resumed, the report channel is flooded, and 5% of the requests are
+bad. The assertions are about the books (see :func:`dpcore.soak.checks`), never speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.soak, pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_soak_keeps_exact_books(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpcore", "soak", "--duration", "60", "--rate", "100", "--json", str(out),
+         "--workdir", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    print(proc.stdout)
+    assert out.exists(), proc.stderr[-3000:]
+    f = json.loads(out.read_text())
+    failed = [name for name, ok in f["checks"].items() if not ok]
+    assert not failed, (failed, {k: f[k] for k in ("sent", "replies", "controller", "disruptions")})
+    assert proc.returncode == 0
+    # The chaos really happened, and the figures the checks rely on are real.
+    assert f["kills"] >= 2 and f["pauses"] >= 2 and f["restarts"] > f["kills"]
+    assert f["rejoined"] == f["disrupted"] == 6
+    assert f["flood_frames"]["bad"] > 0 and f["flood_frames"]["stale"] > 0
+    s, c = f["sent"], f["controller"]
+    assert s["good"] > 5000 and s["bad_answered"] > 100 and s["bad_unanswered"] > 0
+    assert c["received"] == s["good"] + s["bad_answered"]
+    assert set(f["replies"]["fail_codes"]) <= {"rank_died"}
+    assert f["latency_ms"]["count"] == f["replies"]["out"]
