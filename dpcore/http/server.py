@@ -92,6 +92,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def warn_exposed(host: str, api_key: str | None) -> None:
+    """Warn loudly when the front listens beyond loopback without an API key."""
+    if api_key is None:
+        import structlog
+
+        from dpcore import security
+
+        security.warn_exposed("the HTTP front", host,
+                              "Anyone who can reach it can send generation requests and read loads.",
+                              f"set --api-key (or ${API_KEY_ENV}), or bind 127.0.0.1 (--http-host)",
+                              structlog.get_logger("dpcore.http"))  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     """``dpcore http-front``: serve until SIGINT/SIGTERM (or the parent exits)."""
     import asyncio
@@ -113,20 +126,15 @@ def run(args: argparse.Namespace) -> int:
     )
     link = ControllerLink(args.ingress, args.status, block_size=args.block_size)
     if args.http_fd is not None:
-        sock = socket.socket(fileno=args.http_fd)
+        sock = socket.socket(fileno=args.http_fd)  # bound (and warned about) by dpcore serve
     else:
+        warn_exposed(args.http_host, config.api_key)
         sock = bind(args.http_host, args.http_port)
     port = sock.getsockname()[1]
     server = uvicorn.Server(
         uvicorn.Config(create_app(link, config), log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     )
     log = structlog.get_logger("dpcore").bind(component="http")
-    if config.api_key is None:
-        from dpcore import security
-
-        security.warn_exposed("the HTTP front", args.http_host,
-                              "Anyone who can reach it can send generation requests and read loads.",
-                              f"set --api-key (or ${API_KEY_ENV}), or bind 127.0.0.1 (--http-host)", log)  # fmt: skip
 
     async def serve() -> None:
         task = asyncio.ensure_future(server.serve(sockets=[sock]))

@@ -136,6 +136,10 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     if args.transport == "tcp" and keys is None:
         security.warn_exposed("dpcore serve (the controller's ZMQ sockets)", args.host, security.ZMQ_RISK,
                               security.ZMQ_FIX, log)  # fmt: skip
+    if getattr(args, "http_port", None) is not None:
+        from dpcore.http import server as http_server
+
+        http_server.warn_exposed(args.http_host, args.api_key or os.environ.get(http_server.API_KEY_ENV) or None)
     if getattr(args, "bootstrap_port", None) is not None:
         security.warn_exposed("the PD bootstrap registry (HTTP, no authentication available)", args.bootstrap_host,
                               "Anyone who can reach it can register or read room -> rank entries.",

@@ -53,13 +53,12 @@ def ipc(run_dir: str | os.PathLike[str], name: str) -> str:
 def bind(sock: zmq.Socket, endpoint: str) -> str:  # type: ignore[type-arg]
     """Bind *sock*; returns the concrete endpoint (random TCP ports resolved)."""
     check(endpoint)
-    if endpoint.startswith("tcp://") and endpoint.endswith((":0", ":*")):
-        host = endpoint[: endpoint.rfind(":")]
-        port = sock.bind_to_random_port(host)
-        return f"{host}:{port}"
     if endpoint.startswith("ipc://"):
         Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
     try:
+        if endpoint.startswith("tcp://") and endpoint.endswith((":0", ":*")):
+            host = endpoint[: endpoint.rfind(":")]
+            return f"{host}:{sock.bind_to_random_port(host)}"
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
         msg = f"cannot bind {endpoint}: {exc}"
