@@ -132,7 +132,7 @@ def _receiver(mode: str, rank: int, eps: dict[str, Any], counts: Any, first: Any
                 first[rank] = time.monotonic()
             n += 1
             if report is not None:
-                done.append(unpack(frames[0].buffer)["seq"])
+                done.append(unpack(frames[0])["seq"])
                 if len(done) >= REPORT_EVERY:
                     send_report()
         last[rank] = time.monotonic()

@@ -543,7 +543,7 @@ class Controller:
                     more = recv(copy=False).more
                     extra += 1
             try:
-                msg = decode(hdr.buffer)
+                msg = decode(hdr)  # msgpack reads the frame's buffer directly
             except wire.MalformedHeader as exc:
                 self.received += 1
                 self._reject(exc.reply, exc.rid, exc.code, str(exc))
