@@ -413,11 +413,13 @@ def encode_load(
     tok: int = 0,
     kvu: int = 0,
     kvc: int = 0,
+    pf: int = -1,
     done: Iterable[int] = (),
     lo: int | None = None,
 ) -> bytes:
-    """A load report. ``done``: dispatch seqs finished since the last report; ``lo``: the
-    first dispatch seq this life of the rank received (``None``: none yet)."""
+    """A load report. ``pf``: prefill tokens left in progress (``-1``: unknown); ``done``:
+    dispatch seqs finished since the last report; ``lo``: the first dispatch seq this life
+    of the rank received (``None``: none yet)."""
     return msgpack.packb(
         {
             "v": VERSION,
@@ -431,6 +433,7 @@ def encode_load(
             "tok": tok,
             "kvu": kvu,
             "kvc": kvc,
+            "pf": pf,
             "done": list(done),
             "lo": lo,
         }
@@ -456,6 +459,7 @@ def decode_load(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None]:
         _req_int(h, "tok", w),
         _req_int(h, "kvu", w),
         _req_int(h, "kvc", w),
+        -1 if h.get("pf") is None else _req_int(h, "pf", w, minimum=-1),
     )
     done = h.get("done")
     if done is None:

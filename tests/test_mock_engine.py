@@ -36,6 +36,15 @@ def test_prefill_time_is_proportional_to_uncached_tokens() -> None:
     assert e2.busy_until == pytest.approx(3 * e.busy_until)
 
 
+def test_reports_what_is_left_of_the_prefill_in_progress() -> None:
+    e = MockEngine(P)
+    assert e.prefill_tokens(0.0) == 0
+    e.add(job("a", 1200))
+    e.advance(0.0)
+    assert e.prefill_tokens(0.0) == 1200
+    assert e.prefill_tokens(0.05) == 600
+
+
 def test_first_token_comes_from_prefill_and_one_token_needs_no_decode() -> None:
     e = MockEngine(P)
     a = job("a", 1200, out=1)

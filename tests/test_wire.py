@@ -194,3 +194,12 @@ def test_token_ids_payload():
     with pytest.raises(WireError):
         wire.unpack_token_ids(b"abc")
 
+
+
+def test_load_report_carries_prefill_tokens_and_defaults_to_unknown():
+    from dpcore import wire as w
+
+    rep, _, _ = w.decode_load(w.encode_load(1, epoch=1, seq=2, pf=4096))
+    assert rep.prefill_tokens == 4096
+    rep, _, _ = w.decode_load(w.encode_load(1, epoch=1, seq=2))
+    assert rep.prefill_tokens == -1

@@ -198,6 +198,12 @@ class MockEngine:
         """KV in use plus the prompts of waiting requests (what ``total_tokens`` balances)."""
         return self.kv_used + self._waiting_tokens
 
+    def prefill_tokens(self, now: float) -> int:
+        """Uncached prompt tokens still to compute in the prefill in progress (0 if none)."""
+        if self._phase is None or self._phase[0] != "prefill" or self.busy_until is None:
+            return 0
+        return max(0, round((self.busy_until - now) * self.params.prefill_tokens_per_s))
+
     @property
     def idle(self) -> bool:
         return self.busy_until is None and not self.waiting

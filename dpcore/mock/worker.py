@@ -120,7 +120,8 @@ class MockRank:
                 changed = True
             if changed:
                 worker.report(engine.num_running, engine.num_waiting, engine.num_tokens,
-                              engine.kv_used, self.params.kv_capacity)  # fmt: skip
+                              engine.kv_used, self.params.kv_capacity,
+                              prefill_tokens=engine.prefill_tokens(now))  # fmt: skip
             if parent_pid is not None and os.getppid() != parent_pid:
                 break  # whoever started us is gone: do not linger as an orphan
 

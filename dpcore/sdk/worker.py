@@ -122,7 +122,7 @@ class Worker:
         self._ack = -1
         self._lo: int | None = None
         self._done: list[int] = []
-        self._load = (0, 0, 0, 0, 0)
+        self._load = (0, 0, 0, 0, 0, -1)
         self._last_sent = 0.0
         # Say hello at once: the controller learns this life (and its epoch) before any work.
         self.heartbeat()
@@ -213,10 +213,14 @@ class Worker:
         kv_used: int = 0,
         kv_capacity: int = 0,
         done_seqs: Iterable[int] = (),
+        prefill_tokens: int = -1,
     ) -> bool:
         """Send a load report (also a heartbeat). *done_seqs* add to what :meth:`send`
-        with ``final=True`` and :meth:`finish` recorded. Returns whether it was sent."""
-        self._load = (num_running, num_waiting, num_tokens, kv_used, kv_capacity)
+        with ``final=True`` and :meth:`finish` recorded. *prefill_tokens*: uncached prompt
+        tokens still to compute for prefills in progress (``-1``: not known), which lets
+        backlog-aware policies see a long prefill the moment it starts. Returns whether it
+        was sent."""
+        self._load = (num_running, num_waiting, num_tokens, kv_used, kv_capacity, prefill_tokens)
         self._done.extend(done_seqs)
         return self._send_report()
 
@@ -225,12 +229,12 @@ class Worker:
         return self._send_report()
 
     def _send_report(self) -> bool:
-        run, wait, tok, kvu, kvc = self._load
+        run, wait, tok, kvu, kvc, pf = self._load
         done = self._done[:_DONE_PER_REPORT]
         self._report_seq += 1
         frame = wire.encode_load(
             self.rank, epoch=self.epoch, seq=self._report_seq, ack=self._ack,
-            run=run, wait=wait, tok=tok, kvu=kvu, kvc=kvc, done=done, lo=self._lo,
+            run=run, wait=wait, tok=tok, kvu=kvu, kvc=kvc, pf=pf, done=done, lo=self._lo,
         )  # fmt: skip
         self._last_sent = time.monotonic()
         try:
