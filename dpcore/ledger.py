@@ -8,13 +8,28 @@ and a burst between two reports is seen dispatch by dispatch.
 Effective loads live in two plain lists, :attr:`LoadLedger.requests` and
 :attr:`LoadLedger.tokens`, because policies read them on every decision. Treat them as
 read-only; only the ledger writes them.
+
+**Queued work.** A report is old by the time it is applied (50 ms by default, seconds when
+the report path is slow), and so is the queue it describes: the ranks kept admitting work
+since. The ledger therefore also keeps, per rank, an estimate of the work *queued* now
+(dispatched or reported waiting, and not started yet): :attr:`LoadLedger.queued_tokens` and
+:attr:`LoadLedger.queued_requests`. It is a first-in-first-out fluid queue that drains at
+:attr:`LoadLedger.drain_rate`, the prompt tokens per second a busy rank starts, learned from
+consecutive reports. A report resets the queue to what the rank said was waiting (and, when
+it says, the rest of the prompt it was computing) at the moment it took the report, then
+replays every dispatch it has not acknowledged, each from the moment it was sent. That moment
+is bounded without comparing clocks across processes: a report acknowledging dispatch ``a``
+was taken after ``a`` was sent and before dispatch ``a + 1`` arrived. Policies read the queue
+with :meth:`LoadLedger.queued` (or inline its formula in their scan).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 
 from dpcore.errors import InvalidReportError
 from dpcore.model import LoadReport
@@ -22,6 +37,24 @@ from dpcore.model import LoadReport
 #: Unacknowledged dispatches kept per rank. Past this the rank has not acknowledged
 #: anything for a very long time; the oldest entries are folded into the count only.
 MAX_PENDING_PER_RANK = 1 << 16
+#: Unacknowledged dispatches replayed one by one into the queue estimate when a report
+#: arrives; older ones enter it together. Bounds the cost of a report from a rank that
+#: stopped acknowledging.
+MAX_REPLAY = 512
+#: Seconds over which the drain-rate estimate forgets old observations: long enough to
+#: average many busy intervals, short enough to follow a change of model or batch size.
+DRAIN_RATE_HORIZON_S = 30.0
+
+
+def waiting_tokens(report: LoadReport) -> int:
+    """Prompt tokens of the requests *report* says are waiting (not started yet)."""
+    waiting = report.num_waiting
+    if waiting <= 0:
+        return 0
+    if report.kv_used > 0 or report.num_running == 0:
+        return max(report.num_tokens - report.kv_used, 0)
+    # The rank does not say how much KV it holds: split its tokens by request count.
+    return report.num_tokens * waiting // (waiting + report.num_running)
 
 
 class LoadLedger:
@@ -46,6 +79,21 @@ class LoadLedger:
         "_next_seq",
         "_pending",
         "_pending_tokens",
+        "queued_tokens",
+        "queued_requests",
+        "drain_rate",
+        "_queue",
+        "queued_at",
+        "_queued_ranks",
+        "_refreshed_at",
+        "_last_waiting",
+        "_drained",
+        "_drain_time",
+        "_drain_seen",
+        "mean_prompt_tokens",
+        "_dispatches",
+        "_age",
+        "_acked_sent",
     )
 
     def __init__(self, dp_size: int, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -69,8 +117,34 @@ class LoadLedger:
         self._epoch: list[int | None] = [None] * dp_size
         self._report_seq = [-1] * dp_size
         self._next_seq = [0] * dp_size
-        self._pending: list[deque[tuple[int, int]]] = [deque() for _ in range(dp_size)]
+        #: Per rank: (dispatch seq, prompt tokens, when it was sent), oldest first.
+        self._pending: list[deque[tuple[int, int, float]]] = [deque() for _ in range(dp_size)]
         self._pending_tokens = [0] * dp_size
+        #: Estimated prompt tokens queued at the rank and not started, as of
+        #: :attr:`queued_at`; :meth:`queued` drains it up to now.
+        self.queued_tokens: list[float] = [0.0] * dp_size
+        #: The same queue in requests (a partly started request counts in part).
+        self.queued_requests: list[float] = [0.0] * dp_size
+        #: Prompt tokens per second a busy rank starts, learned from reports; ``0.0`` until
+        #: the first busy interval is seen (then queues only shrink when a report says so).
+        self.drain_rate = 0.0
+        #: When ``queued_tokens`` / ``queued_requests`` were last brought up to date.
+        self.queued_at = [now] * dp_size
+        # The queue: [tokens left, tokens, requests] entries, first in first out.
+        self._queue: list[deque[list[float]]] = [deque() for _ in range(dp_size)]
+        self._queued_ranks: set[int] = set()
+        self._refreshed_at = now
+        self._last_waiting: list[tuple[float, int] | None] = [None] * dp_size
+        self._drained = 0.0
+        self._drain_time = 0.0
+        self._drain_seen: float | None = None
+        #: Mean prompt tokens per dispatch (recent ones weigh more); ``0.0`` before any.
+        self.mean_prompt_tokens = 0.0
+        self._dispatches = 0
+        # Per rank: how old its reports are when applied, and when the last dispatch a
+        # report acknowledged was sent.
+        self._age = [0.0] * dp_size
+        self._acked_sent: list[float | None] = [None] * dp_size
 
     # ------------------------------------------------------------------ reading
 
@@ -92,6 +166,7 @@ class LoadLedger:
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per-rank state as plain dicts (for ``/get_load``, metrics and reports)."""
+        self.refresh()
         out = []
         for r in range(self.dp_size):
             rep = self.reports[r]
@@ -104,6 +179,7 @@ class LoadLedger:
                     "num_waiting_reqs": rep.num_waiting if rep else 0,
                     "num_tokens": self.tokens[r],
                     "unacked": len(self._pending[r]),
+                    "queued_tokens": round(self.queued_tokens[r]),
                     "kv_used": rep.kv_used if rep else 0,
                     "kv_capacity": rep.kv_capacity if rep else 0,
                 }
@@ -118,14 +194,19 @@ class LoadLedger:
         self._next_seq[rank] = seq + 1
         pending = self._pending[rank]
         if len(pending) >= MAX_PENDING_PER_RANK:
-            _, old = pending.popleft()
+            old = pending.popleft()[1]
             self._pending_tokens[rank] -= old
             self.requests[rank] -= 1
             self.tokens[rank] -= old
-        pending.append((seq, num_tokens))
+        n = self._dispatches = self._dispatches + 1
+        # The plain mean at first, then an average over roughly the last 1024 dispatches.
+        self.mean_prompt_tokens += (num_tokens - self.mean_prompt_tokens) / (n if n < 1024 else 1024)
+        now = self._clock()
+        pending.append((seq, num_tokens, now))
         self._pending_tokens[rank] += num_tokens
         self.requests[rank] += 1
         self.tokens[rank] += num_tokens
+        self._enqueue(rank, num_tokens, 1, now)
         return seq
 
     def next_dispatch_seq(self, rank: int) -> int:
@@ -151,18 +232,149 @@ class LoadLedger:
             self.heard_from(r)
             return False
         self._report_seq[r] = report.seq
+        now = self._clock()
         pending = self._pending[r]
         acked = report.acked_seq
-        ptoks = self._pending_tokens[r]
+        admitted = 0
         while pending and pending[0][0] <= acked:
-            ptoks -= pending.popleft()[1]
+            _, tokens, self._acked_sent[r] = pending.popleft()
+            admitted += tokens
+        ptoks = self._pending_tokens[r] - admitted
         self._pending_tokens[r] = ptoks
         self.requests[r] = report.num_running + report.num_waiting + len(pending)
         self.tokens[r] = report.num_tokens + ptoks
         self.reports[r] = report
         self.reported[r] = True
-        self.heard_from(r)
+        waiting = waiting_tokens(report)
+        self._learn_drain_rate(r, waiting, admitted, now)
+        self._requeue(r, report, waiting, now)
+        self.heard_from(r, now)
         return True
+
+    # ------------------------------------------------------------------ queued work
+
+    def queued(self, rank: int, now: float | None = None) -> float:
+        """Prompt tokens queued at *rank* at *now* (default: the clock's now).
+
+        The queue drains at a constant rate until it is empty, so this is
+        ``max(queued_tokens[rank] - drain_rate * (now - queued_at[rank]), 0)``; a policy may
+        inline that in its scan instead of calling this.
+        """
+        if now is None:
+            now = self._clock()
+        left = self.queued_tokens[rank] - self.drain_rate * (now - self.queued_at[rank])
+        return left if left > 0.0 else 0.0
+
+    def refresh(self, now: float | None = None) -> None:
+        """Bring every rank's ``queued_tokens`` and ``queued_requests`` up to *now*."""
+        if now is None:
+            now = self._clock()
+        if now == self._refreshed_at or not self._queued_ranks:
+            return
+        self._refreshed_at = now
+        for r in tuple(self._queued_ranks):
+            self._drain(r, now)
+
+    def _drain(self, r: int, now: float) -> None:
+        queue = self._queue[r]
+        left = self.drain_rate * (now - self.queued_at[r])
+        self.queued_at[r] = now
+        if left <= 0.0 or not queue:
+            return
+        toks = self.queued_tokens[r]
+        reqs = self.queued_requests[r]
+        while queue:
+            entry = queue[0]
+            rest, size, count = entry
+            if left < rest:
+                entry[0] = rest - left
+                toks -= left
+                reqs -= count * left / size
+                break
+            left -= rest
+            toks -= rest
+            reqs -= count * rest / size if size else count
+            queue.popleft()
+        if queue:
+            self.queued_tokens[r] = toks
+            self.queued_requests[r] = reqs
+        else:  # exactly empty, whatever rounding did
+            self.queued_tokens[r] = self.queued_requests[r] = 0.0
+            self._queued_ranks.discard(r)
+
+    def _enqueue(self, r: int, tokens: float, count: float, at: float) -> None:
+        if self._queue[r]:
+            self._drain(r, at)
+        else:
+            self.queued_at[r] = at
+        self._queue[r].append([float(tokens), float(tokens), float(count)])
+        self.queued_tokens[r] += tokens
+        self.queued_requests[r] += count
+        self._queued_ranks.add(r)
+
+    def _requeue(self, r: int, report: LoadReport, waiting: int, now: float) -> None:
+        """Rebuild *r*'s queue from *report*: its waiting work, then the unacknowledged."""
+        self._queue[r].clear()
+        self._queued_ranks.discard(r)
+        self.queued_tokens[r] = self.queued_requests[r] = 0.0
+        taken = now - self._report_age(r, now)
+        self.queued_at[r] = taken
+        # The prompt being computed when the report was taken delays the queue behind it
+        # (and not every engine says how much of it is left).
+        started = getattr(report, "prefill_tokens", -1)
+        if started > 0:
+            self._enqueue(r, started, 0, taken)
+        if report.num_waiting > 0:
+            self._enqueue(r, waiting, report.num_waiting, taken)
+        pending = self._pending[r]
+        skip = len(pending) - MAX_REPLAY
+        if skip > 0:
+            old = sum(e[1] for e in islice(pending, skip))
+            self._enqueue(r, old, skip, taken)
+        for _, tokens, sent in islice(pending, max(skip, 0), None):
+            self._enqueue(r, tokens, 1, sent if sent > taken else taken)
+        self._drain(r, now)
+
+    def _report_age(self, r: int, now: float) -> float:
+        """How long ago the report being applied was taken, bounded by dispatch times.
+
+        It acknowledges dispatch ``a`` and not ``a + 1``: it was taken after ``a`` was sent
+        and before ``a + 1`` arrived (about when it was sent). Within those bounds the age
+        is the rank's previous estimate, so with a steady report delay the estimate
+        settles inside every report's bounds, i.e. on the delay itself.
+        """
+        pending = self._pending[r]
+        low = now - pending[0][2] if pending else 0.0
+        sent = self._acked_sent[r]
+        high = now - sent if sent is not None else low
+        age = self._age[r]
+        age = high if age > high else low if age < low else age
+        self._age[r] = age
+        return age
+
+    def _learn_drain_rate(self, r: int, waiting: int, admitted: int, now: float) -> None:
+        """Prompt tokens started between two reports that both found work waiting.
+
+        The rank had a queue at both ends, so it was (almost surely) busy starting work in
+        between: ``waiting before + admitted since - waiting now`` tokens over the time
+        between the two arrivals. Summed over every rank with exponential forgetting.
+        """
+        last = self._last_waiting[r]
+        self._last_waiting[r] = (now, waiting)
+        if last is None or last[1] <= 0 or waiting <= 0:
+            return
+        dt = now - last[0]
+        if dt <= 0.0:
+            return
+        started = last[1] + admitted - waiting
+        if self._drain_seen is not None:
+            keep = math.exp((self._drain_seen - now) / DRAIN_RATE_HORIZON_S)
+            self._drained *= keep
+            self._drain_time *= keep
+        self._drain_seen = now
+        self._drained += started if started > 0 else 0
+        self._drain_time += dt
+        self.drain_rate = self._drained / self._drain_time
 
     # ------------------------------------------------------------------ liveness
 
@@ -198,6 +410,12 @@ class LoadLedger:
         self._pending_tokens[rank] = 0
         self.requests[rank] = 0
         self.tokens[rank] = 0
+        self._queue[rank].clear()
+        self._queued_ranks.discard(rank)
+        self.queued_tokens[rank] = self.queued_requests[rank] = 0.0
+        self._last_waiting[rank] = None
+        self._acked_sent[rank] = None
+        self._age[rank] = 0.0
         self.reported[rank] = False
         self.reports[rank] = None
         self._report_seq[rank] = -1
