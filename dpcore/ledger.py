@@ -319,11 +319,10 @@ class LoadLedger:
         self.queued_tokens[r] = self.queued_requests[r] = 0.0
         taken = now - self._report_age(r, now)
         self.queued_at[r] = taken
-        # The prompt being computed when the report was taken delays the queue behind it
-        # (and not every engine says how much of it is left).
-        started = getattr(report, "prefill_tokens", -1)
-        if started > 0:
-            self._enqueue(r, started, 0, taken)
+        # The rest of the prompt being computed when the report was taken delays the queue
+        # behind it (-1: the engine does not say).
+        if report.prefill_tokens > 0:
+            self._enqueue(r, report.prefill_tokens, 0, taken)
         if report.num_waiting > 0:
             self._enqueue(r, waiting, report.num_waiting, taken)
         pending = self._pending[r]

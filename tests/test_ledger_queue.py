@@ -130,6 +130,19 @@ def test_report_taken_after_every_dispatch_is_applied_as_current():
     assert led.queued(0) == pytest.approx(2_000)
 
 
+def test_prompt_being_computed_delays_the_queue_behind_it():
+    led, clock, report = make_ledger(2)
+    teach_rate(led, clock, report, 1_000, rank=1)
+    led.record_dispatch(0, 300)
+    led.record_dispatch(0, 700)
+    report(0, acked=0, waiting=0, prefill_tokens=2_000)
+    assert led.queued(0) == 2_700
+    led.refresh()
+    assert led.queued_requests[0] == 1  # the started prompt is running, not queued
+    clock.t += 2.5  # the rest of that prompt, then half of the one behind it
+    assert led.queued(0) == pytest.approx(200)
+
+
 def test_replay_is_bounded_but_counts_every_unacknowledged_dispatch():
     led = LoadLedger(1, clock=Clock())
     report = Reporter(led)
