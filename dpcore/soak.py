@@ -22,7 +22,6 @@ and the controller's memory over time (the checks are about the books, not speed
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import math
@@ -62,8 +61,8 @@ class SoakConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if not 5 <= self.duration_s <= 3600:
-            raise ConfigError(f"--duration must be in 5..3600 seconds, got {self.duration_s}")
+        if not 20 <= self.duration_s <= 3600:
+            raise ConfigError(f"--duration must be in 20..3600 seconds, got {self.duration_s}")
         if not 1 <= self.rate <= 2000:
             raise ConfigError(f"--rate must be in 1..2000 requests/s, got {self.rate}")
         if self.dp_size < 2:
@@ -160,20 +159,9 @@ class Soak:
     # ------------------------------------------------------------------ status
 
     def status(self, timeout_s: float = 3.0) -> dict[str, Any]:
-        import zmq.asyncio
+        from dpcore.runtime.local import fetch_status
 
-        from dpcore.runtime.status import AsyncStatusClient
-
-        async def ask() -> dict[str, Any]:
-            ctx = zmq.asyncio.Context()
-            client = AsyncStatusClient(self.eps["status"], ctx=ctx, max_age_s=0.0)
-            try:
-                return await client.get(timeout_s)
-            finally:
-                client.close()
-                ctx.term()
-
-        return asyncio.run(ask())
+        return fetch_status(self.eps["status"], timeout_s)
 
     def _settled_counters(self, timeout_s: float = 15.0) -> dict[str, Any]:
         """The controller's counters once the last completions have been reported (a rank
@@ -205,6 +193,14 @@ class Soak:
             at = self.t0 + start + i * slot
             if self._sleep_until(at):
                 return
+            # One rank disrupted at a time: wait until the last one is back. (A flood's stale
+            # reports must meet live ranks: for a rank declared dead, a report from an unknown
+            # life is that rank's new life.)
+            while not self._all_up():
+                if self._sleep_until(time.monotonic() + 0.1):
+                    return
+            if time.monotonic() > self.t0 + end:
+                return  # too late to see this rank come back before the traffic stops
             rank = i % cfg.dp_size
             d = Disruption(kind, rank, time.monotonic())
             self.disruptions.append(d)
@@ -226,6 +222,14 @@ class Soak:
             else:
                 self._flood(min(slot * 0.5, 3.0))
             d.back = time.monotonic() if kind != "flood" else None
+
+    def _all_up(self) -> bool:
+        from dpcore.runtime.status import StatusUnavailableError
+
+        try:
+            return all(x["reported"] and x["active"] for x in self.status()["loads"])
+        except StatusUnavailableError:  # the controller is busy: ask again
+            return False
 
     def _sleep_until(self, t: float) -> bool:
         """Sleep until *t*; True if the run is being stopped."""

@@ -58,7 +58,7 @@ import zmq
 
 from dpcore import security, wire
 from dpcore.runtime.controller import ControllerEndpoints
-from dpcore.runtime.local import LocalCluster, cpu_seconds, wait_for
+from dpcore.runtime.local import LocalCluster, cpu_seconds, fetch_status, wait_for
 from dpcore.sdk import Client
 
 pytestmark = pytest.mark.e2e
@@ -469,10 +469,13 @@ def test_case_9_stolen_rank_socket(keys: tuple[security.CurveKeys, dict[str, str
     with LocalCluster("round_robin", DP, endpoints=ControllerEndpoints.tcp(DP), curve=False,
                       env=_env_without_keys(), client_kw={"curve": False}) as lc:  # fmt: skip
         plain = _thieves(ctx, lc.controller.endpoints.dispatch[1], None)[0]
-        time.sleep(0.3)
-        for i in range(40):
-            lc.client.submit(f"open{i}", num_tokens=5)  # type: ignore[union-attr]
-        stolen_open = _drain(plain)
+        stolen_open = 0
+        for batch in range(20):  # until its connection is up (fast, unless the machine is busy)
+            for i in range(8):
+                lc.client.submit(f"open{batch}-{i}", num_tokens=5)  # type: ignore[union-attr]
+            stolen_open += _drain(plain, 250)
+            if stolen_open:
+                break
         plain.close()
     assert stolen_open > 0
     # With CURVE the same strangers are refused at the handshake and get nothing.
@@ -630,7 +633,7 @@ def test_sigterm_drains_then_fails_the_rest_and_exits_0(tmp_path: Path, dpcore_e
                  "--report", eps["report"], "--delay-s", delay, "--heartbeat-s", "0.1"], stdout=subprocess.DEVNULL,
             ))  # fmt: skip
         with Client(eps["ingress"]) as client:
-            time.sleep(1.0)  # both ranks said hello
+            wait_for(lambda: all(x["reported"] for x in fetch_status(eps["status"])["loads"]), 20, "both ranks' hello")
             for i in range(20):
                 client.submit(f"r{i}", num_tokens=5)
             time.sleep(0.2)  # all dispatched and admitted
@@ -644,7 +647,7 @@ def test_sigterm_drains_then_fails_the_rest_and_exits_0(tmp_path: Path, dpcore_e
         assert proc.returncode == 0, err
         kinds = collections.Counter((r.kind, r.code) for r in replies.values())
         assert kinds == {("out", ""): 10, ("fail", "controller_shutdown"): 10, ("rej", "shutting_down"): 1}, kinds
-        assert ended < 1.5 + 2.0, f"the drain deadline was not kept ({ended:.1f}s)"
+        assert ended < 1.5 + 5.0, f"the drain deadline was not kept ({ended:.1f}s)"
         stopped = [json.loads(line) for line in err.splitlines() if '"controller_stopped"' in line][0]
         assert stopped["balanced"] and stopped["in_flight"] == 0
         assert not eps_file.exists()

@@ -190,3 +190,23 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def fetch_status(endpoint: str, timeout_s: float = 3.0) -> dict[str, Any]:
+    """The status snapshot of a controller (``dpcore serve``'s status endpoint), from sync code."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from dpcore.runtime.status import AsyncStatusClient
+
+    async def ask() -> dict[str, Any]:
+        ctx = zmq.asyncio.Context()
+        client = AsyncStatusClient(endpoint, ctx=ctx, max_age_s=0.0)
+        try:
+            return await client.get(timeout_s)
+        finally:
+            client.close()
+            ctx.term()
+
+    return asyncio.run(ask())
