@@ -123,7 +123,8 @@ def test_load_snapshots_written_by_sglang_change_decisions(controller):
 
 
 def test_total_tokens_reads_snapshot_tokens(controller):
-    h = controller(sglang_method="total_tokens", adapter=dpcore("total_tokens"))
+    # queue_weight 0: compare the tokens ranks hold (snapshot + dispatched) and nothing else.
+    h = controller(sglang_method="total_tokens", adapter=dpcore("total_tokens", total_tokens={"queue_weight": 0}))
     h.write_snapshot(0, num_total_tokens=0)
     h.write_snapshot(1, num_total_tokens=90_000)
     h.write_snapshot(2, num_total_tokens=90_000)
