@@ -19,12 +19,15 @@ running unchanged:
   health check instead of ending the server.
 
 SGLang's active-rank state (``status``, ``dp_active``, updated by ``ActiveRanksOutput`` and
-elastic scale-up) is mirrored into the ledger before each decision.
+elastic scale-up) is mirrored into the ledger before each decision. A rank whose socket has
+no scheduler connected (it died) is taken out of rotation for :data:`PEER_RETRY_S` instead of
+stalling every rank, as upstream does.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Any
 
@@ -40,6 +43,9 @@ from dpcore_sglang.convert import SnapshotFeed, to_request
 from dpcore_sglang.recv import BlockingReceiver
 
 log = logging.getLogger("dpcore_sglang")
+
+#: How long a rank with no connected scheduler stays out of rotation before a send is tried again.
+PEER_RETRY_S = 1.0
 
 
 def policy_logger() -> Any:
@@ -105,6 +111,9 @@ class DpcoreDispatcher:
         self._status: Any = None
         self._active: Any = None
         self._upstream_health_check = ctl.dispatch_health_check
+        self._no_peer: set[int] = set()
+        self._retry_at = 0.0
+        self.lost_peers = 0
         self._sync_active()
 
     # ------------------------------------------------------------------ dispatch
@@ -120,14 +129,40 @@ class DpcoreDispatcher:
             msg = f"request {req.rid!r} cannot be read: {exc!r}"
             self.reject(req, MalformedRequestError(msg, rid=req.rid))
             return
-        try:
-            rank = self.manager.select(request)
-        except RequestRejected as exc:
-            self.reject(req, exc)
-            return
-        sock_send(ctl.workers[rank], req)
+        if self._no_peer and time.monotonic() >= self._retry_at:
+            self._retry_lost()
+        while True:
+            try:
+                rank = self.manager.select(request)
+            except RequestRejected as exc:
+                self.reject(req, exc)
+                return
+            try:
+                # The rank's PUSH socket never blocks while a scheduler is connected (SGLang
+                # sets no high-water mark); it does when none is: upstream then stalls every
+                # rank behind one dead scheduler.
+                sock_send(ctl.workers[rank], req, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                self._lost_peer(rank)  # and choose again among the others
         self.feed.sent(rank, self.manager.dispatched(request, rank))
         self.dispatched[rank] += 1
+
+    def _lost_peer(self, rank: int) -> None:
+        self._no_peer.add(rank)
+        self._retry_at = time.monotonic() + PEER_RETRY_S
+        self.lost_peers += 1
+        log.warning(
+            "dpcore: no scheduler is connected on rank %d; taking it out of rotation (retry in %g s)",
+            rank,
+            PEER_RETRY_S,
+        )
+        self._sync_active()
+
+    def _retry_lost(self) -> None:
+        # Optimistic: put them back; a send that still finds nobody takes a rank out again.
+        self._no_peer.clear()
+        self._sync_active()
 
     def dispatch_health_check(self, req: Any) -> None:
         """``ctl.dispatch_health_check``: SGLang's own, unless no rank can take it.
@@ -201,7 +236,12 @@ class DpcoreDispatcher:
         status = ctl.status
         dp_active = getattr(ctl, "dp_active", None)
         for r, sock in enumerate(ctl.workers):
-            alive = sock is not None and bool(status[r]) and (dp_active is None or bool(dp_active[r]))
+            alive = (
+                sock is not None
+                and bool(status[r])
+                and (dp_active is None or bool(dp_active[r]))
+                and r not in self._no_peer
+            )
             if self.ledger.set_active(r, alive) and not alive:
                 self.feed.forget(r)
         self._status = status
@@ -214,6 +254,7 @@ class DpcoreDispatcher:
             "dispatched": list(self.dispatched),
             "rejected": dict(self.rejected),
             "bad_frames": getattr(recv, "bad_frames", 0),
+            "lost_peers": self.lost_peers,
             "active": list(self.ledger.active_ranks),
             "block_size": self.block_size,
         }

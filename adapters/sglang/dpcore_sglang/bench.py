@@ -71,6 +71,7 @@ def run_in_venv(argv: list[str]) -> int:
         install_overlay(venv, tmp / "site", repo_projects(repo))
         env = overlay_env(tmp / "site")
         env["TMPDIR"] = str(tmp)
+        env["PYTHONWARNINGS"] = "ignore"  # SGLang warns about missing GPU features on import
         return subprocess.run([str(venv_python(venv)), "-m", "dpcore_sglang.bench", *argv], env=env, check=False).returncode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,15 +91,17 @@ def throughput(variant: str, frame: bytes, requests: int, dp_size: int) -> dict[
         for _ in range(WARMUP):
             h.send_raw(frame)
         h.counts(WARMUP, timeout=60)
-        t0 = time.perf_counter()
+        c0, t0 = h.cpu_seconds(), time.perf_counter()
         for _ in range(requests):
             h.send_raw(frame)
         per_rank = h.counts(WARMUP + requests, timeout=600)
         took = time.perf_counter() - t0
+        cpu = h.cpu_seconds() - c0
         if sum(per_rank) < WARMUP + requests or h.quit_signals:
             msg = f"{variant}: only {sum(per_rank)} of {WARMUP + requests} requests arrived"
             raise RuntimeError(msg)
-    return {"req_per_s": requests / took, "per_rank": per_rank}
+    # CPU per request separates the controller's own cost from waiting on a busy machine.
+    return {"req_per_s": requests / took, "cpu_us_per_req": 1e6 * cpu / requests, "per_rank": per_rank}
 
 
 def idle_cpu(variant: str, frame: bytes, dp_size: int, seconds: float) -> float:
@@ -112,6 +115,80 @@ def idle_cpu(variant: str, frame: bytes, dp_size: int, seconds: float) -> float:
         c0, t0 = h.cpu_seconds(), time.monotonic()
         time.sleep(seconds)
         return 100.0 * (h.cpu_seconds() - c0) / (time.monotonic() - t0)
+
+
+class _NullSocket:
+    """A worker socket that drops what it is sent (the dispatch-cost measurement has no IPC)."""
+
+    def send_pyobj(self, obj: Any, flags: int = 0, protocol: int = -1) -> None:
+        pass
+
+
+def dispatch_cost(frame: bytes, dp_size: int, count: int, repeat: int) -> dict[str, list[float]]:
+    """Microseconds per request through SGLang's ``_request_dispatcher`` with sockets nulled.
+
+    One real controller, built by SGLang's own ``__init__`` (in a child process: it leaves
+    scheduler-launch threads that never end): first as is, then with
+    :func:`dpcore_sglang.adapter.install`. Only the send is removed, so this is what the
+    adapter adds per request without pickling and IPC in the way.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    reader, writer = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_dispatch_cost_child, args=(writer, frame, dp_size, count, repeat))
+    child.start()
+    writer.close()
+    try:
+        return reader.recv()
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+
+
+def _dispatch_cost_child(writer: Any, frame: bytes, dp_size: int, count: int, repeat: int) -> None:
+    import os
+
+    import psutil
+    import zmq
+    from sglang.srt.managers.data_parallel_controller import DataParallelController
+    from sglang.srt.runtime_context import publish
+    from sglang.srt.server_args import PortArgs, ServerArgs
+
+    from dpcore_sglang.adapter import install
+    from dpcore_sglang.config import AdapterConfig
+    from dpcore_sglang.testing import MODE_ENV, RESULTS_ENV, draining_scheduler
+
+    tmp = tempfile.mkdtemp(prefix="dpsg")
+    try:
+        os.environ[RESULTS_ENV] = f"ipc://{tmp}/results"
+        os.environ[MODE_ENV] = "count"
+        sink = zmq.Context().socket(zmq.PULL)
+        sink.bind(os.environ[RESULTS_ENV])
+        server_args = ServerArgs(model_path="dummy", dp_size=dp_size, load_balance_method="total_requests")
+        port_args = PortArgs.init_new(server_args)
+        publish(server_args, role="dp_controller")
+        ctl = DataParallelController(server_args, port_args, draining_scheduler)
+        ctl.workers = [_NullSocket() for _ in ctl.workers]
+        req = pickle.loads(frame)
+
+        def once() -> float:
+            dispatch = ctl._request_dispatcher
+            t0 = time.perf_counter()
+            for _ in range(count):
+                dispatch(req)
+            return 1e6 * (time.perf_counter() - t0) / count
+
+        out = {"sglang": [once() for _ in range(repeat)]}
+        install(ctl, AdapterConfig(method="total_requests"))
+        out["dpcore"] = [once() for _ in range(repeat)]
+        writer.send(out)
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+        os._exit(0)
 
 
 def run_inside(args: argparse.Namespace) -> int:
@@ -133,24 +210,36 @@ def run_inside(args: argparse.Namespace) -> int:
     for variant in VARIANTS:
         console.log(f"{variant}: idle CPU over {args.idle_seconds:g} s")
         idle[variant] = idle_cpu(variant, frame, args.dp_size, args.idle_seconds)
+    console.log("dispatch path without IPC, in-process")
+    cost = dispatch_cost(frame, args.dp_size, 20_000, max(3, args.repeat))
     med = {v: statistics.median(r["req_per_s"] for r in runs[v]) for v in VARIANTS}
+    cpu = {v: statistics.median(r["cpu_us_per_req"] for r in runs[v]) for v in VARIANTS}
+    path = {v: statistics.median(cost[v]) for v in VARIANTS}
     ratio = med["dpcore"] / med["sglang"]
 
     table = Table(
         title=f"SGLang {installed_sglang_version()} controller: {args.requests:,} requests x {args.tokens} token ids, "
         f"{args.dp_size} ranks, total_requests"
     )
-    for col in ("dispatch", "req/s (median)", "runs", "per rank (last run)", f"idle CPU, {args.idle_seconds:g} s"):
+    for col in (
+        "dispatch",
+        "req/s (median)",
+        "runs",
+        "controller CPU µs/req",
+        "dispatch path µs/req (no IPC)",
+        f"idle CPU, {args.idle_seconds:g} s",
+    ):
         table.add_column(col, justify="right")
     for v, label in (("sglang", "SGLang's own"), ("dpcore", "dpcore adapter")):
         table.add_row(
             label,
             f"{med[v]:,.0f}",
             " / ".join(f"{r['req_per_s']:,.0f}" for r in runs[v]),
-            " ".join(str(n) for n in runs[v][-1]["per_rank"]),
+            f"{cpu[v]:.0f}",
+            f"{path[v]:.1f}",
             f"{idle[v]:.1f} %",
         )
-    Console().print(table)
+    Console(width=140).print(table)
     Console().print(f"throughput ratio dpcore / SGLang: [bold]{ratio:.3f}[/] (goal >= 0.95); "
                     f"idle CPU {idle['sglang']:.1f} % -> {idle['dpcore']:.1f} % of a core (goal <= 2 %)")
     if args.json:
@@ -164,6 +253,8 @@ def run_inside(args: argparse.Namespace) -> int:
                     "runs": runs,
                     "median_req_per_s": med,
                     "throughput_ratio": ratio,
+                    "median_controller_cpu_us_per_req": cpu,
+                    "dispatch_path_us_per_req": cost,
                     "idle_cpu_percent": idle,
                     "idle_seconds": args.idle_seconds,
                 },

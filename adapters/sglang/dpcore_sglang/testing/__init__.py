@@ -102,6 +102,7 @@ def draining_scheduler(
     pipe_writer.send({"status": "ready", "max_total_num_tokens": 100_000, "max_req_input_len": 8192, "startup_time": None})
     if os.environ.get(MODE_ENV) == "count":
         _count(inbox, out, writer, dp_rank)
+    out.send(msgpack.packb((dp_rank, str(os.getpid()), "ready")))
     while True:
         msg = sock_recv(inbox)
         out.send(msgpack.packb((dp_rank, getattr(msg, "rid", None), type(msg).__name__)))
@@ -210,6 +211,11 @@ class ControllerHarness:
                 msg = f"SGLang's controller did not report ready within {timeout} s"
                 raise TimeoutError(msg)
         self.init_info = reader.recv()
+        #: rank -> pid of its draining scheduler (report mode)
+        self.scheduler_pids: dict[int, int] = {}
+        if self.mode == "report":
+            for d in self.deliveries(self.dp_size, timeout=timeout):
+                self.scheduler_pids[d.rank] = int(d.rid)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.pid is not None:

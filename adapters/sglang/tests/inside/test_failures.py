@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 
@@ -158,3 +160,19 @@ def test_idle_controller_blocks_instead_of_spinning(controller):
         h.stop()
     # Upstream spins (about one core when the machine is free); the adapter sleeps in poll.
     assert idle["dpcore"] * 10 < idle["upstream"], idle
+
+
+@pytest.mark.parametrize("adapter", [None, TOTAL_REQUESTS], ids=["upstream", "dpcore"])
+def test_a_dead_rank_does_not_stall_the_others(controller, adapter):
+    h = controller(sglang_method="total_requests", adapter=adapter)
+    dead = h.scheduler_pids[2]
+    os.kill(dead, signal.SIGKILL)  # it stays a zombie: SGLang's controller does not reap it
+    time.sleep(0.5)  # for ZMQ to drop the connection
+    for i in range(12):
+        h.send(make_request(f"r{i}"))
+    got = h.deliveries(12, timeout=3)
+    if adapter is None:
+        # Upstream blocks in its send to rank 2 (nobody connected), and every rank starves.
+        assert len(got) < 12
+    else:
+        assert sorted(d.rank for d in got) == [0, 0, 0, 0, 1, 1, 1, 1, 3, 3, 3, 3]
