@@ -22,6 +22,16 @@ AUTO_RULES: dict[str, tuple[str, str]] = {
     "decode": ("round_robin", "PD decode: the decode rank is independent of the prefill rank"),
 }
 
+ROADMAP = "roadmap"
+
+#: The opt-in ``roadmap`` preset (SGLang #16080's guidance on defaults), one row per mode.
+#: ``auto`` stays as upstream has it; this is only used when asked for by name.
+ROADMAP_RULES: dict[str, tuple[str, str]] = {
+    "null": ("total_tokens", "roadmap preset: balance prompt tokens"),
+    "prefill": ("total_tokens", "roadmap preset, PD prefill: balance prompt tokens"),
+    "decode": ("total_requests", "roadmap preset, PD decode: balance running requests"),
+}
+
 #: Names upstream SGLang used to accept, and what to use instead.
 RENAMED = {
     "shortest_queue": "total_requests",
@@ -101,10 +111,10 @@ def resolve(method: str, disaggregation_mode: str | None = None) -> Resolution:
     reasons: list[str] = []
     for name in names:
         check_name(name)
-        if name == AUTO:
-            resolved, why = AUTO_RULES[mode]
+        if name in (AUTO, ROADMAP):
+            resolved, why = (AUTO_RULES if name == AUTO else ROADMAP_RULES)[mode]
             chain.append(resolved)
-            reasons.append(f"auto -> {resolved} ({why})")
+            reasons.append(f"{name} -> {resolved} ({why})")
         else:
             chain.append(name)
     if len(set(chain)) != len(chain):

@@ -60,3 +60,18 @@ def test_bad_chains(bad):
 def test_invalid_disaggregation_mode():
     with pytest.raises(InvalidDisaggregationModeError, match="null \\(or none\\), prefill, decode"):
         normalize_mode("encode")
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [(None, "total_tokens"), ("prefill", "total_tokens"), ("decode", "total_requests")],
+)
+def test_roadmap_preset_is_opt_in(mode, expected):
+    assert resolve("roadmap", mode).chain == (expected,)
+    assert resolve("ROADMAP", mode).reason.startswith(f"roadmap -> {expected}")
+    # auto is unchanged by the preset's existence
+    assert resolve("auto", "decode").chain == ("round_robin",)
+
+
+def test_roadmap_in_a_chain():
+    assert resolve("cache_aware,roadmap", "prefill").chain == ("cache_aware", "total_tokens")
