@@ -46,6 +46,8 @@ log = logging.getLogger("dpcore_sglang")
 
 #: How long a rank with no connected scheduler stays out of rotation before a send is tried again.
 PEER_RETRY_S = 1.0
+#: How long a send waits for a rank's first scheduler connection before giving up on it.
+CONNECT_WAIT_MS = 5000
 
 
 def policy_logger() -> Any:
@@ -112,6 +114,7 @@ class DpcoreDispatcher:
         self._active: Any = None
         self._upstream_health_check = ctl.dispatch_health_check
         self._no_peer: set[int] = set()
+        self._connected = [False] * dp_size
         self._retry_at = 0.0
         self.lost_peers = 0
         self._sync_active()
@@ -137,14 +140,21 @@ class DpcoreDispatcher:
             except RequestRejected as exc:
                 self.reject(req, exc)
                 return
+            sock = ctl.workers[rank]
             try:
                 # The rank's PUSH socket never blocks while a scheduler is connected (SGLang
                 # sets no high-water mark); it does when none is: upstream then stalls every
                 # rank behind one dead scheduler.
-                sock_send(ctl.workers[rank], req, zmq.NOBLOCK)
+                sock_send(sock, req, zmq.NOBLOCK)
                 break
             except zmq.Again:
+                # A rank that has never taken a request may still be connecting (start-up):
+                # wait for it as upstream would. Later, nobody connected means it died.
+                if not self._connected[rank] and sock.poll(CONNECT_WAIT_MS, zmq.POLLOUT):
+                    sock_send(sock, req)
+                    break
                 self._lost_peer(rank)  # and choose again among the others
+        self._connected[rank] = True
         self.feed.sent(rank, self.manager.dispatched(request, rank))
         self.dispatched[rank] += 1
 

@@ -165,6 +165,9 @@ def test_idle_controller_blocks_instead_of_spinning(controller):
 @pytest.mark.parametrize("adapter", [None, TOTAL_REQUESTS], ids=["upstream", "dpcore"])
 def test_a_dead_rank_does_not_stall_the_others(controller, adapter):
     h = controller(sglang_method="total_requests", adapter=adapter)
+    for i in range(4):  # every rank serves for a while
+        h.send(make_request(f"warm{i}"))
+    assert sorted(d.rank for d in h.deliveries(4)) == [0, 1, 2, 3]
     dead = h.scheduler_pids[2]
     os.kill(dead, signal.SIGKILL)  # it stays a zombie: SGLang's controller does not reap it
     time.sleep(0.5)  # for ZMQ to drop the connection
@@ -176,3 +179,4 @@ def test_a_dead_rank_does_not_stall_the_others(controller, adapter):
         assert len(got) < 12
     else:
         assert sorted(d.rank for d in got) == [0, 0, 0, 0, 1, 1, 1, 1, 3, 3, 3, 3]
+        assert h.alive()
