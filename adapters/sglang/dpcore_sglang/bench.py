@@ -153,6 +153,7 @@ def _dispatch_cost_child(writer: Any, frame: bytes, dp_size: int, count: int, re
     import psutil
     import zmq
     from sglang.srt.managers.data_parallel_controller import DataParallelController
+    from sglang.srt.managers.load_snapshot import shm_path_for
     from sglang.srt.runtime_context import publish
     from sglang.srt.server_args import PortArgs, ServerArgs
 
@@ -161,6 +162,7 @@ def _dispatch_cost_child(writer: Any, frame: bytes, dp_size: int, count: int, re
     from dpcore_sglang.testing import MODE_ENV, RESULTS_ENV, draining_scheduler
 
     tmp = tempfile.mkdtemp(prefix="dpsg")
+    shm = None
     try:
         os.environ[RESULTS_ENV] = f"ipc://{tmp}/results"
         os.environ[MODE_ENV] = "count"
@@ -168,6 +170,7 @@ def _dispatch_cost_child(writer: Any, frame: bytes, dp_size: int, count: int, re
         sink.bind(os.environ[RESULTS_ENV])
         server_args = ServerArgs(model_path="dummy", dp_size=dp_size, load_balance_method="total_requests")
         port_args = PortArgs.init_new(server_args)
+        shm = shm_path_for(port_args.instance_id)
         publish(server_args, role="dp_controller")
         ctl = DataParallelController(server_args, port_args, draining_scheduler)
         ctl.workers = [_NullSocket() for _ in ctl.workers]
@@ -188,6 +191,8 @@ def _dispatch_cost_child(writer: Any, frame: bytes, dp_size: int, count: int, re
         for p in psutil.Process().children(recursive=True):
             p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+        if shm is not None and os.path.exists(shm):
+            os.unlink(shm)
         os._exit(0)
 
 
