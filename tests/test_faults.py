@@ -127,7 +127,7 @@ def ends_well(books: Books, **good_fields: Any) -> dict[str, Any]:
     finals = books.collect()
     assert finals[good].kind == "out", finals[good]
     wait_for(lambda: c.stats()["in_flight"] == 0 and c.stats()["parked"] == 0, 10, "in-flight requests to settle")
-    st = c.stats()
+    st = c.consistent_stats()
     assert st["internal_errors"] == 0
     assert st["balanced"] == {"received": True, "dispatched": True}, st
     # Every request the controller took ended exactly once, and the client saw the same.
@@ -415,7 +415,7 @@ def test_case_8_sigkill_rank_mid_stream(clusters: dict) -> None:
     assert kinds[("out", "")] + len(fails) + kinds[("rej", "rank_busy")] == n, kinds
     after = dispatched(books)
     assert all(after[r] > at_kill[r] for r in (0, 1, 3)), (at_kill, after)  # the others never stalled
-    st = c.stats()
+    st = c.consistent_stats()
     print(f"case 8: rank 2 declared dead {detected:.2f}s after SIGKILL; outcomes {dict(kinds)}; "
           f"re-dispatched from rank 2: {st['per_rank'][2]['redispatched']}")  # fmt: skip
     lc.start_rank(2)  # a restarted rank rejoins by itself

@@ -370,7 +370,7 @@ def test_live_ingress_survives_everything(ingress_books: IngressBooks) -> None:
     time.sleep(0.2)
     assert client.stale + client.bad_replies == books.unattributed  # type: ignore[union-attr]
     wait_for(lambda: c.stats()["in_flight"] == 0, 10, "in-flight requests")
-    st_ = c.stats()
+    st_ = c.consistent_stats()
     assert st_["balanced"] == {"received": True, "dispatched": True} and st_["internal_errors"] == 0
     assert st_["received"] == st_["completed"] + st_["failed"] + st_["rejected"]
     print(f"ingress: {COUNTS['ingress']} inputs; controller counted received {st_['received']}, "
@@ -447,7 +447,7 @@ def test_load_reports_never_applied_when_bad(live: LocalCluster) -> None:
     replies = live.client.wait_all(10)  # type: ignore[union-attr]
     assert len(replies) == 20 and all(r.kind == "out" for r in replies)
     wait_for(lambda: c.stats()["in_flight"] == 0, 10, "in-flight requests")
-    assert c.stats()["balanced"] == {"received": True, "dispatched": True}
+    assert c.consistent_stats()["balanced"] == {"received": True, "dispatched": True}
     print(f"reports: {COUNTS['reports']} inputs; bad {c.bad_reports}, stale {c.stale_reports}")
 
 

@@ -10,7 +10,7 @@ every rank can be killed, paused, resumed or restarted by its pid::
         lc.pause(2)                      # SIGSTOP: silent past its heartbeat deadline
         lc.wait_inactive(2)
         ...
-        assert lc.controller.stats()["balanced"]["dispatched"]
+        assert lc.controller.consistent_stats()["balanced"]["dispatched"]
 
 Every process is started here and stopped here (SIGTERM, then SIGKILL), by pid only.
 """
