@@ -48,6 +48,28 @@ def validate_rank(value: Any, ctx: PolicyContext, field: str, rid: str | None = 
     return value
 
 
+def _direct_calls(caller: Any) -> list[Any] | None:
+    """Plain callables for *caller*'s implementations, in the order pluggy calls them.
+
+    Each takes the hook's spec arguments positionally and passes on only the ones the
+    implementation asked for (pluggy's opt-in arguments). ``None`` if any implementation
+    is a wrapper, which only pluggy can run.
+    """
+    spec_names = tuple(caller.spec.argnames)
+    calls = []
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or getattr(impl, "wrapper", False):
+            return None
+        names = tuple(impl.argnames)
+        f = impl.function
+        if names == spec_names:
+            calls.append(f)
+        else:
+            idx = tuple(spec_names.index(n) for n in names)
+            calls.append(lambda *a, f=f, idx=idx: f(*[a[i] for i in idx]))
+    return calls
+
+
 class CoreHooks:
     """Built-in plugin: a rank assigned from outside beats every policy.
 
@@ -164,6 +186,13 @@ class PolicyManager:
         self._select = pm.hook.select_rank
         self._on_dispatch = pm.hook.on_dispatch
         self._on_load_report = pm.hook.on_load_report
+        # The chain is fixed once built, so the two per-request hooks can call their
+        # implementations directly, in pluggy's order and with pluggy's argument binding,
+        # without its per-call machinery (about 1.5 µs a request). Hook tracing and
+        # wrappers need pluggy's own path.
+        traced = bool(os.environ.get("DPCORE_TRACE_HOOKS"))
+        self._select_calls = None if traced else _direct_calls(self._select)
+        self._dispatch_calls = None if traced else _direct_calls(self._on_dispatch)
 
     @classmethod
     def from_method(
@@ -214,7 +243,15 @@ class PolicyManager:
         ctx = self.ctx
         ctx.decision.clear()
         try:
-            rank = self._select(request=request, ctx=ctx)
+            calls = self._select_calls
+            if calls is None:
+                rank = self._select(request=request, ctx=ctx)
+            else:
+                rank = None
+                for call in calls:
+                    rank = call(request, ctx)
+                    if rank is not None:
+                        break
         except RequestRejected as exc:
             if exc.rid is None:
                 exc.rid = request.rid
@@ -248,11 +285,15 @@ class PolicyManager:
         Returns the dispatch sequence number the ledger gave it.
         """
         seq = self.ledger.record_dispatch(rank, request.num_tokens)
-        # Most chains do not implement on_dispatch (the ledger already counts the load);
-        # skipping the empty hook call saves a pluggy round trip per request.
-        if self._on_dispatch.get_hookimpls():
+        calls = self._dispatch_calls
+        if calls is None or calls:
             try:
-                self._on_dispatch(request=request, rank=rank, ctx=self.ctx)
+                if calls is None:
+                    self._on_dispatch(request=request, rank=rank, ctx=self.ctx)
+                else:
+                    ctx = self.ctx
+                    for call in calls:
+                        call(request, rank, ctx)
             except Exception as exc:  # the request is already on its way; only log
                 self.ctx.log.error("on_dispatch_failed", rid=request.rid, rank=rank, error=repr(exc))
         return seq

@@ -241,3 +241,55 @@ def test_request_is_frozen():
     req = make_request(num_tokens=3)
     with pytest.raises(AttributeError):
         req.num_tokens = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_direct_calls_keep_pluggy_order_and_opt_in_arguments(monkeypatch, traced):
+    if traced:
+        monkeypatch.setenv("DPCORE_TRACE_HOOKS", "1")
+    else:
+        monkeypatch.delenv("DPCORE_TRACE_HOOKS", raising=False)
+    seen = []
+
+    class First:
+        name = "first"
+
+        def __init__(self, ctx):
+            pass
+
+        @hookimpl
+        def select_rank(self, ctx):  # opt-in: only ctx
+            seen.append(("first", ctx.dp_size))
+            return None
+
+    class Last:
+        name = "last"
+
+        def __init__(self, ctx):
+            pass
+
+        @hookimpl(trylast=True)
+        def select_rank(self):
+            seen.append(("last",))
+            return 1
+
+        @hookimpl
+        def on_dispatch(self, rank, request):  # any order of opt-in arguments
+            seen.append(("dispatch", rank, request.rid))
+
+    class Middle:
+        name = "middle"
+
+        def __init__(self, ctx):
+            pass
+
+        @hookimpl
+        def select_rank(self, request, ctx):
+            seen.append(("middle", request.rid))
+            return None
+
+    h = PolicyHarness([("last", Last), ("first", First), ("middle", Middle)], dp_size=3)
+    assert (h.manager._select_calls is None) == traced
+    assert h.select(rid="q") == 1
+    # trylast runs last even though it is first in the chain; the others in chain order
+    assert seen == [("first", 3), ("middle", "q"), ("last",), ("dispatch", 1, "q")]
