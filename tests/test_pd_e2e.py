@@ -150,3 +150,18 @@ def test_follow_bootstrap_room_needs_no_registry_queries(room_pd: PD) -> None:
         assert decode[f"d{room}"].meta["prefill_dp_rank"] == room % PREFILL_DP
     stats = httpx.get(f"{pd.registry}/info").json()["stats"]
     assert stats["registered"] == 0 and stats["queried"] == 0
+
+
+def test_prefill_refuses_what_decode_could_not_pair(registry_pd: PD, room_pd: PD) -> None:
+    # total_tokens on prefill: a request without a room could never be found by decode.
+    registry_pd.p_client.submit("p-noroom", num_tokens=50, max_new_tokens=1)
+    r = registry_pd.collect(registry_pd.p_client, 1)["p-noroom"]
+    assert (r.kind, r.code) == ("rej", "missing_bootstrap_room")
+    # follow_bootstrap_room on prefill: a router pin that contradicts the room is refused,
+    # since decode would look for the KV on room % dp_size.
+    room_pd.p_client.submit("p-pin", num_tokens=50, bootstrap_room=8, routed_dp_rank=1, max_new_tokens=1)
+    room_pd.p_client.submit("p-pin-ok", num_tokens=50, bootstrap_room=9, routed_dp_rank=1, max_new_tokens=1)
+    replies = room_pd.collect(room_pd.p_client, 2)
+    assert (replies["p-pin"].kind, replies["p-pin"].code) == ("rej", "invalid_rank")
+    assert "follow_bootstrap_room conflict" in replies["p-pin"].msg
+    assert replies["p-pin-ok"].kind == "out" and replies["p-pin-ok"].meta["dp_rank"] == 1

@@ -611,6 +611,16 @@ class Controller:
             if len(bl) >= self.backlog_max:
                 self._busy(rank, request, reply, moved_from)
                 return
+        if self.pd is not None and self.mode == "prefill":
+            # Before sending: a request decode could not pair (no room, or pinned against
+            # follow_bootstrap_room) is refused here rather than left to time out on decode.
+            try:
+                self.pd.on_prefill_dispatch(request, rank)
+            except RequestRejected as exc:
+                self._refuse(exc, request, reply, moved_from, rank)
+                return
+            except Exception as exc:  # registration is best effort; the request still goes
+                self.log.error("pd_register_failed", rid=request.rid, rank=rank, error=repr(exc))
         bl.append((seq, frames))
         self._dirty.add(rank)
         self.manager.dispatched(request, rank)
@@ -618,11 +628,6 @@ class Controller:
         self.dispatched[rank] += 1
         if moved_from is not None:
             self.redispatched[moved_from] += 1
-        if self.pd is not None and self.mode == "prefill":
-            try:
-                self.pd.on_prefill_dispatch(request, rank)
-            except Exception as exc:  # the request is on its way; registration is best effort
-                self.log.error("pd_register_failed", rid=request.rid, rank=rank, error=repr(exc))
 
     def _busy(self, rank: int, request: Request, reply: str, moved_from: int | None) -> None:
         msg = f"rank {rank} is not taking requests (socket and backlog of {self.backlog_max} full)"
