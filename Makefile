@@ -21,8 +21,10 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/dpcore demo
 
+# pytest exits 5 when it collected no tests: that is a failure here, and says so.
 test: setup
-	$(PY) -m pytest
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -m "not interop and not sglang and not soak and not fuzz"
