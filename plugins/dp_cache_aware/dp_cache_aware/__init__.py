@@ -53,7 +53,7 @@ class CacheAwarePolicy:
         memory_factor: float = 3.0,
         max_blocks: int = 1 << 20,
         eviction_interval: float = 600.0,
-        work_weight: float = 5.0,
+        work_weight: float = 8.0,
         tolerance: float = 0.1,
         min_match: float = 0.3,
         duty_window: float = 30.0,
