@@ -92,11 +92,12 @@ class CacheAwarePolicy:
         self._duty = [0.0] * dp
         self._duty_t = [0.0] * dp
         self._costs = [0.0] * dp
+        # select_rank's uncached tokens per rank, reused by on_dispatch for the same request.
+        self._last_work = [0.0] * dp
         self._recent: list[deque[tuple[int, float]]] = [deque(maxlen=_RECENT) for _ in range(dp)]
         self._turn = 0
-        # select_rank's per-rank prefix depths, reused by on_dispatch for the same request.
+        # The request select_rank last scored (its uncached tokens are in _last_work).
         self._last_rid: str | None = None
-        self._last_depth: dict[int, int] = {}
 
     def __len__(self) -> int:
         """Indexed (rank, block) pairs; bounded by ``max_blocks``."""
@@ -203,18 +204,21 @@ class CacheAwarePolicy:
             depth = self._depths(hashes, mask)
         else:
             depth = {}
-        self._last_rid, self._last_depth = request.rid, depth
+        self._last_rid = request.rid
         now = ctx.now()
         rate = self.rate / self.work_weight
         busy = self._busy_until
         full = float(request.num_tokens)
         costs = self._costs
+        work = self._last_work
         lowest = math.inf
         for i in range(n):
             r = ranks[(start + i) % n]
             wait = busy[r] - now
             d = depth.get(r, 0)
-            cost = (wait if wait > 0.0 else 0.0) + (self._uncached(request, r, d) if d else full) / rate
+            new = self._uncached(request, r, d) if d else full
+            work[r] = new
+            cost = (wait if wait > 0.0 else 0.0) + new / rate
             costs[r] = cost
             if cost < lowest:
                 lowest = cost
@@ -243,13 +247,12 @@ class CacheAwarePolicy:
         now = ctx.now()
         hashes = request.block_hashes
         if self._last_rid == request.rid:
-            d = self._last_depth.get(rank, 0)
-        elif hashes:
-            d = self._depths(hashes, 1 << rank).get(rank, 0)
-        else:
-            d = 0
+            uncached = self._last_work[rank]
+        else:  # placed by a router, or by the imbalance guard: work it out for this rank
+            d = self._depths(hashes, 1 << rank).get(rank, 0) if hashes else 0
+            uncached = self._uncached(request, rank, d)
         self._last_rid = None
-        work = self._uncached(request, rank, d) / self.rate
+        work = uncached / self.rate
         busy = self._busy_until
         busy[rank] = (busy[rank] if busy[rank] > now else now) + work
         self._duty[rank] = self._decayed(rank, now) + work
