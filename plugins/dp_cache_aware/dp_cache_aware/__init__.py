@@ -11,6 +11,13 @@ For each active rank the policy estimates, in seconds::
   (``kv_capacity - kv_used`` from its reports) counts as cached; older blocks, remembered up
   to ``memory_factor`` × ``kv_capacity``, count less and less. Matches shorter than
   ``min_match`` of the prompt (a system prompt every rank holds) do not steer at all.
+* Those older blocks are **uncertain**: the engine may have evicted them. Saving work is
+  only worth ``work_weight`` × its time while the cluster is queueing (then work delays
+  others); on an idle cluster it is worth just the request's own time. So the saving on
+  uncertain blocks is weighed ``1 + uncertain_gain`` × (mean queued prefill ÷ mean request's
+  prefill), at most ``work_weight``: a request does not wait seconds on a busy holder for a
+  prefix that is probably gone when there are idle ranks, yet conversations keep their
+  affinity when work is what the cluster is short of.
 * **Backlog** is the prefill queued on the rank: each dispatch adds its expected uncached
   work, time drains it at the prefill rate, and every load report reconciles it with what
   the rank says is waiting, what it has not acknowledged, and (when the engine reports
@@ -18,6 +25,11 @@ For each active rank the policy estimates, in seconds::
 * ``work_weight`` > 1 charges prefill work more than waiting: work sent to a rank also
   delays everyone who arrives there after it, so breaking a conversation's affinity to save
   this request a short wait costs the cluster more than it saves.
+
+**Bounded load**: a rank whose prompt tokens over the last ``load_window`` seconds exceed
+``load_bound`` × the mean (plus this request) is passed over while another is not, so a hot
+shared prefix (an agent's tool prompt) is replicated on more ranks instead of piling up on
+the one that cached it first.
 
 Ranks within ``tolerance`` seconds of the cheapest are near-ties: the one that has
 prefilled least over the last ``duty_window`` seconds wins (its decodes stall least), then
@@ -37,6 +49,12 @@ __all__ = ["CacheAwarePolicy"]
 
 #: Recent dispatches remembered per rank for reconciliation with reports.
 _RECENT = 4096
+#: Smoothing of the mean request's prefill time (about the last 50 dispatches).
+_JOB_ALPHA = 0.02
+#: Load-bound floor, as a fraction of the tokens a rank can prefill in ``load_window``.
+_BOUND_FLOOR = 0.1
+#: Added to the cost of a rank past the load bound: it wins only if every rank is past it.
+_OVER_BOUND = 1e9
 
 
 class CacheAwarePolicy:
@@ -57,8 +75,14 @@ class CacheAwarePolicy:
         tolerance: float = 0.1,
         min_match: float = 0.3,
         duty_window: float = 30.0,
+        uncertain_gain: float = 3.0,
+        load_bound: float = 1.2,
+        load_window: float = 60.0,
     ) -> None:
         self.work_weight = float(work_weight)
+        self.uncertain_gain = float(uncertain_gain)
+        self.load_bound = float(load_bound)
+        self.load_window = float(load_window)
         self.tolerance = float(tolerance)
         self.min_match = float(min_match)
         self.duty_window = float(duty_window)
@@ -74,8 +98,12 @@ class CacheAwarePolicy:
             raise ValueError(f"prefill_tokens_per_s must be positive, got {prefill_tokens_per_s}")
         if self.work_weight < 1.0 or self.tolerance < 0 or not 0.0 <= self.min_match <= 1.0:
             raise ValueError("need work_weight >= 1, tolerance >= 0 and min_match in [0, 1]")
-        if self.duty_window <= 0:
-            raise ValueError(f"duty_window must be positive, got {duty_window}")
+        if self.duty_window <= 0 or self.load_window <= 0:
+            raise ValueError("duty_window and load_window must be positive")
+        if self.uncertain_gain < 0:
+            raise ValueError(f"uncertain_gain must be >= 0, got {uncertain_gain}")
+        if self.load_bound != 0 and self.load_bound < 1.0:
+            raise ValueError(f"load_bound must be >= 1 (or 0: off), got {load_bound}")
         if self.max_blocks < 1 or self.eviction_interval <= 0:
             raise ValueError("max_blocks and eviction_interval must be positive")
         dp = ctx.dp_size
@@ -91,6 +119,13 @@ class CacheAwarePolicy:
         # Per rank: exponentially decayed prefill seconds dispatched, and when last decayed.
         self._duty = [0.0] * dp
         self._duty_t = [0.0] * dp
+        # Per rank: exponentially decayed prompt tokens dispatched (the bounded-load measure).
+        self._served = [0.0] * dp
+        self._served_t = [0.0] * dp
+        # Moving average of one request's expected prefill seconds (scales the queue).
+        self._job_s = 0.0
+        # Uncertain cached tokens of the last _uncached() call.
+        self._uncertain = 0.0
         self._costs = [0.0] * dp
         # select_rank's uncached tokens per rank, reused by on_dispatch for the same request.
         self._last_work = [0.0] * dp
@@ -134,7 +169,8 @@ class CacheAwarePolicy:
         """Expected cached tokens of the first *depth* blocks on *rank*.
 
         A block touched within the last ``capacity`` tokens is taken as cached; older ones
-        (kept up to ``memory_factor`` × capacity for affinity) count less and less.
+        (kept up to ``memory_factor`` × capacity for affinity) count less and less, and their
+        part of the total is left in ``self._uncertain``.
         """
         cap = self._capacity[rank]
         horizon = cap * self.memory_factor
@@ -143,14 +179,15 @@ class CacheAwarePolicy:
         cap -= self._pinned[rank]
         clock = self._touched[rank]
         cache = self._cache[rank]
-        total = 0.0
+        total = uncertain = 0.0
         for i in range(depth):
             age = clock - cache[hashes[i]][0]
             if age <= cap:
                 total += block_tokens
             elif age < horizon:
-                total += block_tokens * (horizon - age) / (horizon - cap)
-        return total
+                uncertain += block_tokens * (horizon - age) / (horizon - cap)
+        self._uncertain = uncertain
+        return total + uncertain
 
     def _uncached(self, request: Request, rank: int, depth: int) -> float:
         n = request.num_tokens
@@ -158,6 +195,7 @@ class CacheAwarePolicy:
         # A match on a few leading blocks (a system prompt every rank soon holds) is not
         # worth steering for; below min_match the ranks compete on load alone.
         if not depth or depth < self.min_match * blocks:
+            self._uncertain = 0.0
             return float(n)
         left = n - self._cached(rank, request.block_hashes, depth, n / blocks)
         return left if left > 1.0 else 1.0
@@ -206,8 +244,21 @@ class CacheAwarePolicy:
             depth = {}
         self._last_rid = request.rid
         now = ctx.now()
-        rate = self.rate / self.work_weight
         busy = self._busy_until
+        weight = self.work_weight
+        # How much an uncertain block's saving is worth: the request's own time on an idle
+        # cluster, more as the queue (in requests) grows, at most what a sure block is worth.
+        queued = 0.0
+        for r in ranks:
+            w = busy[r] - now
+            if w > 0.0:
+                queued += w
+        job = self._job_s
+        uncertain_weight = 1.0 + self.uncertain_gain * queued / (n * job) if job > 0.0 else 1.0
+        if uncertain_weight > weight:
+            uncertain_weight = weight
+        discount = (weight - uncertain_weight) / self.rate
+        rate = self.rate / weight
         full = float(request.num_tokens)
         costs = self._costs
         work = self._last_work
@@ -216,12 +267,18 @@ class CacheAwarePolicy:
             r = ranks[(start + i) % n]
             wait = busy[r] - now
             d = depth.get(r, 0)
-            new = self._uncached(request, r, d) if d else full
+            if d:
+                new = self._uncached(request, r, d)
+                uncertain = self._uncertain
+            else:
+                new, uncertain = full, 0.0
             work[r] = new
-            cost = (wait if wait > 0.0 else 0.0) + new / rate
+            cost = (wait if wait > 0.0 else 0.0) + new / rate + uncertain * discount
             costs[r] = cost
             if cost < lowest:
                 lowest = cost
+        if self.load_bound:
+            lowest = self._bound_load(ranks, now, full)
         # Near-ties go to the rank that has prefilled least lately: its decodes stall least.
         limit = lowest + self.tolerance
         best = -1
@@ -242,6 +299,32 @@ class CacheAwarePolicy:
         )
         return best
 
+    def _bound_load(self, ranks: list[int], now: float, tokens: float) -> float:
+        """Price ranks past the load bound out of the choice; the new lowest cost."""
+        served, stamp = self._served, self._served_t
+        tau = self.load_window
+        total = 0.0
+        for r in ranks:
+            dt = now - stamp[r]
+            if dt > 0.0:
+                served[r] *= math.exp(-dt / tau)
+                stamp[r] = now
+            total += served[r]
+        cap = self.load_bound * total / len(ranks) + tokens
+        # Below a tenth of what a rank can prefill in the window, imbalance costs nothing: a
+        # lone conversation on a quiet cluster keeps its rank.
+        floor = _BOUND_FLOOR * self.rate * tau
+        if cap < floor:
+            cap = floor
+        costs = self._costs
+        lowest = math.inf
+        for r in ranks:
+            if served[r] > cap:
+                costs[r] += _OVER_BOUND
+            if costs[r] < lowest:
+                lowest = costs[r]
+        return lowest
+
     @hookimpl
     def on_dispatch(self, request: Request, rank: int, ctx: PolicyContext) -> None:
         now = ctx.now()
@@ -253,10 +336,17 @@ class CacheAwarePolicy:
             uncached = self._uncached(request, rank, d)
         self._last_rid = None
         work = uncached / self.rate
+        job = self._job_s
+        self._job_s = job + _JOB_ALPHA * (work - job) if job > 0.0 else work
         busy = self._busy_until
         busy[rank] = (busy[rank] if busy[rank] > now else now) + work
         self._duty[rank] = self._decayed(rank, now) + work
         self._duty_t[rank] = now
+        if self.load_bound:
+            dt = now - self._served_t[rank]
+            served = self._served[rank]
+            self._served[rank] = (served * math.exp(-dt / self.load_window) if dt > 0.0 else served) + request.num_tokens
+            self._served_t[rank] = now
         self._recent[rank].append((ctx.ledger.next_dispatch_seq(rank) - 1, work))
         if hashes:
             self._remember(rank, hashes, request.num_tokens / len(hashes), now)

@@ -77,6 +77,42 @@ def test_imbalance_guard_spreads_past_the_thresholds():
     assert counts[1] - counts[0] <= 6
 
 
+@pytest.mark.parametrize(("load_bound", "spread"), [(1.2, True), (0, False)])
+def test_a_hot_shared_prefix_is_replicated_past_the_load_bound(load_bound, spread):
+    # An agent's 16-block tool prompt in every request, no queueing: without the bound the
+    # rank that cached it first gets everything.
+    h, clock = harness(dp=4, load_bound=load_bound)
+    for i in range(800):
+        clock.t += 0.1
+        h.select(num_tokens=9216, block_hashes=prefix(1, 16) + (50_000 + 2 * i, 50_001 + 2 * i))
+        if i % 8 == 7:  # all done (keeps the request-count guard out of it)
+            for r in range(4):
+                h.report(r, num_running=0, kv_capacity=500_000)
+    top = max(h.dispatched.values())
+    if spread:
+        assert min(h.dispatched.values()) > 0
+        assert top <= 1.35 * 800 / 4
+    else:
+        assert top == 800
+
+
+@pytest.mark.parametrize(("uncertain_gain", "stays"), [(3.0, False), (1000.0, True)])
+def test_an_idle_cluster_does_not_wait_for_a_prefix_that_may_be_evicted(uncertain_gain, stays):
+    h, clock = harness(dp=8, uncertain_gain=uncertain_gain, load_bound=0)
+    for r in range(8):
+        h.report(r, num_running=0, kv_capacity=100_000)
+    h.select(num_tokens=20_480, block_hashes=prefix(1, 40), routed_dp_rank=0)
+    # 100k tokens of other prompts through rank 0 since: the prefix may have been evicted.
+    for i in range(5):
+        h.select(num_tokens=20_480, block_hashes=prefix(10 + i, 40), routed_dp_rank=0)
+    clock.t += 60.0
+    h.select(num_tokens=72_000, block_hashes=prefix(30, 141), routed_dp_rank=0)  # 6 s backlog
+    # Seven idle ranks: waiting 6 s to maybe save 1.7 s of prefill is a bad bet...
+    rank = h.select(num_tokens=20_992, block_hashes=prefix(1, 40) + (7,))
+    # ...unless uncertain blocks are trusted as much as sure ones (the old behaviour).
+    assert (rank == 0) is stays
+
+
 def test_report_with_prefill_tokens_sets_the_backlog():
     h, clock = harness(dp=2)
     holder = h.select(num_tokens=4096, block_hashes=prefix(1))
@@ -137,7 +173,18 @@ def test_explanations_carry_the_scores():
     assert d.policy == "cache_aware" and "expected_ttft_s" in d.scores
 
 
-@pytest.mark.parametrize("bad", [{"work_weight": 0.5}, {"min_match": 2}, {"prefill_tokens_per_s": 0}, {"memory_factor": 0.5}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"work_weight": 0.5},
+        {"min_match": 2},
+        {"prefill_tokens_per_s": 0},
+        {"memory_factor": 0.5},
+        {"uncertain_gain": -1},
+        {"load_bound": 0.5},
+        {"load_window": 0},
+    ],
+)
 def test_bad_options_are_refused(bad):
     with pytest.raises(PolicyOptionError):
         PolicyHarness("cache_aware", options={"cache_aware": bad})
