@@ -11,13 +11,6 @@ For each active rank the policy estimates, in seconds::
   (``kv_capacity - kv_used`` from its reports) counts as cached; older blocks, remembered up
   to ``memory_factor`` × ``kv_capacity``, count less and less. Matches shorter than
   ``min_match`` of the prompt (a system prompt every rank holds) do not steer at all.
-* Those older blocks are **uncertain**: the engine may have evicted them. Saving work is
-  only worth ``work_weight`` × its time while the cluster is queueing (then work delays
-  others); on an idle cluster it is worth just the request's own time. So the saving on
-  uncertain blocks is weighed ``1 + uncertain_gain`` × (mean queued prefill ÷ mean request's
-  prefill), at most ``work_weight``: a request does not wait seconds on a busy holder for a
-  prefix that is probably gone when there are idle ranks, yet conversations keep their
-  affinity when work is what the cluster is short of.
 * **Backlog** is the prefill queued on the rank: each dispatch adds its expected uncached
   work, time drains it at the prefill rate, and every load report reconciles it with what
   the rank says is waiting, what it has not acknowledged, and (when the engine reports
@@ -25,11 +18,24 @@ For each active rank the policy estimates, in seconds::
 * ``work_weight`` > 1 charges prefill work more than waiting: work sent to a rank also
   delays everyone who arrives there after it, so breaking a conversation's affinity to save
   this request a short wait costs the cluster more than it saves.
+* Those older blocks are **uncertain**: the engine may have evicted them. Saving work is
+  only worth ``work_weight`` × its time while the cluster is queueing (then work delays
+  others); on an idle cluster it is worth just the request's own time. So the saving on
+  uncertain blocks is weighed ``1 + uncertain_gain`` × (mean queued prefill ÷ mean request's
+  prefill), at most ``work_weight``: a request does not wait seconds on a busy holder for a
+  prefix that is probably gone when there are idle ranks, yet conversations keep their
+  affinity when work is what the cluster is short of.
+
+**KV room**: a prompt whose uncached tokens plus expected output do not fit in what the
+rank's last report left free of running requests (``kv_capacity - kv_used``) waits at the
+head of its queue until decodes free the rest; that shortfall is added at ``kv_wait`` ×
+its prefill time (the rank frees KV about as fast as it fills it).
 
 **Bounded load**: a rank whose prompt tokens over the last ``load_window`` seconds exceed
 ``load_bound`` × the mean (plus this request) is passed over while another is not, so a hot
 shared prefix (an agent's tool prompt) is replicated on more ranks instead of piling up on
-the one that cached it first.
+the one that cached it first. Below a tenth of what a rank can prefill in the window the
+bound does not apply (a lone conversation on a quiet cluster keeps its rank).
 
 Ranks within ``tolerance`` seconds of the cheapest are near-ties: the one that has
 prefilled least over the last ``duty_window`` seconds wins (its decodes stall least), then
@@ -78,11 +84,13 @@ class CacheAwarePolicy:
         uncertain_gain: float = 3.0,
         load_bound: float = 1.2,
         load_window: float = 60.0,
+        kv_wait: float = 1.0,
     ) -> None:
         self.work_weight = float(work_weight)
         self.uncertain_gain = float(uncertain_gain)
         self.load_bound = float(load_bound)
         self.load_window = float(load_window)
+        self.kv_wait = float(kv_wait)
         self.tolerance = float(tolerance)
         self.min_match = float(min_match)
         self.duty_window = float(duty_window)
@@ -100,8 +108,8 @@ class CacheAwarePolicy:
             raise ValueError("need work_weight >= 1, tolerance >= 0 and min_match in [0, 1]")
         if self.duty_window <= 0 or self.load_window <= 0:
             raise ValueError("duty_window and load_window must be positive")
-        if self.uncertain_gain < 0:
-            raise ValueError(f"uncertain_gain must be >= 0, got {uncertain_gain}")
+        if self.uncertain_gain < 0 or self.kv_wait < 0:
+            raise ValueError("uncertain_gain and kv_wait must be >= 0")
         if self.load_bound != 0 and self.load_bound < 1.0:
             raise ValueError(f"load_bound must be >= 1 (or 0: off), got {load_bound}")
         if self.max_blocks < 1 or self.eviction_interval <= 0:
@@ -119,9 +127,10 @@ class CacheAwarePolicy:
         # Per rank: exponentially decayed prefill seconds dispatched, and when last decayed.
         self._duty = [0.0] * dp
         self._duty_t = [0.0] * dp
-        # Per rank: exponentially decayed prompt tokens dispatched (the bounded-load measure).
+        # Per rank: exponentially decayed prompt tokens dispatched (the bounded-load measure),
+        # kept scaled by exp((t - _served_t0) / load_window) so that one factor ages them all.
         self._served = [0.0] * dp
-        self._served_t = [0.0] * dp
+        self._served_t0: float | None = None
         # Moving average of one request's expected prefill seconds (scales the queue).
         self._job_s = 0.0
         # Uncertain cached tokens of the last _uncached() call.
@@ -260,6 +269,9 @@ class CacheAwarePolicy:
         discount = (weight - uncertain_weight) / self.rate
         rate = self.rate / weight
         full = float(request.num_tokens)
+        out = request.max_new_tokens or 0
+        pinned, capacity = self._pinned, self._capacity
+        kv_wait = self.kv_wait / self.rate
         costs = self._costs
         work = self._last_work
         lowest = math.inf
@@ -274,6 +286,10 @@ class CacheAwarePolicy:
                 new, uncertain = full, 0.0
             work[r] = new
             cost = (wait if wait > 0.0 else 0.0) + new / rate + uncertain * discount
+            # No room in the rank's KV now: its head of line waits for decodes to free some.
+            over = pinned[r] + new + out - capacity[r]
+            if over > 0.0:
+                cost += over * kv_wait
             costs[r] = cost
             if cost < lowest:
                 lowest = cost
@@ -299,21 +315,30 @@ class CacheAwarePolicy:
         )
         return best
 
+    def _served_scale(self, now: float) -> float:
+        """exp((now - t0) / load_window), rebasing the stored values before it grows large."""
+        t0 = self._served_t0
+        if t0 is None:
+            t0 = self._served_t0 = now
+        x = (now - t0) / self.load_window
+        if x > 30.0:
+            shrink = math.exp(-x)
+            self._served = [v * shrink for v in self._served]
+            self._served_t0 = now
+            return 1.0
+        return math.exp(x)
+
     def _bound_load(self, ranks: list[int], now: float, tokens: float) -> float:
         """Price ranks past the load bound out of the choice; the new lowest cost."""
-        served, stamp = self._served, self._served_t
-        tau = self.load_window
+        scale = self._served_scale(now)  # (may rebase: read _served after it)
+        served = self._served
         total = 0.0
         for r in ranks:
-            dt = now - stamp[r]
-            if dt > 0.0:
-                served[r] *= math.exp(-dt / tau)
-                stamp[r] = now
             total += served[r]
-        cap = self.load_bound * total / len(ranks) + tokens
+        cap = self.load_bound * total / len(ranks) + tokens * scale
         # Below a tenth of what a rank can prefill in the window, imbalance costs nothing: a
         # lone conversation on a quiet cluster keeps its rank.
-        floor = _BOUND_FLOOR * self.rate * tau
+        floor = _BOUND_FLOOR * self.rate * self.load_window * scale
         if cap < floor:
             cap = floor
         costs = self._costs
@@ -343,10 +368,8 @@ class CacheAwarePolicy:
         self._duty[rank] = self._decayed(rank, now) + work
         self._duty_t[rank] = now
         if self.load_bound:
-            dt = now - self._served_t[rank]
-            served = self._served[rank]
-            self._served[rank] = (served * math.exp(-dt / self.load_window) if dt > 0.0 else served) + request.num_tokens
-            self._served_t[rank] = now
+            scale = self._served_scale(now)
+            self._served[rank] += request.num_tokens * scale
         self._recent[rank].append((ctx.ledger.next_dispatch_seq(rank) - 1, work))
         if hashes:
             self._remember(rank, hashes, request.num_tokens / len(hashes), now)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from dpcore.errors import PolicyOptionError
@@ -96,6 +98,23 @@ def test_a_hot_shared_prefix_is_replicated_past_the_load_bound(load_bound, sprea
         assert top == 800
 
 
+def test_the_load_bound_keeps_working_over_a_long_uptime():
+    # Decayed loads are kept scaled by one growing factor, rebased now and then.
+    h, clock = harness(dp=4)
+    for day in range(3):
+        clock.t += 50_000.0
+        before = dict(h.dispatched)
+        for i in range(400):
+            clock.t += 0.1
+            h.select(num_tokens=9216, block_hashes=prefix(day + 1, 16) + (70_000 + 2 * i, 70_001 + 2 * i))
+            if i % 8 == 7:
+                for r in range(4):
+                    h.report(r, num_running=0, kv_capacity=500_000)
+        got = [h.dispatched[r] - before.get(r, 0) for r in range(4)]
+        assert min(got) > 0 and max(got) <= 1.4 * 400 / 4, got
+    assert all(math.isfinite(v) for v in h.policy._served)
+
+
 @pytest.mark.parametrize(("uncertain_gain", "stays"), [(3.0, False), (1000.0, True)])
 def test_an_idle_cluster_does_not_wait_for_a_prefix_that_may_be_evicted(uncertain_gain, stays):
     h, clock = harness(dp=8, uncertain_gain=uncertain_gain, load_bound=0)
@@ -111,6 +130,16 @@ def test_an_idle_cluster_does_not_wait_for_a_prefix_that_may_be_evicted(uncertai
     rank = h.select(num_tokens=20_992, block_hashes=prefix(1, 40) + (7,))
     # ...unless uncertain blocks are trusted as much as sure ones (the old behaviour).
     assert (rank == 0) is stays
+
+
+@pytest.mark.parametrize(("kv_wait", "expected"), [(1.0, 1), (0.0, 0)])
+def test_a_prompt_goes_where_its_kv_fits(kv_wait, expected):
+    h, clock = harness(dp=2, kv_wait=kv_wait)
+    h.select(num_tokens=12_000, block_hashes=prefix(1, 24), routed_dp_rank=1)  # ~1 s backlog
+    h.report(0, num_running=20, kv_capacity=100_000, kv_used=90_000)  # idle, KV nearly full
+    h.report(1, acked_seq=-1, num_running=0, kv_capacity=100_000, kv_used=0)
+    # 31k of KV needed: rank 0 would hold it until decodes free 21k tokens (~1.75 s).
+    assert h.select(num_tokens=30_000, block_hashes=prefix(2, 59), max_new_tokens=1_000) == expected
 
 
 def test_report_with_prefill_tokens_sets_the_backlog():
@@ -183,6 +212,7 @@ def test_explanations_carry_the_scores():
         {"uncertain_gain": -1},
         {"load_bound": 0.5},
         {"load_window": 0},
+        {"kv_wait": -1},
     ],
 )
 def test_bad_options_are_refused(bad):
