@@ -1,6 +1,6 @@
 """Re-measure issue 5's cache_aware targets with `dpcore simulate` and print a markdown table.
 
-    python scripts/cache_aware_targets.py [--trace PATH] [--out DIR]
+    python scripts/cache_aware_targets.py [--trace PATH] [--out DIR] [--cells 8:1,1.5,2 ...] [--seed S] [--limit N]
 
 For each (dp, time-scale) it runs one `dpcore simulate` with cache_aware and the five peers
 (the exact command is printed), then compares cache_aware with the best peer, metric by
@@ -22,14 +22,14 @@ PEERS = ["peer:smg_cache_aware", "peer:dynamo", "peer:vllm", "peer:sglang_total_
 GRID = [(8, (1.0, 1.5, 2.0)), (4, (0.5, 0.75, 1.0)), (16, (2.0, 3.0, 4.0))]
 
 
-def floor_p99(trace: str, time_scale: float) -> float:
+def floor_p99(trace: str, time_scale: float, seed: int = 0, limit: int | None = None) -> float:
     from dpcore.sim.config import EngineConfig
     from dpcore.sim.traces import read_trace
 
     rate = EngineConfig().prefill_tokens_per_s
     seen: set[int] = set()
     floors = []
-    for q in read_trace(trace, time_scale=time_scale).requests:
+    for q in read_trace(trace, time_scale=time_scale, seed=seed, limit=limit).requests:
         m = 0
         for h in q.hash_ids:
             if h not in seen:
@@ -41,21 +41,42 @@ def floor_p99(trace: str, time_scale: float) -> float:
     return floors[int(0.99 * len(floors))]
 
 
+def parse_cell(text: str) -> tuple[int, tuple[float, float, float]]:
+    try:
+        dp, scales = text.split(":")
+        light, busy, heavy = (float(x) for x in scales.split(","))
+        return int(dp), (light, busy, heavy)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want DP:LIGHT,BUSY,HEAVY (e.g. 8:1,1.5,2), got {text!r}") from None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default="../shared/traces/conversation_trace.jsonl")
     ap.add_argument("--out", default="out/targets")
+    ap.add_argument(
+        "--cells",
+        type=parse_cell,
+        nargs="+",
+        default=GRID,
+        metavar="DP:L,B,H",
+        help="dp size and its light, busy, heavy time-scales (default: issue 5's nine cells)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
+    ap.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests (a quick look)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for dp, scales in GRID:
+    for dp, scales in args.cells:
         for load, ts in zip(("light", "busy", "heavy"), scales):
-            path = out / f"dp{dp}_ts{ts}.json"
+            path = out / f"dp{dp}_ts{ts}_s{args.seed}.json"
             cmd = [sys.executable, "-m", "dpcore", "simulate", "--trace", args.trace, "--dp-size", str(dp),
-                   "--time-scale", str(ts), "--policy", "cache_aware"]
+                   "--time-scale", str(ts), "--seed", str(args.seed), "--policy", "cache_aware"]
             for p in PEERS:
                 cmd += ["--policy", p]
+            if args.limit:
+                cmd += ["--limit", str(args.limit)]
             cmd += ["--json", str(path)]
             print("$", shlex.join(["dpcore", *cmd[3:]]), file=sys.stderr)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -74,7 +95,7 @@ def main() -> int:
                 "load": ca["load_max_over_mean"] <= 1.2,
                 "e2e": r["e2e_p99_s"] <= 1.05,
             }
-            fl = floor_p99(args.trace, ts) / best["ttft_p99_s"]
+            fl = floor_p99(args.trace, ts, args.seed, args.limit) / best["ttft_p99_s"]
             mark = lambda k: "" if ok[k] else " ✗"  # noqa: E731
             rows.append(
                 f"| {dp} | {ts:g} ({load}) | {r['ttft_p50_s']:.2f}{mark('p50')} | {r['ttft_p99_s']:.2f}{mark('p99')} "

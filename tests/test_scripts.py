@@ -1,0 +1,50 @@
+"""The measurement scripts under scripts/ run (their numbers are measured outside the tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from dpcore.sim.traces import read_trace
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def run(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_agent_trace_is_a_valid_mooncake_trace_with_hot_shared_prompts(tmp_path: Path) -> None:
+    out = tmp_path / "agent.jsonl"
+    done = run(str(SCRIPTS / "make_agent_trace.py"), "--out", str(out), "--requests", "400", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    trace = read_trace(out)  # validates block counts against input lengths
+    assert len(trace) == 400
+    firsts = [q.hash_ids[0] for q in trace.requests]
+    # Shared tool prompts: far fewer distinct first blocks than requests, one of them hot.
+    assert len(set(firsts)) < 60
+    assert max(firsts.count(h) for h in set(firsts)) > 400 / 10
+    again = tmp_path / "again.jsonl"
+    run(str(SCRIPTS / "make_agent_trace.py"), "--out", str(again), "--requests", "400", cwd=tmp_path)
+    assert again.read_bytes() == out.read_bytes()  # deterministic for a seed
+
+
+def test_cache_aware_targets_prints_one_row_per_cell(tmp_path: Path) -> None:
+    trace = tmp_path / "agent.jsonl"
+    run(str(SCRIPTS / "make_agent_trace.py"), "--out", str(trace), "--requests", "300", cwd=tmp_path)
+    done = run(
+        str(SCRIPTS / "cache_aware_targets.py"),
+        "--trace", str(trace), "--cells", "2:1,2,3", "--limit", "300", "--out", str(tmp_path / "t"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 2 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["1 (light)", "2 (busy)", "3 (heavy)"]
+    assert done.stderr.count("$ dpcore simulate") == 3
+
+
+def test_cache_aware_targets_refuses_a_bad_cell(tmp_path: Path) -> None:
+    done = run(str(SCRIPTS / "cache_aware_targets.py"), "--cells", "8:1,2", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "DP:LIGHT,BUSY,HEAVY" in done.stderr
