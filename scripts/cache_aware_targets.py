@@ -5,7 +5,9 @@
 For each (dp, time-scale) it runs one `dpcore simulate` with cache_aware and the five peers
 (the exact command is printed), then compares cache_aware with the best peer, metric by
 metric. Also prints the trace's TTFT floor: the p99 of (uncached prompt tokens with one
-infinite cache) / prefill rate, i.e. what no router can beat on this engine.
+infinite cache) / prefill rate, i.e. what no router can beat on this engine; and the TTFT p99
+of ``ref:clairvoyant`` (a router that reads the ranks' true queues and caches) over the best
+peer's: how far placement alone gets on FCFS ranks.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def main() -> int:
             path = out / f"dp{dp}_ts{ts}_s{args.seed}.json"
             cmd = [sys.executable, "-m", "dpcore", "simulate", "--trace", args.trace, "--dp-size", str(dp),
                    "--time-scale", str(ts), "--seed", str(args.seed), "--policy", "cache_aware"]
-            for p in PEERS:
+            for p in [*PEERS, "ref:clairvoyant"]:
                 cmd += ["--policy", p]
             if args.limit:
                 cmd += ["--limit", str(args.limit)]
@@ -96,14 +98,18 @@ def main() -> int:
                 "e2e": r["e2e_p99_s"] <= 1.05,
             }
             fl = floor_p99(args.trace, ts, args.seed, args.limit) / best["ttft_p99_s"]
+            cv = pol["ref:clairvoyant"]["ttft_p99_s"] / best["ttft_p99_s"]
             mark = lambda k: "" if ok[k] else " ✗"  # noqa: E731
             rows.append(
                 f"| {dp} | {ts:g} ({load}) | {r['ttft_p50_s']:.2f}{mark('p50')} | {r['ttft_p99_s']:.2f}{mark('p99')} "
-                f"({ca['ttft_p99_s']:.2f} s vs {best['ttft_p99_s']:.2f} s; floor {fl:.2f}) | {hit:.2f}{mark('hit')} "
+                f"({ca['ttft_p99_s']:.2f} s vs {best['ttft_p99_s']:.2f} s; floor {fl:.2f}) | {cv:.2f} | {hit:.2f}{mark('hit')} "
                 f"| {ca['load_max_over_mean']:.3f}{mark('load')} | {r['e2e_p99_s']:.2f}{mark('e2e')} |"
             )
-    print("| dp | time-scale | TTFT p50 / best peer | TTFT p99 / best peer | hits / oracle | load max/mean | e2e p99 / best peer |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(
+        "| dp | time-scale | TTFT p50 / best peer | TTFT p99 / best peer | clairvoyant p99 / best peer "
+        "| hits / oracle | load max/mean | e2e p99 / best peer |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 

@@ -39,9 +39,33 @@ def test_registry_names() -> None:
         "peer:smg_cache_aware",
         "peer:vllm",
         "peer:dynamo",
+        "ref:clairvoyant",
     }
     for name, make in BASELINES.items():
+        if name.startswith("ref:"):
+            continue
         assert make(2, clock=Clock()).name == name
+
+
+def test_clairvoyant_picks_the_least_true_time_to_first_token() -> None:
+    queued = {0: 2.0, 1: 0.5}
+    cached = {0: 30, 1: 0}  # blocks of the prompt's prefix each rank holds
+    make = BASELINES["ref:clairvoyant"]
+    router = make(
+        2,
+        clock=Clock(),
+        block_size=100,
+        prefill_tokens_per_s=1000.0,
+        cached_blocks=lambda rank, hashes: cached[rank],
+        queued_prefill=queued.__getitem__,
+    )
+    hashes = tuple(range(40))
+    # rank 0: 2.0 + 1000/1000 = 3.0 s; rank 1: 0.5 + 4000/1000 = 4.5 s
+    assert router.select(Request("a", 4000, hashes)) == 0
+    assert router.last_decision.scores == {"expected_ttft_s": 3.0}
+    queued[0] = 4.0  # now 5.0 s against 4.5 s
+    assert router.select(Request("b", 4000, hashes)) == 1
+    assert router.dispatched(Request("b", 4000, hashes), 1) == 0
 
 
 def test_sglang_round_robin_cycles() -> None:

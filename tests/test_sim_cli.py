@@ -35,7 +35,7 @@ def check_schema(doc: dict, policies: list[str], total: int) -> None:
 
 def test_cli_mooncake_slice_json_plot_and_explain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, png = tmp_path / "out.json", tmp_path / "out.png"
-    policies = ["round_robin", "cache_aware", "peer:smg_cache_aware", "peer:dynamo"]
+    policies = ["round_robin", "cache_aware", "peer:smg_cache_aware", "peer:dynamo", "ref:clairvoyant"]
     argv = ["simulate", "--trace", MOONCAKE, "--dp-size", "4", "--limit", "200", "--time-scale", "2"]
     argv += [a for p in policies for a in ("--policy", p)]
     argv += ["--json", str(out), "--plot", str(png), "--explain", "3", "--jobs", "1"]

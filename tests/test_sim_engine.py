@@ -243,3 +243,39 @@ def test_explaining_decisions_does_not_change_the_run() -> None:
     assert build_json({"x": a}, 0, 0) == build_json({"x": b}, 0, 0)
     assert len(b.explained) == 5 and not a.explained
     assert all(d.policy == "cache_aware" and d.reason for d in b.explained)
+
+
+def test_queued_prefill_is_what_is_left_of_the_prefill_plus_the_waiting_uncached() -> None:
+    # A: 1000 tokens (1 s). B shares A's first 200 tokens: 300 uncached (0.3 s) once A holds
+    # them. When C arrives at 0.5 s, A has 0.5 s left and B waits: 0.8 s ahead of C.
+    trace = tiny_trace(
+        (0.0, 1000, 2, tuple(range(1, 101))),
+        (0.2, 500, 2, tuple(range(1, 21)) + tuple(range(201, 231))),
+        (0.5, 100, 2, (900,) + tuple(range(901, 910))),
+    )
+    sim = Simulation(trace, 1, TINY)
+    seen: list[float] = []
+
+    class Probe:
+        last_decision = None
+
+        def select(self, request):
+            seen.append(sim.queued_prefill_s(0))
+            return 0
+
+        def dispatched(self, request, rank):
+            return 0
+
+        def report(self, report):
+            return False
+
+        def first_token(self, request, rank):
+            pass
+
+        def finished(self, request, rank):
+            pass
+
+    sim.run(Probe())
+    assert seen[0] == 0.0
+    assert seen[1] == pytest.approx(0.8)  # A's remaining 0.8 s; B not queued yet
+    assert seen[2] == pytest.approx(0.5 + 0.3)

@@ -17,8 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpcore.model import Decision, LoadReport, Request
+from dpcore.sim.oracle import ClairvoyantRouter
 
 PREFIX = "peer:"
+REF_PREFIX = "ref:"
 
 
 class Baseline:
@@ -388,16 +390,18 @@ def _budget(method: str) -> Callable[..., Baseline]:
     return make
 
 
-#: Baseline name -> factory ``(dp_size, *, clock, seed, block_size, cached_blocks)``.
-BASELINES: dict[str, Callable[..., Baseline]] = {
+#: Baseline name -> factory ``(dp_size, *, clock, seed, block_size, cached_blocks,
+#: queued_prefill, prefill_tokens_per_s)``; ``ref:`` names are references, not peers.
+BASELINES: dict[str, Callable[..., Any]] = {
     "peer:sglang_round_robin": SGLangRoundRobin,
     "peer:sglang_total_requests": _budget("total_requests"),
     "peer:sglang_total_tokens": _budget("total_tokens"),
     "peer:smg_cache_aware": SMGCacheAware,
     "peer:vllm": VllmDPLB,
     "peer:dynamo": DynamoKV,
+    "ref:clairvoyant": ClairvoyantRouter,
 }
 
 
 def is_baseline(name: str) -> bool:
-    return name.strip().lower().startswith(PREFIX)
+    return name.strip().lower().startswith((PREFIX, REF_PREFIX))

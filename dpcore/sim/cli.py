@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--policy",
         action="append",
         metavar="NAME",
-        help="an installed policy or chain (a,b), or a baseline peer:NAME; repeatable "
+        help="an installed policy or chain (a,b), a baseline peer:NAME, or the reference "
+        "ref:clairvoyant (reads the true queues and caches); repeatable "
         f"(default: {' '.join(DEFAULT_POLICIES)})",
     )
     p.add_argument(

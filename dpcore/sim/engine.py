@@ -245,6 +245,21 @@ class Simulation:
                 break
         return n
 
+    def queued_prefill_s(self, rank: int) -> float:
+        """Seconds of prefill *rank* has ahead of a new arrival now: the rest of the prompt
+        in prefill plus each waiting prompt's uncached part (as the cache stands now).
+
+        Exact knowledge no real router has; only the ``ref:`` references use it.
+        """
+        r = self.ranks[rank]
+        rate = self.config.prefill_tokens_per_s
+        bs = self.block_size
+        left = r.prefill_end - self.now if r.state == _PREFILL and r.prefill_end > self.now else 0.0
+        for job in r.waiting:
+            hit = min(self.cached_blocks(rank, job.hashes) * bs, job.n_in) if job.hashes else 0
+            left += max(job.n_in - hit, 1) / rate
+        return left
+
     # ------------------------------------------------------------------ the loop
 
     def run(self, router: Router, name: str = "") -> RunResult:  # noqa: C901 - one hot loop

@@ -64,7 +64,8 @@ def _baseline(name: str) -> Callable[..., Router]:
 
 
 def make_router(name: str, sim: Simulation, spec: RunSpec) -> Router:
-    """A baseline (``peer:...``) or an installed dpcore policy chain on *sim*'s clock."""
+    """A baseline (``peer:...``), a reference (``ref:...``) or an installed dpcore policy
+    chain on *sim*'s clock."""
     if is_baseline(name):
         return _baseline(name)(
             sim.dp_size,
@@ -72,6 +73,8 @@ def make_router(name: str, sim: Simulation, spec: RunSpec) -> Router:
             seed=spec.seed,
             block_size=sim.block_size,
             cached_blocks=sim.cached_blocks,
+            queued_prefill=sim.queued_prefill_s,
+            prefill_tokens_per_s=sim.config.prefill_tokens_per_s,
         )
     manager = PolicyManager.from_method(
         name,
