@@ -275,6 +275,7 @@ class CacheAwarePolicy:
         costs = self._costs
         work = self._last_work
         lowest = math.inf
+        cheapest = ranks[start]
         for i in range(n):
             r = ranks[(start + i) % n]
             wait = busy[r] - now
@@ -293,8 +294,11 @@ class CacheAwarePolicy:
             costs[r] = cost
             if cost < lowest:
                 lowest = cost
+                cheapest = r
         if self.load_bound:
             lowest = self._bound_load(ranks, now, full)
+        # The cheapest rank was passed over for the load bound: say so.
+        bounded = costs[cheapest] >= _OVER_BOUND
         # Near-ties go to the rank that has prefilled least lately: its decodes stall least.
         limit = lowest + self.tolerance
         best = -1
@@ -308,10 +312,18 @@ class CacheAwarePolicy:
                 best, best_duty, best_reqs = r, duty, reqs[r]
         best_cost = costs[best]
         d = depth.get(best, 0)
+        short = pinned[best] + work[best] + out - capacity[best]
+        # (a match below min_match, e.g. a shared system prompt, did not steer)
+        steered = d and d >= self.min_match * len(hashes)
         ctx.explain(
             self.name,
-            "prefix_hit" if d else "least_backlog",
-            {"expected_ttft_s": round(best_cost, 4), "matched_blocks": d, "blocks": len(hashes)},
+            "load_bound" if bounded else "prefix_hit" if steered else "least_backlog",
+            {
+                "expected_ttft_s": round(best_cost, 4),
+                "matched_blocks": d,
+                "blocks": len(hashes),
+                "kv_short_tokens": round(short) if short > 0.0 else 0,
+            },
         )
         return best
 

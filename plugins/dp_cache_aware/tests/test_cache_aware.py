@@ -84,9 +84,11 @@ def test_a_hot_shared_prefix_is_replicated_past_the_load_bound(load_bound, sprea
     # An agent's 16-block tool prompt in every request, no queueing: without the bound the
     # rank that cached it first gets everything.
     h, clock = harness(dp=4, load_bound=load_bound)
+    reasons = set()
     for i in range(800):
         clock.t += 0.1
         h.select(num_tokens=9216, block_hashes=prefix(1, 16) + (50_000 + 2 * i, 50_001 + 2 * i))
+        reasons.add(h.manager.last_decision.reason)
         if i % 8 == 7:  # all done (keeps the request-count guard out of it)
             for r in range(4):
                 h.report(r, num_running=0, kv_capacity=500_000)
@@ -94,6 +96,7 @@ def test_a_hot_shared_prefix_is_replicated_past_the_load_bound(load_bound, sprea
     if spread:
         assert min(h.dispatched.values()) > 0
         assert top <= 1.35 * 800 / 4
+        assert "load_bound" in reasons
     else:
         assert top == 800
 
@@ -140,6 +143,8 @@ def test_a_prompt_goes_where_its_kv_fits(kv_wait, expected):
     h.report(1, acked_seq=-1, num_running=0, kv_capacity=100_000, kv_used=0)
     # 31k of KV needed: rank 0 would hold it until decodes free 21k tokens (~1.75 s).
     assert h.select(num_tokens=30_000, block_hashes=prefix(2, 59), max_new_tokens=1_000) == expected
+    short = h.manager.last_decision.scores["kv_short_tokens"]
+    assert short == (21_000 if expected == 0 else 0)
 
 
 def test_report_with_prefill_tokens_sets_the_backlog():
