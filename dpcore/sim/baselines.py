@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpcore.model import Decision, LoadReport, Request
-from dpcore.sim.oracle import ClairvoyantRouter
 
 PREFIX = "peer:"
 REF_PREFIX = "ref:"
@@ -381,6 +380,47 @@ class DynamoKV(Baseline):
             else:
                 del active[h]
                 self.active_blocks[rank] -= 1
+
+
+class ClairvoyantRouter(Baseline):
+    """Not a peer but a reference (``ref:clairvoyant``): it reads the simulated ranks' true
+    queues and caches, which no real router can, and sends each request where its first token
+    comes soonest. It shows how far placement alone can take TTFT on a trace: FCFS ranks
+    cannot reorder a queue, so a long prompt that arrives while every rank is busy still waits.
+
+    :param cached_blocks: ``(rank, hashes) -> blocks`` of the prefix the rank holds now.
+    :param queued_prefill: ``rank -> seconds`` of prefill ahead of a new arrival now.
+    """
+
+    name = "ref:clairvoyant"
+
+    def __init__(
+        self,
+        dp_size: int,
+        *,
+        cached_blocks: Callable[[int, Sequence[int]], int],
+        queued_prefill: Callable[[int], float],
+        block_size: int,
+        prefill_tokens_per_s: float,
+        **kw: Any,
+    ) -> None:
+        super().__init__(dp_size, **kw)
+        self.cached_blocks = cached_blocks
+        self.queued_prefill = queued_prefill
+        self.block_size = block_size
+        self.rate = prefill_tokens_per_s
+
+    def select(self, request: Request) -> int:
+        n = request.num_tokens
+        hashes = request.block_hashes
+        best, lowest = 0, float("inf")
+        for rank in range(self.dp_size):
+            hit = min(self.cached_blocks(rank, hashes) * self.block_size, n) if hashes else 0
+            ttft = self.queued_prefill(rank) + max(n - hit, 1) / self.rate
+            if ttft < lowest:
+                best, lowest = rank, ttft
+        self._explain("least_true_ttft", {"expected_ttft_s": round(lowest, 4)})
+        return best
 
 
 def _budget(method: str) -> Callable[..., Baseline]:

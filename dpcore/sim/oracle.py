@@ -1,4 +1,4 @@
-"""References for a trace, independent of any policy: prefix-hit bounds and a clairvoyant router.
+"""Prefix-hit references for a trace, independent of any policy.
 
 * **Ceiling**: one infinite cache. A request hits every prompt block some earlier request
   had (``hash_ids`` are chained, so a known block means a known whole prefix).
@@ -9,21 +9,12 @@
 
 Hits are counted in tokens: a matched block counts its tokens (the last block of a prompt
 may be partial), over all prompt tokens of the trace. Traces without prefixes score 0.
-
-* **Clairvoyant router** (``--policy ref:clairvoyant``): reads the simulated ranks' true
-  queues and caches, which no real router can, and sends each request to the rank where it
-  gets its first token soonest. It shows how far placement alone can take TTFT on a trace:
-  with FCFS ranks it cannot reorder a queue, so a long prompt that arrives while every rank
-  is busy still waits.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Any
 
-from dpcore.model import Decision, LoadReport, Request
 from dpcore.sim.traces import Trace
 
 
@@ -87,57 +78,3 @@ def lru_hit_ratio(trace: Trace, capacity_tokens: int) -> float:
 def oracle_hit_ratio(trace: Trace, dp_size: int, kv_capacity_tokens: int) -> float:
     """The equal-capacity oracle: one LRU holding the cluster's total KV capacity."""
     return lru_hit_ratio(trace, dp_size * kv_capacity_tokens)
-
-
-class ClairvoyantRouter:
-    """Least true time to first token: exact queued prefill plus exact uncached prompt.
-
-    :param cached_blocks: ``(rank, hashes) -> blocks`` of the prefix the rank holds now.
-    :param queued_prefill: ``rank -> seconds`` of prefill ahead of a new arrival now.
-    """
-
-    name = "ref:clairvoyant"
-
-    def __init__(
-        self,
-        dp_size: int,
-        *,
-        cached_blocks: Callable[[int, Sequence[int]], int],
-        queued_prefill: Callable[[int], float],
-        block_size: int,
-        prefill_tokens_per_s: float,
-        **_: Any,
-    ) -> None:
-        self.dp_size = dp_size
-        self.cached_blocks = cached_blocks
-        self.queued_prefill = queued_prefill
-        self.block_size = block_size
-        self.rate = prefill_tokens_per_s
-        self.last_decision = Decision(policy=self.name, reason="least_true_ttft")
-        self._seq = [0] * dp_size
-
-    def select(self, request: Request) -> int:
-        n = request.num_tokens
-        hashes = request.block_hashes
-        best, lowest = 0, float("inf")
-        for rank in range(self.dp_size):
-            hit = min(self.cached_blocks(rank, hashes) * self.block_size, n) if hashes else 0
-            ttft = self.queued_prefill(rank) + max(n - hit, 1) / self.rate
-            if ttft < lowest:
-                best, lowest = rank, ttft
-        self.last_decision.scores = {"expected_ttft_s": round(lowest, 4)}
-        return best
-
-    def dispatched(self, request: Request, rank: int) -> int:
-        seq = self._seq[rank]
-        self._seq[rank] = seq + 1
-        return seq
-
-    def report(self, report: LoadReport) -> bool:
-        return False
-
-    def first_token(self, request: Request, rank: int) -> None:
-        pass
-
-    def finished(self, request: Request, rank: int) -> None:
-        pass
