@@ -26,20 +26,12 @@ GRID = [(8, (1.0, 1.5, 2.0)), (4, (0.5, 0.75, 1.0)), (16, (2.0, 3.0, 4.0))]
 
 def floor_p99(trace: str, time_scale: float, seed: int = 0, limit: int | None = None) -> float:
     from dpcore.sim.config import EngineConfig
+    from dpcore.sim.oracle import infinite_cache_hits
     from dpcore.sim.traces import read_trace
 
     rate = EngineConfig().prefill_tokens_per_s
-    seen: set[int] = set()
-    floors = []
-    for q in read_trace(trace, time_scale=time_scale, seed=seed, limit=limit).requests:
-        m = 0
-        for h in q.hash_ids:
-            if h not in seen:
-                break
-            m += 1
-        floors.append(max(1, q.input_length - min(m * 512, q.input_length)) / rate)
-        seen.update(q.hash_ids)
-    floors.sort()
+    t = read_trace(trace, time_scale=time_scale, seed=seed, limit=limit)
+    floors = sorted(max(1, q.input_length - hit) / rate for q, hit in zip(t.requests, infinite_cache_hits(t)))
     return floors[int(0.99 * len(floors))]
 
 

@@ -22,23 +22,30 @@ def _block_tokens(n_in: int, block_size: int, k: int) -> int:
     return min(block_size, n_in - k * block_size)
 
 
-def ceiling_hit_ratio(trace: Trace) -> float:
-    """Token hit ratio of one infinite prefix cache over *trace*."""
+def infinite_cache_hits(trace: Trace) -> list[int]:
+    """Per request, in arrival order: prompt tokens one infinite prefix cache would hold."""
     bs = trace.block_size
-    total = sum(r.input_length for r in trace.requests)
-    if not bs or not total:
-        return 0.0
+    if not bs:
+        return [0] * len(trace.requests)
     seen: set[int] = set()
-    hit = 0
+    hits = []
     for r in trace.requests:
         m = 0
         for h in r.hash_ids:
             if h not in seen:
                 break
             m += 1
-        hit += min(m * bs, r.input_length)
+        hits.append(min(m * bs, r.input_length))
         seen.update(r.hash_ids)
-    return hit / total
+    return hits
+
+
+def ceiling_hit_ratio(trace: Trace) -> float:
+    """Token hit ratio of one infinite prefix cache over *trace*."""
+    total = sum(r.input_length for r in trace.requests)
+    if not trace.block_size or not total:
+        return 0.0
+    return sum(infinite_cache_hits(trace)) / total
 
 
 def lru_hit_ratio(trace: Trace, capacity_tokens: int) -> float:
