@@ -198,12 +198,15 @@ class CacheAwarePolicy:
         self._uncertain = uncertain
         return total + uncertain
 
+    def _steers(self, depth: int, blocks: int) -> bool:
+        # A match on a few leading blocks (a system prompt every rank soon holds) is not
+        # worth steering for; below min_match the ranks compete on load alone.
+        return depth > 0 and depth >= self.min_match * blocks
+
     def _uncached(self, request: Request, rank: int, depth: int) -> float:
         n = request.num_tokens
         blocks = len(request.block_hashes)
-        # A match on a few leading blocks (a system prompt every rank soon holds) is not
-        # worth steering for; below min_match the ranks compete on load alone.
-        if not depth or depth < self.min_match * blocks:
+        if not self._steers(depth, blocks):
             self._uncertain = 0.0
             return float(n)
         left = n - self._cached(rank, request.block_hashes, depth, n / blocks)
@@ -313,11 +316,9 @@ class CacheAwarePolicy:
         best_cost = costs[best]
         d = depth.get(best, 0)
         short = pinned[best] + work[best] + out - capacity[best]
-        # (a match below min_match, e.g. a shared system prompt, did not steer)
-        steered = d and d >= self.min_match * len(hashes)
         ctx.explain(
             self.name,
-            "load_bound" if bounded else "prefix_hit" if steered else "least_backlog",
+            "load_bound" if bounded else "prefix_hit" if self._steers(d, len(hashes)) else "least_backlog",
             {
                 "expected_ttft_s": round(best_cost, 4),
                 "matched_blocks": d,
