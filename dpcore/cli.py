@@ -38,6 +38,13 @@ EXIT_CONFIG = 2
 # --------------------------------------------------------------------------- helpers
 
 
+def add_policy_option_argument(
+    p: argparse.ArgumentParser, help: str = "constructor option for a policy in the chain; repeatable"
+) -> None:
+    """``--policy-option POLICY.OPTION=VALUE`` (repeatable), read by :func:`parse_policy_options`."""
+    p.add_argument("--policy-option", action="append", default=[], metavar="POLICY.OPTION=VALUE", help=help)
+
+
 def parse_policy_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["cache_aware.balance_abs=32"]`` → ``{"cache_aware": {"balance_abs": 32}}``.
 
@@ -73,13 +80,7 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
         metavar="{null,prefill,decode}",
         help="PD disaggregation side (default null: no PD)",
     )
-    p.add_argument(
-        "--policy-option",
-        action="append",
-        default=[],
-        metavar="POLICY.OPTION=VALUE",
-        help="constructor option for a policy in the chain; repeatable",
-    )
+    add_policy_option_argument(p)
 
 
 def build_manager(args: argparse.Namespace, **kwargs: Any) -> Any:

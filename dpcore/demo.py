@@ -28,6 +28,7 @@ from typing import Any
 
 from attrs import define, field
 
+from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError, DpcoreError
 
 SAMPLE = "mooncake_conversation_2000.jsonl"
@@ -382,8 +383,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-size", type=int, default=4, help="mock ranks to start (default 4)")
     p.add_argument("--load-balance-method", default="auto", metavar="NAME[,NAME...]",
                    help="any installed policy or chain (default auto: round_robin)")  # fmt: skip
-    p.add_argument("--policy-option", action="append", default=[], metavar="POLICY.OPTION=VALUE",
-                   help="constructor option for a policy in the chain; repeatable")  # fmt: skip
+    add_policy_option_argument(p)
     p.add_argument("--speedup", type=float, default=DEFAULT_SPEEDUP,
                    help=f"run the trace and the engines this many times faster than real time (default {DEFAULT_SPEEDUP:g})")  # fmt: skip
     p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS,

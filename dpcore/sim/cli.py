@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError
 
 #: Compared when no --policy is given: our policies and the peers they compete with.
@@ -56,13 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "ref:clairvoyant (reads the true queues and caches); repeatable "
         f"(default: {' '.join(DEFAULT_POLICIES)})",
     )
-    p.add_argument(
-        "--policy-option",
-        action="append",
-        default=[],
-        metavar="POLICY.OPTION=VALUE",
-        help="constructor option for a dpcore policy, e.g. cache_aware.balance_abs=32; repeatable",
-    )
+    add_policy_option_argument(p, "constructor option for a dpcore policy, e.g. cache_aware.balance_abs=32; repeatable")
     p.add_argument("--time-scale", type=float, default=1.0, metavar="X", help="divide inter-arrival times by X (default 1)")
     p.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for tick spreading, report phases, ties (default 0)")

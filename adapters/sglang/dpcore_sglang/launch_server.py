@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from dpcore.auto import check_removed_flags
-from dpcore.cli import parse_policy_options
+from dpcore.cli import add_policy_option_argument, parse_policy_options
 from dpcore.errors import DpcoreError
 from dpcore_sglang.config import BLOCK_HASH_MODES, ENV_VAR, AdapterConfig
 from dpcore_sglang.versions import check_sglang_version
@@ -54,13 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[,NAME...]",
         help="dpcore policy, 'auto', or a chain tried left to right (default auto)",
     )
-    p.add_argument(
-        "--policy-option",
-        action="append",
-        default=[],
-        metavar="POLICY.OPTION=VALUE",
-        help="constructor option for a policy in the chain; repeatable",
-    )
+    add_policy_option_argument(p)
     p.add_argument(
         "--dpcore-block-size",
         type=int,
