@@ -46,7 +46,7 @@ def parse_cell(text: str) -> tuple[int, tuple[float, float, float]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default="../shared/traces/conversation_trace.jsonl")
+    ap.add_argument("--trace", default="traces/conversation_trace.jsonl")
     ap.add_argument("--out", default="out/targets")
     ap.add_argument(
         "--cells",
