@@ -1,4 +1,4 @@
-"""The README's "Writing a policy" plugin works when pasted."""
+"""The "Writing a policy" guide's plugin works when pasted."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _block_after(readme: str, marker: str, lang: str) -> str:
 
 
 def test_writing_a_policy_example_runs(tmp_path, monkeypatch):
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "guides" / "writing-a-policy.md").read_text()
     meta = tomllib.loads(_block_after(readme, "`dp_least_waiting/pyproject.toml`:", "toml"))
     target = meta["project"]["entry-points"]["dpcore.policies"]["least_waiting"]
     module_name, cls_name = target.split(":")
