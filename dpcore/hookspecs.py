@@ -7,7 +7,8 @@ Who calls what, and when (all on the controller's single loop thread, never conc
 * :func:`on_dispatch` once per request actually sent to a rank, whoever chose the rank
   (a policy, a router in front, or a PD rule);
 * :func:`on_load_report` once per load report the ledger accepted (stale reports are dropped
-  before any hook sees them).
+  before any hook sees them);
+* :func:`on_rank_state` when a rank goes inactive, comes back, or comes back as a new life.
 
 Hooks are called with keyword arguments; an implementation may take any subset of a spec's
 arguments (pluggy's opt-in arguments). Arguments are frozen; loads and liveness are read
@@ -78,5 +79,34 @@ def on_load_report(report: LoadReport, ctx: PolicyContext) -> None:
     newer than the last one applied never reach this hook. The return value is ignored.
 
     :param report: The report; frozen.
+    :param ctx: The policy context.
+    """
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@hookspec
+def on_rank_state(rank: int, active: bool, epoch: int | None, new_life: bool, ctx: PolicyContext) -> None:
+    """*rank* went inactive, came back, or restarted.
+
+    Called on the controller's loop thread:
+
+    * ``active=False`` when the rank went silent past its heartbeat deadline (or a test or
+      adapter marked it dead). The ledger has already forgotten its load, and the requests
+      it held are being failed or re-dispatched. Whatever the rank cached may be gone.
+    * ``active=True, new_life=False`` when an inactive rank is heard from again in the
+      same life (same ``epoch``), e.g. after a network stall.
+    * ``active=True, new_life=True`` when the rank reports a new ``epoch``: its process
+      restarted, so its prefix cache is empty, whether or not it was missed first.
+
+    A policy that keeps per-rank state drops or ages it here: a prefix index must not
+    claim a hit on a rank for blocks it held before it went away. ``ctx.cache`` has
+    already reset that rank to "unknown" when this fires. The return value is ignored.
+
+    :param rank: The rank whose state changed.
+    :param active: Whether it is active now.
+    :param epoch: The life its reports carry (``None`` before its first report).
+    :param new_life: True when it restarted (a new epoch): nothing it cached survived.
     :param ctx: The policy context.
     """

@@ -94,6 +94,8 @@ class LoadLedger:
         "_dispatches",
         "_age",
         "_acked_sent",
+        "on_state",
+        "_restarted",
     )
 
     def __init__(self, dp_size: int, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -145,6 +147,11 @@ class LoadLedger:
         # report acknowledged was sent.
         self._age = [0.0] * dp_size
         self._acked_sent: list[float | None] = [None] * dp_size
+        #: Called as ``on_state(rank, active, epoch, new_life)`` when a rank goes inactive,
+        #: comes back, or reports a new epoch (a restart); the policy manager sets it.
+        self.on_state: Callable[[int, bool, int | None, bool], None] | None = None
+        # Per rank: a new epoch was seen while inactive; the return then says new_life.
+        self._restarted = [False] * dp_size
 
     # ------------------------------------------------------------------ reading
 
@@ -225,8 +232,10 @@ class LoadLedger:
         if type(r) is not int or not 0 <= r < self.dp_size:
             msg = f"load report for rank {r!r}, but ranks are 0..{self.dp_size - 1}"
             raise InvalidReportError(msg)
+        restarted = False
         if report.epoch != self._epoch[r]:
             # A new life of the rank: its report sequence starts over.
+            restarted = self._epoch[r] is not None
             self._epoch[r] = report.epoch
         elif report.seq <= self._report_seq[r]:
             self.heard_from(r)
@@ -248,7 +257,11 @@ class LoadLedger:
         waiting = waiting_tokens(report)
         self._learn_drain_rate(r, waiting, admitted, now)
         self._requeue(r, report, waiting, now)
-        self.heard_from(r, now)
+        if restarted:
+            self._restarted[r] = True
+        if not self.heard_from(r, now) and restarted:
+            # Restarted without being missed: the same active rank, an empty cache.
+            self._notify(r, True)
         return True
 
     # ------------------------------------------------------------------ queued work
@@ -393,7 +406,18 @@ class LoadLedger:
         self._active_ranks = tuple(i for i, a in enumerate(self._active) if a)
         if not active:
             self.forget(rank)
+        self._notify(rank, active)
         return True
+
+    def epoch(self, rank: int) -> int | None:
+        """The epoch (life) of *rank* its reports carry; ``None`` before its first report."""
+        return self._epoch[rank]
+
+    def _notify(self, rank: int, active: bool) -> None:
+        new_life = active and self._restarted[rank]
+        self._restarted[rank] = False
+        if self.on_state is not None:
+            self.on_state(rank, active, self._epoch[rank], new_life)
 
     def expire(self, timeout: float, now: float | None = None) -> list[int]:
         """Mark inactive every active rank silent for more than *timeout* seconds."""

@@ -186,6 +186,8 @@ class PolicyManager:
         self._select = pm.hook.select_rank
         self._on_dispatch = pm.hook.on_dispatch
         self._on_load_report = pm.hook.on_load_report
+        self._on_rank_state = pm.hook.on_rank_state
+        self.ledger.on_state = self.rank_state
         # The chain is fixed once built, so the two per-request hooks can call their
         # implementations directly, in pluggy's order and with pluggy's argument binding,
         # without its per-call machinery (about 1.5 µs a request). Hook tracing and
@@ -313,6 +315,15 @@ class PolicyManager:
         except Exception as exc:
             self.ctx.log.error("on_load_report_failed", rank=report.rank, error=repr(exc))
         return True
+
+    def rank_state(self, rank: int, active: bool, epoch: int | None, new_life: bool) -> None:
+        """Tell the policies that *rank* went inactive, came back, or restarted (the
+        ledger calls this on every such change)."""
+        self.ctx.log.info("rank_state", rank=rank, active=active, epoch=epoch, new_life=new_life)
+        try:
+            self._on_rank_state(rank=rank, active=active, epoch=epoch, new_life=new_life, ctx=self.ctx)
+        except Exception as exc:
+            self.ctx.log.error("on_rank_state_failed", rank=rank, error=repr(exc))
 
     @property
     def last_decision(self) -> Any:

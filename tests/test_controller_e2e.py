@@ -381,6 +381,34 @@ def test_rank_restarted_before_its_deadline_is_a_new_life():
         assert_balanced(st)
 
 
+def test_no_prefix_hit_claimed_on_a_killed_and_revived_rank():
+    # cache_aware remembers which rank holds a prefix; after the rank is killed (its cache
+    # is gone) and started again, the old prefix must not be called a hit there.
+    old = tuple(range(100, 108))
+    with cluster("cache_aware", dp_size=2, heartbeat_timeout_s=0.5) as (c, ranks, client):
+        reasons = c.decision_reasons
+        client.submit("warm", num_tokens=512, block_hashes=old)
+        (first,) = client.wait_all(5)
+        holder = first.rank
+        client.submit("again", num_tokens=576, block_hashes=(*old, 1))
+        (again,) = client.wait_all(5)
+        assert again.rank == holder and reasons.get(("cache_aware", "prefix_hit")) == 1
+        # (Completed in the books first: nothing is re-dispatched with the old prefix.)
+        wait_for(lambda: c.stats()["in_flight"] == 0, 5, "completions reported")
+        ranks.kill(holder)
+        wait_for(lambda: not c.ledger.is_active(holder), 5, f"rank {holder} inactive")
+        ranks.start(holder)
+        ranks.wait_ready([holder])
+        client.submit("after", num_tokens=576, block_hashes=(*old, 2))
+        (after,) = client.wait_all(5)
+        assert after.kind == "out"
+        assert reasons.get(("cache_aware", "prefix_hit")) == 1, reasons
+        # Whichever rank served it holds the old prefix now, and that is a hit again.
+        client.submit("last", num_tokens=640, block_hashes=(*old, 2, 9))
+        (last,) = client.wait_all(5)
+        assert last.rank == after.rank and reasons.get(("cache_aware", "prefix_hit")) == 2, reasons
+
+
 # --------------------------------------------------------------------------- PD
 
 

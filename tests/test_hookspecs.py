@@ -9,14 +9,14 @@ from pathlib import Path
 from dpcore import hookspecs
 
 REPO = Path(__file__).resolve().parent.parent
-HOOKS = ["select_rank", "on_dispatch", "on_load_report"]
+HOOKS = ["select_rank", "on_dispatch", "on_load_report", "on_rank_state"]
 
 
 def _spec_names():
     return sorted(n for n, f in vars(hookspecs).items() if callable(f) and hasattr(f, "dpcore_spec"))
 
 
-def test_exactly_three_hooks():
+def test_exactly_the_contract_hooks():
     assert _spec_names() == sorted(HOOKS)
 
 
@@ -24,6 +24,7 @@ def test_select_rank_is_firstresult_and_others_broadcast():
     assert hookspecs.select_rank.dpcore_spec["firstresult"] is True
     assert hookspecs.on_dispatch.dpcore_spec["firstresult"] is False
     assert hookspecs.on_load_report.dpcore_spec["firstresult"] is False
+    assert hookspecs.on_rank_state.dpcore_spec["firstresult"] is False
 
 
 def test_every_hook_is_documented_in_the_guide_with_its_signature():

@@ -293,3 +293,48 @@ def test_direct_calls_keep_pluggy_order_and_opt_in_arguments(monkeypatch, traced
     assert h.select(rid="q") == 1
     # trylast runs last even though it is first in the chain; the others in chain order
     assert seen == [("first", 3), ("middle", "q"), ("last",), ("dispatch", 1, "q")]
+
+
+class StateRecorder:
+    name = "recorder"
+
+    def __init__(self, ctx):
+        self.events = []
+
+    @hookimpl
+    def select_rank(self, request, ctx):
+        return ctx.active_ranks[0]
+
+    @hookimpl
+    def on_rank_state(self, rank, active, epoch, new_life, ctx):
+        self.events.append((rank, active, epoch, new_life))
+
+
+def test_hook_on_rank_state_fires_on_inactive_back_and_new_life():
+    h = PolicyHarness(StateRecorder, dp_size=2)
+    h.report(0, epoch=7)
+    h.report(0, epoch=7)
+    assert h.policy.events == []  # the first life and its reports are not changes
+    h.kill(0)
+    h.kill(0)  # already inactive: nothing new
+    assert h.policy.events == [(0, False, 7, False)]
+    h.report(0, epoch=7)  # same life, back
+    assert h.policy.events[-1] == (0, True, 7, False)
+    h.report(0, epoch=8)  # restarted while active
+    assert h.policy.events[-1] == (0, True, 8, True)
+    h.kill(0)
+    h.report(0, epoch=9)  # restarted after it was missed: one event, a new life
+    assert h.policy.events[-2:] == [(0, False, 8, False), (0, True, 9, True)]
+    assert len(h.policy.events) == 5
+
+
+def test_hook_on_rank_state_failure_is_logged_not_raised():
+    class Broken(StateRecorder):
+        @hookimpl
+        def on_rank_state(self, rank, ctx):
+            raise RuntimeError("boom")
+
+    h = PolicyHarness(Broken, dp_size=2)
+    h.kill(1)
+    assert not h.ctx.is_active(1)
+    assert h.select(num_tokens=1) == 0

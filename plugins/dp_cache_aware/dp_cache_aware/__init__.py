@@ -418,6 +418,17 @@ class CacheAwarePolicy:
             self._pinned[r] = float(min(report.kv_used, report.kv_capacity))
             self._trim(r)
 
+    @hookimpl
+    def on_rank_state(self, rank: int, ctx: PolicyContext) -> None:
+        # Gone, back, or restarted: what the rank cached or queued may be gone (a restart
+        # empties it), so forget it all; no decision may claim a hit on blocks it held before.
+        cache = self._cache[rank]
+        for h in cache:
+            self._drop(rank, h)
+        cache.clear()
+        self._recent[rank].clear()
+        self._busy_until[rank] = self._duty[rank] = self._served[rank] = self._pinned[rank] = 0.0
+
     # ------------------------------------------------------------------ prefix index
 
     def _remember(self, rank: int, hashes: tuple[int, ...], block_tokens: float, now: float) -> None:

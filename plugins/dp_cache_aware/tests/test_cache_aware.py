@@ -223,3 +223,31 @@ def test_explanations_carry_the_scores():
 def test_bad_options_are_refused(bad):
     with pytest.raises(PolicyOptionError):
         PolicyHarness("cache_aware", options={"cache_aware": bad})
+
+
+@pytest.mark.parametrize("how", ["kill_revive", "restart_while_active", "restart_after_kill"])
+def test_no_prefix_hit_on_a_rank_for_blocks_it_held_before_it_went_away(how):
+    h, clock = harness(dp=2)
+    h.report(0, epoch=1)
+    h.report(1, epoch=1)
+    old = prefix(1)
+    holder = h.select(num_tokens=512, block_hashes=old)
+    clock.t += 5.0
+    assert h.pick(num_tokens=512, block_hashes=old) == holder
+    assert h.manager.last_decision.reason == "prefix_hit"
+    if how == "kill_revive":
+        h.kill(holder)
+        h.revive(holder)
+    elif how == "restart_while_active":
+        h.report(holder, epoch=2)
+    else:
+        h.kill(holder)
+        h.report(holder, epoch=2)
+    assert h.ctx.is_active(holder)
+    # Both ranks idle: the old prefix is cached nowhere now, so nothing steers.
+    for _ in range(2):
+        h.pick(num_tokens=512, block_hashes=old)
+        d = h.manager.last_decision
+        assert d.reason != "prefix_hit"
+        assert d.scores["matched_blocks"] == 0
+    assert len(h.policy) == 0
