@@ -177,7 +177,7 @@ def test_plugins_and_baselines_see_identical_arrivals() -> None:
 
 
 def test_reports_agree_with_the_request_timeline_and_arrive_late() -> None:
-    cfg = EngineConfig(report_interval_s=0.1, report_delay_s=0.05)
+    cfg = EngineConfig(report_interval_s=0.1, report_delay_s=0.05, report_profile="full")
     spec = RunSpec(trace_path=MOONCAKE, dp_size=2, limit=60, config=cfg, time_scale=2.0)
     trace = spec.load_trace()
     sim = Simulation(trace, 2, cfg)

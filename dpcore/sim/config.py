@@ -1,8 +1,9 @@
-"""The engine model's parameters, pinned so that results stay comparable.
+"""The engine models' parameters, pinned so that results stay comparable.
 
-The defaults are DESIGN.md's, loosely shaped on one 8-rank DP-attention deployment. Change
-one only with a documented reason, never to make a policy look better; every run prints the
-values it used.
+The DP-attention step model's constants and their sources are in :mod:`dpcore.sim.stepmodel`;
+the replicas engine's (independent ranks, whole-prompt prefill) are here. Change a default
+only with a documented reason, never to make a policy look better; every run prints the
+values it used, and ``--engine-config FILE`` sets them for other hardware.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import math
 
 from attrs import field, frozen
+
+from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES
+from dpcore.sim.stepmodel import StepModel
 
 
 def _positive(_inst: object, attr: object, value: float) -> None:
@@ -20,6 +24,11 @@ def _positive(_inst: object, attr: object, value: float) -> None:
 def _non_negative(_inst: object, attr: object, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{attr.name} must be a number >= 0, got {value!r}")  # type: ignore[attr-defined]
+
+
+def _known_profile(_inst: object, _attr: object, value: str) -> None:
+    if value not in PROFILES:
+        raise ValueError(f"report_profile must be one of {', '.join(PROFILES)}, got {value!r}")
 
 
 @frozen
@@ -35,6 +44,8 @@ class EngineConfig:
     :ivar report_steps: ...and after this many decode steps, whichever comes first
         (``0``: time only).
     :ivar report_delay_s: How late a report reaches the controller.
+    :ivar report_profile: Which fields the reports carry (:mod:`dpcore.sim.profiles`).
+    :ivar step: The DP-attention step-time model (the ``lockstep`` engine).
     """
 
     prefill_tokens_per_s: float = field(default=12_000.0, validator=_positive)
@@ -44,6 +55,8 @@ class EngineConfig:
     report_interval_s: float = field(default=0.1, validator=_positive)
     report_steps: int = field(default=15, validator=_non_negative)
     report_delay_s: float = field(default=0.05, validator=_non_negative)
+    report_profile: str = field(default=DEFAULT_PROFILE, validator=_known_profile)
+    step: StepModel = field(factory=StepModel)
 
     def rows(self) -> list[tuple[str, str]]:
         """(parameter, value) pairs for the printed report."""

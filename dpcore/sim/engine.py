@@ -35,7 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -45,6 +45,8 @@ from dpcore.errors import RequestRejected
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, Request
 from dpcore.sim.config import EngineConfig
+from dpcore.sim.kvcache import RankKV
+from dpcore.sim.profiles import profile
 from dpcore.sim.traces import Trace
 
 # Event kinds (small ints: compared in the hot loop).
@@ -94,6 +96,10 @@ class PluginRouter:
     def finished(self, request: Request, rank: int) -> None:
         pass
 
+    def rank_alive(self, rank: int, alive: bool) -> None:
+        """The controller noticed *rank* stop (its reports and heartbeats ceased)."""
+        self.manager.ledger.set_active(rank, alive)
+
 
 @frozen
 class ExplainedDecision:
@@ -132,6 +138,17 @@ class RunResult:
     series: list[list[tuple[float, int, int]]]
     explained: list[ExplainedDecision] = field(factory=list)
     events: int = 0
+    #: Requests lost to a rank fault after dispatch (reasons in ``fail_reasons``).
+    failed: int = 0
+    fail_reasons: dict[str, int] = field(factory=dict)
+    #: Inter-token latencies as (seconds, tokens) pairs (lockstep engine only).
+    itl: list[tuple[float, int]] = field(factory=list)
+    #: Global steps run, and rank-seconds of own work, of waiting for the slowest rank
+    #: (idle or padded), and in all (lockstep engine only).
+    steps: int = 0
+    busy_s: float = 0.0
+    waste_s: float = 0.0
+    rank_time_s: float = 0.0
 
 
 class _Job:
@@ -150,12 +167,11 @@ class _Job:
 class _Rank:
     __slots__ = (
         "idx", "waiting", "waiting_tokens", "decode", "s", "s_sum", "state", "cur", "version",
-        "run_start", "tau", "run_steps", "pinned", "evictable", "pinned_tokens", "evictable_tokens",
-        "reserved", "last_seq", "rep_seq", "rep_gen", "s_rep", "next_sample", "series", "served",
+        "run_start", "tau", "run_steps", "kv", "last_seq", "rep_seq", "rep_gen", "s_rep", "next_sample", "series", "served",
         "prefill_end",
     )  # fmt: skip
 
-    def __init__(self, idx: int) -> None:
+    def __init__(self, idx: int, kv: RankKV) -> None:
         self.idx = idx
         self.waiting: deque[_Job] = deque()
         self.waiting_tokens = 0
@@ -169,11 +185,7 @@ class _Rank:
         self.run_start = 0.0
         self.tau = 0.0
         self.run_steps = 0
-        self.pinned: dict[int, list[int]] = {}  # block -> [users, tokens]
-        self.evictable: OrderedDict[int, int] = OrderedDict()  # block -> tokens, LRU first
-        self.pinned_tokens = 0
-        self.evictable_tokens = 0
-        self.reserved = 0  # output tokens reserved by admitted requests
+        self.kv = kv
         self.last_seq = -1
         self.rep_seq = 0
         self.rep_gen = 0
@@ -224,10 +236,14 @@ class Simulation:
         self.seed = seed
         self.now = trace.requests[0].arrival if trace.requests else 0.0
         self.block_size = trace.block_size or 1
-        self.ranks = [_Rank(i) for i in range(dp_size)]
+        self.ranks = [_Rank(i, RankKV(self.config.kv_capacity_tokens, self.block_size)) for i in range(dp_size)]
         self.requests = build_requests(trace)
         self._explain = explain
         self._progress = progress
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.config.prefill_tokens_per_s
 
     def clock(self) -> float:
         """Simulated time in seconds; the ledger and every baseline read it."""
@@ -235,15 +251,7 @@ class Simulation:
 
     def cached_blocks(self, rank: int, hashes: Sequence[int]) -> int:
         """Blocks of *hashes*' prefix that *rank*'s cache holds now (a KV-event view)."""
-        r = self.ranks[rank]
-        pinned, evictable = r.pinned, r.evictable
-        n = 0
-        for h in hashes:
-            if h in pinned or h in evictable:
-                n += 1
-            else:
-                break
-        return n
+        return self.ranks[rank].kv.cached_blocks(hashes)
 
     def queued_prefill_s(self, rank: int) -> float:
         """Seconds of prefill *rank* has ahead of a new arrival now: the rest of the prompt
@@ -269,11 +277,11 @@ class Simulation:
         ranks = self.ranks
         reqs = self.requests
         n = len(reqs)
-        bs = self.block_size
         cap = cfg.kv_capacity_tokens
         prefill_rate = cfg.prefill_tokens_per_s
         step_base, step_per = cfg.decode_step_s, cfg.decode_step_per_request_s
         interval, delay, rep_steps = cfg.report_interval_s, cfg.report_delay_s, cfg.report_steps
+        report_profile = profile(cfg.report_profile)
         rng = random.Random(self.seed)
         heap: list[tuple[float, int, int, int, Any]] = []
         push, pop = heapq.heappush, heapq.heappop
@@ -311,58 +319,11 @@ class Simulation:
             nonlocal counter, admitted_in, hit_total
             if r.waiting:
                 job = r.waiting[0]
-                hashes = job.hashes
-                pinned, evictable = r.pinned, r.evictable
-                m = moved = 0
-                for h in hashes:
-                    if h in pinned:
-                        m += 1
-                    elif h in evictable:
-                        moved += evictable[h]
-                        m += 1
-                    else:
-                        break
-                n_in = job.n_in
-                hit = min(m * bs, n_in) if hashes else 0
-                new_tokens = n_in - hit
-                if r.pinned_tokens + moved + new_tokens + r.reserved + job.n_out <= cap:
+                hit = r.kv.admit(job.hashes, job.n_in, job.n_out)
+                if hit >= 0:
+                    n_in = job.n_in
                     r.waiting.popleft()
                     r.waiting_tokens -= n_in
-                    # Pin the matched prefix, insert the rest; then evict to fit.
-                    for k in range(m):
-                        h = hashes[k]
-                        e = pinned.get(h)
-                        if e is None:
-                            pinned[h] = [1, evictable.pop(h)]
-                        else:
-                            e[0] += 1
-                    left = n_in - m * bs
-                    for k in range(m, len(hashes)):
-                        h = hashes[k]
-                        tok = bs if left > bs else left
-                        left -= bs
-                        e = pinned.get(h)
-                        if e is None and h not in evictable:
-                            pinned[h] = [1, tok]
-                            continue
-                        # Cached already, though not as part of the matched prefix (a
-                        # duplicate id in one prompt, or a deeper block that outlived its
-                        # parent): no new KV for it.
-                        new_tokens -= tok
-                        if e is None:
-                            old = evictable.pop(h)
-                            pinned[h] = [1, old]
-                            moved += old
-                        else:
-                            e[0] += 1
-                    r.pinned_tokens += moved + new_tokens
-                    r.evictable_tokens -= moved
-                    r.reserved += job.n_out
-                    excess = r.pinned_tokens + r.evictable_tokens + r.reserved - cap
-                    while excess > 0:
-                        _, tok = evictable.popitem(last=False)
-                        r.evictable_tokens -= tok
-                        excess -= tok
                     start[job.i] = now
                     admitted_in += n_in
                     hit_total += hit
@@ -398,23 +359,7 @@ class Simulation:
             finish[job.i] = now
             completed += 1
             outstanding -= 1
-            r.reserved -= job.n_out
-            hashes = job.hashes
-            if hashes:
-                pinned, evictable = r.pinned, r.evictable
-                freed = 0
-                # Deepest block first, so the shared root is the most recently used.
-                for h in reversed(hashes):
-                    e = pinned[h]
-                    e[0] -= 1
-                    if not e[0]:
-                        del pinned[h]
-                        evictable[h] = e[1]
-                        freed += e[1]
-                r.pinned_tokens -= freed
-                r.evictable_tokens += freed
-            else:
-                r.pinned_tokens -= job.n_in
+            r.kv.release(job.hashes, job.n_in, job.n_out)
             router.finished(job.req, r.idx)
 
         def steps_now(r: _Rank, now: float) -> int:
@@ -444,7 +389,7 @@ class Simulation:
                         continue  # a step trigger made stale by an earlier report
                     s_now = steps_now(r, now)
                     k = len(r.decode)
-                    kv_used = r.pinned_tokens + k * (s_now + 1) - r.s_sum
+                    kv_used = r.kv.pinned_tokens + k * (s_now + 1) - r.s_sum
                     running = k + (1 if r.state == _PREFILL else 0)
                     waiting = len(r.waiting)
                     rep = LoadReport(
@@ -457,7 +402,7 @@ class Simulation:
                         num_tokens=kv_used + r.waiting_tokens,
                         kv_used=kv_used,
                         kv_capacity=cap,
-                        prefill_tokens=(
+                        prefill_tokens=report_profile.prefill_tokens(
                             round((r.prefill_end - now) * prefill_rate) if r.state == _PREFILL else 0
                         ),
                     )

@@ -15,12 +15,14 @@ from typing import Any
 
 from attrs import field, frozen
 
-from dpcore.errors import UnknownPolicyError
+from dpcore.errors import ConfigError, UnknownPolicyError
 from dpcore.ledger import LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.sim.baselines import BASELINES, is_baseline
 from dpcore.sim.config import EngineConfig
 from dpcore.sim.engine import PluginRouter, Router, RunResult, Simulation
+from dpcore.sim.faults import Fault
+from dpcore.sim.lockstep import LockstepSimulation
 from dpcore.sim.traces import Trace, read_trace
 
 
@@ -38,6 +40,8 @@ class RunSpec:
     fmt: str | None = None
     options: Mapping[str, Mapping[str, Any]] = field(factory=dict)
     explain: int = 0
+    engine: str = "lockstep"
+    faults: tuple[Fault, ...] = ()
 
     def load_trace(self) -> Trace:
         return read_trace(
@@ -63,7 +67,11 @@ def _baseline(name: str) -> Callable[..., Router]:
     return factory
 
 
-def make_router(name: str, sim: Simulation, spec: RunSpec) -> Router:
+#: ``--engine`` values: the DP-attention model (default) and independent replicas.
+ENGINES = ("lockstep", "replicas")
+
+
+def make_router(name: str, sim: Simulation | LockstepSimulation, spec: RunSpec) -> Router:
     """A baseline (``peer:...``), a reference (``ref:...``) or an installed dpcore policy
     chain on *sim*'s clock."""
     if is_baseline(name):
@@ -74,7 +82,7 @@ def make_router(name: str, sim: Simulation, spec: RunSpec) -> Router:
             block_size=sim.block_size,
             cached_blocks=sim.cached_blocks,
             queued_prefill=sim.queued_prefill_s,
-            prefill_tokens_per_s=sim.config.prefill_tokens_per_s,
+            prefill_tokens_per_s=sim.prefill_tokens_per_s,
         )
     manager = PolicyManager.from_method(
         name,
@@ -110,7 +118,21 @@ def run_one(spec: RunSpec, name: str, progress: Callable[[float], None] | None =
     if trace is None:
         _TRACES.clear()  # one trace at a time is enough; do not grow without bound
         trace = _TRACES[key] = spec.load_trace()
-    sim = Simulation(trace, spec.dp_size, spec.config, seed=spec.seed, explain=spec.explain, progress=progress)
+    sim: Simulation | LockstepSimulation
+    if spec.engine == "replicas":
+        if spec.faults:
+            raise ConfigError("--faults needs the lockstep engine")
+        sim = Simulation(trace, spec.dp_size, spec.config, seed=spec.seed, explain=spec.explain, progress=progress)
+    else:
+        sim = LockstepSimulation(
+            trace,
+            spec.dp_size,
+            spec.config,
+            seed=spec.seed,
+            explain=spec.explain,
+            progress=progress,
+            faults=spec.faults,
+        )
     return sim.run(make_router(name, sim, spec), name)
 
 

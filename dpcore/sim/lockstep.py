@@ -1,0 +1,568 @@
+"""The DP-attention engine model: ``dp_size`` ranks that run every forward step together.
+
+What a step is, and what it costs, is :mod:`dpcore.sim.stepmodel` (with SGLang's source for
+each mechanism). This module runs the steps over a trace:
+
+* **A global step.** At a step's start each live rank builds its batch: an *extend* batch if
+  it has a partly prefilled prompt or an admissible waiting request (the chunked prompt first,
+  then waiting requests first come first served, admitted into KV as they join, until the
+  per-rank budget ``chunked_prefill_size // dp`` is spent; the last one may be chunked),
+  otherwise a *decode* batch of all its running requests, otherwise an idle batch. The step
+  lasts :meth:`~dpcore.sim.stepmodel.StepModel.step`; every rank waits for it to end.
+* **Tokens.** A prompt's first token comes at the end of the step that extends its last
+  chunk; a decode step gives each request of a decoding rank one token. While a rank extends,
+  its running requests get none.
+* **Runs of identical decode steps** (no rank extends, nothing waits) are one event up to the
+  next completion or load report by steps; an arrival or a fault cuts the run after the step
+  in flight, as the scheduler sees a new request only between steps.
+* **KV and prefix cache** per rank are :class:`~dpcore.sim.kvcache.RankKV`, as in the
+  replicas engine; **load reports** are taken every ``report_interval_s`` (random phase per
+  rank) and every ``report_steps`` steps, reach the controller ``report_delay_s`` later, and
+  carry the fields of the chosen report profile (:mod:`dpcore.sim.profiles`).
+* **Faults** (:class:`~dpcore.sim.faults.Fault`): a rank that goes down loses every request it
+  holds (failed, with a reason) and its cache; the lockstep group carries on without it. The
+  controller learns of it one report interval later (the reports stop); a request sent to it
+  meanwhile fails. It comes back with an empty cache and a new epoch, and rejoins when its
+  first report arrives.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dpcore.errors import RequestRejected
+from dpcore.model import LoadReport
+from dpcore.sim.config import EngineConfig
+from dpcore.sim.engine import SERIES_POINTS, ExplainedDecision, Router, RunResult, build_requests
+from dpcore.sim.faults import Fault
+from dpcore.sim.kvcache import RankKV
+from dpcore.sim.profiles import profile
+from dpcore.sim.traces import Trace
+
+_STEP_END, _REPORT_TAKE, _REPORT_DELIVER, _DOWN, _UP, _NOTICE = range(6)
+_EPS = 1e-9
+#: A rank whose load has not changed still reports this often (SGLang's publisher heartbeat).
+HEARTBEAT_S = 1.0
+
+
+class _Job:
+    __slots__ = ("i", "req", "n_in", "n_out", "hashes", "left", "s_start")
+
+    def __init__(self, i: int, req: Any, n_in: int, n_out: int, hashes: tuple[int, ...]) -> None:
+        self.i = i
+        self.req = req
+        self.n_in = n_in
+        self.n_out = n_out
+        self.hashes = hashes
+        self.left = 0  # prompt tokens still to extend (uncached part, at least 1)
+        self.s_start = 0
+
+
+class _Rank:
+    __slots__ = (
+        "idx", "kv", "waiting", "waiting_tokens", "chunked", "batch", "decode", "s", "s_sum",
+        "groups", "alive", "epoch", "last_seq", "rep_seq", "rep_gen", "s_rep", "next_sample",
+        "series", "served", "last_counts", "last_sent",
+    )  # fmt: skip
+
+    def __init__(self, idx: int, kv: RankKV) -> None:
+        self.idx = idx
+        self.kv = kv
+        self.waiting: deque[_Job] = deque()  # dispatched, not admitted yet
+        self.waiting_tokens = 0
+        self.chunked: _Job | None = None  # admitted, prompt partly extended
+        self.batch: list[tuple[_Job, int]] = []  # the extend batch of the step in flight
+        self.decode: list[tuple[int, int, _Job]] = []  # heap by the decode step it finishes at
+        self.s = 0  # decode steps this rank ran
+        self.s_sum = 0  # sum of s_start over the decode set
+        self.groups: dict[float, int] = {}  # time of last token -> running requests (for ITL)
+        self.alive = True
+        self.epoch = 0
+        self.last_seq = -1
+        self.rep_seq = 0
+        self.rep_gen = 0
+        self.s_rep = 0  # global step of the last report
+        self.next_sample = 0.0
+        self.series: list[tuple[float, int, int]] = []
+        self.served = 0
+        self.last_counts: tuple[int, ...] = ()
+        self.last_sent = -math.inf
+
+
+class LockstepSimulation:
+    """One replay of *trace* through a DP-attention group of ``dp_size`` ranks; call
+    :meth:`run` once. Same arguments as :class:`~dpcore.sim.engine.Simulation`, plus
+    *faults*."""
+
+    def __init__(
+        self,
+        trace: Trace,
+        dp_size: int,
+        config: EngineConfig | None = None,
+        *,
+        seed: int = 0,
+        explain: int = 0,
+        progress: Callable[[float], None] | None = None,
+        faults: Sequence[Fault] = (),
+    ) -> None:
+        self.trace = trace
+        self.dp_size = dp_size
+        self.config = config or EngineConfig()
+        self.seed = seed
+        self.now = trace.requests[0].arrival if trace.requests else 0.0
+        self.block_size = trace.block_size or 1
+        cap = self.config.kv_capacity_tokens
+        self.ranks = [_Rank(i, RankKV(cap, self.block_size)) for i in range(dp_size)]
+        self.requests = build_requests(trace)
+        self.faults = tuple(faults)
+        for f in self.faults:
+            f.check(dp_size)
+        sm = self.config.step
+        self.budget = sm.chunk_budget(dp_size)
+        # What one full extend step costs when every rank extends: the prefill pace the
+        # clairvoyant reference plans with.
+        self.extend_step_s = sm.step_time_s([self.budget] * dp_size, [0] * dp_size)
+        self._explain = explain
+        self._progress = progress
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """One rank's prefill pace while every rank extends full chunks."""
+        return self.budget / self.extend_step_s
+
+    def clock(self) -> float:
+        return self.now
+
+    def cached_blocks(self, rank: int, hashes: Sequence[int]) -> int:
+        return self.ranks[rank].kv.cached_blocks(hashes)
+
+    def queued_prefill_s(self, rank: int) -> float:
+        """Seconds of extend steps *rank* has ahead of a new arrival: the rest of its
+        prompts in flight plus each waiting prompt's uncached part, in full chunks.
+        Exact knowledge no real router has; only the ``ref:`` references use it."""
+        r = self.ranks[rank]
+        if not r.alive:
+            return math.inf
+        bs = self.block_size
+        tokens = sum(j.left for j, _ in r.batch) or (r.chunked.left if r.chunked else 0)
+        for job in r.waiting:
+            hit = min(r.kv.cached_blocks(job.hashes) * bs, job.n_in) if job.hashes else 0
+            tokens += max(job.n_in - hit, 1)
+        return tokens / self.budget * self.extend_step_s
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, router: Router, name: str = "") -> RunResult:
+        self._setup(router)
+        n = len(self.requests)
+        arrivals = self._arrivals
+        heap = self._heap
+        pop = heapq.heappop
+        progress = self._progress
+        every = max(n // 50, 1)
+        ai = 0
+        while True:
+            next_arrival = arrivals[ai] if ai < n else math.inf
+            if heap and heap[0][0] <= next_arrival:
+                t, _, kind, ri, payload = pop(heap)
+                self.now = t
+                self._events += 1
+                if kind == _STEP_END:
+                    if payload == self._version:
+                        self._end_step(t)
+                elif kind == _REPORT_TAKE:
+                    self._take_report(self.ranks[ri], t, payload)
+                elif kind == _REPORT_DELIVER:
+                    router.report(payload)
+                else:
+                    self._fault_event(kind, self.ranks[ri], t)
+            elif ai < n:
+                self.now = next_arrival
+                self._arrive(ai, next_arrival)
+                ai += 1
+                if progress is not None and ai % every == 0:
+                    progress(ai / n)
+            else:
+                break
+            if ai >= n and not self._outstanding and not self._active:
+                break
+        if progress is not None:
+            progress(1.0)
+        return self._result(name)
+
+    def _setup(self, router: Router) -> None:
+        cfg = self.config
+        n = len(self.requests)
+        self._router = router
+        self._notify = getattr(router, "rank_alive", None)
+        self._profile = profile(cfg.report_profile)
+        self._arrivals = [r.arrival for r in self.trace.requests]
+        self._heap: list[tuple[float, int, int, int, Any]] = []
+        self._counter = 0
+        self._version = 0
+        self._active = False
+        self._extending = False
+        self._t0 = self._tau = 0.0
+        self._k = 0
+        self._work: list[float] = []
+        self._global_steps = 0
+        self._outstanding = self._completed = self._rejected = self._failed = 0
+        self._admitted_in = self._hit_total = 0
+        self._events = 0
+        self._reasons: Counter[str] = Counter()
+        self._fail_reasons: Counter[str] = Counter()
+        self._itl: list[tuple[float, int]] = []
+        self._busy_s = self._waste_s = self._rank_time_s = 0.0
+        nan = math.nan
+        self._start = [nan] * n
+        self._first = [nan] * n
+        self._finish = [nan] * n
+        self._rank_of = [-1] * n
+        self._out_tokens = [0] * n
+        t_begin = self._arrivals[0] if n else 0.0
+        span = (self._arrivals[-1] - t_begin) if n else 0.0
+        self._sample_dt = max(span, 1.0) / SERIES_POINTS
+        rng = random.Random(self.seed)
+        for r in self.ranks:
+            # Ranks are not synchronized in their reports: each timer gets its own phase.
+            self._push(t_begin + rng.random() * cfg.report_interval_s, _REPORT_TAKE, r.idx, 0)
+            r.next_sample = t_begin
+        for f in self.faults:
+            self._push(t_begin + f.down_s, _DOWN, f.rank, 0)
+            if f.up_s is not None:
+                self._push(t_begin + f.up_s, _UP, f.rank, 0)
+        # A separate stream, so that asking for explanations never changes the run.
+        pick = random.Random(f"explain-{self.seed}")
+        self._explain_at = set(pick.sample(range(n), min(self._explain, n))) if self._explain else set()
+        self._explained: list[ExplainedDecision] = []
+
+    def _push(self, t: float, kind: int, rank: int, payload: Any) -> None:
+        self._counter += 1
+        heapq.heappush(self._heap, (t, self._counter, kind, rank, payload))
+
+    # ------------------------------------------------------------------ arrivals
+
+    def _arrive(self, i: int, now: float) -> None:
+        router = self._router
+        req = self.requests[i]
+        try:
+            rank = router.select(req)
+        except RequestRejected as exc:
+            self._rejected += 1
+            self._reasons[exc.code] += 1
+            return
+        if i in self._explain_at:
+            d = router.last_decision
+            self._explained.append(
+                ExplainedDecision(
+                    rid=req.rid,
+                    time_s=now,
+                    rank=rank,
+                    policy=d.policy,
+                    reason=d.reason,
+                    scores=dict(d.scores) if d.scores else None,
+                )
+            )
+        seq = router.dispatched(req, rank)
+        r = self.ranks[rank]
+        r.last_seq = seq
+        self._rank_of[i] = rank
+        tr = self.trace.requests[i]
+        n_out = tr.output_length if tr.output_length > 0 else 1
+        if not r.alive:
+            self._failed += 1
+            self._fail_reasons["rank_down"] += 1
+            router.finished(req, rank)
+            return
+        if tr.input_length + n_out > self.config.kv_capacity_tokens:
+            # The engine refuses a request that could never fit in its KV cache.
+            self._rejected += 1
+            self._reasons["engine_too_long"] += 1
+            router.finished(req, rank)
+            return
+        job = _Job(i, req, tr.input_length, n_out, tr.hash_ids)
+        self._out_tokens[i] = n_out
+        r.served += tr.input_length
+        r.waiting.append(job)
+        r.waiting_tokens += tr.input_length
+        self._outstanding += 1
+        if not self._active:
+            self._start_step(now)
+        else:
+            self._cut_run(now)
+
+    def _cut_run(self, now: float) -> None:
+        """End a run of identical decode steps after the step in flight at *now*."""
+        if self._k <= 1:
+            return
+        done = int((now - self._t0) / self._tau - _EPS) + 1
+        if done < self._k:
+            self._k = max(done, 1)
+            self._version += 1
+            self._push(self._t0 + self._k * self._tau, _STEP_END, 0, self._version)
+
+    # ------------------------------------------------------------------ steps
+
+    def _plan_extend(self, r: _Rank, now: float) -> int:
+        """Build *r*'s extend batch for a step starting at *now*; its token count."""
+        budget = self.budget
+        batch = r.batch
+        tokens = 0
+        job = r.chunked
+        if job is not None:
+            take = job.left if job.left < budget else budget
+            batch.append((job, take))
+            tokens = take
+            budget -= take
+        kv = r.kv
+        waiting = r.waiting
+        while budget > 0 and waiting:
+            job = waiting[0]
+            hit = kv.admit(job.hashes, job.n_in, job.n_out)
+            if hit < 0:
+                break  # first come, first served: the head waits for KV, and so does the queue
+            waiting.popleft()
+            r.waiting_tokens -= job.n_in
+            self._start[job.i] = now
+            self._admitted_in += job.n_in
+            self._hit_total += hit
+            job.left = job.n_in - hit if job.n_in > hit else 1
+            take = job.left if job.left < budget else budget
+            batch.append((job, take))
+            tokens += take
+            budget -= take
+            if take < job.left:
+                r.chunked = job
+        return tokens
+
+    def _start_step(self, now: float) -> None:
+        sm = self.config.step
+        work = self._work
+        work.clear()
+        gathered = 0
+        extending = False
+        live = 0
+        for r in self.ranks:
+            if not r.alive:
+                continue
+            live += 1
+            e = self._plan_extend(r, now) if (r.waiting or r.chunked is not None) else 0
+            if e:
+                extending = True
+                gathered += e
+                work.append(e * sm.extend_s_per_token)
+            else:
+                d = len(r.decode)
+                gathered += d
+                work.append(d * sm.decode_s_per_request)
+        if not gathered:
+            self._active = False
+            return
+        tau = sm.overhead_s + (sm.graph_loss_s if extending else 0.0) + max(work) + sm.moe_s_per_token * gathered / live
+        k = 1
+        if not extending:
+            # Identical steps until the first completion or the next report by steps.
+            k = min(r.decode[0][0] - r.s for r in self.ranks if r.decode)
+            rep_steps = self.config.report_steps
+            if rep_steps:
+                due = min(r.s_rep + rep_steps for r in self.ranks if r.alive) - self._global_steps
+                k = min(k, max(due, 1))
+        self._active = True
+        self._extending = extending
+        self._t0 = now
+        self._tau = tau
+        self._k = k
+        self._version += 1
+        self._push(now + k * tau, _STEP_END, 0, self._version)
+
+    def _end_step(self, t: float) -> None:
+        k, tau = self._k, self._tau
+        self._global_steps += k
+        work = self._work
+        top = max(work)
+        self._busy_s += k * sum(work)
+        self._waste_s += k * (top * len(work) - sum(work))
+        self._rank_time_s += k * tau * len(work)
+        first_end = self._t0 + tau
+        for r in self.ranks:
+            if not r.alive:
+                continue
+            if r.batch:
+                self._extended(r, t)
+            elif r.decode:
+                self._decoded(r, t, k, first_end, tau)
+        self._active = False
+        rep_steps = self.config.report_steps
+        if rep_steps:
+            for r in self.ranks:
+                if r.alive and self._global_steps - r.s_rep >= rep_steps:
+                    self._take_report(r, t, -1)
+        self._start_step(t)
+
+    def _extended(self, r: _Rank, t: float) -> None:
+        groups = r.groups
+        for job, take in r.batch:
+            job.left -= take
+            if job.left:
+                continue
+            if r.chunked is job:
+                r.chunked = None
+            self._first[job.i] = t
+            self._router.first_token(job.req, r.idx)
+            if job.n_out <= 1:
+                self._release(r, job, t)
+            else:
+                job.s_start = r.s
+                r.s_sum += r.s
+                heapq.heappush(r.decode, (r.s + job.n_out - 1, job.i, job))
+                groups[t] = groups.get(t, 0) + 1
+        r.batch.clear()
+
+    def _decoded(self, r: _Rank, t: float, k: int, first_end: float, tau: float) -> None:
+        itl = self._itl
+        b = 0
+        for last, count in r.groups.items():
+            itl.append((first_end - last, count))
+            b += count
+        if k > 1:
+            itl.append((tau, b * (k - 1)))
+        r.s += k
+        dec = r.decode
+        done = 0
+        while dec and dec[0][0] <= r.s:
+            job = heapq.heappop(dec)[2]
+            r.s_sum -= job.s_start
+            self._release(r, job, t)
+            done += 1
+        r.groups = {t: b - done} if b > done else {}
+
+    def _release(self, r: _Rank, job: _Job, t: float) -> None:
+        self._finish[job.i] = t
+        self._completed += 1
+        self._outstanding -= 1
+        r.kv.release(job.hashes, job.n_in, job.n_out)
+        self._router.finished(job.req, r.idx)
+
+    # ------------------------------------------------------------------ reports
+
+    def _take_report(self, r: _Rank, now: float, gen: int) -> None:
+        cfg = self.config
+        if gen >= 0 and gen != r.rep_gen:
+            return  # a timer made stale by a later report: every report restarts the timer
+        r.rep_gen += 1
+        self._push(now + cfg.report_interval_s, _REPORT_TAKE, r.idx, r.rep_gen)
+        if not r.alive:
+            return
+        s_now = r.s
+        if self._active and not self._extending and r.decode:
+            done = int((now - self._t0) / self._tau + _EPS)
+            s_now += done if done < self._k else self._k
+        k = len(r.decode)
+        kv_used = r.kv.pinned_tokens + k * (s_now + 1) - r.s_sum
+        prefilling = len(r.batch) or (1 if r.chunked is not None else 0)
+        running = k + prefilling
+        waiting = len(r.waiting)
+        if now >= r.next_sample:
+            r.series.append((now, running + waiting, kv_used + r.waiting_tokens))
+            r.next_sample = now + self._sample_dt
+        # SGLang publishes a snapshot only when its counts changed or a heartbeat is due
+        # (load_publisher.py: publish_load_stat, LOAD_PUBLISH_HEARTBEAT_S = 1 s).
+        counts = (running, waiting, kv_used, r.waiting_tokens, r.last_seq, r.epoch)
+        if counts == r.last_counts and now - r.last_sent < HEARTBEAT_S:
+            return
+        r.last_counts = counts
+        r.last_sent = now
+        rep = LoadReport(
+            rank=r.idx,
+            epoch=r.epoch,
+            seq=r.rep_seq,
+            acked_seq=r.last_seq,
+            num_running=running,
+            num_waiting=waiting,
+            num_tokens=kv_used + r.waiting_tokens,
+            kv_used=kv_used,
+            kv_capacity=cfg.kv_capacity_tokens,
+            prefill_tokens=self._profile.prefill_tokens(
+                sum(j.left for j, _ in r.batch) or (r.chunked.left if r.chunked else 0)
+            ),
+        )
+        r.rep_seq += 1
+        r.s_rep = self._global_steps
+        if cfg.report_delay_s > 0:
+            self._push(now + cfg.report_delay_s, _REPORT_DELIVER, r.idx, rep)
+        else:
+            self._router.report(rep)
+
+    # ------------------------------------------------------------------ faults
+
+    def _fault_event(self, kind: int, r: _Rank, t: float) -> None:
+        if kind == _DOWN:
+            if r.alive:
+                self._down(r, t)
+        elif kind == _UP:
+            if not r.alive:
+                r.alive = True
+                r.epoch += 1
+                r.rep_seq = 0
+                r.s_rep = self._global_steps
+        elif self._notify is not None and not r.alive:  # _NOTICE: its reports stopped
+            self._notify(r.idx, False)
+
+    def _down(self, r: _Rank, t: float) -> None:
+        r.alive = False
+        lost = [j for j, _ in r.batch]
+        if r.chunked is not None and r.chunked not in lost:
+            lost.append(r.chunked)
+        lost.extend(r.waiting)
+        lost.extend(e[2] for e in r.decode)
+        for job in lost:
+            self._failed += 1
+            self._fail_reasons["rank_down"] += 1
+            self._outstanding -= 1
+            self._router.finished(job.req, r.idx)
+        r.batch.clear()
+        r.chunked = None
+        r.waiting.clear()
+        r.waiting_tokens = 0
+        r.decode.clear()
+        r.s_sum = 0
+        r.groups = {}
+        r.kv.clear()
+        self._push(t + self.config.report_interval_s, _NOTICE, r.idx, 0)
+        if self._active:
+            self._cut_run(t)
+
+    # ------------------------------------------------------------------ result
+
+    def _result(self, name: str) -> RunResult:
+        return RunResult(
+            policy=name,
+            dp_size=self.dp_size,
+            arrival=self._arrivals,
+            start=self._start,
+            first_token=self._first,
+            finish=self._finish,
+            rank=self._rank_of,
+            output_tokens=self._out_tokens,
+            input_tokens_admitted=self._admitted_in,
+            hit_tokens=self._hit_total,
+            served_tokens=[r.served for r in self.ranks],
+            completed=self._completed,
+            rejected=self._rejected,
+            reject_reasons=dict(self._reasons),
+            series=[r.series for r in self.ranks],
+            explained=self._explained,
+            events=self._events,
+            failed=self._failed,
+            fail_reasons=dict(self._fail_reasons),
+            itl=self._itl,
+            steps=self._global_steps,
+            busy_s=self._busy_s,
+            waste_s=self._waste_s,
+            rank_time_s=self._rank_time_s,
+        )
