@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -9,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from rich.console import Console
+
+from dpcore import hookimpl
 from dpcore.cli import main
-from dpcore.sim.report import METRIC_KEYS
+from dpcore.ledger import LoadLedger
+from dpcore.manager import PolicyManager
+from dpcore.sim.engine import PluginRouter
+from dpcore.sim.lockstep import LockstepSimulation
+from dpcore.sim.report import METRIC_KEYS, print_errors
+from dpcore.sim.runner import QUIET_LOG, RunSpec
 
 DATA = Path(__file__).parent / "data"
 MOONCAKE = str(DATA / "mooncake_conversation_head300.jsonl")
@@ -18,15 +28,16 @@ AZURE = str(DATA / "azure_conv_head300.csv")
 
 
 def check_schema(doc: dict, policies: list[str], total: int) -> None:
-    assert set(doc) == {"ceiling_prefix_hit_ratio", "oracle_prefix_hit_ratio", "policies"}
+    assert set(doc) == {"run", "ceiling_prefix_hit_ratio", "oracle_prefix_hit_ratio", "policies"}
     assert isinstance(doc["ceiling_prefix_hit_ratio"], float)
     assert isinstance(doc["oracle_prefix_hit_ratio"], float)
     assert list(doc["policies"]) == policies
+    assert doc["run"]["policies"] == policies
     for m in doc["policies"].values():
         assert tuple(m) == METRIC_KEYS
-        assert isinstance(m["completed"], int) and isinstance(m["rejected"], int)
-        assert m["completed"] + m["rejected"] == total
-        for k in METRIC_KEYS[:-2]:
+        assert all(isinstance(m[k], int) for k in ("completed", "rejected", "failed"))
+        assert m["completed"] + m["rejected"] + m["failed"] == total
+        for k in METRIC_KEYS[:-3]:
             assert isinstance(m[k], float), k
         assert m["ttft_p50_s"] <= m["ttft_p99_s"] <= m["e2e_p99_s"]
         assert 0.0 <= m["prefix_hit_ratio"] <= doc["ceiling_prefix_hit_ratio"] + 1e-9
@@ -91,3 +102,74 @@ def test_cli_bad_trace_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixt
     bad.write_text("\n".join([*lines, '{"timestamp": 9000, "input_length": "many"}']) + "\n")
     assert main(["simulate", "--trace", str(bad), "--policy", "round_robin"]) == 2
     assert "bad.jsonl:4: input_length must be an integer" in capsys.readouterr().err
+
+
+def test_json_carries_what_it_takes_to_run_it_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    cfg = tmp_path / "hw.toml"
+    cfg.write_text("kv_capacity_tokens = 200000\n[step]\nchunked_prefill_size = 4096\n")
+    argv = ["simulate", "--trace", MOONCAKE, "--limit", "30", "--dp-size", "4", "--seed", "5"]
+    argv += ["--policy", "round_robin", "--engine-config", str(cfg), "--json", str(out), "--faults", "1@2-9"]
+    assert main(argv) == 0
+    run = json.loads(out.read_text())["run"]
+    assert run["trace"]["sha256"] == hashlib.sha256(Path(MOONCAKE).read_bytes()).hexdigest()
+    assert (run["dp_size"], run["seed"], run["engine"], run["report_profile"]) == (4, 5, "lockstep", "sglang")
+    assert run["engine_parameters"]["kv_capacity_tokens"] == 200_000
+    assert run["engine_parameters"]["step"]["chunked_prefill_size"] == 4096
+    assert run["faults"] == [{"rank": 1, "down_s": 2.0, "up_s": 9.0}]
+    assert run["dpcore_version"]
+    assert "1,024 tokens per rank (4,096 / dp 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["markdown", "csv", "json", "table"])
+def test_every_output_format_fits_100_columns_and_marks_the_best(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["simulate", "--trace", MOONCAKE, "--limit", "60", "--format", fmt, "--jobs", "1"]
+    argv += ["--policy", "round_robin", "--policy", "peer:sglang_total_requests"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    if fmt == "json":
+        assert list(json.loads(text)["policies"]) == ["round_robin", "peer:sglang_total_requests"]
+    elif fmt == "csv":
+        head, *rows = text.splitlines()
+        assert head.split(",")[:3] == ["policy", "ttft_p50_s", "ttft_p99_s"] and len(rows) == 2
+    elif fmt == "markdown":
+        assert text.startswith("| policy |") and "**" in text
+    else:
+        assert max(len(line) for line in text.splitlines()) <= 100
+        assert "*" in text and "straggler" in text and "TPOT" in text
+
+
+class Boom:
+    def __init__(self, ctx) -> None:
+        pass
+
+    @hookimpl
+    def select_rank(self, request, ctx):
+        raise RuntimeError("boom")
+
+
+class Ninety:
+    def __init__(self, ctx) -> None:
+        pass
+
+    @hookimpl
+    def select_rank(self, request, ctx):
+        return 99
+
+
+@pytest.mark.parametrize(("cls", "words"), [(Boom, "RuntimeError: boom at "), (Ninety, "returned 99")])
+def test_a_failing_policy_is_shown_once_per_distinct_error(cls: type, words: str) -> None:
+    spec = RunSpec(trace_path=MOONCAKE, dp_size=4, limit=25)
+    sim = LockstepSimulation(spec.load_trace(), 4, spec.config)
+    manager = PolicyManager.from_method(
+        "round_robin", dp_size=4, ledger=LoadLedger(4, clock=sim.clock), classes={"round_robin": cls}, log=QUIET_LOG
+    )
+    result = sim.run(PluginRouter(manager), "bad")
+    assert result.rejected == 25 and result.reject_reasons == {"policy_error": 25}
+    assert len(result.errors) == 1 and list(result.errors.values()) == [25]
+    console = Console(file=io.StringIO(), width=200)
+    print_errors(console, {"bad": result})
+    lines = console.file.getvalue().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "25 request(s)" in lines[0]
+    if cls is Boom:
+        assert f"test_sim_cli.py:{Boom.select_rank.__code__.co_firstlineno + 2} in select_rank" in lines[0]

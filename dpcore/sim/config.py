@@ -9,8 +9,14 @@ values it used, and ``--engine-config FILE`` sets them for other hardware.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
+import attrs
 from attrs import field, frozen
+
+from dpcore.errors import ConfigError
 
 from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES
 from dpcore.sim.stepmodel import StepModel
@@ -73,3 +79,42 @@ class EngineConfig:
                 f"delivered {self.report_delay_s * 1e3:g} ms late",
             ),
         ]
+
+
+#: ``--engine`` values: the DP-attention model (default) and independent replicas.
+ENGINES = ("lockstep", "replicas")
+
+
+def load_engine_config(path: str | None, overrides: Mapping[str, Any] | None = None) -> EngineConfig:
+    """The pinned defaults, changed by the TOML file *path* (top-level keys: the fields of
+    :class:`EngineConfig`; a ``[step]`` table: the fields of
+    :class:`~dpcore.sim.stepmodel.StepModel`), then by *overrides*. Raises :class:`ConfigError`
+    naming the file and the key."""
+    top: dict[str, Any] = {}
+    step: dict[str, Any] = {}
+    if path:
+        import tomllib
+
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"--engine-config {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--engine-config {path}: not valid TOML: {exc}") from None
+        step = data.pop("step", {})
+        if not isinstance(step, dict):
+            raise ConfigError(f"--engine-config {path}: 'step' must be a table ([step])")
+        _known(path, data, [f.name for f in attrs.fields(EngineConfig) if f.name != "step"], "")
+        _known(path, step, [f.name for f in attrs.fields(StepModel)], "step.")
+        top = data
+    try:
+        return EngineConfig(**{**top, **(overrides or {})}, step=StepModel(**step))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--engine-config {path}: {exc}" if path else str(exc)) from None
+
+
+def _known(path: str, given: Mapping[str, Any], names: list[str], prefix: str) -> None:
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        msg = f"--engine-config {path}: unknown key {prefix}{unknown[0]}; known: {', '.join(prefix + n for n in names)}"
+        raise ConfigError(msg)

@@ -35,13 +35,14 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from attrs import field, frozen
 
-from dpcore.errors import RequestRejected
+from dpcore.errors import PolicyFailedError, RequestRejected
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, Request
 from dpcore.sim.config import EngineConfig
@@ -55,6 +56,19 @@ _IDLE, _PREFILL, _DECODE = range(3)
 #: Per-rank samples of the load for the "load over time" plot.
 SERIES_POINTS = 400
 _EPS = 1e-9
+
+
+def policy_error_key(exc: RequestRejected) -> str | None:
+    """One line per distinct policy failure: the exception and where it was raised, or the
+    bad return value; ``None`` for a rejection that is not a policy failure."""
+    if not isinstance(exc, PolicyFailedError):
+        return None
+    cause = exc.__cause__
+    if cause is None:
+        return str(exc)
+    frames = traceback.extract_tb(cause.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(cause).__name__}: {cause}{where}"
 
 
 class Router(Protocol):
@@ -149,6 +163,8 @@ class RunResult:
     busy_s: float = 0.0
     waste_s: float = 0.0
     rank_time_s: float = 0.0
+    #: Distinct policy failures (exception and location, or bad return value) -> requests.
+    errors: dict[str, int] = field(factory=dict)
 
 
 class _Job:
@@ -303,6 +319,7 @@ class Simulation:
         rank_of = [-1] * n
         out_tokens = [0] * n
         reasons: Counter[str] = Counter()
+        errors: Counter[str] = Counter()
         completed = rejected = outstanding = 0
         admitted_in = hit_total = 0
         events = 0
@@ -465,6 +482,9 @@ class Simulation:
             except RequestRejected as exc:
                 rejected += 1
                 reasons[exc.code] += 1
+                key = policy_error_key(exc)
+                if key is not None:
+                    errors[key] += 1
                 continue
             if i in explain_at:
                 d = router.last_decision
@@ -528,4 +548,5 @@ class Simulation:
             series=[r.series for r in ranks],
             explained=explained,
             events=events,
+            errors=dict(errors),
         )

@@ -38,7 +38,7 @@ from typing import Any
 from dpcore.errors import RequestRejected
 from dpcore.model import LoadReport
 from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import SERIES_POINTS, ExplainedDecision, Router, RunResult, build_requests
+from dpcore.sim.engine import SERIES_POINTS, ExplainedDecision, Router, RunResult, build_requests, policy_error_key
 from dpcore.sim.faults import Fault
 from dpcore.sim.kvcache import RankKV
 from dpcore.sim.profiles import profile
@@ -216,6 +216,7 @@ class LockstepSimulation:
         self._events = 0
         self._reasons: Counter[str] = Counter()
         self._fail_reasons: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
         self._itl: list[tuple[float, int]] = []
         self._busy_s = self._waste_s = self._rank_time_s = 0.0
         nan = math.nan
@@ -255,6 +256,9 @@ class LockstepSimulation:
         except RequestRejected as exc:
             self._rejected += 1
             self._reasons[exc.code] += 1
+            key = policy_error_key(exc)
+            if key is not None:
+                self._errors[key] += 1
             return
         if i in self._explain_at:
             d = router.last_decision
@@ -565,4 +569,5 @@ class LockstepSimulation:
             busy_s=self._busy_s,
             waste_s=self._waste_s,
             rank_time_s=self._rank_time_s,
+            errors=dict(self._errors),
         )

@@ -1,19 +1,25 @@
 """Metrics, tables, JSON and plots for a set of simulation runs.
 
-The JSON written by ``--json`` has exactly this shape::
+The JSON written by ``--json`` (and printed by ``--format json``) has this shape::
 
-    {"ceiling_prefix_hit_ratio": float, "oracle_prefix_hit_ratio": float,
+    {"run": {...everything needed to reproduce the run, see dpcore.sim.cli...},
+     "ceiling_prefix_hit_ratio": float, "oracle_prefix_hit_ratio": float,
      "policies": {name: {"ttft_p50_s", "ttft_p99_s", "queue_p50_s", "queue_p99_s",
-                         "e2e_p50_s", "e2e_p99_s", "throughput_tok_s", "prefix_hit_ratio",
-                         "load_max_over_mean", "completed", "rejected"}}}
+                         "e2e_p50_s", "e2e_p99_s", "tpot_p50_s", "tpot_p99_s",
+                         "itl_p50_s", "itl_p99_s", "throughput_tok_s", "prefix_hit_ratio",
+                         "load_max_over_mean", "straggler_waste", "completed", "rejected",
+                         "failed"}}}
 
-Latencies are over completed requests; ``null`` when none completed.
+Latencies are over completed requests; ``null`` when none completed (or, for ITL and
+straggler waste, under the replicas engine, which has no global steps). TPOT is a request's
+``(finish - first token) / (output tokens - 1)``; ITL is every gap between two tokens of a
+request. Straggler waste is the share of rank-step time spent idle or padded while the
+slowest rank of the step finished its own work.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +36,20 @@ METRIC_KEYS = (
     "queue_p99_s",
     "e2e_p50_s",
     "e2e_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "itl_p50_s",
+    "itl_p99_s",
     "throughput_tok_s",
     "prefix_hit_ratio",
     "load_max_over_mean",
+    "straggler_waste",
     "completed",
     "rejected",
+    "failed",
 )
+#: Metrics where more is better; for every other one, less is better.
+HIGHER_IS_BETTER = frozenset({"throughput_tok_s", "prefix_hit_ratio", "completed"})
 
 
 def _pct(values: np.ndarray, q: float) -> float | None:
@@ -43,16 +57,39 @@ def _pct(values: np.ndarray, q: float) -> float | None:
 
 
 def latencies(result: RunResult) -> dict[str, np.ndarray]:
-    """Per completed request: ``ttft``, ``queue`` (arrival → prefill start) and ``e2e``, in s."""
+    """Per completed request: ``ttft``, ``queue`` (arrival → prefill start), ``e2e`` and, for
+    requests with more than one output token, ``tpot``; in s."""
     arrival = np.asarray(result.arrival)
     finish = np.asarray(result.finish)
     done = ~np.isnan(finish)
     a = arrival[done]
+    first = np.asarray(result.first_token)[done]
+    out = np.asarray(result.output_tokens)[done]
+    many = out > 1
     return {
-        "ttft": np.asarray(result.first_token)[done] - a,
+        "ttft": first - a,
         "queue": np.asarray(result.start)[done] - a,
         "e2e": finish[done] - a,
+        "tpot": (finish[done][many] - first[many]) / (out[many] - 1),
     }
+
+
+def _weighted_pct(pairs: Sequence[tuple[float, int]], qs: Sequence[float]) -> list[float | None]:
+    """Percentiles of values given as (value, count) pairs (the lower value at a tie)."""
+    if not pairs:
+        return [None] * len(qs)
+    arr = np.asarray(pairs, dtype=float)
+    order = np.argsort(arr[:, 0], kind="stable")
+    values, counts = arr[order, 0], arr[order, 1]
+    cum = np.cumsum(counts)
+    total = cum[-1]
+    if total <= 0:
+        return [None] * len(qs)
+    out: list[float | None] = []
+    for q in qs:
+        idx = int(np.searchsorted(cum, q / 100 * total, side="left"))
+        out.append(round(float(values[min(idx, len(values) - 1)]), 6))
+    return out
 
 
 def summarize(result: RunResult) -> dict[str, Any]:
@@ -68,6 +105,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         throughput = None
     served = np.asarray(result.served_tokens, dtype=float)
     mean = served.mean()
+    itl50, itl99 = _weighted_pct(result.itl, (50, 99))
     return {
         "ttft_p50_s": _pct(lat["ttft"], 50),
         "ttft_p99_s": _pct(lat["ttft"], 99),
@@ -75,18 +113,27 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "queue_p99_s": _pct(lat["queue"], 99),
         "e2e_p50_s": _pct(lat["e2e"], 50),
         "e2e_p99_s": _pct(lat["e2e"], 99),
+        "tpot_p50_s": _pct(lat["tpot"], 50),
+        "tpot_p99_s": _pct(lat["tpot"], 99),
+        "itl_p50_s": itl50,
+        "itl_p99_s": itl99,
         "throughput_tok_s": throughput,
         "prefix_hit_ratio": round(result.hit_tokens / result.input_tokens_admitted, 6)
         if result.input_tokens_admitted
         else 0.0,
         "load_max_over_mean": round(float(served.max() / mean), 6) if mean > 0 else None,
+        "straggler_waste": round(result.waste_s / result.rank_time_s, 6) if result.rank_time_s > 0 else None,
         "completed": result.completed,
         "rejected": result.rejected,
+        "failed": result.failed,
     }
 
 
-def build_json(results: Mapping[str, RunResult], ceiling: float, oracle: float) -> dict[str, Any]:
+def build_json(
+    results: Mapping[str, RunResult], ceiling: float, oracle: float, run: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     return {
+        "run": dict(run or {}),
         "ceiling_prefix_hit_ratio": round(ceiling, 6),
         "oracle_prefix_hit_ratio": round(oracle, 6),
         "policies": {name: summarize(r) for name, r in results.items()},
@@ -100,12 +147,22 @@ def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- terminal
 
 
-def _fmt(v: Any, unit: str = "") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:.3f}{unit}" if abs(v) < 100 else f"{v:,.0f}{unit}"
+def engine_rows(engine: str, config: EngineConfig, dp_size: int) -> list[tuple[str, str, str]]:
+    """(parameter, value, source) of the engine a run used, for the printed report."""
+    common = [
+        ("KV capacity", f"{config.kv_capacity_tokens:,} tokens per rank, shared with the LRU prefix cache", "pinned"),
+        (
+            "load reports",
+            f"every {config.report_steps} steps or {config.report_interval_s * 1e3:g} ms, "
+            f"{config.report_delay_s * 1e3:g} ms late; profile {config.report_profile}",
+            "--report-*",
+        ),
+    ]
+    if engine == "replicas":
+        own = [(k, v, "pinned (independent replicas)") for k, v in config.rows()[:2]]
+    else:
+        own = config.step.rows(dp_size)
+    return [("engine", engine, "--engine"), *own, *common]
 
 
 def print_report(
@@ -115,51 +172,42 @@ def print_report(
     trace_desc: str,
     dp_size: int,
     config: EngineConfig,
+    engine: str = "lockstep",
     results: Mapping[str, RunResult] | None = None,
 ) -> None:
-    """The config, the trace's references and one row per policy, as rich tables."""
+    """The engine, the trace's references and the policies' metrics, as rich tables."""
     from rich.table import Table
 
-    cfg = Table(title="engine model (pinned defaults; see dpcore.sim.config)", show_header=False)
-    cfg.add_column("parameter", style="bold")
-    cfg.add_column("value")
-    cfg.add_row("trace", trace_desc)
-    cfg.add_row("dp size", str(dp_size))
-    for k, v in config.rows():
-        cfg.add_row(k, v)
-    console.print(cfg)
+    from dpcore.sim.tables import print_tables
 
+    cfg = Table(title="run", show_header=False)
+    cfg.add_column("parameter", style="bold", no_wrap=True)
+    cfg.add_column("value")
+    cfg.add_column("source", style="dim")
+    cfg.add_row("trace", trace_desc, "")
+    cfg.add_row("dp size", str(dp_size), "")
+    for k, v, src in engine_rows(engine, config, dp_size):
+        cfg.add_row(k, v, src)
+    console.print(cfg)
     ceiling, oracle = doc["ceiling_prefix_hit_ratio"], doc["oracle_prefix_hit_ratio"]
-    t = Table(
-        title=(
-            f"policies — prefix-hit ceiling (one infinite cache) {ceiling:.3f}, "
-            f"equal-capacity oracle ({dp_size} × {config.kv_capacity_tokens:,} tokens LRU) {oracle:.3f}"
-        )
+    console.print(
+        f"prefix-hit ceiling (one infinite cache) {ceiling:.3f}; equal-capacity oracle "
+        f"({dp_size} x {config.kv_capacity_tokens:,} tokens, one LRU) {oracle:.3f}"
     )
-    t.add_column("policy", style="bold")
-    for col in (
-        "TTFT p50 s", "TTFT p99 s", "queue p50 s", "queue p99 s", "e2e p50 s", "e2e p99 s",
-        "out tok/s", "prefix hit", "hit/oracle", "load max/mean", "completed", "rejected",
-    ):  # fmt: skip
-        t.add_column(col, justify="right")
-    for name, m in doc["policies"].items():
-        hit = m["prefix_hit_ratio"]
-        t.add_row(
-            name,
-            *(_fmt(m[k]) for k in ("ttft_p50_s", "ttft_p99_s", "queue_p50_s", "queue_p99_s", "e2e_p50_s", "e2e_p99_s")),
-            _fmt(m["throughput_tok_s"]),
-            _fmt(hit),
-            _fmt(hit / oracle) if oracle else "-",
-            _fmt(m["load_max_over_mean"]),
-            _fmt(m["completed"]),
-            _fmt(m["rejected"]),
-        )
-    console.print(t)
+    print_tables(console, doc, "")
     if results:
         for name, r in results.items():
-            if r.reject_reasons:
-                why = ", ".join(f"{k}: {v}" for k, v in sorted(r.reject_reasons.items()))
-                console.print(f"[yellow]{name}: rejected {r.rejected} ({why})[/]")
+            if r.reject_reasons or r.fail_reasons:
+                why = ", ".join(f"{k}: {v}" for k, v in sorted({**r.reject_reasons, **r.fail_reasons}.items()))
+                console.print(f"[yellow]{name}: rejected {r.rejected}, failed {r.failed} ({why})[/]")
+
+
+def print_errors(console: Any, results: Mapping[str, RunResult]) -> None:
+    """Each distinct policy failure once: the exception and where it was raised, or the bad
+    return value, with how many requests it rejected."""
+    for name, r in results.items():
+        for what, count in r.errors.items():
+            console.print(f"{name}: policy failed on {count:,} request(s): {what}", style="red", highlight=False)
 
 
 def print_explained(console: Any, results: Mapping[str, RunResult]) -> None:
@@ -180,7 +228,7 @@ def print_explained(console: Any, results: Mapping[str, RunResult]) -> None:
 
 
 def plot(path: str | Path, results: Mapping[str, RunResult], *, title: str) -> None:
-    """TTFT CDF per policy, then per-rank load (running + waiting requests) over time."""
+    """TTFT and TPOT CDFs per policy, then per-rank load (running + waiting requests) over time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,17 +239,30 @@ def plot(path: str | Path, results: Mapping[str, RunResult], *, title: str) -> N
     nrows = -(-len(names) // ncols)
     fig = plt.figure(figsize=(4 * ncols, 4.2 + 2.6 * nrows), layout="constrained")
     grid = fig.add_gridspec(1 + nrows, ncols, height_ratios=[1.6] + [1.0] * nrows)
-    ax = fig.add_subplot(grid[0, :])
-    for name in names:
-        ttft = np.sort(latencies(results[name])["ttft"])
-        if ttft.size:
-            ax.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size, label=name, linewidth=1.4)
-    ax.set_xscale("log")
-    ax.set_xlabel("time to first token (s, log scale)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    half = max(ncols // 2, 1)
+    panels = (
+        (fig.add_subplot(grid[0, :half] if ncols > 1 else grid[0, 0]), "ttft", "time to first token"),
+        (fig.add_subplot(grid[0, half:]) if ncols > 1 else None, "tpot", "time per output token"),
+    )
+    for ax, key, label in panels:
+        if ax is None:
+            continue
+        for name in names:
+            values = np.sort(latencies(results[name])[key])
+            if values.size:
+                ax.plot(values, np.arange(1, values.size + 1) / values.size, label=name, linewidth=1.4)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{label} (s, log scale)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(title if key == "ttft" else f"{label}; straggler waste in the legend", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        if key == "tpot":
+            handles, labels = ax.get_legend_handles_labels()
+            waste = {n: summarize(results[n])["straggler_waste"] for n in names}
+            labels = [f"{n} ({waste[n]:.2f})" if waste.get(n) is not None else n for n in labels]
+            ax.legend(handles, labels, fontsize=7, loc="lower right")
+        else:
+            ax.legend(fontsize=7, loc="lower right")
     top = max((max((p[1] for s in r.series for p in s), default=0) for r in results.values()), default=0)
     for i, name in enumerate(names):
         sub = fig.add_subplot(grid[1 + i // ncols, i % ncols])

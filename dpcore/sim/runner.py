@@ -6,6 +6,7 @@ rebuild it from scratch; results do not depend on how many processes share the w
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 from collections.abc import Callable, Mapping, Sequence
@@ -13,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from multiprocessing import get_context
 from typing import Any
 
+import structlog
 from attrs import field, frozen
 
 from dpcore.errors import ConfigError, UnknownPolicyError
@@ -67,9 +69,11 @@ def _baseline(name: str) -> Callable[..., Router]:
     return factory
 
 
-#: ``--engine`` values: the DP-attention model (default) and independent replicas.
-ENGINES = ("lockstep", "replicas")
-
+QUIET_LOG = structlog.wrap_logger(
+    structlog.PrintLogger(open(os.devnull, "w")),  # noqa: SIM115 - lives as long as the process
+    wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+    processors=[structlog.processors.KeyValueRenderer()],
+)
 
 def make_router(name: str, sim: Simulation | LockstepSimulation, spec: RunSpec) -> Router:
     """A baseline (``peer:...``), a reference (``ref:...``) or an installed dpcore policy
@@ -89,6 +93,9 @@ def make_router(name: str, sim: Simulation | LockstepSimulation, spec: RunSpec) 
         dp_size=sim.dp_size,
         ledger=LoadLedger(sim.dp_size, clock=sim.clock),
         options=_chain_options(name, spec.options),
+        # A failing policy would log one line per request; the run counts each distinct
+        # failure instead (RunResult.errors) and the report shows it once.
+        log=QUIET_LOG,
     )
     return PluginRouter(manager)
 
