@@ -142,6 +142,8 @@ class PolicyManager:
     ) -> None:
         self.ctx = ctx
         self.ledger = ctx.ledger
+        #: The writable cache index behind ``ctx.cache`` (fed by the controller's KV events).
+        self.cache = ctx.cache._index
         self.chain = tuple(name for name, _ in policies)
         self.policies = dict(policies)
         self.resolution = resolution or Resolution(
@@ -320,6 +322,10 @@ class PolicyManager:
         """Tell the policies that *rank* went inactive, came back, or restarted (the
         ledger calls this on every such change)."""
         self.ctx.log.info("rank_state", rank=rank, active=active, epoch=epoch, new_life=new_life)
+        if not active:
+            self.cache.reset(rank)
+        elif new_life:
+            self.cache.new_life(rank, epoch)
         try:
             self._on_rank_state(rank=rank, active=active, epoch=epoch, new_life=new_life, ctx=self.ctx)
         except Exception as exc:

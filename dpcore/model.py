@@ -16,6 +16,7 @@ from attrs import field, frozen
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
+    from dpcore.cacheindex import CacheView
     from dpcore.ledger import LoadLedger
 
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
@@ -126,6 +127,12 @@ def _check_dp_size(_inst: object, _attr: object, value: int) -> None:
         raise ValueError(msg)
 
 
+def _empty_cache(dp_size: int) -> CacheView:
+    from dpcore.cacheindex import CacheIndex  # (a core module that imports this one)
+
+    return CacheIndex(dp_size).view
+
+
 @frozen
 class PolicyContext:
     """The only view a policy has of the controller.
@@ -135,6 +142,9 @@ class PolicyContext:
     :ivar ledger: The shared load ledger (loads and liveness of every rank).
     :ivar log: A structlog logger; per-request events belong at debug level.
     :ivar decision: Scratch record of the current decision (see :meth:`explain`).
+    :ivar cache: What each rank's cache holds, exactly, for ranks that publish KV events
+        (read-only; see :mod:`dpcore.cacheindex`): ``cache.match(rank, block_hashes)`` is
+        the number of leading blocks cached there, or ``None`` when the rank is unknown.
     """
 
     dp_size: int = field(validator=_check_dp_size)
@@ -142,6 +152,7 @@ class PolicyContext:
     ledger: LoadLedger
     log: FilteringBoundLogger
     decision: Decision = field(factory=Decision)
+    cache: CacheView = field(default=attrs.Factory(lambda self: _empty_cache(self.dp_size), takes_self=True))
 
     @property
     def active_ranks(self) -> tuple[int, ...]:

@@ -48,3 +48,10 @@ def test_cache_aware_targets_refuses_a_bad_cell(tmp_path: Path) -> None:
     done = run(str(SCRIPTS / "cache_aware_targets.py"), "--cells", "8:1,2", cwd=tmp_path)
     assert done.returncode == 2
     assert "DP:LIGHT,BUSY,HEAVY" in done.stderr
+
+
+def test_cacheindex_memory_reports_rss_and_lookup_cost(tmp_path: Path) -> None:
+    done = run(str(SCRIPTS / "cacheindex_memory.py"), "--dp", "4", "--blocks", "4000", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "4,000 blocks held (1,000 per rank)" in done.stdout
+    assert "depths() for a 64-block prompt over 4 ranks" in done.stdout
