@@ -13,6 +13,7 @@ rej       controller → sender         [header(rid, code, msg)]
 fail      controller → sender         [header(rid, rank, code, msg)]
 out       rank → sender               [header(rid, rank, final, meta), payload]
 load      rank → controller reports   [header(rank, epoch, seq, ack, run, wait, tok, kvu, kvc, done, lo)]
+kv        rank → controller reports   [header(rank, epoch, seq, cap, ev)]: a batch of KV cache events
 ctl       sender → ingress, and       [header(op, data)]
           controller → every rank
 ========  ==========================  ====================================================
@@ -34,6 +35,7 @@ from typing import Any
 import msgpack
 from attrs import field, frozen
 
+from dpcore.cacheindex import CLEARED, REMOVED, STORED, KvEventBatch
 from dpcore.errors import MalformedRequestError, WireError
 from dpcore.model import LoadReport, Request
 
@@ -46,7 +48,8 @@ FAIL = "fail"
 OUT = "out"
 LOAD = "load"
 CTL = "ctl"
-TYPES = (REQ, DISPATCH, REJ, FAIL, OUT, LOAD, CTL)
+KV = "kv"
+TYPES = (REQ, DISPATCH, REJ, FAIL, OUT, LOAD, CTL, KV)
 REPLY_TYPES = (OUT, REJ, FAIL)
 
 #: Dispatch sequence numbers and ranks travel as msgpack ints; anything bigger is a bug.
@@ -444,6 +447,19 @@ def decode_load(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None]:
     """Decode a load report: the :class:`LoadReport`, the finished dispatch seqs, ``lo``."""
     h = _unpack(buf, "load")
     _expect(h, (LOAD,), "load")
+    return _load_from_header(h)
+
+
+def decode_rank_message(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None] | KvEventBatch:
+    """Decode a frame from the report socket: a load report (as :func:`decode_load`) or a
+    :class:`~dpcore.cacheindex.KvEventBatch`."""
+    h = _unpack(buf, "report")
+    if _expect(h, (LOAD, KV), "report") == KV:
+        return _kv_from_header(h)
+    return _load_from_header(h)
+
+
+def _load_from_header(h: Mapping[str, Any]) -> tuple[LoadReport, tuple[int, ...], int | None]:
     w = "load"
     rank = _req_int(h, "rank", w)
     epoch = _req_int(h, "epoch", w)
@@ -468,6 +484,65 @@ def decode_load(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None]:
         msg = f"load from rank {rank}: field 'done' must be a list of at most {_MAX_DONE} integers"
         raise WireError(msg)
     return report, tuple(done), _opt_int(h, "lo", w)
+
+
+# --------------------------------------------------------------------------- kv
+
+#: Most events in one KV batch, and most block keys in all its events together (a batch of
+#: 65,536 keys is about 600 KB, under :data:`MAX_REPORT_BYTES`).
+MAX_KV_EVENTS = 4096
+MAX_KV_KEYS = 1 << 16
+#: Block keys are 64-bit integers (dpcore's hashes are 63-bit; engines' may be signed).
+_MIN_KEY = -(1 << 63)
+_MAX_KEY = (1 << 64) - 1
+
+
+def encode_kv(rank: int, *, epoch: int, seq: int, events: Sequence[Sequence[Any]], capacity: int = 0) -> bytes:
+    """A batch of KV cache events from *rank*: ``[STORED, parent, keys]``,
+    ``[REMOVED, keys]``, ``[CLEARED]`` (see :mod:`dpcore.cacheindex`). *seq* counts batches
+    of this life from 0 without gaps; *capacity* is the rank's cache size in blocks (0: not said)."""
+    return msgpack.packb({"v": VERSION, "t": KV, "rank": rank, "epoch": epoch, "seq": seq, "cap": capacity, "ev": events})
+
+
+def _keys(x: Any, rank: int, budget: int) -> tuple[int, ...]:
+    if type(x) is not list or len(x) > budget or not all(type(k) is int and _MIN_KEY <= k <= _MAX_KEY for k in x):
+        msg = f"kv from rank {rank}: block keys must be a list of 64-bit integers, at most {MAX_KV_KEYS} per batch"
+        raise WireError(msg)
+    return tuple(x)
+
+
+def _kv_from_header(h: Mapping[str, Any]) -> KvEventBatch:
+    w = "kv"
+    rank = _req_int(h, "rank", w)
+    epoch = _req_int(h, "epoch", w)
+    seq = _req_int(h, "seq", w)
+    cap = _req_int(h, "cap", w)
+    ev = h.get("ev")
+    if type(ev) is not list or len(ev) > MAX_KV_EVENTS:
+        msg = f"kv from rank {rank}: field 'ev' must be a list of at most {MAX_KV_EVENTS} events"
+        raise WireError(msg)
+    budget = MAX_KV_KEYS
+    events: list[tuple[Any, ...]] = []
+    for e in ev:
+        kind = e[0] if type(e) is list and e else None
+        if kind == STORED and len(e) == 3:
+            parent = e[1]
+            if parent is not None and not (type(parent) is int and _MIN_KEY <= parent <= _MAX_KEY):
+                msg = f"kv from rank {rank}: a stored chain's parent must be a 64-bit integer or nil, got {parent!r}"
+                raise WireError(msg)
+            keys = _keys(e[2], rank, budget)
+            events.append((STORED, parent, keys))
+        elif kind == REMOVED and len(e) == 2:
+            keys = _keys(e[1], rank, budget)
+            events.append((REMOVED, keys))
+        elif kind == CLEARED and len(e) == 1:
+            events.append((CLEARED,))
+            continue
+        else:
+            msg = f"kv from rank {rank}: bad event {e!r:.80}; expected [0, parent, keys], [1, keys] or [2]"
+            raise WireError(msg)
+        budget -= len(keys)
+    return KvEventBatch(rank, epoch, seq, tuple(events), cap)
 
 
 # --------------------------------------------------------------------------- ctl

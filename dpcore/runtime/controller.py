@@ -49,6 +49,7 @@ import zmq
 from attrs import frozen
 
 from dpcore import security, wire
+from dpcore.cacheindex import KvEventBatch
 from dpcore.errors import ConfigError, InvalidRankError, RequestRejected, WireError
 from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport, Request
@@ -71,6 +72,10 @@ REPLY_HWM = 1 << 16
 CODE_RANK_DIED = "rank_died"
 CODE_RANK_BUSY = "rank_busy"
 CODE_SHUTDOWN = "shutting_down"
+#: Control op asking one rank to resend everything its cache holds (``{"rank": r}``), sent
+#: when the cache index lost track of it; at most once per interval per rank.
+KV_RESYNC = "kv_resync"
+KV_RESYNC_INTERVAL_S = 1.0
 
 
 class RankBusyError(RequestRejected):
@@ -232,6 +237,11 @@ class Controller:
         self.bad_frames = 0
         self.bad_reports = 0
         self.stale_reports = 0
+        # KV events: batches from another life than the current one; resyncs asked, and when
+        # each rank may be asked again.
+        self.kv_stale_batches = 0
+        self.kv_resyncs = 0
+        self._kv_resync_at = [0.0] * n
         self.unknown_done = 0
         self.undeliverable = 0
         self.reports = 0
@@ -414,6 +424,7 @@ class Controller:
             "reports": self.reports,
             "bad_reports": self.bad_reports,
             "stale_reports": self.stale_reports,
+            "kv_events": {**self.manager.cache.stats(), "stale_lives": self.kv_stale_batches, "resyncs_asked": self.kv_resyncs},
             "unknown_done": self.unknown_done,
             "undeliverable_replies": self.undeliverable,
             "controls": self.controls,
@@ -768,10 +779,14 @@ class Controller:
                 break
             self.reports += 1
             try:
-                report, done, lo = wire.decode_load(buf)
+                msg = wire.decode_rank_message(buf)
             except WireError as exc:
                 self._bad_report(str(exc))
                 continue
+            if type(msg) is KvEventBatch:
+                self._kv_batch(msg)
+                continue
+            report, done, lo = msg
             r = report.rank
             if r >= n:
                 self._bad_report(f"load report from rank {r}, but ranks are 0..{n - 1}")
@@ -797,6 +812,23 @@ class Controller:
                 latest[r] = report
         for report in latest.values():
             self._apply(report)
+
+    def _kv_batch(self, batch: KvEventBatch) -> None:
+        """Apply a rank's KV events to the cache index; ask the rank for a resync when the
+        index lost track of it (a gap, a restart mid-stream, a stretch of inactivity)."""
+        r = batch.rank
+        if r >= self.dp_size or batch.epoch != self._epoch[r]:
+            self.kv_stale_batches += 1  # from a previous life, or before this life's hello
+            return
+        index = self.manager.cache
+        if index.apply(batch) or index.known(r):
+            return
+        now = time.monotonic()
+        if now >= self._kv_resync_at[r] and len(self._backlog[r]) < self.backlog_max:
+            self._kv_resync_at[r] = now + KV_RESYNC_INTERVAL_S
+            self.kv_resyncs += 1
+            self._backlog[r].append((None, (wire.encode_ctl(KV_RESYNC, {"rank": r}),)))
+            self._dirty.add(r)
 
     def _bad_report(self, why: str) -> None:
         self.bad_reports += 1

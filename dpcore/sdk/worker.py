@@ -23,6 +23,7 @@ import zmq
 from attrs import frozen
 
 from dpcore import security, wire
+from dpcore.cacheindex import CLEARED, REMOVED, STORED
 from dpcore.errors import WireError
 from dpcore.model import Request
 from dpcore.sdk import endpoints
@@ -124,6 +125,14 @@ class Worker:
         self._done: list[int] = []
         self._load = (0, 0, 0, 0, 0, -1)
         self._last_sent = 0.0
+        # KV events waiting for kv_flush(), their block keys, and the next batch's seq.
+        self._kv: list[list[Any]] = []
+        self._kv_keys = 0
+        self._kv_seq = 0
+        #: This rank's prefix-cache capacity in blocks, sent with every KV batch (0: not said).
+        self.kv_capacity_blocks = 0
+        #: KV batches that could not be sent (the controller then sees a sequence gap).
+        self.kv_dropped_batches = 0
         # Say hello at once: the controller learns this life (and its epoch) before any work.
         self.heartbeat()
 
@@ -243,6 +252,72 @@ class Worker:
             return False  # the controller is not reading; keep `done` for the next report
         del self._done[: len(done)]
         return True
+
+    # ------------------------------------------------------------------ KV events
+
+    def kv_stored(self, keys: Iterable[int], parent: int | None = None) -> None:
+        """The cache stored *keys* (dpcore block hashes) as a chain under *parent* (``None``:
+        from the root). Queued; sent by :meth:`kv_flush`, or at once when a batch is full."""
+        keys = list(keys)
+        while keys:
+            room = wire.MAX_KV_KEYS - self._kv_keys
+            if room <= 0:
+                self.kv_flush()
+                continue
+            part, keys = keys[:room], keys[room:]
+            self._kv_event([STORED, parent, part], len(part))
+            parent = part[-1]
+
+    def kv_removed(self, keys: Iterable[int]) -> None:
+        """The cache evicted *keys*."""
+        keys = list(keys)
+        while keys:
+            room = wire.MAX_KV_KEYS - self._kv_keys
+            if room <= 0:
+                self.kv_flush()
+                continue
+            part, keys = keys[:room], keys[room:]
+            self._kv_event([REMOVED, part], len(part))
+
+    def kv_cleared(self) -> None:
+        """The cache dropped everything (e.g. a cache flush)."""
+        self._kv_event([CLEARED], 0)
+
+    def kv_resync(self, chains: Iterable[tuple[int | None, Iterable[int]]]) -> bool:
+        """Tell the controller everything the cache holds, as ``(parent, keys)`` chains:
+        what a rank sends when the controller asks (control op ``kv_resync``) after it lost
+        some of this rank's batches. Events queued before are dropped (the resync replaces
+        them). Returns whether every batch was sent."""
+        self._kv.clear()
+        self._kv_keys = 0
+        self.kv_cleared()
+        for parent, keys in chains:
+            self.kv_stored(keys, parent)
+        return self.kv_flush()
+
+    def kv_flush(self) -> bool:
+        """Send the queued KV events as one batch; returns whether it was sent (``True``
+        when nothing was queued). An unsent batch is counted in :attr:`kv_dropped_batches`
+        and leaves a gap in the sequence, which makes the controller treat this rank's cache
+        as unknown until a resync."""
+        if not self._kv:
+            return True
+        frame = wire.encode_kv(self.rank, epoch=self.epoch, seq=self._kv_seq, events=self._kv, capacity=self.kv_capacity_blocks)
+        self._kv_seq += 1
+        self._kv = []
+        self._kv_keys = 0
+        try:
+            self._tx.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.kv_dropped_batches += 1
+            return False
+        return True
+
+    def _kv_event(self, event: list[Any], keys: int) -> None:
+        self._kv.append(event)
+        self._kv_keys += keys
+        if len(self._kv) >= wire.MAX_KV_EVENTS or self._kv_keys >= wire.MAX_KV_KEYS:
+            self.kv_flush()
 
     @property
     def acked_seq(self) -> int:
