@@ -5,12 +5,18 @@ PY := $(VENV)/bin/python
 PLUGINS := $(wildcard plugins/dp_*)
 STAMP := $(VENV)/.dpcore-installed
 
-.PHONY: setup demo test test-fast bench simulate clean
+# Every distribution this repo ships: the core, each first-party policy, the SGLang adapter,
+# the example third-party plugin, and the two that keep data and benchmark machinery out of
+# the core wheel.
+DISTS := . $(PLUGINS) adapters/sglang examples/dp_power_of_two distributions/dpcore-data distributions/dpcore-bench
+DIST ?= dist
+
+.PHONY: setup demo test test-fast bench simulate dist docs clean
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml adapters/sglang/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[sim,http,test]' $(foreach p,$(PLUGINS),-e $(p)) -e examples/dp_power_of_two
+	$(PY) -m pip install -q -e '.[sim,http,test,docs]' $(foreach p,$(PLUGINS),-e $(p)) -e examples/dp_power_of_two
 	# The SGLang adapter's tooling only: SGLang itself (CUDA wheels, GBs) stays out of .venv;
 	# its tests build a pinned CPU venv of their own (adapters/sglang/dpcore_sglang/venv.py).
 	$(PY) -m pip install -q --no-deps -e adapters/sglang
@@ -32,5 +38,15 @@ test-fast: setup
 bench: setup
 	$(VENV)/bin/dpcore bench
 
+# Wheels of every distribution into $(DIST)/ (built from this checkout, no network).
+dist: setup
+	rm -rf $(DIST) && mkdir -p $(DIST)
+	for d in $(DISTS); do $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(DIST) $$d || exit 1; done
+	@ls $(DIST)
+
+# The documentation site into site/ (offline; --strict fails on any broken link or reference).
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis dist site

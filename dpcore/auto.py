@@ -8,6 +8,7 @@ are loaded.
 from __future__ import annotations
 
 from dpcore.errors import ConfigError, InvalidDisaggregationModeError, RemovedPolicyError
+from dpcore.localpolicy import is_spec
 from dpcore.model import DISAGGREGATION_MODES, Resolution
 
 AUTO = "auto"
@@ -68,12 +69,18 @@ def normalize_mode(mode: str | None) -> str:
     raise InvalidDisaggregationModeError(msg)
 
 
+def _normalize_name(name: str) -> str:
+    """Entry-point names are case-insensitive; a file or ``module:Class`` keeps its case."""
+    name = name.strip()
+    return name if is_spec(name) else name.lower().replace("-", "_")
+
+
 def split_method(method: str) -> tuple[str, ...]:
     """Split ``"a, B"`` into ``("a", "b")``; case-insensitive, blanks are an error."""
     if not isinstance(method, str):
         msg = f"--load-balance-method must be a string, got {method!r}"
         raise ConfigError(msg)
-    parts = tuple(p.strip().lower().replace("-", "_") for p in method.split(","))
+    parts = tuple(_normalize_name(p) for p in method.split(","))
     if not parts or any(not p for p in parts):
         msg = (
             f"--load-balance-method {method!r} has an empty name; give a policy name, 'auto', "

@@ -329,6 +329,9 @@ def run_sglang(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.sglang:
         return run_sglang(args)
+    # The baseline ships in dpcore-bench: without it, one line naming the extra, before any
+    # process starts.
+    import dpcore.bench_baseline  # noqa: F401
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
@@ -377,9 +380,8 @@ def run(args: argparse.Namespace) -> int:
         " -> send_pyobj; zmq.proxy: libzmq's C proxy, the transport ceiling. CPU µs/msg: the"
         " router process's CPU time (all threads) per message."
     )
-    ok = lambda good: "[green]met[/green]" if good else "[red]missed[/red]"  # noqa: E731
-    console.print(f"dpcore / pickle loop = {vs_pickle:.2f}x (target >= 2.0x: {ok(vs_pickle >= 2.0)})")
-    console.print(f"dpcore / zmq.proxy   = {vs_proxy:.2f}x (target >= 0.6x: {ok(vs_proxy >= 0.6)})")
+    console.print(f"dpcore / pickle loop = {vs_pickle:.2f}x msgs/s")
+    console.print(f"dpcore / zmq.proxy   = {vs_proxy:.2f}x msgs/s")
     pt = Table(title="policy decision cost through the hooks (select + dispatched, no sockets)")
     pt.add_column("policy")
     pt.add_column("µs / decision", justify="right")

@@ -3,7 +3,8 @@
 Each subcommand lives in the module named in :data:`COMMANDS`, which provides
 ``add_arguments(parser)`` and ``run(args) -> int``; heavy imports stay inside ``run`` so that
 ``dpcore --help`` is fast. Every :class:`~dpcore.errors.DpcoreError` becomes one line on
-stderr and exit status 2, never a traceback.
+stderr and exit status 2, never a traceback; so does a command whose optional dependencies are
+not installed (the line names the ``pip install 'dpcore[extra]'`` that adds them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 from dpcore.auto import check_removed_flags
 from dpcore.errors import DpcoreError, PolicyOptionError
+from dpcore.extras import missing_extra
+from dpcore.localpolicy import is_spec
 
 #: (name, module, one-line help). The module provides add_arguments(parser) and run(args).
 COMMANDS: list[tuple[str, str, str]] = [
@@ -28,6 +31,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("simulate", "dpcore.sim.cli", "replay a trace through policies and peer baselines"),
     ("bench", "dpcore.bench", "measure forwarding throughput against a pickle loop and zmq.proxy"),
     ("http-front", "dpcore.http.server", "run an SGLang/OpenAI HTTP front for a running controller"),
+    ("new-policy", "dpcore.scaffold", "create a policy plugin distribution (entry point, README, tests)"),
     ("keys", "dpcore.security", "generate a CURVE key set for TCP between controller, ranks and senders"),
     ("soak", "dpcore.soak", "fault soak: controller + mock ranks under kills, stalls, floods and bad requests"),
 ]
@@ -53,7 +57,8 @@ def parse_policy_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        policy, dot, option = key.partition(".")
+        # Option names have no dots; a policy named by its file (x.py:Cls) does.
+        policy, dot, option = key.rpartition(".") if is_spec(key.rpartition(".")[0]) else key.partition(".")
         if not sep or not dot or not policy or not option:
             msg = f"--policy-option {item!r}: expected POLICY.OPTION=VALUE, e.g. cache_aware.balance_abs=32"
             raise PolicyOptionError(msg)
@@ -61,7 +66,8 @@ def parse_policy_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             value: Any = json.loads(raw)
         except ValueError:
             value = raw
-        out.setdefault(policy.strip().lower(), {})[option.strip()] = value
+        policy = policy.strip()
+        out.setdefault(policy if is_spec(policy) else policy.lower(), {})[option.strip()] = value
     return out
 
 
@@ -103,12 +109,68 @@ def build_manager(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def _policies_add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="show this policy's options, types and defaults")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def policy_options(cls: type) -> list[dict[str, str]]:
+    """A policy's constructor options (name, type, default), from its signature."""
+    import inspect
+
+    params = list(inspect.signature(cls).parameters.values())[1:]  # the first is ctx
+    out = []
+    for prm in params:
+        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
+            continue
+        ann = prm.annotation
+        type_name = "any" if ann is prm.empty else getattr(ann, "__name__", str(ann))
+        default = "(required)" if prm.default is prm.empty else repr(prm.default)
+        out.append({"name": prm.name, "type": str(type_name), "default": default})
+    return out
+
+
+def _policy_detail(name: str, as_json: bool) -> int:
+    import inspect
+
+    from dpcore.discovery import available, load_policy_class
+
+    key = name if is_spec(name) else name.lower().replace("-", "_")
+    cls = load_policy_class(key)
+    info = available().get(key)
+    doc = inspect.getdoc(cls) or ""
+    detail = {
+        "name": key,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "dist": info.dist if info else None,
+        "version": info.version if info else None,
+        "summary": doc.split("\n\n")[0].replace("\n", " "),
+        "options": policy_options(cls),
+    }
+    if as_json:
+        print(json.dumps(detail, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    origin = f"{detail['dist']} {detail['version']}" if detail["dist"] else "a local file or module"
+    console.print(f"[bold]{key}[/bold]: {detail['class']} from {origin}")
+    if detail["summary"]:
+        console.print(detail["summary"])
+    table = Table(title=f"options (--policy-option {key}.NAME=VALUE)")
+    for col in ("option", "type", "default"):
+        table.add_column(col)
+    for o in detail["options"]:
+        table.add_row(o["name"], o["type"], o["default"])
+    console.print(table if detail["options"] else "no options")
+    return 0
 
 
 def _policies_run(args: argparse.Namespace) -> int:
     from dpcore.discovery import available
 
+    if args.name:
+        return _policy_detail(args.name, args.json)
     infos = available()
     if args.json:
         rows = [
@@ -127,7 +189,7 @@ def _policies_run(args: argparse.Namespace) -> int:
         table.add_row(i.name, i.dist or "?", i.version or "?", i.summary)
     Console().print(table)
     if not infos:
-        print("no policies installed; pip install dp-round-robin (or any dpcore policy)", file=sys.stderr)
+        print("no policies installed: pip install 'dpcore[policies]' (or any dpcore policy)", file=sys.stderr)
     return 0
 
 
@@ -147,23 +209,48 @@ def _serve_add(p: argparse.ArgumentParser) -> None:
         runtime.add_arguments(p)
 
 
+#: serve's settings echoed by --dry-run (argparse dest names), when the command has them.
+_ECHOED = (
+    "transport", "run_dir", "host", "port_base", "endpoints_file", "heartbeat_timeout", "sndhwm", "backlog",
+    "drain_timeout", "max_message_bytes", "metrics_host", "metrics_port", "curve_dir", "http_host", "http_port",
+    "bootstrap_port", "bootstrap_host", "bootstrap_url", "prefill_dp_size", "prefill_load_balance_method",
+    "pd_resolve_timeout",
+)
+
+
 def _serve_run(args: argparse.Namespace) -> int:
     manager = build_manager(args)
-    if args.dry_run:
-        desc = manager.describe()
-        if args.json:
-            print(json.dumps(desc, indent=2))
-        else:
-            print(f"load balance method: {desc['requested']}")
-            print(f"resolved chain:      {' -> '.join(desc['chain'])}")
-            print(f"reason:              {desc['reason']}")
-            print(f"dp size:             {desc['dp_size']}")
-            print(f"disaggregation mode: {desc['disaggregation_mode']}")
-            for p in desc["policies"]:
-                print(f"  {p['name']}: {p['class']} from {p['dist']} {p['version']}")
+    try:
+        runtime = importlib.import_module("dpcore.runtime.serve")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("dpcore.runtime.serve", "dpcore.runtime"):
+            raise
+        runtime = None
+    if not args.dry_run:
+        return int(runtime.run(args, manager))  # type: ignore[union-attr]
+    if runtime is not None:
+        runtime.check(args, manager)  # exactly what serve checks before binding anything
+    desc = dict(manager.describe())
+    desc["options"] = parse_policy_options(args.policy_option)
+    desc["serve"] = {k: getattr(args, k) for k in _ECHOED if hasattr(args, k)}
+    if args.json:
+        print(json.dumps(desc, indent=2, default=str))
         return 0
-    runtime = importlib.import_module("dpcore.runtime.serve")
-    return int(runtime.run(args, manager))
+    print(f"load balance method: {desc['requested']}")
+    print(f"resolved chain:      {' -> '.join(desc['chain'])}")
+    print(f"reason:              {desc['reason']}")
+    print(f"dp size:             {desc['dp_size']}")
+    print(f"disaggregation mode: {desc['disaggregation_mode']}")
+    for p in desc["policies"]:
+        origin = f"{p['dist']} {p['version']}" if p.get("dist") else "a local file or module"
+        opts = desc["options"].get(p["name"], {})
+        shown = ", ".join(f"{k}={v!r}" for k, v in opts.items()) or "defaults"
+        print(f"  {p['name']}: {p['class']} from {origin}; options: {shown}")
+    for key, value in desc["serve"].items():
+        if value is not None:
+            print(f"{'--' + key.replace('_', '-') + ':':<30} {value}")
+    print("configuration is valid; nothing was started")
+    return 0
 
 
 _LOCAL = {"policies": (_policies_add, _policies_run), "serve": (_serve_add, _serve_run)}
@@ -172,10 +259,30 @@ _LOCAL = {"policies": (_policies_add, _policies_run), "serve": (_serve_add, _ser
 # --------------------------------------------------------------------------- main
 
 
+def _version() -> str:
+    from dpcore import __version__
+
+    return f"dpcore {__version__} (Python {sys.version.split()[0]})"
+
+
+def _not_installed(name: str, exc: ModuleNotFoundError) -> tuple[Any, Any]:
+    """A subcommand whose module comes from an extra that is not installed: it says so when run."""
+    error = missing_extra(exc, f"dpcore {name}")
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def run(args: argparse.Namespace) -> int:
+        raise error  # type: ignore[misc]
+
+    return add, run
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpcore", description="Data-parallel request controller for LLM serving."
     )
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-json", action="store_true", help="JSON log lines (default on a non-tty)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -184,8 +291,14 @@ def make_parser() -> argparse.ArgumentParser:
         if name in _LOCAL:
             add, run = _LOCAL[name]
         else:
-            mod = importlib.import_module(module)
-            add, run = mod.add_arguments, mod.run
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if missing_extra(exc, name) is None:
+                    raise
+                add, run = _not_installed(name, exc)
+            else:
+                add, run = mod.add_arguments, mod.run
         add(p)
         p.set_defaults(_run=run)
     return parser
@@ -195,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from dpcore import log
 
+    if not argv:  # a bare `dpcore` shows what it can do
+        make_parser().print_help()
+        return 0
     try:
         check_removed_flags(argv)
         args = make_parser().parse_args(argv)
@@ -202,6 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except DpcoreError as exc:
         print(f"dpcore: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ModuleNotFoundError as exc:
+        command = next((a for a in argv if a in {c[0] for c in COMMANDS}), "")
+        error = missing_extra(exc, f"dpcore {command}".strip())
+        if error is None:
+            raise
+        print(f"dpcore: error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

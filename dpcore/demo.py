@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from attrs import define, field
 from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError, DpcoreError
 
-SAMPLE = "mooncake_conversation_2000.jsonl"
 DEFAULT_REQUESTS = 1000
 DEFAULT_SPEEDUP = 20.0
 #: Wall seconds to wait for the controller and ranks to come up.
@@ -45,7 +43,9 @@ class DemoError(DpcoreError):
 
 def sample_path() -> Path:
     """The bundled trace sample (see ``dpcore/data/README.md`` for its source and licence)."""
-    return Path(str(resources.files("dpcore") / "data" / SAMPLE))
+    from dpcore.extras import sample_trace
+
+    return sample_trace()
 
 
 # --------------------------------------------------------------------------- results

@@ -10,6 +10,7 @@ import difflib
 import sys
 
 from dpcore.errors import DuplicatePolicyError, PolicyDefinitionError, UnknownPolicyError
+from dpcore.localpolicy import is_spec, load_spec
 from dpcore.model import PolicyInfo
 
 if sys.version_info >= (3, 12):  # pragma: no cover - depends on the interpreter
@@ -69,14 +70,19 @@ def available() -> dict[str, PolicyInfo]:
 
 def unknown_policy_error(name: str, installed: list[str], context: str = "") -> UnknownPolicyError:
     """Build the message for a name nobody provides: what exists, the closest, how to fix."""
+    if name in FIRST_PARTY:  # a known name that is simply not installed: say so, no guessing
+        msg = (
+            f"load balance method {name!r}{context} is not installed: pip install "
+            f"'dpcore[policies]' (every first-party policy) or pip install {FIRST_PARTY[name]} "
+            f"(this one); installed policies: {', '.join(sorted(installed)) or '(none)'}"
+        )
+        return UnknownPolicyError(msg, name=name, available=installed)
     close = difflib.get_close_matches(name, installed + list(FIRST_PARTY), n=1, cutoff=0.5)
     parts = [f"unknown load balance method {name!r}{context}"]
     parts.append(f"installed policies: {', '.join(sorted(installed)) or '(none)'}")
     if close:
         parts.append(f"did you mean {close[0]!r}?")
-    if name in FIRST_PARTY:
-        hint = f"pip install {FIRST_PARTY[name]}"
-    elif close and close[0] in FIRST_PARTY and close[0] not in installed:
+    if close and close[0] in FIRST_PARTY and close[0] not in installed:
         hint = f"pip install {FIRST_PARTY[close[0]]}"
     else:
         hint = "pip install the distribution that provides it"
@@ -104,7 +110,12 @@ def find(name: str, context: str = "") -> EntryPoint:
 
 
 def load_policy_class(name: str, context: str = "") -> type:
-    """Import the class behind *name* (and nothing else)."""
+    """Import the class behind *name* (and nothing else).
+
+    A file path or ``module:Class`` (see :mod:`dpcore.localpolicy`) is imported directly.
+    """
+    if is_spec(name):
+        return load_spec(name)
     ep = find(name, context)
     try:
         obj = ep.load()

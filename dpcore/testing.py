@@ -16,6 +16,7 @@ The harness uses the real :class:`~dpcore.manager.PolicyManager` and
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -108,6 +109,26 @@ class PolicyHarness:
 
     def select_many(self, requests: Iterable[Request]) -> list[int]:
         return [self.select(r) for r in requests]
+
+    def answer(self, request: Request | None = None, *, policy: str | None = None, **fields: Any) -> int | None:
+        """What one policy of the chain answers by itself: a rank, or ``None`` for a pass.
+
+        :meth:`select` and :meth:`pick` ask the whole chain, and raise
+        :class:`~dpcore.errors.NoRankSelectedError` when no policy answers. To test that a
+        policy passes (lets the next one in the chain decide), ask it alone::
+
+            h = PolicyHarness(MyPolicy, dp_size=2, options={"max_tokens": 64})
+            h.report(0, num_tokens=500)
+            h.report(1, num_tokens=500)
+            assert h.answer(num_tokens=100) is None
+
+        Nothing is dispatched. *policy* names a policy of the chain (default: the first).
+        """
+        impl = self.manager.policies[policy or self.manager.chain[0]]
+        select_rank = impl.select_rank
+        offered = {"request": request or make_request(**fields), "ctx": self.ctx}
+        wanted = inspect.signature(select_rank).parameters
+        return select_rank(**{k: v for k, v in offered.items() if k in wanted})
 
     def dispatch(self, request: Request, rank: int) -> None:
         """Record a dispatch chosen elsewhere (a router), as the controller does."""

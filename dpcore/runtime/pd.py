@@ -436,6 +436,21 @@ def _fetch_info(url: str, wait_s: float, log: Any) -> dict[str, Any]:
                 time.sleep(0.5)
 
 
+def check(args: argparse.Namespace, mode: str) -> None:
+    """The PD options' checks that need no network (``serve`` and ``serve --dry-run`` both run them)."""
+    if mode == "prefill" and args.bootstrap_port is not None and args.bootstrap_url is not None:
+        raise ConfigError("give either --bootstrap-port (host the registry) or --bootstrap-url, not both")
+    if mode == "decode" and not args.bootstrap_url:
+        if args.prefill_dp_size is None:
+            raise ConfigError("PD decode needs the prefill dp size: give --prefill-dp-size or --bootstrap-url")
+        if args.prefill_load_balance_method is None:
+            msg = (
+                "PD decode needs to know how prefill places requests: give --prefill-load-balance-method "
+                "or a --bootstrap-url whose registry was started by the prefill controller"
+            )
+            raise ConfigError(msg)
+
+
 def from_args(
     args: argparse.Namespace, manager: PolicyManager, zmq_ctx: zmq.Context | None = None, log: Any = None  # type: ignore[type-arg]
 ) -> PDHandler | None:
@@ -447,11 +462,10 @@ def from_args(
     mode = manager.ctx.disaggregation_mode
     if mode == "null":
         return None
+    check(args, mode)
     log = log if log is not None else structlog.get_logger("dpcore")
     timeout = args.pd_resolve_timeout
     if mode == "prefill":
-        if args.bootstrap_port is not None and args.bootstrap_url is not None:
-            raise ConfigError("give either --bootstrap-port (host the registry) or --bootstrap-url, not both")
         dp = manager.ctx.dp_size
         follows = manager.chain[0] == FOLLOW
         registry = None

@@ -120,6 +120,24 @@ def _curve_keys(args: argparse.Namespace) -> Any:
     return security.from_env()
 
 
+def check(args: argparse.Namespace, manager: Any) -> None:
+    """Every check of ``serve``'s options that binds nothing; ``serve --dry-run`` runs exactly these."""
+    from dpcore.runtime import pd as pdmod
+
+    if args.max_message_bytes < 1024:
+        raise ConfigError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
+    dp_size = manager.ctx.dp_size
+    if args.transport == "tcp" and not 0 <= args.port_base < 65536 - dp_size - 3:
+        raise ConfigError(f"--port-base {args.port_base} leaves no room for {dp_size + 3} ports")
+    if args.curve_dir:
+        security.load_dir(args.curve_dir)
+    if getattr(args, "http_port", None) is not None:
+        from dpcore.http import server as http_server
+
+        http_server.check(args)
+    pdmod.check(args, manager.ctx.disaggregation_mode)
+
+
 def run(args: argparse.Namespace, manager: Any) -> int:
     import structlog
     import zmq
@@ -130,8 +148,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     from dpcore.sdk import endpoints as ep
 
     log = structlog.get_logger("dpcore.serve")
-    if args.max_message_bytes < 1024:
-        raise ConfigError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
+    check(args, manager)
     keys = _curve_keys(args)
     if args.transport == "tcp" and keys is None:
         security.warn_exposed("dpcore serve (the controller's ZMQ sockets)", args.host, security.ZMQ_RISK,

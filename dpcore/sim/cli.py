@@ -20,6 +20,7 @@ import attrs
 
 from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError
+from dpcore.extras import SAMPLE_TRACE as BUNDLED_SAMPLE
 from dpcore.sim.config import ENGINES
 from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES
 
@@ -34,18 +35,13 @@ DEFAULT_POLICIES = (
     "peer:vllm",
     "peer:dynamo",
 )
-BUNDLED_SAMPLE = "mooncake_conversation_2000.jsonl"
 
 
 def bundled_trace() -> Path:
-    """The Mooncake sample shipped in ``dpcore/data``."""
-    import dpcore
+    """The Mooncake sample shipped in ``dpcore/data`` (distribution ``dpcore-data``)."""
+    from dpcore.extras import sample_trace
 
-    path = Path(dpcore.__file__).parent / "data" / BUNDLED_SAMPLE
-    if not path.is_file():
-        msg = f"this dpcore install has no bundled sample trace ({path}); pass --trace PATH"
-        raise ConfigError(msg)
-    return path
+    return sample_trace()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
