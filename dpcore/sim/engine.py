@@ -71,6 +71,59 @@ def policy_error_key(exc: RequestRejected) -> str | None:
     return f"{type(cause).__name__}: {cause}{where}"
 
 
+class Dispatcher:
+    """One arrival's way to a rank, the same in every engine: the router's choice, the
+    sampled ``--explain`` record, and the count of requests refused and why."""
+
+    def __init__(self, router: Router, explain_at: set[int]) -> None:
+        self.router = router
+        self.explain_at = explain_at
+        self.explained: list[ExplainedDecision] = []
+        self.rejected = 0
+        self.reasons: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+
+    def route(self, i: int, req: Request, now: float) -> tuple[int, int] | None:
+        """``(rank, dispatch seq)`` for request *i*, or ``None`` when the router rejected it."""
+        router = self.router
+        try:
+            rank = router.select(req)
+        except RequestRejected as exc:
+            self.rejected += 1
+            self.reasons[exc.code] += 1
+            key = policy_error_key(exc)
+            if key is not None:
+                self.errors[key] += 1
+            return None
+        if i in self.explain_at:
+            d = router.last_decision
+            self.explained.append(
+                ExplainedDecision(
+                    rid=req.rid,
+                    time_s=now,
+                    rank=rank,
+                    policy=d.policy,
+                    reason=d.reason,
+                    scores=dict(d.scores) if d.scores else None,
+                )
+            )
+        return rank, router.dispatched(req, rank)
+
+    def refuse(self, req: Request, rank: int, code: str) -> None:
+        """The engine refused a dispatched request (e.g. ``engine_too_long``)."""
+        self.rejected += 1
+        self.reasons[code] += 1
+        self.router.finished(req, rank)
+
+
+def explain_sample(n: int, count: int, seed: int) -> set[int]:
+    """Which requests ``--explain count`` records: a stream of its own, so that asking for
+    explanations never changes the run."""
+    if not count:
+        return set()
+    return set(random.Random(f"explain-{seed}").sample(range(n), min(count, n)))
+
+
 class Router(Protocol):
     """What the engine needs from the controller side (a policy chain or a baseline)."""
 
@@ -167,8 +220,10 @@ class RunResult:
     errors: dict[str, int] = field(factory=dict)
 
 
-class _Job:
-    __slots__ = ("i", "req", "n_in", "n_out", "hashes", "rank", "s_start")
+class Job:
+    """One dispatched request inside an engine (both engines use it)."""
+
+    __slots__ = ("i", "req", "n_in", "n_out", "hashes", "left", "s_start")
 
     def __init__(self, i: int, req: Request, n_in: int, n_out: int, hashes: tuple[int, ...]) -> None:
         self.i = i
@@ -176,8 +231,8 @@ class _Job:
         self.n_in = n_in
         self.n_out = n_out
         self.hashes = hashes
-        self.rank = -1
-        self.s_start = 0
+        self.left = 0  # prompt tokens still to compute (lockstep engine)
+        self.s_start = 0  # the rank's decode step count when its decoding began
 
 
 class _Rank:
@@ -189,13 +244,13 @@ class _Rank:
 
     def __init__(self, idx: int, kv: RankKV) -> None:
         self.idx = idx
-        self.waiting: deque[_Job] = deque()
+        self.waiting: deque[Job] = deque()
         self.waiting_tokens = 0
-        self.decode: list[tuple[int, int, _Job]] = []  # heap by finish step
+        self.decode: list[tuple[int, int, Job]] = []  # heap by finish step
         self.s = 0  # decode steps completed
         self.s_sum = 0  # sum of s_start over the decode set
         self.state = _IDLE
-        self.cur: _Job | None = None
+        self.cur: Job | None = None
         self.prefill_end = 0.0
         self.version = 0
         self.run_start = 0.0
@@ -307,10 +362,7 @@ class Simulation:
         t_begin = arrivals[0] if n else 0.0
         span = (arrivals[-1] - t_begin) if n else 0.0
         sample_dt = max(span, 1.0) / SERIES_POINTS
-        # A separate stream, so that asking for explanations never changes the run.
-        pick = random.Random(f"explain-{self.seed}")
-        explain_at = set(pick.sample(range(n), min(self._explain, n))) if self._explain else set()
-        explained: list[ExplainedDecision] = []
+        disp = Dispatcher(router, explain_sample(n, self._explain, self.seed))
 
         nan = math.nan
         start = [nan] * n
@@ -318,9 +370,7 @@ class Simulation:
         finish = [nan] * n
         rank_of = [-1] * n
         out_tokens = [0] * n
-        reasons: Counter[str] = Counter()
-        errors: Counter[str] = Counter()
-        completed = rejected = outstanding = 0
+        completed = outstanding = 0
         admitted_in = hit_total = 0
         events = 0
 
@@ -371,7 +421,7 @@ class Simulation:
                 return
             r.state = _IDLE
 
-        def release(r: _Rank, job: _Job, now: float) -> None:
+        def release(r: _Rank, job: Job, now: float) -> None:
             nonlocal completed, outstanding
             finish[job.i] = now
             completed += 1
@@ -477,28 +527,10 @@ class Simulation:
             if progress is not None and ai % progress_every == 0:
                 progress(ai / n)
             req = reqs[i]
-            try:
-                rank = router.select(req)
-            except RequestRejected as exc:
-                rejected += 1
-                reasons[exc.code] += 1
-                key = policy_error_key(exc)
-                if key is not None:
-                    errors[key] += 1
+            routed = disp.route(i, req, now)
+            if routed is None:
                 continue
-            if i in explain_at:
-                d = router.last_decision
-                explained.append(
-                    ExplainedDecision(
-                        rid=req.rid,
-                        time_s=now,
-                        rank=rank,
-                        policy=d.policy,
-                        reason=d.reason,
-                        scores=dict(d.scores) if d.scores else None,
-                    )
-                )
-            seq = router.dispatched(req, rank)
+            rank, seq = routed
             r = ranks[rank]
             r.last_seq = seq
             tr = trace.requests[i]
@@ -506,12 +538,9 @@ class Simulation:
             rank_of[i] = rank
             if tr.input_length + n_out > cap:
                 # The engine refuses a request that could never fit in its KV cache.
-                rejected += 1
-                reasons["engine_too_long"] += 1
-                router.finished(req, rank)
+                disp.refuse(req, rank, "engine_too_long")
                 continue
-            job = _Job(i, req, tr.input_length, n_out, tr.hash_ids)
-            job.rank = rank
+            job = Job(i, req, tr.input_length, n_out, tr.hash_ids)
             out_tokens[i] = n_out
             r.served += tr.input_length
             r.waiting.append(job)
@@ -543,10 +572,10 @@ class Simulation:
             hit_tokens=hit_total,
             served_tokens=[r.served for r in ranks],
             completed=completed,
-            rejected=rejected,
-            reject_reasons=dict(reasons),
+            rejected=disp.rejected,
+            reject_reasons=dict(disp.reasons),
             series=[r.series for r in ranks],
-            explained=explained,
+            explained=disp.explained,
             events=events,
-            errors=dict(errors),
+            errors=dict(disp.errors),
         )

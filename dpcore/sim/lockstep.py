@@ -35,10 +35,9 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dpcore.errors import RequestRejected
 from dpcore.model import LoadReport
 from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import SERIES_POINTS, ExplainedDecision, Router, RunResult, build_requests, policy_error_key
+from dpcore.sim.engine import SERIES_POINTS, Dispatcher, Job, Router, RunResult, build_requests, explain_sample
 from dpcore.sim.faults import Fault
 from dpcore.sim.kvcache import RankKV
 from dpcore.sim.profiles import profile
@@ -48,19 +47,6 @@ _STEP_END, _REPORT_TAKE, _REPORT_DELIVER, _DOWN, _UP, _NOTICE = range(6)
 _EPS = 1e-9
 #: A rank whose load has not changed still reports this often (SGLang's publisher heartbeat).
 HEARTBEAT_S = 1.0
-
-
-class _Job:
-    __slots__ = ("i", "req", "n_in", "n_out", "hashes", "left", "s_start")
-
-    def __init__(self, i: int, req: Any, n_in: int, n_out: int, hashes: tuple[int, ...]) -> None:
-        self.i = i
-        self.req = req
-        self.n_in = n_in
-        self.n_out = n_out
-        self.hashes = hashes
-        self.left = 0  # prompt tokens still to extend (uncached part, at least 1)
-        self.s_start = 0
 
 
 class _Rank:
@@ -73,11 +59,11 @@ class _Rank:
     def __init__(self, idx: int, kv: RankKV) -> None:
         self.idx = idx
         self.kv = kv
-        self.waiting: deque[_Job] = deque()  # dispatched, not admitted yet
+        self.waiting: deque[Job] = deque()  # dispatched, not admitted yet
         self.waiting_tokens = 0
-        self.chunked: _Job | None = None  # admitted, prompt partly extended
-        self.batch: list[tuple[_Job, int]] = []  # the extend batch of the step in flight
-        self.decode: list[tuple[int, int, _Job]] = []  # heap by the decode step it finishes at
+        self.chunked: Job | None = None  # admitted, prompt partly extended
+        self.batch: list[tuple[Job, int]] = []  # the extend batch of the step in flight
+        self.decode: list[tuple[int, int, Job]] = []  # heap by the decode step it finishes at
         self.s = 0  # decode steps this rank ran
         self.s_sum = 0  # sum of s_start over the decode set
         self.groups: dict[float, int] = {}  # time of last token -> running requests (for ITL)
@@ -211,12 +197,10 @@ class LockstepSimulation:
         self._k = 0
         self._work: list[float] = []
         self._global_steps = 0
-        self._outstanding = self._completed = self._rejected = self._failed = 0
+        self._outstanding = self._completed = self._failed = 0
         self._admitted_in = self._hit_total = 0
         self._events = 0
-        self._reasons: Counter[str] = Counter()
         self._fail_reasons: Counter[str] = Counter()
-        self._errors: Counter[str] = Counter()
         self._itl: list[tuple[float, int]] = []
         self._busy_s = self._waste_s = self._rank_time_s = 0.0
         nan = math.nan
@@ -237,10 +221,7 @@ class LockstepSimulation:
             self._push(t_begin + f.down_s, _DOWN, f.rank, 0)
             if f.up_s is not None:
                 self._push(t_begin + f.up_s, _UP, f.rank, 0)
-        # A separate stream, so that asking for explanations never changes the run.
-        pick = random.Random(f"explain-{self.seed}")
-        self._explain_at = set(pick.sample(range(n), min(self._explain, n))) if self._explain else set()
-        self._explained: list[ExplainedDecision] = []
+        self._disp = Dispatcher(router, explain_sample(n, self._explain, self.seed))
 
     def _push(self, t: float, kind: int, rank: int, payload: Any) -> None:
         self._counter += 1
@@ -249,30 +230,11 @@ class LockstepSimulation:
     # ------------------------------------------------------------------ arrivals
 
     def _arrive(self, i: int, now: float) -> None:
-        router = self._router
         req = self.requests[i]
-        try:
-            rank = router.select(req)
-        except RequestRejected as exc:
-            self._rejected += 1
-            self._reasons[exc.code] += 1
-            key = policy_error_key(exc)
-            if key is not None:
-                self._errors[key] += 1
+        routed = self._disp.route(i, req, now)
+        if routed is None:
             return
-        if i in self._explain_at:
-            d = router.last_decision
-            self._explained.append(
-                ExplainedDecision(
-                    rid=req.rid,
-                    time_s=now,
-                    rank=rank,
-                    policy=d.policy,
-                    reason=d.reason,
-                    scores=dict(d.scores) if d.scores else None,
-                )
-            )
-        seq = router.dispatched(req, rank)
+        rank, seq = routed
         r = self.ranks[rank]
         r.last_seq = seq
         self._rank_of[i] = rank
@@ -281,15 +243,13 @@ class LockstepSimulation:
         if not r.alive:
             self._failed += 1
             self._fail_reasons["rank_down"] += 1
-            router.finished(req, rank)
+            self._router.finished(req, rank)
             return
         if tr.input_length + n_out > self.config.kv_capacity_tokens:
             # The engine refuses a request that could never fit in its KV cache.
-            self._rejected += 1
-            self._reasons["engine_too_long"] += 1
-            router.finished(req, rank)
+            self._disp.refuse(req, rank, "engine_too_long")
             return
-        job = _Job(i, req, tr.input_length, n_out, tr.hash_ids)
+        job = Job(i, req, tr.input_length, n_out, tr.hash_ids)
         self._out_tokens[i] = n_out
         r.served += tr.input_length
         r.waiting.append(job)
@@ -445,7 +405,7 @@ class LockstepSimulation:
             done += 1
         r.groups = {t: b - done} if b > done else {}
 
-    def _release(self, r: _Rank, job: _Job, t: float) -> None:
+    def _release(self, r: _Rank, job: Job, t: float) -> None:
         self._finish[job.i] = t
         self._completed += 1
         self._outstanding -= 1
@@ -557,10 +517,10 @@ class LockstepSimulation:
             hit_tokens=self._hit_total,
             served_tokens=[r.served for r in self.ranks],
             completed=self._completed,
-            rejected=self._rejected,
-            reject_reasons=dict(self._reasons),
+            rejected=self._disp.rejected,
+            reject_reasons=dict(self._disp.reasons),
             series=[r.series for r in self.ranks],
-            explained=self._explained,
+            explained=self._disp.explained,
             events=self._events,
             failed=self._failed,
             fail_reasons=dict(self._fail_reasons),
@@ -569,5 +529,5 @@ class LockstepSimulation:
             busy_s=self._busy_s,
             waste_s=self._waste_s,
             rank_time_s=self._rank_time_s,
-            errors=dict(self._errors),
+            errors=dict(self._disp.errors),
         )
