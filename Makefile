@@ -46,7 +46,7 @@ dist: setup
 
 # The documentation site into site/ (offline; --strict fails on any broken link or reference).
 docs: setup
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis dist site

@@ -21,12 +21,13 @@ from dpcore.errors import (
     UnknownPolicyError,
 )
 from dpcore.hashing import block_hashes
-from dpcore.hookspecs import hookimpl
+from dpcore.hookspecs import HOOK_API_VERSION, hookimpl
 from dpcore.ledger import LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, PolicyContext, Request, Resolution
 
 __all__ = [
+    "HOOK_API_VERSION",
     "ConfigError",
     "Decision",
     "DpcoreError",

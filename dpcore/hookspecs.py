@@ -1,4 +1,4 @@
-"""The dpcore hook contract: the three hooks a policy may implement.
+"""The dpcore hook contract: the hooks a policy may implement.
 
 Who calls what, and when (all on the controller's single loop thread, never concurrently):
 
@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from dpcore.model import LoadReport, PolicyContext, Request
 
 PROJECT = "dpcore"
+
+#: The hook contract's version, ``(major, minor)``. A plugin written for ``1.x`` keeps
+#: working on every later ``1.y``: a minor release only adds hooks or optional arguments
+#: (implementations take the subset they name, so an added argument breaks nobody); removing
+#: or changing the meaning of a hook, an argument, a ``ctx`` or ledger attribute bumps the
+#: major version, with a release of deprecation warnings first.
+HOOK_API_VERSION = (1, 0)
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

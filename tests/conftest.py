@@ -55,3 +55,9 @@ def documented_commands() -> list[tuple[str, str]]:
 @pytest.fixture
 def doc_commands() -> list[tuple[str, str]]:
     return documented_commands()
+
+
+@pytest.fixture
+def fenced_commands():
+    """The command extractor, for tests that read a page themselves."""
+    return _fenced_commands

@@ -1,4 +1,4 @@
-"""The "Writing a policy" guide's plugin works when pasted."""
+"""The policy plugin in the README and in the writing-a-policy guide works when pasted."""
 
 from __future__ import annotations
 
@@ -7,41 +7,64 @@ import importlib.util
 import re
 import sys
 import tomllib
+from collections import Counter
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+PAGES = ["README.md", "docs/guides/writing-a-policy.md"]
 
 
-def _block_after(readme: str, marker: str, lang: str) -> str:
-    m = re.search(re.escape(marker) + r"\s*```" + lang + r"\n(.*?)```", readme, re.S)
-    assert m, f"README has no {lang} block after {marker}"
+def _block_after(text: str, marker: str, lang: str) -> str:
+    m = re.search(re.escape(marker) + r"\s*```" + lang + r"\n(.*?)```", text, re.S)
+    assert m, f"no {lang} block after {marker}"
     return m.group(1)
 
 
-def test_writing_a_policy_example_runs(tmp_path, monkeypatch):
-    readme = (REPO / "docs" / "guides" / "writing-a-policy.md").read_text()
-    meta = tomllib.loads(_block_after(readme, "`dp_least_waiting/pyproject.toml`:", "toml"))
-    target = meta["project"]["entry-points"]["dpcore.policies"]["least_waiting"]
+def _load(page: str, tmp_path: Path, monkeypatch) -> tuple[type, object]:
+    text = (REPO / page).read_text()
+    meta = tomllib.loads(_block_after(text, "`dp_least_loaded/pyproject.toml`:", "toml"))
+    target = meta["project"]["entry-points"]["dpcore.policies"]["least_loaded"]
     module_name, cls_name = target.split(":")
     pkg = tmp_path / module_name
     pkg.mkdir()
-    (pkg / "__init__.py").write_text(
-        _block_after(readme, "`dp_least_waiting/dp_least_waiting/__init__.py`:", "python")
-    )
+    (pkg / "__init__.py").write_text(_block_after(text, "`dp_least_loaded/dp_least_loaded/__init__.py`:", "python"))
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop(module_name, None)
-    test_file = tmp_path / "readme_policy_test.py"
-    test_file.write_text(_block_after(readme, "Test it without sockets with `dpcore.testing`:", "python"))
-    spec = importlib.util.spec_from_file_location("readme_policy_test", test_file)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.test_picks_the_shortest_queue()  # the README's own test
-    # And it falls through to the next policy when over its limit.
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    tests = None
+    m = re.search(r"```python\n(from dpcore.testing import PolicyHarness.*?)```", text, re.S)
+    if m:
+        test_file = tmp_path / "page_policy_test.py"
+        test_file.write_text(m.group(1))
+        spec = importlib.util.spec_from_file_location("page_policy_test", test_file)
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+    return cls, tests
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_the_example_policy_runs_and_its_tests_pass(page, tmp_path, monkeypatch):
+    if not (REPO / page).read_text().count("dp_least_loaded/pyproject.toml"):
+        pytest.fail(f"{page} has no least_loaded example")
+    cls, tests = _load(page, tmp_path, monkeypatch)
+    if tests is not None:
+        names = [n for n in dir(tests) if n.startswith("test_")]
+        assert names
+        for name in names:  # the page's own tests
+            getattr(tests, name)()
     from dpcore.testing import PolicyHarness
 
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    h = PolicyHarness([("least_waiting", cls), ("round_robin", __import__("dp_round_robin").RoundRobinPolicy)],
-                      dp_size=2, options={"least_waiting": {"max_waiting": 3}})
-    h.report(0, num_waiting=9)
-    h.report(1, num_waiting=9)
-    assert h.select() == 0 and h.manager.last_decision.policy == "round_robin"
+    # No load report yet: ten requests must not herd onto one rank.
+    h = PolicyHarness(cls, dp_size=4)
+    counts = Counter(h.select(num_tokens=500) for _ in range(10))
+    assert max(counts.values()) <= 3, counts
+    # Over its limit it passes, and the next policy in the chain answers.
+    rr = importlib.import_module("dp_round_robin").RoundRobinPolicy
+    h = PolicyHarness([("least_loaded", cls), ("round_robin", rr)], dp_size=2,
+                      options={"least_loaded": {"max_requests": 3}})
+    h.report(0, num_running=9)
+    h.report(1, num_running=9)
+    h.select()
+    assert h.manager.last_decision.policy == "round_robin"

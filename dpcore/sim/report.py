@@ -141,6 +141,7 @@ def build_json(
 
 
 def write_json(path: str | Path, doc: Mapping[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -276,5 +277,6 @@ def plot(path: str | Path, results: Mapping[str, RunResult], *, title: str) -> N
         if i % ncols == 0:
             sub.set_ylabel("requests on rank", fontsize=8)
         sub.set_xlabel("simulated time (s)", fontsize=8)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
