@@ -68,6 +68,22 @@ def test_clairvoyant_picks_the_least_true_time_to_first_token() -> None:
     assert router.dispatched(Request("b", 4000, hashes), 1) == 0
 
 
+def test_clairvoyant_breaks_a_tie_by_the_lighter_rank() -> None:
+    running = {0: 5, 1: 2, 2: 7}
+    router = BASELINES["ref:clairvoyant"](
+        3,
+        clock=Clock(),
+        block_size=100,
+        prefill_tokens_per_s=1000.0,
+        cached_blocks=lambda rank, hashes: 0,
+        queued_prefill=lambda rank: 0.0,
+        running=running.__getitem__,
+    )
+    assert router.select(Request("a", 500, ())) == 1
+    running[1] = 9
+    assert router.select(Request("b", 500, ())) == 0
+
+
 def test_sglang_round_robin_cycles() -> None:
     p = SGLangRoundRobin(3, clock=Clock())
     assert [route(p, req(str(i))) for i in range(7)] == [0, 1, 2, 0, 1, 2, 0]

@@ -390,6 +390,9 @@ class ClairvoyantRouter(Baseline):
 
     :param cached_blocks: ``(rank, hashes) -> blocks`` of the prefix the rank holds now.
     :param queued_prefill: ``rank -> seconds`` of prefill ahead of a new arrival now.
+    :param running: ``rank -> requests`` the rank holds now (decoding or prefilling); among
+        ranks with the same first-token time, the one with fewest goes first, since each
+        running request adds to the rank's step (and, in lockstep, everyone's).
     """
 
     name = "ref:clairvoyant"
@@ -402,24 +405,28 @@ class ClairvoyantRouter(Baseline):
         queued_prefill: Callable[[int], float],
         block_size: int,
         prefill_tokens_per_s: float,
+        running: Callable[[int], int] = lambda rank: 0,
         **kw: Any,
     ) -> None:
         super().__init__(dp_size, **kw)
         self.cached_blocks = cached_blocks
         self.queued_prefill = queued_prefill
+        self.running = running
         self.block_size = block_size
         self.rate = prefill_tokens_per_s
 
     def select(self, request: Request) -> int:
         n = request.num_tokens
         hashes = request.block_hashes
-        best, lowest = 0, float("inf")
+        best, lowest = 0, (float("inf"), 0)
         for rank in range(self.dp_size):
             hit = min(self.cached_blocks(rank, hashes) * self.block_size, n) if hashes else 0
-            ttft = self.queued_prefill(rank) + max(n - hit, 1) / self.rate
-            if ttft < lowest:
-                best, lowest = rank, ttft
-        self._explain("least_true_ttft", {"expected_ttft_s": round(lowest, 4)})
+            # Rounded to 0.1 ms, so that equal waits tie and the lighter rank wins.
+            key = (round(self.queued_prefill(rank) + max(n - hit, 1) / self.rate, 4), self.running(rank))
+            if key < lowest:
+                best, lowest = rank, key
+        ttft = lowest[0]
+        self._explain("least_true_ttft", {"expected_ttft_s": ttft})
         return best
 
 
@@ -431,7 +438,7 @@ def _budget(method: str) -> Callable[..., Baseline]:
 
 
 #: Baseline name -> factory ``(dp_size, *, clock, seed, block_size, cached_blocks,
-#: queued_prefill, prefill_tokens_per_s)``; ``ref:`` names are references, not peers.
+#: queued_prefill, prefill_tokens_per_s, running)``; ``ref:`` names are references, not peers.
 BASELINES: dict[str, Callable[..., Any]] = {
     "peer:sglang_round_robin": SGLangRoundRobin,
     "peer:sglang_total_requests": _budget("total_requests"),

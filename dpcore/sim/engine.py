@@ -324,6 +324,11 @@ class Simulation:
         """Blocks of *hashes*' prefix that *rank*'s cache holds now (a KV-event view)."""
         return self.ranks[rank].kv.cached_blocks(hashes)
 
+    def running(self, rank: int) -> int:
+        """Requests *rank* holds now, decoding or prefilling (a reference's view)."""
+        r = self.ranks[rank]
+        return len(r.decode) + (1 if r.state == _PREFILL else 0)
+
     def queued_prefill_s(self, rank: int) -> float:
         """Seconds of prefill *rank* has ahead of a new arrival now: the rest of the prompt
         in prefill plus each waiting prompt's uncached part (as the cache stands now).

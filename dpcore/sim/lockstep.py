@@ -127,6 +127,11 @@ class LockstepSimulation:
     def cached_blocks(self, rank: int, hashes: Sequence[int]) -> int:
         return self.ranks[rank].kv.cached_blocks(hashes)
 
+    def running(self, rank: int) -> int:
+        """Requests *rank* holds now, decoding or prefilling (a reference's view)."""
+        r = self.ranks[rank]
+        return len(r.decode) + (len(r.batch) or (1 if r.chunked is not None else 0))
+
     def queued_prefill_s(self, rank: int) -> float:
         """Seconds of extend steps *rank* has ahead of a new arrival: the rest of its
         prompts in flight plus each waiting prompt's uncached part, in full chunks.

@@ -87,6 +87,7 @@ def make_router(name: str, sim: Simulation | LockstepSimulation, spec: RunSpec) 
             cached_blocks=sim.cached_blocks,
             queued_prefill=sim.queued_prefill_s,
             prefill_tokens_per_s=sim.prefill_tokens_per_s,
+            running=sim.running,
         )
     manager = PolicyManager.from_method(
         name,
