@@ -28,10 +28,30 @@ def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE)
     data = array("q", token_ids[: n * block_size]).tobytes()
     step = 8 * block_size
     out = []
-    prev = b"\0" * 8
+    prev = ROOT
     for i in range(n):
-        h = hashlib.blake2b(prev, digest_size=8)
-        h.update(data[i * step : (i + 1) * step])
-        prev = h.digest()
-        out.append(int.from_bytes(prev, "little") & _MASK)
+        prev = _digest(prev, data[i * step : (i + 1) * step])
+        out.append(key_of(prev))
     return tuple(out)
+
+
+#: The digest a prompt's first block chains from.
+ROOT = b"\0" * 8
+
+
+def _digest(prev: bytes, data: bytes) -> bytes:
+    h = hashlib.blake2b(prev, digest_size=8)
+    h.update(data)
+    return h.digest()
+
+
+def next_block(prev: bytes, tokens: Sequence[int]) -> bytes:
+    """The chain digest of one more block of *tokens* after the block whose digest is *prev*
+    (:data:`ROOT` for the first block); :func:`key_of` turns it into the block's hash. For
+    callers that learn a prompt a block at a time (e.g. an engine's KV events)."""
+    return _digest(prev, array("q", tokens).tobytes())
+
+
+def key_of(digest: bytes) -> int:
+    """The block hash (as in :func:`block_hashes`) of a chain digest."""
+    return int.from_bytes(digest, "little") & _MASK

@@ -40,6 +40,7 @@ from dpcore.errors import MalformedRequestError, NoActiveRankError, RequestRejec
 from dpcore.manager import PolicyManager
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.convert import SnapshotFeed, to_request
+from dpcore_sglang.kv_events import SglangKvEvents
 from dpcore_sglang.recv import BlockingReceiver
 
 log = logging.getLogger("dpcore_sglang")
@@ -107,6 +108,8 @@ class DpcoreDispatcher:
         self.ledger = manager.ledger
         self.block_size = config.hashed_block_size(manager.chain, page_size)
         self.feed = SnapshotFeed(dp_size)
+        # SGLang's own KV events (--kv-events-config), when it publishes them: ctx.cache.
+        self.kv_events = SglangKvEvents.from_server_args(ctl.server_args, manager.cache, dp_size, self.block_size)
         self.dispatched = [0] * dp_size
         self.rejected: Counter[str] = Counter()
         self._abort_sock: zmq.Socket | None = None
@@ -126,6 +129,8 @@ class DpcoreDispatcher:
         ctl = self.ctl
         if ctl.status is not self._status or ctl._active_workers is not self._active:
             self._sync_active()
+        if self.kv_events is not None:
+            self.kv_events.poll()
         try:
             request = to_request(req, self.block_size)
         except Exception as exc:
@@ -267,6 +272,7 @@ class DpcoreDispatcher:
             "lost_peers": self.lost_peers,
             "active": list(self.ledger.active_ranks),
             "block_size": self.block_size,
+            "kv_events": self.manager.cache.stats() if self.kv_events is not None else None,
         }
 
 
