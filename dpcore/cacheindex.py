@@ -307,7 +307,8 @@ class CacheView:
 
     @property
     def known_mask(self) -> int:
-        return self._index.known_mask
+        """Bitmask of the ranks in the exact state (0 when no rank publishes)."""
+        return self._index._known
 
     @property
     def any_known(self) -> bool:

@@ -11,6 +11,9 @@ For each active rank the policy estimates, in seconds::
   (``kv_capacity - kv_used`` from its reports) counts as cached; older blocks, remembered up
   to ``memory_factor`` × ``kv_capacity``, count less and less. Matches shorter than
   ``min_match`` of the prompt (a system prompt every rank holds) do not steer at all.
+* Where a rank publishes **KV events** (``ctx.cache`` knows it exactly), its cached depth
+  comes from there instead, with no uncertainty; the explanation's ``cache`` score says
+  which was used for the chosen rank (``exact`` or ``estimate``).
 * **Backlog** is the prefill queued on the rank: each dispatch adds its expected uncached
   work, time drains it at the prefill rate, and every load report reconciles it with what
   the rank says is waiting, what it has not acknowledged, and (when the engine reports
@@ -212,6 +215,15 @@ class CacheAwarePolicy:
         left = n - self._cached(rank, request.block_hashes, depth, n / blocks)
         return left if left > 1.0 else 1.0
 
+    def _exact_uncached(self, request: Request, depth: int) -> float:
+        """Uncached tokens on a rank that publishes KV events and holds *depth* leading blocks."""
+        n = request.num_tokens
+        blocks = len(request.block_hashes)
+        if not self._steers(depth, blocks):
+            return float(n)
+        left = n - depth * n / blocks
+        return left if left > 1.0 else 1.0
+
     def _decayed(self, rank: int, now: float) -> float:
         dt = now - self._duty_t[rank]
         d = self._duty[rank]
@@ -247,11 +259,16 @@ class CacheAwarePolicy:
             return best
 
         hashes = request.block_hashes
+        # Ranks that publish KV events: their cached depth is known exactly (ctx.cache).
+        exact = ctx.cache.known_mask
         if hashes:
             mask = 0
             for r in ranks:
                 mask |= 1 << r
-            depth = self._depths(hashes, mask)
+            depth = self._depths(hashes, mask & ~exact)
+            exact &= mask
+            if exact:
+                depth.update(ctx.cache.depths(hashes, exact))
         else:
             depth = {}
         self._last_rid = request.rid
@@ -283,11 +300,13 @@ class CacheAwarePolicy:
             r = ranks[(start + i) % n]
             wait = busy[r] - now
             d = depth.get(r, 0)
-            if d:
+            if not d:
+                new, uncertain = full, 0.0
+            elif exact >> r & 1:
+                new, uncertain = self._exact_uncached(request, d), 0.0
+            else:
                 new = self._uncached(request, r, d)
                 uncertain = self._uncertain
-            else:
-                new, uncertain = full, 0.0
             work[r] = new
             cost = (wait if wait > 0.0 else 0.0) + new / rate + uncertain * discount
             # No room in the rank's KV now: its head of line waits for decodes to free some.
@@ -324,6 +343,7 @@ class CacheAwarePolicy:
                 "matched_blocks": d,
                 "blocks": len(hashes),
                 "kv_short_tokens": round(short) if short > 0.0 else 0,
+                "cache": "exact" if exact >> best & 1 else "estimate",
             },
         )
         return best
@@ -369,6 +389,9 @@ class CacheAwarePolicy:
         hashes = request.block_hashes
         if self._last_rid == request.rid:
             uncached = self._last_work[rank]
+        elif ctx.cache.known(rank):  # placed elsewhere; the rank says what it holds
+            d = ctx.cache.match(rank, hashes) or 0
+            uncached = self._exact_uncached(request, d) if d else float(request.num_tokens)
         else:  # placed by a router, or by the imbalance guard: work it out for this rank
             d = self._depths(hashes, 1 << rank).get(rank, 0) if hashes else 0
             uncached = self._uncached(request, rank, d)

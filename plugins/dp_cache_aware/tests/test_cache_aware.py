@@ -251,3 +251,42 @@ def test_no_prefix_hit_on_a_rank_for_blocks_it_held_before_it_went_away(how):
         assert d.reason != "prefix_hit"
         assert d.scores["matched_blocks"] == 0
     assert len(h.policy) == 0
+
+
+def _publish(h, rank, seq, *events):
+    from dpcore.cacheindex import KvEventBatch
+
+    return h.manager.cache.apply(KvEventBatch(rank, 1, seq, tuple(events)))
+
+
+def test_exact_kv_events_beat_the_dispatch_history():
+    from dpcore.cacheindex import REMOVED, STORED
+
+    h, clock = harness(dp=2)
+    old = prefix(1)
+    holder = h.select(num_tokens=512, block_hashes=old)
+    other = 1 - holder
+    clock.t += 5.0
+    # Both ranks publish: the holder evicted the prompt, the other rank has it (e.g. another
+    # controller, or a router, sent it there).
+    _publish(h, holder, 0, (STORED, None, old), (REMOVED, old))
+    _publish(h, other, 0, (STORED, None, old))
+    assert h.pick(num_tokens=576, block_hashes=(*old, 5)) == other
+    d = h.manager.last_decision
+    assert d.reason == "prefix_hit" and d.scores["cache"] == "exact" and d.scores["matched_blocks"] == 8
+    # The other rank loses track (a gap): back to the estimate, which only knows the holder.
+    _publish(h, other, 3, (STORED, None, (7,)))
+    assert h.pick(num_tokens=576, block_hashes=(*old, 5)) == other  # nobody steers now
+    d = h.manager.last_decision
+    assert d.reason != "prefix_hit" and d.scores["matched_blocks"] == 0
+    _publish(h, holder, 1, (STORED, None, old))
+    assert h.pick(num_tokens=576, block_hashes=(*old, 5)) == holder
+    assert h.manager.last_decision.scores["cache"] == "exact"
+
+
+def test_without_kv_events_the_explanation_says_estimate():
+    h, clock = harness(dp=2)
+    holder = h.select(num_tokens=512, block_hashes=prefix(1))
+    clock.t += 5.0
+    assert h.pick(num_tokens=576, block_hashes=(*prefix(1), 5)) == holder
+    assert h.manager.last_decision.scores["cache"] == "estimate"
