@@ -261,6 +261,7 @@ def forward_once(mode: str, count: int, tokens: int, dp_size: int, idle_s: float
 
 def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, float]:
     """µs per decision (select + dispatched through the hooks) for each first-party policy."""
+    from dpcore.cacheindex import STORED, KvEventBatch
     from dpcore.discovery import available
     from dpcore.hashing import block_hashes
     from dpcore.manager import PolicyManager
@@ -274,11 +275,20 @@ def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, flo
         for i in range(min(decisions, 4096))
     ]
     out: dict[str, float] = {}
-    for name in FIRST_PARTY:
+    # "<name>+kv": every rank publishes KV events (one stored batch per dispatch, applied to
+    # the controller's cache index inside the timed loop: the index update counts).
+    runs = [(n, False) for n in FIRST_PARTY] + [("cache_aware", True)]
+    for name, kv in runs:
         if name not in installed:
             continue
         m = PolicyManager.from_method(name, dp_size=dp_size)
         select, dispatched, report = m.select, m.dispatched, m.report
+        apply = m.cache.apply
+        kv_seq = [0] * dp_size
+        if kv:
+            for r in range(dp_size):
+                apply(KvEventBatch(r, 0, 0, ()))
+                kv_seq[r] = 1
         seqs = [0] * dp_size
         acked = [-1] * dp_size
         t0 = time.perf_counter()
@@ -286,11 +296,14 @@ def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, flo
             req = reqs[i % len(reqs)]
             rank = select(req)
             acked[rank] = dispatched(req, rank)
+            if kv:
+                apply(KvEventBatch(rank, 0, kv_seq[rank], ((STORED, None, req.block_hashes),)))
+                kv_seq[rank] += 1
             if i % REPORT_EVERY == REPORT_EVERY - 1:
                 for r in range(dp_size):
                     seqs[r] += 1
                     report(LoadReport(r, 0, seqs[r], acked[r], 1, 0, tokens))
-        out[name] = (time.perf_counter() - t0) / decisions * 1e6
+        out[name + ("+kv" if kv else "")] = (time.perf_counter() - t0) / decisions * 1e6
     return out
 
 
