@@ -25,7 +25,7 @@ def test_bench_small_count_writes_the_three_rates(dpcore_exe, tmp_path, clean_en
     for key in ("dpcore_msgs_per_s", "pickle_loop_msgs_per_s", "zmq_proxy_msgs_per_s"):
         assert isinstance(data[key], float) and data[key] > 0, key
     assert set(data["policy_decision_us"]) == {
-        "round_robin", "follow_bootstrap_room", "total_requests", "total_tokens", "cache_aware",
+        "round_robin", "follow_bootstrap_room", "total_requests", "total_tokens", "cache_aware", "cache_aware+kv",
     }  # fmt: skip
     assert all(us > 0 for us in data["policy_decision_us"].values())
     assert data["idle_cpu_percent"] is not None and data["idle_cpu_percent"] >= 0
