@@ -173,3 +173,14 @@ def test_a_failing_policy_is_shown_once_per_distinct_error(cls: type, words: str
     assert len(lines) == 1 and words in lines[0] and "25 request(s)" in lines[0]
     if cls is Boom:
         assert f"test_sim_cli.py:{Boom.select_rank.__code__.co_firstlineno + 2} in select_rank" in lines[0]
+
+
+def test_the_replicas_engine_stays_available(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["simulate", "--trace", MOONCAKE, "--limit", "40", "--engine", "replicas", "--policy", "round_robin"]
+    assert main([*argv, "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["run"]["engine"] == "replicas" and doc["run"]["report_profile"] == "sglang"
+    m = doc["policies"]["round_robin"]
+    assert m["completed"] == 40 and m["itl_p99_s"] is None and m["straggler_waste"] is None
+    assert main([*argv, "--faults", "1@1-2"]) == 2
+    assert "--faults needs --engine lockstep" in capsys.readouterr().err
