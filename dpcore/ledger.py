@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
+from typing import Any
 
 from dpcore.errors import InvalidReportError
 from dpcore.model import LoadReport
@@ -96,6 +97,7 @@ class LoadLedger:
         "_acked_sent",
         "on_state",
         "_restarted",
+        "version",
     )
 
     def __init__(self, dp_size: int, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -152,6 +154,8 @@ class LoadLedger:
         self.on_state: Callable[[int, bool, int | None, bool], None] | None = None
         # Per rank: a new epoch was seen while inactive; the return then says new_life.
         self._restarted = [False] * dp_size
+        #: Bumped by every change, so :class:`LedgerView` knows when its copies are stale.
+        self.version = 0
 
     # ------------------------------------------------------------------ reading
 
@@ -166,6 +170,26 @@ class LoadLedger:
 
     def is_active(self, rank: int) -> bool:
         return 0 <= rank < self.dp_size and self._active[rank]
+
+    def epoch(self, rank: int) -> int | None:
+        """The life of *rank* its loads belong to (``None``: nothing heard from it yet).
+
+        The one record of rank lives: the live controller reads it to tell a restart or a
+        late report from a previous life from a current report.
+        """
+        return self._epoch[rank]
+
+    def begin_life(self, rank: int, epoch: int) -> None:
+        """Take reports from life *epoch* of *rank* from now on (its report sequence restarts).
+
+        A life after a known one is a restart: the next applied report tells the policies
+        (``on_rank_state`` with ``new_life``).
+        """
+        self.version += 1
+        if self._epoch[rank] is not None and self._epoch[rank] != epoch:
+            self._restarted[rank] = True
+        self._epoch[rank] = epoch
+        self._report_seq[rank] = -1
 
     def unacked(self, rank: int) -> int:
         """Dispatches to *rank* that no report has acknowledged yet."""
@@ -197,6 +221,7 @@ class LoadLedger:
 
     def record_dispatch(self, rank: int, num_tokens: int) -> int:
         """Count one request of *num_tokens* sent to *rank*; return its dispatch sequence."""
+        self.version += 1
         seq = self._next_seq[rank]
         self._next_seq[rank] = seq + 1
         pending = self._pending[rank]
@@ -232,11 +257,9 @@ class LoadLedger:
         if type(r) is not int or not 0 <= r < self.dp_size:
             msg = f"load report for rank {r!r}, but ranks are 0..{self.dp_size - 1}"
             raise InvalidReportError(msg)
-        restarted = False
+        self.version += 1
         if report.epoch != self._epoch[r]:
-            # A new life of the rank: its report sequence starts over.
-            restarted = self._epoch[r] is not None
-            self._epoch[r] = report.epoch
+            self.begin_life(r, report.epoch)
         elif report.seq <= self._report_seq[r]:
             self.heard_from(r)
             return False
@@ -257,9 +280,7 @@ class LoadLedger:
         waiting = waiting_tokens(report)
         self._learn_drain_rate(r, waiting, admitted, now)
         self._requeue(r, report, waiting, now)
-        if restarted:
-            self._restarted[r] = True
-        if not self.heard_from(r, now) and restarted:
+        if not self.heard_from(r, now) and self._restarted[r]:
             # Restarted without being missed: the same active rank, an empty cache.
             self._notify(r, True)
         return True
@@ -284,6 +305,7 @@ class LoadLedger:
             now = self._clock()
         if now == self._refreshed_at or not self._queued_ranks:
             return
+        self.version += 1
         self._refreshed_at = now
         for r in tuple(self._queued_ranks):
             self._drain(r, now)
@@ -392,6 +414,7 @@ class LoadLedger:
 
     def heard_from(self, rank: int, now: float | None = None) -> bool:
         """Note a sign of life; returns ``True`` when this brings the rank back."""
+        self.version += 1
         self.last_seen[rank] = self._clock() if now is None else now
         if not self._active[rank]:
             self.set_active(rank, True)
@@ -402,16 +425,13 @@ class LoadLedger:
         """Mark *rank* (in)active; returns whether that changed anything."""
         if self._active[rank] == active:
             return False
+        self.version += 1
         self._active[rank] = active
         self._active_ranks = tuple(i for i, a in enumerate(self._active) if a)
         if not active:
             self.forget(rank)
         self._notify(rank, active)
         return True
-
-    def epoch(self, rank: int) -> int | None:
-        """The epoch (life) of *rank* its reports carry; ``None`` before its first report."""
-        return self._epoch[rank]
 
     def _notify(self, rank: int, active: bool) -> None:
         new_life = active and self._restarted[rank]
@@ -429,6 +449,7 @@ class LoadLedger:
 
     def forget(self, rank: int) -> None:
         """Drop everything known about *rank*'s load (it died; its requests are gone)."""
+        self.version += 1
         self._pending[rank].clear()
         self._pending_tokens[rank] = 0
         self.requests[rank] = 0
@@ -442,3 +463,87 @@ class LoadLedger:
         self.reported[rank] = False
         self.reports[rank] = None
         self._report_seq[rank] = -1
+
+
+def _copied(name: str, doc: str) -> property:
+    """A read-only attribute of :class:`LedgerView`: a tuple copy of the ledger's list,
+    rebuilt only after the ledger changed (one copy per decision at most)."""
+
+    def get(self: LedgerView) -> tuple[Any, ...]:
+        ledger = self._ledger
+        if ledger.version != self._seen:
+            self._copies = {}
+            self._seen = ledger.version
+        t = self._copies.get(name)
+        if t is None:
+            t = self._copies[name] = tuple(getattr(ledger, name))
+        return t
+
+    return property(get, doc=doc)
+
+
+class LedgerView:
+    """What a policy sees of the ledger (``ctx.ledger``): read-only.
+
+    Per-rank values are tuples (copies taken after each change, so reading one in a loop
+    costs an index); methods only read. Only the controller (through the policy manager)
+    changes the ledger itself.
+    """
+
+    __slots__ = ("_ledger", "_seen", "_copies")
+
+    def __init__(self, ledger: LoadLedger) -> None:
+        self._ledger = ledger
+        self._seen = -1
+        self._copies: dict[str, tuple[Any, ...]] = {}
+
+    requests = _copied("requests", "Effective requests per rank: last report + unacknowledged dispatches.")
+    tokens = _copied("tokens", "Effective tokens per rank: last report + unacknowledged prompt tokens.")
+    queued_tokens = _copied("queued_tokens", "Prompt tokens queued per rank as of :attr:`queued_at`.")
+    queued_requests = _copied("queued_requests", "Requests queued per rank as of :attr:`queued_at`.")
+    queued_at = _copied("queued_at", "When each rank's queue estimate was last brought up to date.")
+    reported = _copied("reported", "Whether each rank has reported in its current life.")
+    reports = _copied("reports", "The last applied :class:`~dpcore.model.LoadReport` per rank (or ``None``).")
+    last_seen = _copied("last_seen", "When each rank was last heard from (ledger clock).")
+
+    @property
+    def dp_size(self) -> int:
+        return self._ledger.dp_size
+
+    @property
+    def active_ranks(self) -> tuple[int, ...]:
+        """Ranks currently alive, ascending."""
+        return self._ledger.active_ranks
+
+    @property
+    def drain_rate(self) -> float:
+        """Prompt tokens per second a busy rank starts (see :class:`LoadLedger`)."""
+        return self._ledger.drain_rate
+
+    @property
+    def mean_prompt_tokens(self) -> float:
+        """Mean prompt tokens per dispatch, recent ones weighing more."""
+        return self._ledger.mean_prompt_tokens
+
+    def is_active(self, rank: int) -> bool:
+        return self._ledger.is_active(rank)
+
+    def now(self) -> float:
+        return self._ledger.now()
+
+    def queued(self, rank: int, now: float | None = None) -> float:
+        return self._ledger.queued(rank, now)
+
+    def unacked(self, rank: int) -> int:
+        return self._ledger.unacked(rank)
+
+    def epoch(self, rank: int) -> int | None:
+        return self._ledger.epoch(rank)
+
+    def next_dispatch_seq(self, rank: int) -> int:
+        """The sequence number the next dispatch to *rank* will get (``on_dispatch``
+        receives the one a request got as ``seq``)."""
+        return self._ledger.next_dispatch_seq(rank)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return self._ledger.snapshot()

@@ -164,7 +164,7 @@ def test_every_first_party_policy_dispatches(method):
         st = c.consistent_stats()
         assert st["completed"] == st["dispatched"] == n
         assert_balanced(st)
-        assert sum(v for (p, _), v in c.decision_reasons.items() if p == method) >= n
+        assert sum(v for (p, _), v in c.books.decision_reasons.items() if p == method) >= n
 
 
 def test_tcp_endpoints_on_random_loopback_ports():
@@ -386,7 +386,7 @@ def test_no_prefix_hit_claimed_on_a_killed_and_revived_rank():
     # is gone) and started again, the old prefix must not be called a hit there.
     old = tuple(range(100, 108))
     with cluster("cache_aware", dp_size=2, heartbeat_timeout_s=0.5) as (c, ranks, client):
-        reasons = c.decision_reasons
+        reasons = c.books.decision_reasons
         client.submit("warm", num_tokens=512, block_hashes=old)
         (first,) = client.wait_all(5)
         holder = first.rank

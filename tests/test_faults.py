@@ -191,7 +191,7 @@ def come_back(books: Books, ranks: list[int]) -> None:
 
 
 def dispatched(books: Books) -> list[int]:
-    return list(books.lc.controller.dispatched)
+    return list(books.lc.controller.books.dispatched)
 
 
 def reply(books: Books, rid: str) -> wire.Reply:
@@ -292,7 +292,7 @@ def test_case_4ef_pinned_to_inactive_rank(rr: Books, case: str, field: str) -> N
 def test_case_5abcd_undecodable_frames_are_counted_and_go_nowhere(rr: Books) -> None:
     c = rr.lc.controller
     before = dispatched(rr)
-    bad0, controls0 = c.bad_frames, c.controls
+    bad0, controls0 = c.books.bad_frames, c.books.controls
     good_header = rr.header("never")
     frames = [
         (b"\x00garbage\xff\xfe" * 10,),  # 5a garbage
@@ -307,8 +307,8 @@ def test_case_5abcd_undecodable_frames_are_counted_and_go_nowhere(rr: Books) -> 
     ]
     for f in frames:
         rr.send_raw(*f)
-    wait_for(lambda: c.bad_frames - bad0 == len(frames), 5, "every bad frame counted")
-    assert c.controls == controls0 and dispatched(rr) == before  # 5d: to no rank at all
+    wait_for(lambda: c.books.bad_frames - bad0 == len(frames), 5, "every bad frame counted")
+    assert c.books.controls == controls0 and dispatched(rr) == before  # 5d: to no rank at all
     ends_well(rr)
 
 
@@ -338,9 +338,9 @@ def test_case_6_pickle_payload_never_runs(rr: Books, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = pickle.dumps(_Evil(marker))
     c = rr.lc.controller
-    bad0 = c.bad_frames
+    bad0 = c.books.bad_frames
     rr.send_raw(evil, b"")  # as the header: not msgpack, dropped and counted
-    wait_for(lambda: c.bad_frames == bad0 + 1, 5, "the pickle header counted")
+    wait_for(lambda: c.books.bad_frames == bad0 + 1, 5, "the pickle header counted")
     rid = rr.submit("6", payload=evil)  # as the opaque payload: forwarded, never decoded
     r = reply(rr, rid)
     assert r.kind == "out" and r.payload == evil  # the echo rank got the exact bytes back
@@ -354,7 +354,7 @@ def test_case_6m_msgpack_ext_types_are_inert(rr: Books, tmp_path: Path) -> None:
     evil = pickle.dumps(_Evil(marker))
     ext = msgpack.ExtType(42, evil)  # SGLang's msgpack mode unpickles its PickleWrapper
     c = rr.lc.controller
-    bad0 = c.bad_frames
+    bad0 = c.books.bad_frames
     rr.send_raw(msgpack.packb(ext), b"")  # a top-level ext: not a map
     rid = rr.rid("6m")
     rr.send_raw(rr.header(rid, n=ext), b"", expect=rid)  # an ext where an int belongs
@@ -362,7 +362,7 @@ def test_case_6m_msgpack_ext_types_are_inert(rr: Books, tmp_path: Path) -> None:
     rr.send_raw(msgpack.packb({"v": 1, "t": "req", "rid": ext, "n": 1}), b"")
     r = reply(rr, rid)
     assert (r.kind, r.code) == ("rej", "malformed_request") and "ExtType" in r.msg, r
-    wait_for(lambda: c.bad_frames == bad0 + 2, 5, "the two ext frames counted")
+    wait_for(lambda: c.books.bad_frames == bad0 + 2, 5, "the two ext frames counted")
     ok = rr.rid("6m")  # an ext in a field the controller does not read is forwarded as bytes
     rr.send_raw(rr.header(ok, extra=ext), evil, expect=ok)
     assert reply(rr, ok).kind == "out"
@@ -483,7 +483,7 @@ def test_case_9_stolen_rank_socket(keys: tuple[security.CurveKeys, dict[str, str
                       client_kw={"curve": k}, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S) as lc:  # fmt: skip
         c = lc.controller
         thieves = _thieves(ctx, c.endpoints.dispatch[1], k.server_public)
-        wait_for(lambda: c._zap.denied >= 1, 5, "the keyed stranger to be refused")  # type: ignore[union-attr]
+        wait_for(lambda: c.transport.zap.denied >= 1, 5, "the keyed stranger to be refused")  # type: ignore[union-attr]
         books = Books(lc)
         try:
             rids = [books.submit("9") for _ in range(40)]
@@ -491,7 +491,7 @@ def test_case_9_stolen_rank_socket(keys: tuple[security.CurveKeys, dict[str, str
             assert collections.Counter(finals[r].rank for r in rids) == {0: 10, 1: 10, 2: 10, 3: 10}
             assert [_drain(t) for t in thieves] == [0, 0]
             print(f"case 9: without CURVE a stranger took {stolen_open} of rank 1's requests; with CURVE 0 "
-                  f"({c._zap.denied} handshakes refused)")  # type: ignore[union-attr]  # fmt: skip
+                  f"({c.transport.zap.denied} handshakes refused)")  # type: ignore[union-attr]  # fmt: skip
             ends_well(books)
         finally:
             books.close()
@@ -510,18 +510,18 @@ def test_case_9b_unauthenticated_sender_and_reporter(keys: tuple[security.CurveK
         senders = _thieves(ctx, c.endpoints.ingress, k.server_public, zmq.PUSH)
         reporters = _thieves(ctx, c.endpoints.report, k.server_public, zmq.PUSH)
         try:
-            epoch0 = c._epoch[0]
-            received0, bad0 = c.received, c.bad_frames
+            epoch0 = c.ledger.epoch(0)
+            received0, bad0 = c.books.received, c.books.bad_frames
             forged = wire.encode_load(0, epoch=epoch0 + 1, seq=1)  # would "restart" rank 0
             for i in range(5):  # queued on the strangers' side, never delivered
                 for s in senders:
                     s.send_multipart([books.header(f"inject{i}"), b""], zmq.NOBLOCK)
                 for s in reporters:
                     s.send(forged, zmq.NOBLOCK)
-            wait_for(lambda: c._zap.denied >= 2, 5, "both keyed strangers refused")  # type: ignore[union-attr]
+            wait_for(lambda: c.transport.zap.denied >= 2, 5, "both keyed strangers refused")  # type: ignore[union-attr]
             ends_well(books)
-            assert c.received == received0 + 1 and c.bad_frames == bad0  # only the good request
-            assert c._epoch[0] == epoch0 and c.stats()["failed"] == 0
+            assert c.books.received == received0 + 1 and c.books.bad_frames == bad0  # only the good request
+            assert c.ledger.epoch(0) == epoch0 and c.stats()["failed"] == 0
         finally:
             books.close()
             for s in senders + reporters:
@@ -667,10 +667,10 @@ def test_sigterm_drains_then_fails_the_rest_and_exits_0(tmp_path: Path, dpcore_e
 
 def test_controlled_rank_restart_rejoins_without_operator(rr: Books) -> None:
     lc, c = rr.lc, rr.lc.controller
-    epoch = c._epoch[2]
+    epoch = c.ledger.epoch(2)
     assert lc.terminate(2) == 0  # SIGTERM: the rank exits cleanly
     lc.start_rank(2)
-    wait_for(lambda: c._epoch[2] not in (None, epoch), 10, "rank 2's new life")
+    wait_for(lambda: c.ledger.epoch(2) not in (None, epoch), 10, "rank 2's new life")
     lc.wait_ready([2])
     rid = rr.submit("restart", routed_dp_rank=2)
     assert (reply(rr, rid).kind, reply(rr, rid).rank) == ("out", 2)
@@ -686,7 +686,7 @@ def test_oversized_frame_is_refused_and_others_keep_going(clusters: dict) -> Non
     with pytest.raises(MessageTooLargeError, match="over the ingress limit of 65536 bytes"):
         books.client.submit("big", num_tokens=1, payload=b"x" * (64 * 1024 + 1))
     c = books.lc.controller
-    received = c.received
+    received = c.books.received
     other = zmq.Context.instance().socket(zmq.PUSH)  # a raw sender the SDK cannot stop
     other.linger = 0
     other.connect(c.endpoints.ingress)
@@ -694,7 +694,7 @@ def test_oversized_frame_is_refused_and_others_keep_going(clusters: dict) -> Non
     other.send_multipart([books.header(rid), b"x" * (256 * 1024)])
     other.close()
     ends_well(books)  # the transport dropped it; the good client is unaffected
-    assert c.received == received + 1 and rid not in books.finals
+    assert c.books.received == received + 1 and rid not in books.finals
     ok = books.submit("fits", payload=b"y" * (60 * 1024))
     assert reply(books, ok).payload == b"y" * (60 * 1024)
 
@@ -725,7 +725,7 @@ def test_restarted_rank_with_a_clock_behind_rejoins(rr: Books) -> None:
     from dpcore.sdk.worker import Worker
 
     lc, c = rr.lc, rr.lc.controller
-    old = c._epoch[3]
+    old = c.ledger.epoch(3)
     assert old is not None
     lc.kill(3)
     lc.wait_inactive(3, timeout_s=HEARTBEAT_TIMEOUT_S + 5)
@@ -743,7 +743,7 @@ def test_restarted_rank_with_a_clock_behind_rejoins(rr: Books) -> None:
     t = threading.Thread(target=rank3, daemon=True)
     t.start()
     try:
-        wait_for(lambda: c._epoch[3] == old - 5 * 10**9 and c.ledger.is_active(3), 5, "the new life to be taken")
+        wait_for(lambda: c.ledger.epoch(3) == old - 5 * 10**9 and c.ledger.is_active(3), 5, "the new life to be taken")
         rid = rr.submit("clock", routed_dp_rank=3)
         r = reply(rr, rid)
         assert (r.kind, r.rank, r.meta) == ("out", 3, {"clock": "behind"})

@@ -304,7 +304,7 @@ class IngressBooks:
             self.finals[r.rid] += r.final
 
     def counted(self) -> int:
-        return self.c.received + self.c.bad_frames + self.c.controls
+        return self.c.books.received + self.c.books.bad_frames + self.c.books.controls
 
     def sync(self) -> None:
         """A good request on the same connection (ZMQ keeps its order): once it is served,
@@ -352,7 +352,7 @@ def test_live_ingress_survives_everything(ingress_books: IngressBooks) -> None:
             big.send_multipart([wire.encode_request("big", num_tokens=1, reply=reply), b"x" * (MSG_LIMIT + 1)])
             big.close()
         books.sync()
-        assert c._thread.is_alive() and c.internal_errors == 0  # type: ignore[union-attr]
+        assert c._thread.is_alive() and c.books.internal_errors == 0  # type: ignore[union-attr]
         assert books.counted() - before == len(msgs) + 1  # every frame accounted, once
 
     one()
@@ -415,7 +415,7 @@ def bad_reports(draw: Any, dp_size: int, real_epoch_floor: int) -> tuple[bytes, 
 
 def test_load_reports_never_applied_when_bad(live: LocalCluster) -> None:
     c = live.controller
-    floor = min(e for e in c._epoch if e is not None)  # the real ranks' lives
+    floor = min(e for e in map(c.ledger.epoch, range(c.dp_size)) if e is not None)  # the real ranks' lives
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.linger = 0
     push.connect(c.endpoints.report)
@@ -424,15 +424,15 @@ def test_load_reports_never_applied_when_bad(live: LocalCluster) -> None:
     @fuzz_settings(1200)
     @given(batch=st.lists(bad_reports(c.dp_size, floor), min_size=1, max_size=8))
     def one(batch: list[tuple[bytes, str]]) -> None:
-        bad0, stale0 = c.bad_reports, c.stale_reports
+        bad0, stale0 = c.books.bad_reports, c.books.stale_reports
         for frame, _ in batch:
             COUNTS["reports"] += 1
             push.send(frame)
         want_bad = sum(kind == "bad" for _, kind in batch)
         want_stale = len(batch) - want_bad
-        wait_for(lambda: c.bad_reports - bad0 + c.stale_reports - stale0 >= len(batch), 10, "reports counted", poll_s=0.001)
-        assert (c.bad_reports - bad0, c.stale_reports - stale0) == (want_bad, want_stale)
-        assert c._thread.is_alive() and c.internal_errors == 0  # type: ignore[union-attr]
+        wait_for(lambda: c.books.bad_reports - bad0 + c.books.stale_reports - stale0 >= len(batch), 10, "reports counted", poll_s=0.001)
+        assert (c.books.bad_reports - bad0, c.books.stale_reports - stale0) == (want_bad, want_stale)
+        assert c._thread.is_alive() and c.books.internal_errors == 0  # type: ignore[union-attr]
         assert all(type(x) is int and x >= 0 for x in c.ledger.requests + c.ledger.tokens)
 
     try:
@@ -440,7 +440,7 @@ def test_load_reports_never_applied_when_bad(live: LocalCluster) -> None:
     finally:
         push.close()
     assert COUNTS["reports"] >= 2500
-    assert list(c.ledger.active_ranks) == active and all(e >= floor for e in c._epoch if e is not None)
+    assert list(c.ledger.active_ranks) == active and all(e >= floor for e in map(c.ledger.epoch, range(c.dp_size)) if e is not None)
     # The real ranks still serve, and their books were never touched by a forged report.
     for i in range(20):
         live.client.submit(f"after-reports{i}", num_tokens=8)  # type: ignore[union-attr]
@@ -448,7 +448,7 @@ def test_load_reports_never_applied_when_bad(live: LocalCluster) -> None:
     assert len(replies) == 20 and all(r.kind == "out" for r in replies)
     wait_for(lambda: c.stats()["in_flight"] == 0, 10, "in-flight requests")
     assert c.consistent_stats()["balanced"] == {"received": True, "dispatched": True}
-    print(f"reports: {COUNTS['reports']} inputs; bad {c.bad_reports}, stale {c.stale_reports}")
+    print(f"reports: {COUNTS['reports']} inputs; bad {c.books.bad_reports}, stale {c.books.stale_reports}")
 
 
 # --------------------------------------------------------------------------- 4. the HTTP front

@@ -1,10 +1,13 @@
 """Prometheus metrics of a running controller.
 
 The controller counts in plain integers on its hot path; this collector turns them into
-metric families when ``/metrics`` is scraped, so a request costs no metric call at all.
+metric families when ``/metrics`` is scraped, so a request costs no metric call at all. The
+scrape runs on the metrics server's thread and reads one :meth:`Controller.snapshot
+<dpcore.runtime.controller.Controller.snapshot>`, taken on the controller's loop thread, so
+the numbers of one scrape are consistent with each other.
 Label cardinality is bounded: ``rank`` (``dp_size`` values), ``code`` (reject/fail codes,
 a small fixed set), and ``policy``/``reason`` pairs, capped by the controller at
-:data:`~dpcore.runtime.controller.MAX_REASONS` (beyond it: ``reason="other"``).
+:data:`~dpcore.runtime.books.MAX_REASONS` (beyond it: ``reason="other"``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from dpcore.runtime.controller import LATENCY_BUCKETS
+from dpcore.runtime.books import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from dpcore.runtime.controller import Controller
@@ -44,57 +47,60 @@ class ControllerCollector(Collector):
         self.c = controller
 
     def collect(self) -> Iterator[Any]:
-        c = self.c
-        ledger = c.ledger
-        yield CounterMetricFamily("dpcore_requests_received", "Requests received at the ingress", value=c.received)
-        yield _per_rank("dpcore_rank_dispatched", "Requests dispatched to the rank", c.dispatched)
-        yield _per_rank("dpcore_rank_completed", "Requests the rank reported done", c.completed)
-        yield _per_rank("dpcore_rank_failed", "Requests failed on the rank (it died, or shutdown)", c.failed)
-        yield _per_rank("dpcore_rank_rejected", "Requests rejected that named or chose the rank", c.rejected)
+        s = self.c.snapshot()
+        ranks = s["per_rank"]
+
+        def col(key: str) -> list[int]:
+            return [row[key] for row in ranks]
+
+        yield CounterMetricFamily("dpcore_requests_received", "Requests received at the ingress", value=s["received"])
+        yield _per_rank("dpcore_rank_dispatched", "Requests dispatched to the rank", col("dispatched"))
+        yield _per_rank("dpcore_rank_completed", "Requests the rank reported done", col("completed"))
+        yield _per_rank("dpcore_rank_failed", "Requests failed on the rank (it died, or shutdown)", col("failed"))
+        yield _per_rank("dpcore_rank_rejected", "Requests rejected that named or chose the rank", col("rejected"))
         yield _per_rank(
-            "dpcore_rank_redispatched", "Unadmitted requests moved off the rank when it died", c.redispatched
+            "dpcore_rank_redispatched", "Unadmitted requests moved off the rank when it died", col("redispatched")
         )
-        yield _per_rank("dpcore_rank_in_flight_requests", "Dispatched, not completed or failed", c.in_flight(), GaugeMetricFamily)
+        yield _per_rank("dpcore_rank_in_flight_requests", "Dispatched, not completed or failed", col("in_flight"), GaugeMetricFamily)
         yield _per_rank(
-            "dpcore_rank_in_flight_tokens", "Prompt tokens of in-flight requests", c.in_flight_tokens(), GaugeMetricFamily
+            "dpcore_rank_in_flight_tokens", "Prompt tokens of in-flight requests", s["in_flight_tokens"], GaugeMetricFamily
         )
+        requests, tokens = s["load_requests"], s["load_tokens"]
         yield _per_rank(
-            "dpcore_rank_load_requests", "Effective requests (last report + unacknowledged)", ledger.requests, GaugeMetricFamily
-        )
-        yield _per_rank(
-            "dpcore_rank_load_tokens", "Effective tokens (last report + unacknowledged)", ledger.tokens, GaugeMetricFamily
+            "dpcore_rank_load_requests", "Effective requests (last report + unacknowledged)", requests, GaugeMetricFamily
         )
         yield _per_rank(
-            "dpcore_rank_active", "1 if the rank is alive", [int(ledger.is_active(r)) for r in range(c.dp_size)], GaugeMetricFamily
+            "dpcore_rank_load_tokens", "Effective tokens (last report + unacknowledged)", tokens, GaugeMetricFamily
         )
+        yield _per_rank("dpcore_rank_active", "1 if the rank is alive", [int(a) for a in col("active")], GaugeMetricFamily)
         imb = GaugeMetricFamily("dpcore_load_imbalance", "max/mean effective load over active ranks", labels=["load"])
-        active = ledger.active_ranks
-        imb.add_metric(["requests"], imbalance([ledger.requests[r] for r in active]))
-        imb.add_metric(["tokens"], imbalance([ledger.tokens[r] for r in active]))
+        active = s["active_ranks"]
+        imb.add_metric(["requests"], imbalance([requests[r] for r in active]))
+        imb.add_metric(["tokens"], imbalance([tokens[r] for r in active]))
         yield imb
         rej = CounterMetricFamily("dpcore_rejected", "Requests rejected, by code", labels=["code"])
-        for code, n in sorted(c.rejected_by_code.items()):
+        for code, n in sorted(s["rejected_by_code"].items()):
             rej.add_metric([code], n)
         yield rej
         fail = CounterMetricFamily("dpcore_failed", "Requests failed after dispatch, by code", labels=["code"])
-        for code, n in sorted(c.failed_by_code.items()):
+        for code, n in sorted(s["failed_by_code"].items()):
             fail.add_metric([code], n)
         yield fail
         dec = CounterMetricFamily("dpcore_decisions", "Rank decisions by policy and reason", labels=["policy", "reason"])
-        for (policy, reason), n in sorted(dict(c.decision_reasons).items()):
+        for (policy, reason), n in sorted(s["decision_reasons"].items()):
             dec.add_metric([policy or "none", reason or "none"], n)
         yield dec
-        counts = list(c.latency_counts)
+        counts = s["latency_counts"]
         buckets = []
         acc = 0
         for bound, n in zip([*map(str, LATENCY_BUCKETS), "+Inf"], counts):
             acc += n
             buckets.append((bound, acc))
         yield HistogramMetricFamily(
-            "dpcore_decision_latency_seconds", "Time in the policy chain per decision", buckets=buckets, sum_value=c.latency_sum
+            "dpcore_decision_latency_seconds", "Time in the policy chain per decision", buckets=buckets, sum_value=s["latency_sum"]
         )
-        yield CounterMetricFamily("dpcore_bad_frames", "Ingress frames that could not be decoded", value=c.bad_frames)
-        yield CounterMetricFamily("dpcore_bad_reports", "Load reports that could not be decoded", value=c.bad_reports)
+        yield CounterMetricFamily("dpcore_bad_frames", "Ingress frames that could not be decoded", value=s["bad_frames"])
+        yield CounterMetricFamily("dpcore_bad_reports", "Load reports that could not be decoded", value=s["bad_reports"])
 
 
 def make_registry(controller: Controller) -> CollectorRegistry:

@@ -1,0 +1,255 @@
+"""Rank lifecycle: load reports in, lives and deaths of ranks, and what their requests become.
+
+**Reports** are drained completely every turn before any request is handled. Only the
+newest report per rank is applied (latest wins); the ``done`` lists of all of them are
+used, so no completion is lost by coalescing. KV event batches share the report socket and
+go to the cache index (:mod:`dpcore.cacheindex`) as they come.
+
+**Lives.** A report's ``epoch`` names one life of the rank's process. The ledger is the one
+record of which life a rank is in (:meth:`LoadLedger.epoch`); this module decides when a
+new life begins.
+
+**What happens to requests on a rank that dies** (silent past ``heartbeat_timeout_s``, or
+restarted with a new epoch): requests the rank had not admitted are re-dispatched to another
+rank (they may have been lost in the dead socket's queue, and no engine has started them).
+Admitted requests are failed: their sender gets a ``fail`` with code ``rank_died``.
+Requests admitted after the rank's last report look unadmitted and are re-dispatched, so a
+request may in rare cases run twice; the client SDK keeps only the first final reply per
+request. A rank restarted before its deadline keeps what is still in its backlog (never
+sent); of what was sent, its reports' ``lo`` (first seq this life received) tells the new
+life's requests from the lost ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from dpcore import wire
+from dpcore.cacheindex import KvEventBatch
+from dpcore.errors import WireError
+from dpcore.manager import PolicyManager
+from dpcore.model import LoadReport
+from dpcore.runtime.books import Books, rate_limited
+from dpcore.runtime.inflight import InFlight, InFlightTable
+from dpcore.runtime.outbox import Outbox
+
+CODE_RANK_DIED = "rank_died"
+#: Control op asking one rank to resend everything its cache holds (``{"rank": r}``), sent
+#: when the cache index lost track of it; at most once per interval per rank.
+KV_RESYNC = "kv_resync"
+KV_RESYNC_INTERVAL_S = 1.0
+#: The loop never wakes for liveness sooner than this after a check, and wakes this much
+#: after a deadline, so a deadline is never checked a hair too early.
+MIN_CHECK_INTERVAL_S = 0.01
+DEADLINE_SLACK_S = 0.001
+
+#: Re-dispatch one request that was on a rank that is gone: ``(entry, from_rank)``.
+Redispatch = Callable[[InFlight, int], None]
+#: Fail one request dispatched to a rank: ``(rank, rid, reply endpoint, code, message)``.
+Fail = Callable[[int, str, str, str, str], None]
+
+
+class RankLifecycle:
+    """Applies reports, notices silent and restarted ranks, and settles their requests.
+
+    :param heartbeat_timeout_s: A rank silent this long is inactive.
+    :param redispatch: Places a request again, on another rank.
+    :param fail: Fails a request towards its sender.
+    """
+
+    def __init__(
+        self,
+        manager: PolicyManager,
+        inflight: InFlightTable,
+        outbox: Outbox,
+        books: Books,
+        *,
+        heartbeat_timeout_s: float,
+        redispatch: Redispatch,
+        fail: Fail,
+        log: Any,
+    ) -> None:
+        self.manager = manager
+        self.ledger = manager.ledger
+        self.inflight = inflight
+        self.outbox = outbox
+        self.books = books
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._redispatch = redispatch
+        self._fail = fail
+        self.log = log
+        # A rank that restarted before anyone noticed: the previous life's ack, the seqs that
+        # may have gone to it, and when to stop waiting to learn which did (see _new_life).
+        self._old_life: dict[int, tuple[int, set[int], float]] = {}
+        #: When :meth:`check` should run next (monotonic seconds).
+        self.next_check = 0.0
+        # Per rank: when it may be asked for a KV resync again.
+        self._kv_resync_at = [0.0] * manager.ctx.dp_size
+
+    def start(self) -> None:
+        """Every rank gets a full heartbeat timeout from now to say hello."""
+        for r in self.ledger.active_ranks:
+            self.ledger.heard_from(r)
+        self.next_check = time.monotonic() + self.heartbeat_timeout_s
+
+    # ------------------------------------------------------------------ reports
+
+    def drain_reports(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+        """Read every queued report; apply the newest per rank."""
+        recv = sock.recv
+        latest: dict[int, LoadReport] = {}
+        n = self.ledger.dp_size
+        ledger = self.ledger
+        books = self.books
+        while True:
+            try:
+                buf = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            books.reports += 1
+            try:
+                msg = wire.decode_rank_message(buf)
+            except WireError as exc:
+                self._bad_report(str(exc))
+                continue
+            if type(msg) is KvEventBatch:
+                self._kv_batch(msg)
+                continue
+            report, done, lo = msg
+            r = report.rank
+            if r >= n:
+                self._bad_report(f"load report from rank {r}, but ranks are 0..{n - 1}")
+                continue
+            known = ledger.epoch(r)
+            if known != report.epoch:
+                # A smaller epoch is a late report from a previous life, while the current
+                # life is alive. Once it went silent past its deadline, any other epoch is a
+                # new life: a restart on a host whose clock is behind must not be locked out.
+                if known is not None and report.epoch < known and ledger.is_active(r):
+                    books.stale_reports += 1
+                    continue
+                if known is not None:
+                    self._new_life(r, report.epoch, lo)
+                ledger.begin_life(r, report.epoch)
+                latest.pop(r, None)
+            elif lo is not None and r in self._old_life:
+                self._settle_old_life(r, lo)
+            if done:
+                unknown = self.inflight.complete(r, done)
+                books.unknown_done += unknown
+                books.completed[r] += len(done) - unknown
+            prev = latest.get(r)
+            if prev is None or report.seq > prev.seq:
+                latest[r] = report
+        for report in latest.values():
+            self._apply(report)
+
+    def _kv_batch(self, batch: KvEventBatch) -> None:
+        """Apply a rank's KV events to the cache index; ask the rank for a resync when the
+        index lost track of it (a gap, a restart mid-stream, a stretch of inactivity)."""
+        r = batch.rank
+        books = self.books
+        if r >= self.ledger.dp_size or batch.epoch != self.ledger.epoch(r):
+            books.kv_stale_batches += 1  # from a previous life, or before this life's hello
+            return
+        index = self.manager.cache
+        if index.apply(batch) or index.known(r):
+            return
+        now = time.monotonic()
+        if now >= self._kv_resync_at[r] and self.outbox.has_room(r):
+            self._kv_resync_at[r] = now + KV_RESYNC_INTERVAL_S
+            books.kv_resyncs += 1
+            self.outbox.stage(r, None, (wire.encode_ctl(KV_RESYNC, {"rank": r}),))
+
+    def _bad_report(self, why: str) -> None:
+        b = self.books
+        b.bad_reports += 1
+        if rate_limited(b.bad_reports):
+            self.log.warning("bad_report", reason=why, count=b.bad_reports)
+
+    def _apply(self, report: LoadReport) -> None:
+        r = report.rank
+        was_active = self.ledger.is_active(r)
+        self.manager.report(report)
+        if not was_active:
+            self.log.info("rank_rejoined", rank=r, epoch=report.epoch)
+            self._reschedule()
+        self.inflight.admit(r, report.acked_seq)
+
+    # ------------------------------------------------------------------ liveness
+
+    def _reschedule(self) -> None:
+        self.next_check = min(self.next_check, time.monotonic() + self.heartbeat_timeout_s)
+
+    def check(self, now: float) -> None:
+        """Mark silent ranks inactive and settle their requests; schedule the next check."""
+        timeout = self.heartbeat_timeout_s
+        for r in self.ledger.expire(timeout, now):
+            self.log.warning("rank_inactive", rank=r, silent_s=round(now - self.ledger.last_seen[r], 3))
+            self._lose(r, f"rank {r} stopped reporting for more than {timeout:g}s")
+        for r, (_, _, deadline) in list(self._old_life.items()):
+            if now >= deadline:
+                self._settle_old_life(r, None)
+        seen = self.ledger.last_seen
+        nxt = min((seen[r] for r in self.ledger.active_ranks), default=now) + timeout
+        nxt = min([nxt, *(d for _, _, d in self._old_life.values())])
+        self.next_check = max(nxt + DEADLINE_SLACK_S, now + MIN_CHECK_INTERVAL_S)
+
+    def _lose(self, r: int, why: str) -> None:
+        """Rank *r* is gone: settle everything it held, including its backlog."""
+        old = self._old_life.pop(r, None)
+        if old is not None:
+            self._settle(r, old[1], old[0], why)
+        self.outbox.drop(r)  # never sent: re-dispatched below with the rest
+        ack = self.inflight.take_acked(r)
+        self._settle(r, self.inflight.seqs(r), ack, why)
+
+    def _new_life(self, r: int, epoch: int, lo: int | None) -> None:
+        """Rank *r* restarted (a new epoch) before its silence was noticed.
+
+        Requests still in its backlog were never sent and go to the new life. Of those sent,
+        the ones from ``lo`` on (the first seq the new life received) are the new life's; the
+        others were lost with the old one. Until a report says ``lo`` they cannot be told
+        apart (some may still be on their way to the new life), so they wait for it, at most
+        one heartbeat timeout, and are settled as lost then.
+        """
+        self.log.warning("rank_restarted", rank=r, epoch=epoch)
+        # Forget the old life's load first: re-dispatches may land on the new one.
+        self.ledger.forget(r)
+        old = self._old_life.pop(r, None)
+        if old is not None:  # restarted twice before we learned anything: the oldest is gone
+            self._settle(r, old[1], old[0], f"rank {r} restarted")
+        ack = self.inflight.take_acked(r)
+        unsent = self.outbox.unsent(r)
+        sent = {s for s in self.inflight.seqs(r) if s not in unsent}
+        if not sent:
+            return
+        self._old_life[r] = (ack, sent, time.monotonic() + self.heartbeat_timeout_s)
+        self._reschedule()
+        if lo is not None:
+            self._settle_old_life(r, lo)
+
+    def _settle_old_life(self, r: int, lo: int | None) -> None:
+        ack, sent, _ = self._old_life.pop(r)
+        self._settle(r, {s for s in sent if lo is None or s < lo}, ack, f"rank {r} restarted")
+
+    def _settle(self, r: int, seqs: set[int], ack: int, why: str) -> None:
+        """Requests *seqs* of rank *r* were lost with it: fail the ones it had admitted
+        (``<= ack``), re-dispatch the others (their frames are still here)."""
+        failed = moved = 0
+        for s in sorted(seqs):
+            e = self.inflight.pop(r, s)
+            if e is None:
+                continue  # completed meanwhile
+            if s <= ack or e.admitted:
+                failed += 1
+                self._fail(r, e.request.rid, e.reply, CODE_RANK_DIED, f"{why}; the request was running there")
+            else:
+                moved += 1
+                self._redispatch(e, r)
+        if failed or moved:
+            self.log.warning("rank_requests_settled", rank=r, failed=failed, redispatched=moved)
