@@ -36,3 +36,28 @@ def test_mock_engine_pins_the_same_numbers() -> None:
 def test_bad_values_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineConfig(**bad)
+
+
+def test_the_documented_engine_file_loads_and_bad_files_are_named(tmp_path) -> None:
+    from pathlib import Path
+
+    from dpcore.errors import ConfigError
+    from dpcore.sim.config import load_engine_config
+
+    example = Path(__file__).parent.parent / "docs" / "reference" / "engine-example.toml"
+    cfg = load_engine_config(str(example), {"report_profile": "full"})
+    assert cfg.kv_capacity_tokens == 900_000 and cfg.step.chunked_prefill_size == 16384
+    assert cfg.report_profile == "full" and cfg.step.overhead_s == 0.020  # defaults kept
+    for text, words in [
+        ("nope = 1\n", "unknown key nope"),
+        ("[step]\nfast = 1\n", "unknown key step.fast"),
+        ("[step]\noverhead_s = -1\n", "overhead_s must be a positive number"),
+        ("kv_capacity_tokens = \n", "not valid TOML"),
+        ("report_profile = 'psychic'\n", "report_profile must be one of sglang, full"),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=words):
+            load_engine_config(str(bad))
+    with pytest.raises(ConfigError, match="missing.toml"):
+        load_engine_config(str(tmp_path / "missing.toml"))
