@@ -1,4 +1,4 @@
-"""The 23 fault cases of SGLang's DPC probe (reference/sglang_fault_probe.md), against dpcore.
+"""The 23 fault cases of SGLang's DPC probe (upstream SGLang 0.5.23 dies on 10 of them), against dpcore.
 
 SGLang 0.5.23's controller dies on 10 of these, runs attacker code on one, hangs on a dead
 rank, leaks requests to a stolen socket and spins when idle. Each case here drives dpcore's

@@ -1,4 +1,4 @@
-"""The simulator's pinned engine defaults: DESIGN.md's numbers, shared with the mock engine."""
+"""The simulator's pinned engine defaults: the published numbers, shared with the mock engine."""
 
 from __future__ import annotations
 

@@ -33,13 +33,13 @@ from attrs import define, field, frozen
 from dpcore.sim.config import EngineConfig, _non_negative, _positive
 
 
-# One source for the pinned engine numbers (DESIGN.md): the simulator's.
+# One source for the pinned engine numbers (docs/reference/engine-model.md): the simulator's.
 _SIM = EngineConfig()
 
 
 @frozen
 class EngineParams:
-    """Per-rank engine numbers; the defaults are the simulator's (DESIGN.md's pinned numbers).
+    """Per-rank engine numbers; the defaults are the simulator's pinned numbers.
 
     :ivar block_size: Tokens per block hash; must match the sender's (the client SDK
         hashes 64-token blocks by default, Mooncake trace ``hash_ids`` are 512-token blocks).

@@ -1,7 +1,7 @@
 """Peer routing policies, re-implemented from their documented algorithms and defaults.
 
 Each class follows one published version, cited in its docstring (facts from
-``reference/peers.md`` and ``reference/sglang_dpc.md``; no peer code is copied). They
+the peers' own sources and documentation; no peer code is copied). They
 implement the simulator's router interface (:class:`dpcore.sim.engine.Router`), so the engine
 drives them exactly like a dpcore policy chain, with the same arrivals and the same load
 reports. Unlike dpcore's controller, a router in front of the engine proxies the responses,

@@ -24,7 +24,7 @@ BLOCK_HASH_MODES = ("auto", "on", "off")
 #: would cost more than the rest of a dispatch, so blocks are whole pages of at least this.
 MIN_BLOCK_TOKENS = 64
 
-#: dpcore policies that are defined without prompt contents (DESIGN "Names"): a chain of
+#: dpcore policies that are defined without prompt contents (see the choosing-a-policy guide): a chain of
 #: only these never reads ``block_hashes``, so ``auto`` skips hashing for it.
 CONTENT_BLIND = frozenset({"round_robin", "follow_bootstrap_room", "total_requests", "total_tokens"})
 
