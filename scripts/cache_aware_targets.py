@@ -1,4 +1,4 @@
-"""Re-measure issue 5's cache_aware targets with `dpcore simulate` and print a markdown table.
+"""Compare cache_aware with the peers across dp sizes and loads with `dpcore simulate`; print a markdown table.
 
     python scripts/cache_aware_targets.py [--trace PATH] [--out DIR] [--cells 8:1,1.5,2 ...] [--seed S] [--limit N]
 
@@ -54,7 +54,7 @@ def main() -> int:
         nargs="+",
         default=GRID,
         metavar="DP:L,B,H",
-        help="dp size and its light, busy, heavy time-scales (default: issue 5's nine cells)",
+        help="dp size and its light, busy, heavy time-scales (default: nine cells: dp 4, 8 and 16 at three loads each)",
     )
     ap.add_argument("--seed", type=int, default=0, help="simulation seed (default 0)")
     ap.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests (a quick look)")
