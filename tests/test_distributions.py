@@ -88,6 +88,8 @@ def test_core_wheel_has_no_bench_or_test_machinery(dist: Path):
     assert any(n.endswith("licenses/LICENSE") for n in names)
     meta = [r for r in _requires(next(dist.glob("dpcore-*.whl")))]
     assert any("dp-cache-aware" in r and "policies" in r.replace("'", '"') for r in meta)
+    sglang = _requires(next(dist.glob("dpcore_sglang-*.whl")))
+    assert any(r.replace(" ", "").startswith("dpcore[policies]") for r in sglang), sglang
     built = {p.name.split("-")[0] for p in dist.glob("*.whl")}
     assert built == {"dpcore", "dp_round_robin", "dp_bootstrap_room", "dp_load", "dp_cache_aware",
                      "dpcore_sglang", "dp_power_of_two", "dpcore_data", "dpcore_bench"}
@@ -120,7 +122,9 @@ def test_wheels_install_offline_and_run_the_documented_examples(dist, wheelhouse
     assert dry.returncode == 2 and "pip install 'dpcore[policies]'" in dry.stderr, dry.stderr
     assert "did you mean" not in dry.stderr and "Traceback" not in dry.stderr
     for cmd, extra in ((["simulate", "--trace", "x.jsonl"], "sim"), (["soak"], "bench"),
-                       (["bench"], "bench"), (["demo"], "policies")):
+                       (["bench"], "bench"), (["demo"], "policies"),
+                       (["http-front", "--ingress", "ipc:///x/i", "--status", "ipc:///x/s", "--http-port", "0"], "http"),
+                       (["bootstrap-registry", "--port", "0"], "http")):
         proc = _run([dpcore, *cmd], env)
         assert proc.returncode == 2, (cmd, proc.stderr)
         assert f"pip install 'dpcore[{extra}]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
