@@ -184,3 +184,22 @@ def test_the_replicas_engine_stays_available(capsys: pytest.CaptureFixture[str])
     assert m["completed"] == 40 and m["itl_p99_s"] is None and m["straggler_waste"] is None
     assert main([*argv, "--faults", "1@1-2"]) == 2
     assert "--faults needs --engine lockstep" in capsys.readouterr().err
+
+
+def test_a_policy_file_that_fails_is_named_once_in_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "my_policy.py"
+    src.write_text(
+        "from dpcore import hookimpl\n"
+        "class Boom:\n"
+        "    def __init__(self, ctx):\n"
+        "        pass\n"
+        "    @hookimpl\n"
+        "    def select_rank(self, request, ctx):\n"
+        "        raise RuntimeError('boom')\n"
+    )
+    argv = ["simulate", "--trace", MOONCAKE, "--limit", "20", "--jobs", "1", "--policy", f"{src}:Boom"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "policy failed" in line]
+    assert len(lines) == 1 and f"{src}:Boom: policy failed on 20 request(s): RuntimeError: boom" in lines[0]
+    assert f"{src}:Boom" in captured.out  # the name as written, not an emoji code

@@ -162,14 +162,15 @@ def run(args: argparse.Namespace) -> int:
     spec = attrs.evolve(spec, faults=faults)
 
     # Off a terminal rich would squeeze tables into 80 columns; the tables are made for 100.
-    console = Console(width=100) if not sys.stdout.isatty() and "COLUMNS" not in os.environ else Console()
+    # No emoji codes: a policy named "file.py:Boom" must not print as a bomb.
+    console = Console(width=100 if not sys.stdout.isatty() and "COLUMNS" not in os.environ else None, emoji=False)
     jobs = args.jobs or default_jobs(len(names))
     with Progress(
         TextColumn("{task.description:<28}"),
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=Console(stderr=True, emoji=False),
         transient=True,
     ) as bar:
         tasks = {n: bar.add_task(n, total=1.0) for n in names}
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
             engine=args.engine,
             results=results,
         )
-    err = Console(stderr=True, width=console.width)
+    err = Console(stderr=True, width=console.width, emoji=False)
     report.print_errors(err, results)
     if args.explain:
         report.print_explained(console, results)

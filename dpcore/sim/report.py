@@ -200,7 +200,7 @@ def print_report(
         for name, r in results.items():
             if r.reject_reasons or r.fail_reasons:
                 why = ", ".join(f"{k}: {v}" for k, v in sorted({**r.reject_reasons, **r.fail_reasons}.items()))
-                console.print(f"[yellow]{name}: rejected {r.rejected}, failed {r.failed} ({why})[/]")
+                console.print(f"{name}: rejected {r.rejected}, failed {r.failed} ({why})", style="yellow", markup=False)
 
 
 def print_errors(console: Any, results: Mapping[str, RunResult]) -> None:
@@ -208,7 +208,8 @@ def print_errors(console: Any, results: Mapping[str, RunResult]) -> None:
     return value, with how many requests it rejected."""
     for name, r in results.items():
         for what, count in r.errors.items():
-            console.print(f"{name}: policy failed on {count:,} request(s): {what}", style="red", highlight=False)
+            line = f"{name}: policy failed on {count:,} request(s): {what}"
+            console.print(line, style="red", highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 def print_explained(console: Any, results: Mapping[str, RunResult]) -> None:

@@ -75,6 +75,7 @@ def fmt(v: Any) -> str:
 def print_tables(console: Any, doc: Mapping[str, Any], title: str) -> None:
     """The three metric tables, best value per column marked with ``*``."""
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     table = rows(doc)
@@ -93,7 +94,7 @@ def print_tables(console: Any, doc: Mapping[str, Any], title: str) -> None:
                 if marks[key] is not None and v == marks[key]:
                     text = f"[bold green]{text}*[/]"
                 cells.append(text)
-            t.add_row(name, *cells)
+            t.add_row(escape(name), *cells)
         console.print(t)
     console.print("* best in its column", style="dim")
 
