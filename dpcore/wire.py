@@ -506,6 +506,9 @@ def _load_from_header(h: Mapping[str, Any]) -> tuple[LoadReport, tuple[int, ...]
 
 # --------------------------------------------------------------------------- kv
 
+#: Control op (controller → one rank) asking it to resend everything its cache holds, as a
+#: resync batch (``data``: ``{"rank": r}``).
+KV_RESYNC = "kv_resync"
 #: Most events in one KV batch, and most block keys in all its events together (a batch of
 #: 65,536 keys is about 600 KB, under :data:`MAX_REPORT_BYTES`).
 MAX_KV_EVENTS = 4096

@@ -12,7 +12,7 @@ from dpcore import wire
 from dpcore.cacheindex import CLEARED, REMOVED, STORED, KvEventBatch
 from dpcore.errors import WireError
 from dpcore.manager import PolicyManager
-from dpcore.runtime.controller import KV_RESYNC, Controller
+from dpcore.runtime.controller import Controller
 from dpcore.sdk import Worker
 
 
@@ -87,7 +87,7 @@ def test_worker_events_reach_the_index_and_a_gap_asks_for_a_resync(controller):
             wait_for(lambda: idx.match(0, [11]) is None)
             wait_for(lambda: bool(w.recv(0.05)) or bool(w.controls))
             ctl = w.controls.popleft()
-            assert ctl.op == KV_RESYNC and ctl.data == {"rank": 0}
+            assert ctl.op == wire.KV_RESYNC and ctl.data == {"rank": 0}
             assert w.kv_resync([(None, [11, 12]), (12, [31])])
             wait_for(lambda: idx.match(0, [11, 12, 31]) == 3)
             st = c.consistent_stats()["kv_events"]
@@ -131,3 +131,56 @@ def test_worker_splits_a_long_chain_into_full_batches():
     assert [b.seq for b in sent] == [0, 1]
     (first,), (second,) = sent[0].events, sent[1].events
     assert first[2] == tuple(keys[: wire.MAX_KV_KEYS]) and second[1] == keys[wire.MAX_KV_KEYS - 1]
+
+
+@pytest.mark.e2e
+def test_mock_ranks_publish_their_real_cache_end_to_end():
+    import subprocess
+    import sys
+
+    from dpcore.sdk import Client
+
+    c = Controller(PolicyManager.from_method("cache_aware", dp_size=2), heartbeat_timeout_s=5.0)
+    c.start()
+    eps = c.endpoints
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dpcore", "--log-level", "warning", "mock-worker", "--rank", str(r),
+             "--dispatch", eps.dispatch[r], "--report", eps.report, "--speedup", "50", "--kv-events",
+             "--kv-capacity", "4096", "--block-size", "64", "--exit-with-parent"],
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    idx = c.manager.cache
+    try:
+        wait_for(lambda: all(c.ledger.reported[r] for r in range(2)))
+        with Client(eps.ingress) as client:
+            prompts = [tuple(range(1000 * p, 1000 * p + 8)) for p in range(8)]  # 8 blocks, 512 tokens each
+            for i, bh in enumerate(prompts):
+                client.submit(f"p{i}", num_tokens=512, block_hashes=bh, max_new_tokens=4)
+            replies = client.wait_all(20)
+            assert {r.kind for r in replies} == {"out"}
+            # The ranks' caches (4096 tokens = 64 blocks each) hold every prompt where it ran.
+            wait_for(lambda: all(idx.known(r) for r in range(2)))
+            served = {r.rid: r.rank for r in replies}
+            wait_for(lambda: all(idx.match(served[f"p{i}"], bh) == 8 for i, bh in enumerate(prompts)))
+            for i, bh in enumerate(prompts):
+                assert idx.match(1 - served[f"p{i}"], bh) == 0
+            # A follow-up of prompt 0 goes where the rank says it is cached, and says so.
+            client.submit("again", num_tokens=576, block_hashes=(*prompts[0], 9), max_new_tokens=4)
+            (again,) = client.wait_all(20)
+            assert again.rank == served["p0"] and c.decision_reasons.get(("cache_aware", "prefix_hit")) == 1
+            # Evictions are published too: fill rank 0's cache with new prompts.
+            for i in range(12):
+                client.submit(f"fill{i}", num_tokens=512, block_hashes=tuple(range(90_000 + 100 * i, 90_000 + 100 * i + 8)), max_new_tokens=4, routed_dp_rank=0)
+            client.wait_all(20)
+            wait_for(lambda: idx.blocks(0) <= 64 and c.stats()["kv_events"]["batches"] > 4)
+            st = c.consistent_stats()["kv_events"]
+            assert st["exact_ranks"] == 2 and st["gaps"] == 0 and st["overflows"] == 0
+            assert idx.blocks(0) <= 4096 // 64
+    finally:
+        c.stop()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)

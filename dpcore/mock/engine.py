@@ -30,6 +30,7 @@ from typing import Any
 
 from attrs import define, field, frozen
 
+from dpcore.cacheindex import REMOVED, STORED
 from dpcore.sim.config import EngineConfig, _non_negative, _positive
 
 
@@ -109,6 +110,9 @@ class PrefixCache:
     def __init__(self) -> None:
         self._refs: OrderedDict[int, int] = OrderedDict()
         self.pinned = 0
+        #: When a list: every change, as KV events (``dpcore.cacheindex`` kinds), for a rank
+        #: that publishes them; its owner empties it.
+        self.events: list[tuple] | None = None
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -153,8 +157,14 @@ class PrefixCache:
         for block, count in self._refs.items():
             if count == 0:
                 del self._refs[block]
+                if self.events is not None:
+                    self.events.append((REMOVED, (block,)))
                 return True
         return False
+
+    def chains(self) -> list[tuple[int | None, tuple[int, ...]]]:
+        """Every cached block, as one-block chains from the root (a KV resync)."""
+        return [(None, (b,)) for b in self._refs]
 
 
 class MockEngine:
@@ -258,8 +268,11 @@ class MockEngine:
             bs = self.params.block_size
             for job in what:
                 # The prompt's new blocks enter the shared table; their KV moves there.
-                for b in job.blocks[job.matched_blocks :]:
-                    self.cache.pin(b)
+                new = [b for b in job.blocks[job.matched_blocks :] if self.cache.pin(b)]
+                events = self.cache.events
+                if events is not None and new:
+                    m = job.matched_blocks
+                    events.append((STORED, job.blocks[m - 1] if m else None, tuple(new)))
                 moved = (len(job.blocks) - job.matched_blocks) * bs
                 job.private_kv -= moved
                 self._private_kv -= moved

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from dpcore.cacheindex import STORED
 from dpcore.mock.engine import EngineParams, Job, MockEngine, Step
+from dpcore.wire import KV_RESYNC, Control
 
 if TYPE_CHECKING:
     from dpcore.sdk.worker import Work, Worker
@@ -119,11 +121,31 @@ class MockRank:
                 changed |= self._emit(engine.advance(now))
                 changed = True
             if changed:
+                if engine.cache.events:
+                    self._publish(engine.cache.events)
                 worker.report(engine.num_running, engine.num_waiting, engine.num_tokens,
                               engine.kv_used, self.params.kv_capacity,
                               prefill_tokens=engine.prefill_tokens(now))  # fmt: skip
             if parent_pid is not None and os.getppid() != parent_pid:
                 break  # whoever started us is gone: do not linger as an orphan
+
+    def _publish(self, events: list[tuple]) -> None:
+        """Send the cache's changes since the last report as one KV event batch."""
+        w = self.worker
+        for ev in events:
+            if ev[0] == STORED:
+                w.kv_stored(ev[2], ev[1])
+            else:
+                w.kv_removed(ev[1])
+        events.clear()
+        w.kv_flush()
+
+    def on_control(self, ctl: Control) -> None:
+        """The controller lost track of this rank's cache: send all of it."""
+        if ctl.op == KV_RESYNC and isinstance(ctl.data, dict) and ctl.data.get("rank") == self.worker.rank:
+            if self.engine.cache.events is not None:
+                self.engine.cache.events.clear()
+                self.worker.kv_resync(self.engine.cache.chains())
 
     def _emit(self, step: Step) -> bool:
         if not step.progress:
@@ -189,6 +211,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model ms between reports while busy")  # fmt: skip
     p.add_argument("--heartbeat-s", type=float, default=0.25, help="wall seconds between heartbeats when idle")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
+    p.add_argument("--kv-events", action="store_true",
+                   help="publish the prefix cache's stored/evicted blocks to the controller (KV events)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(args.rank, dispatch_endpoint=args.dispatch, report_endpoint=args.report,
                     heartbeat_interval_s=args.heartbeat_s)  # fmt: skip
     rank = MockRank(worker, params, args.speedup)
+    if args.kv_events:
+        # Publish the cache's changes with each load report (so with the report delay).
+        rank.engine.cache.events = []
+        worker.kv_capacity_blocks = params.kv_capacity // params.block_size
+        worker.on_control = rank.on_control
 
     def _stop(*_: object) -> None:
         # Raising interrupts the wait in recv() at once; whatever is running is lost either way.

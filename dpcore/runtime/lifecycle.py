@@ -38,9 +38,9 @@ from dpcore.runtime.inflight import InFlight, InFlightTable
 from dpcore.runtime.outbox import Outbox
 
 CODE_RANK_DIED = "rank_died"
-#: Control op asking one rank to resend everything its cache holds (``{"rank": r}``), sent
-#: when the cache index lost track of it; at most once per interval per rank.
-KV_RESYNC = "kv_resync"
+#: A rank whose cache the index lost track of is asked for a resync (``wire.KV_RESYNC``) at
+#: most once per this many seconds.
+KV_RESYNC = wire.KV_RESYNC
 KV_RESYNC_INTERVAL_S = 1.0
 #: The loop never wakes for liveness sooner than this after a check, and wakes this much
 #: after a deadline, so a deadline is never checked a hair too early.
