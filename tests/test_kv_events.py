@@ -169,7 +169,7 @@ def test_mock_ranks_publish_their_real_cache_end_to_end():
             # A follow-up of prompt 0 goes where the rank says it is cached, and says so.
             client.submit("again", num_tokens=576, block_hashes=(*prompts[0], 9), max_new_tokens=4)
             (again,) = client.wait_all(20)
-            assert again.rank == served["p0"] and c.decision_reasons.get(("cache_aware", "prefix_hit")) == 1
+            assert again.rank == served["p0"] and c.books.decision_reasons.get(("cache_aware", "prefix_hit")) == 1
             # Evictions are published too: fill rank 0's cache with new prompts.
             for i in range(12):
                 client.submit(f"fill{i}", num_tokens=512, block_hashes=tuple(range(90_000 + 100 * i, 90_000 + 100 * i + 8)), max_new_tokens=4, routed_dp_rank=0)
