@@ -14,7 +14,7 @@ from dpcore.sim.engine import PluginRouter
 from dpcore.sim.faults import Fault, parse_faults
 from dpcore.sim.lockstep import LockstepSimulation
 from dpcore.sim.report import summarize
-from dpcore.sim.runner import RunSpec, run_all
+from dpcore.sim.runner import QUIET_LOG, RunSpec, run_all
 from dpcore.sim.stepmodel import StepModel
 from dpcore.sim.traces import Trace, TraceRequest
 from dpcore.errors import ConfigError
@@ -50,7 +50,7 @@ def trace_of(*rows: tuple[float, int, int], block_size: int = 10) -> Trace:
 def run(trace: Trace, dp: int, cfg: EngineConfig = TINY, method: str = "round_robin", **kw):
     sim = LockstepSimulation(trace, dp, cfg, **kw)
     ledger = LoadLedger(dp, clock=sim.clock)
-    router = PluginRouter(PolicyManager.from_method(method, dp_size=dp, ledger=ledger))
+    router = PluginRouter(PolicyManager.from_method(method, dp_size=dp, ledger=ledger, log=QUIET_LOG))
     return sim, sim.run(router, method)
 
 
@@ -139,7 +139,8 @@ def test_the_report_profile_hides_what_it_should(name: str, hidden: bool) -> Non
     spec = RunSpec(trace_path=MOONCAKE, dp_size=2, limit=40, config=cfg)
     trace = spec.load_trace()
     sim = LockstepSimulation(trace, 2, cfg)
-    rec = Recorder(PluginRouter(PolicyManager.from_method("round_robin", dp_size=2, ledger=LoadLedger(2, clock=sim.clock))))
+    manager = PolicyManager.from_method("round_robin", dp_size=2, ledger=LoadLedger(2, clock=sim.clock), log=QUIET_LOG)
+    rec = Recorder(PluginRouter(manager))
     sim.run(rec, "round_robin")
     values = {rep.prefill_tokens for rep in rec.reports}
     assert rec.reports
