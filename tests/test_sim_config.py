@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from dpcore.mock.engine import EngineParams
@@ -61,3 +64,16 @@ def test_the_documented_engine_file_loads_and_bad_files_are_named(tmp_path) -> N
             load_engine_config(str(bad))
     with pytest.raises(ConfigError, match="missing.toml"):
         load_engine_config(str(tmp_path / "missing.toml"))
+
+
+def test_a_file_sets_the_report_profile_unless_the_command_line_does(tmp_path) -> None:
+    from dpcore.cli import main
+
+    cfg = tmp_path / "e.toml"
+    cfg.write_text("report_profile = 'full'\n")
+    trace = str(Path(__file__).parent / "data" / "mooncake_conversation_head300.jsonl")
+    base = ["simulate", "--trace", trace, "--limit", "10", "--policy", "round_robin", "--engine-config", str(cfg)]
+    for extra, want in (([], "full"), (["--report-profile", "sglang"], "sglang")):
+        out = tmp_path / "r.json"
+        assert main([*base, *extra, "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["run"]["report_profile"] == want

@@ -90,7 +90,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-profile",
         choices=tuple(PROFILES),
-        default=DEFAULT_PROFILE,
         help="load-report fields the ranks send: "
         + "; ".join(f"{p.name} = {p.summary}" for p in PROFILES.values())
         + f" (default {DEFAULT_PROFILE})",
@@ -108,7 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how to print the results (default table; best value per column marked)",
     )
     p.add_argument("--json", metavar="PATH", help="write the metrics and the full run metadata as JSON")
-    p.add_argument("--plot", metavar="PATH.png", help="write the TTFT CDF and per-rank load plot")
+    p.add_argument("--plot", metavar="PATH.png", help="write the TTFT and TPOT CDFs and the per-rank load plot")
     p.add_argument("--explain", type=int, default=0, metavar="N", help="print N sampled decisions per policy")
     p.add_argument(
         "--jobs", type=int, metavar="N", help="worker processes (default: one per policy, at most the CPU count)"
