@@ -8,12 +8,28 @@ BLAKE2b, so it is the same in every process and on every host (unlike ``hash()``
 
 from __future__ import annotations
 
-import hashlib
+import struct
 from array import array
 from collections.abc import Sequence
+from hashlib import blake2b
 
 DEFAULT_BLOCK_SIZE = 64
 _MASK = (1 << 63) - 1
+#: Bytes per token id in what is hashed: a native signed 64-bit integer (``array('q')``).
+_TOKEN_BYTES = 8
+
+#: The digest a prompt's first block chains from.
+ROOT = b"\0" * 8
+
+
+def _token_bytes(token_ids: Sequence[int], count: int) -> bytes | memoryview:
+    """The first *count* token ids as native signed 64-bit integers, copied only if needed."""
+    if type(token_ids) is array and token_ids.typecode == "q":
+        # SGLang's tokenized requests carry array('q') (TokenizerManager builds them so):
+        # its buffer already holds exactly these bytes.
+        return memoryview(token_ids).cast("B")[: count * _TOKEN_BYTES]
+    # struct packs a list about three times faster than array('q', list) does.
+    return struct.pack(f"{count}q", *token_ids[:count])
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, ...]:
@@ -24,23 +40,22 @@ def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE)
     n = len(token_ids) // block_size
     if n == 0:
         return ()
-    # 'q' holds any token id an engine uses; the bytes are what is hashed.
-    data = array("q", token_ids[: n * block_size]).tobytes()
-    step = 8 * block_size
+    step = _TOKEN_BYTES * block_size
+    data = _token_bytes(token_ids, n * block_size)
+    from_bytes = int.from_bytes
     out = []
     prev = ROOT
-    for i in range(n):
-        prev = _digest(prev, data[i * step : (i + 1) * step])
-        out.append(key_of(prev))
+    # _digest and key_of, inlined: this runs for every block of every prompt.
+    for i in range(0, n * step, step):
+        h = blake2b(prev, digest_size=8)
+        h.update(data[i : i + step])
+        prev = h.digest()
+        out.append(from_bytes(prev, "little") & _MASK)
     return tuple(out)
 
 
-#: The digest a prompt's first block chains from.
-ROOT = b"\0" * 8
-
-
-def _digest(prev: bytes, data: bytes) -> bytes:
-    h = hashlib.blake2b(prev, digest_size=8)
+def _digest(prev: bytes, data: bytes | memoryview) -> bytes:
+    h = blake2b(prev, digest_size=8)
     h.update(data)
     return h.digest()
 
@@ -49,7 +64,7 @@ def next_block(prev: bytes, tokens: Sequence[int]) -> bytes:
     """The chain digest of one more block of *tokens* after the block whose digest is *prev*
     (:data:`ROOT` for the first block); :func:`key_of` turns it into the block's hash. For
     callers that learn a prompt a block at a time (e.g. an engine's KV events)."""
-    return _digest(prev, array("q", tokens).tobytes())
+    return _digest(prev, _token_bytes(tokens, len(tokens)))
 
 
 def key_of(digest: bytes) -> int:

@@ -5,7 +5,7 @@ own event loop, message dispatcher, sockets, message formats and load-snapshot r
 running unchanged:
 
 * ``dispatching`` (what the controller calls for every tokenized request): build a
-  :class:`dpcore.Request`, ask the chain for a rank, send with SGLang's ``sock_send``, then
+  :class:`dpcore.Request`, ask the chain for a rank, encode it as SGLang's ``sock_send`` does and send it, then
   ``manager.dispatched`` (ledger + ``on_dispatch``). A request the chain rejects (bad
   ``routed_dp_rank``, missing ``bootstrap_room``, no active rank...) is answered to the
   tokenizer with SGLang's own ``AbortReq`` — the message a scheduler sends for a request it
@@ -26,9 +26,12 @@ stalling every rank, as upstream does.
 
 from __future__ import annotations
 
+import functools
 import logging
+import pickle
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -38,6 +41,7 @@ from sglang.srt.utils.network import get_zmq_socket
 
 from dpcore.errors import MalformedRequestError, NoActiveRankError, RequestRejected
 from dpcore.manager import PolicyManager
+from dpcore.model import Request
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.convert import SnapshotFeed, to_request
 from dpcore_sglang.kv_events import SglangKvEvents
@@ -72,6 +76,20 @@ def _runtime(ctl: Any) -> tuple[str, int]:
     except Exception:  # not published (a controller built by hand): read the raw args
         args = ctl.server_args
         return str(getattr(args, "disaggregation_mode", None) or "null"), int(getattr(args, "page_size", None) or 1)
+
+
+def frame_encoder() -> Callable[[Any], bytes]:
+    """How SGLang 0.5.23 serialises a message to a scheduler (``io_struct.sock_send``).
+
+    Pickle unless ``SGLANG_USE_PICKLE_IPC`` is off, then SGLang's msgpack encoder. The
+    adapter encodes with it and sends the bytes itself, so that a send that would block
+    can be retried on another rank without encoding again.
+    """
+    from sglang.srt.managers import io_struct
+
+    if io_struct._USE_PICKLE_IPC:
+        return functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
+    return io_struct.msgpack_encode
 
 
 def _soft_watchdog_timeout() -> float | None:
@@ -120,6 +138,7 @@ class DpcoreDispatcher:
         self._connected = [False] * dp_size
         self._retry_at = 0.0
         self.lost_peers = 0
+        self._encode = frame_encoder()
         self._sync_active()
 
     # ------------------------------------------------------------------ dispatch
@@ -139,29 +158,46 @@ class DpcoreDispatcher:
             return
         if self._no_peer and time.monotonic() >= self._retry_at:
             self._retry_lost()
-        while True:
-            try:
-                rank = self.manager.select(request)
-            except RequestRejected as exc:
-                self.reject(req, exc)
+        try:
+            rank = self.manager.select(request)
+        except RequestRejected as exc:
+            self.reject(req, exc)
+            return
+        frame = self._encode(req)
+        try:
+            # The rank's PUSH socket never blocks while a scheduler is connected (SGLang
+            # sets no high-water mark); it does when none is: upstream then stalls every
+            # rank behind one dead scheduler.
+            ctl.workers[rank].send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            rank = self._send_elsewhere(req, request, frame, rank)
+            if rank is None:
                 return
-            sock = ctl.workers[rank]
-            try:
-                # The rank's PUSH socket never blocks while a scheduler is connected (SGLang
-                # sets no high-water mark); it does when none is: upstream then stalls every
-                # rank behind one dead scheduler.
-                sock_send(sock, req, zmq.NOBLOCK)
-                break
-            except zmq.Again:
-                # A rank that has never taken a request may still be connecting (start-up):
-                # wait for it as upstream would. Later, nobody connected means it died.
-                if not self._connected[rank] and sock.poll(CONNECT_WAIT_MS, zmq.POLLOUT):
-                    sock_send(sock, req)
-                    break
-                self._lost_peer(rank)  # and choose again among the others
         self._connected[rank] = True
         self.feed.sent(rank, self.manager.dispatched(request, rank))
         self.dispatched[rank] += 1
+
+    def _send_elsewhere(self, req: Any, request: Request, frame: bytes, rank: int) -> int | None:
+        """*rank*'s socket would block: wait for a first connection, or choose again."""
+        workers = self.ctl.workers
+        while True:
+            sock = workers[rank]
+            # A rank that has never taken a request may still be connecting (start-up):
+            # wait for it as upstream would. Later, nobody connected means it died.
+            if not self._connected[rank] and sock.poll(CONNECT_WAIT_MS, zmq.POLLOUT):
+                sock.send(frame)
+                return rank
+            self._lost_peer(rank)
+            try:
+                rank = self.manager.select(request)  # among the others
+            except RequestRejected as exc:
+                self.reject(req, exc)
+                return None
+            try:
+                workers[rank].send(frame, zmq.NOBLOCK)
+                return rank
+            except zmq.Again:
+                continue
 
     def _lost_peer(self, rank: int) -> None:
         self._no_peer.add(rank)

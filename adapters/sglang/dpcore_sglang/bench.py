@@ -3,12 +3,17 @@
 In one run, on the same machine, with the same traffic: SGLang 0.5.23's unmodified
 ``run_data_parallel_controller_process`` (its ``__init__``, event loop, pickle IPC and
 load-snapshot reader) dispatching with its own ``total_requests`` method, and the same
-process with the adapter switched on and dpcore's ``total_requests`` policy. Reported:
+process with the adapter switched on, once per dpcore policy in ``--policies`` (default
+``total_requests`` and ``cache_aware``). Reported:
 
-* throughput: pre-pickled ``TokenizedGenerateReqInput`` frames pushed at the controller as
-  fast as it takes them, drained by one process per rank that publishes a load snapshot
+* throughput: pre-pickled ``TokenizedGenerateReqInput`` frames (token ids as ``array('q')``,
+  as SGLang's TokenizerManager sends them; :data:`PROMPT_FAMILIES` prompts that share
+  prefixes in families, so a cache-aware policy has prefixes to find) pushed at the controller
+  as fast as it takes them, drained by one process per rank that publishes a load snapshot
   every 256 messages through SGLang's writer; the median over ``--repeat`` interleaved runs,
-  and the ratio dpcore / SGLang;
+  and the ratio of each dpcore policy to SGLang;
+* the dispatch path alone, in-process, with the sockets replaced by ones that only encode
+  (so pickling is counted as it is in production, IPC is not);
 * idle CPU: the controller process's CPU time over ``--idle-seconds`` with no traffic.
 
 Outside an environment with SGLang it builds (or reuses) the pinned venv of
@@ -31,8 +36,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("sglang", "dpcore")
 WARMUP = 2000
+#: Distinct prompts the benchmark cycles through: families of PROMPT_FAMILY_SIZE prompts
+#: sharing their first half, so prefix-aware policies see repeats and near misses.
+PROMPT_FAMILIES = 16
+PROMPT_FAMILY_SIZE = 4
+DEFAULT_POLICIES = ("total_requests", "cache_aware")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-size", type=int, default=4, help="ranks (default 4)")
     p.add_argument("--repeat", type=int, default=3, help="runs per variant; medians are reported (default 3)")
     p.add_argument("--idle-seconds", type=float, default=5.0, help="idle CPU window (default 5)")
+    p.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"dpcore policies (or chains, separated by '+') to measure against SGLang's own loop "
+        f"(default {','.join(DEFAULT_POLICIES)})",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -78,22 +93,42 @@ def run_in_venv(argv: list[str]) -> int:
 
 
 def _adapter(variant: str) -> Any:
+    """``None`` (SGLang's own dispatch) for ``"sglang"``, else the adapter running *variant*."""
     from dpcore_sglang.config import AdapterConfig
 
-    return None if variant == "sglang" else AdapterConfig(method="total_requests")
+    return None if variant == "sglang" else AdapterConfig(method=variant.replace("+", ","))
 
 
-def throughput(variant: str, frame: bytes, requests: int, dp_size: int) -> dict[str, Any]:
+def make_frames(tokens: int) -> list[bytes]:
+    """The benchmark's requests, pickled once as SGLang's IPC does (the producer is not measured)."""
+    from array import array
+
+    from dpcore_sglang.testing import make_request
+
+    frames = []
+    half = tokens // 2
+    for f in range(PROMPT_FAMILIES):
+        for m in range(PROMPT_FAMILY_SIZE):
+            base = (f * PROMPT_FAMILY_SIZE + m) * tokens
+            req = make_request(f"bench-{f}-{m}", tokens)
+            # Shared first half per family, a distinct second half per member.
+            req.input_ids = array("q", [f * tokens + t for t in range(half)] + [base + t for t in range(half, tokens)])
+            frames.append(pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL))
+    return frames
+
+
+def throughput(variant: str, frames: list[bytes], requests: int, dp_size: int) -> dict[str, Any]:
     """One run: requests per second through SGLang's controller, and where they went."""
     from dpcore_sglang.testing import ControllerHarness
 
     with ControllerHarness(dp_size=dp_size, sglang_method="total_requests", adapter=_adapter(variant), mode="count") as h:
-        for _ in range(WARMUP):
-            h.send_raw(frame)
+        m = len(frames)
+        for i in range(WARMUP):
+            h.send_raw(frames[i % m])
         h.counts(WARMUP, timeout=60)
         c0, t0 = h.cpu_seconds(), time.perf_counter()
-        for _ in range(requests):
-            h.send_raw(frame)
+        for i in range(requests):
+            h.send_raw(frames[i % m])
         per_rank = h.counts(WARMUP + requests, timeout=600)
         took = time.perf_counter() - t0
         cpu = h.cpu_seconds() - c0
@@ -117,26 +152,29 @@ def idle_cpu(variant: str, frame: bytes, dp_size: int, seconds: float) -> float:
         return 100.0 * (h.cpu_seconds() - c0) / (time.monotonic() - t0)
 
 
-class _NullSocket:
-    """A worker socket that drops what it is sent (the dispatch-cost measurement has no IPC)."""
+class _EncodeOnlySocket:
+    """A worker socket that encodes what it is sent, as a real send does, and drops it."""
 
     def send_pyobj(self, obj: Any, flags: int = 0, protocol: int = -1) -> None:
+        pickle.dumps(obj, protocol)
+
+    def send(self, data: Any, flags: int = 0, copy: bool = True, track: bool = False) -> None:
         pass
 
 
-def dispatch_cost(frame: bytes, dp_size: int, count: int, repeat: int) -> dict[str, list[float]]:
-    """Microseconds per request through SGLang's ``_request_dispatcher`` with sockets nulled.
+def dispatch_cost(frames: list[bytes], dp_size: int, count: int, repeat: int, variants: list[str]) -> dict[str, list[float]]:
+    """CPU microseconds per request through SGLang's ``_request_dispatcher``, without IPC.
 
-    One real controller, built by SGLang's own ``__init__`` (in a child process: it leaves
-    scheduler-launch threads that never end): first as is, then with
-    :func:`dpcore_sglang.adapter.install`. Only the send is removed, so this is what the
-    adapter adds per request without pickling and IPC in the way.
+    One real controller per variant, built by SGLang's own ``__init__`` (in a child process:
+    it leaves scheduler-launch threads that never end), as is or with
+    :func:`dpcore_sglang.adapter.install`. The worker sockets only encode, so this is the
+    controller's cost per request (unpickling, dispatch, pickling) without the socket calls.
     """
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
     reader, writer = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_dispatch_cost_child, args=(writer, frame, dp_size, count, repeat))
+    child = ctx.Process(target=_dispatch_cost_child, args=(writer, frames, dp_size, count, repeat, variants))
     child.start()
     writer.close()
     try:
@@ -147,7 +185,7 @@ def dispatch_cost(frame: bytes, dp_size: int, count: int, repeat: int) -> dict[s
             child.kill()
 
 
-def _dispatch_cost_child(writer: Any, frame: bytes, dp_size: int, count: int, repeat: int) -> None:
+def _dispatch_cost_child(writer: Any, frames: list[bytes], dp_size: int, count: int, repeat: int, variants: list[str]) -> None:
     import os
 
     import psutil
@@ -158,41 +196,51 @@ def _dispatch_cost_child(writer: Any, frame: bytes, dp_size: int, count: int, re
     from sglang.srt.server_args import PortArgs, ServerArgs
 
     from dpcore_sglang.adapter import install
-    from dpcore_sglang.config import AdapterConfig
     from dpcore_sglang.testing import MODE_ENV, RESULTS_ENV, draining_scheduler
 
     tmp = tempfile.mkdtemp(prefix="dpsg")
-    shm = None
+    shms: list[str] = []
     try:
         os.environ[RESULTS_ENV] = f"ipc://{tmp}/results"
         os.environ[MODE_ENV] = "count"
         sink = zmq.Context().socket(zmq.PULL)
         sink.bind(os.environ[RESULTS_ENV])
-        server_args = ServerArgs(model_path="dummy", dp_size=dp_size, load_balance_method="total_requests")
-        port_args = PortArgs.init_new(server_args)
-        shm = shm_path_for(port_args.instance_id)
-        publish(server_args, role="dp_controller")
-        ctl = DataParallelController(server_args, port_args, draining_scheduler)
-        ctl.workers = [_NullSocket() for _ in ctl.workers]
-        req = pickle.loads(frame)
+        out: dict[str, list[float]] = {v: [] for v in variants}
+        ctls = {}
+        shms = []
+        for v in variants:
+            server_args = ServerArgs(model_path="dummy", dp_size=dp_size, load_balance_method="total_requests")
+            port_args = PortArgs.init_new(server_args)
+            shms.append(shm_path_for(port_args.instance_id))
+            publish(server_args, role="dp_controller")
+            ctl = DataParallelController(server_args, port_args, draining_scheduler)
+            ctl.workers = [_EncodeOnlySocket() for _ in ctl.workers]
+            if v != "sglang":
+                install(ctl, _adapter(v))
+            ctls[v] = ctl
 
-        def once() -> float:
+        def once(ctl: Any) -> float:
             dispatch = ctl._request_dispatcher
-            t0 = time.perf_counter()
-            for _ in range(count):
-                dispatch(req)
-            return 1e6 * (time.perf_counter() - t0) / count
+            loads = pickle.loads
+            m = len(frames)
+            t0 = time.thread_time()
+            for i in range(count):
+                dispatch(loads(frames[i % m]))
+            return 1e6 * (time.thread_time() - t0) / count
 
-        out = {"sglang": [once() for _ in range(repeat)]}
-        install(ctl, AdapterConfig(method="total_requests"))
-        out["dpcore"] = [once() for _ in range(repeat)]
+        for v in variants:
+            once(ctls[v])  # warm-up
+        for _ in range(repeat):  # interleaved, as the throughput runs
+            for v in variants:
+                out[v].append(once(ctls[v]))
         writer.send(out)
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
-        if shm is not None and os.path.exists(shm):
-            os.unlink(shm)
+        for path in shms:
+            if os.path.exists(path):
+                os.unlink(path)
         os._exit(0)
 
 
@@ -200,53 +248,59 @@ def run_inside(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from dpcore_sglang.testing import make_request
     from dpcore_sglang.versions import installed_sglang_version
 
     console = Console(stderr=True)
-    # SGLang's own IPC format (pickle IPC is its default), made once: the producer is not measured.
-    frame = pickle.dumps(make_request("bench", args.tokens), protocol=pickle.HIGHEST_PROTOCOL)
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    variants = ["sglang", *policies]
+    frames = make_frames(args.tokens)
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for i in range(args.repeat):
-        for variant in VARIANTS:  # interleaved, so drift on a shared machine hits both alike
+        for variant in variants:  # interleaved, so drift on a shared machine hits all alike
             console.log(f"{variant}: throughput run {i + 1}/{args.repeat}")
-            runs[variant].append(throughput(variant, frame, args.requests, args.dp_size))
+            runs[variant].append(throughput(variant, frames, args.requests, args.dp_size))
     idle = {}
-    for variant in VARIANTS:
+    for variant in ("sglang", policies[0]):  # the idle loop does not depend on the policy
         console.log(f"{variant}: idle CPU over {args.idle_seconds:g} s")
-        idle[variant] = idle_cpu(variant, frame, args.dp_size, args.idle_seconds)
+        idle[variant] = idle_cpu(variant, frames[0], args.dp_size, args.idle_seconds)
     console.log("dispatch path without IPC, in-process")
-    cost = dispatch_cost(frame, args.dp_size, 20_000, max(3, args.repeat))
-    med = {v: statistics.median(r["req_per_s"] for r in runs[v]) for v in VARIANTS}
-    cpu = {v: statistics.median(r["cpu_us_per_req"] for r in runs[v]) for v in VARIANTS}
-    path = {v: statistics.median(cost[v]) for v in VARIANTS}
-    ratio = med["dpcore"] / med["sglang"]
+    cost = dispatch_cost(frames, args.dp_size, 10_000, max(3, args.repeat), variants)
+    med = {v: statistics.median(r["req_per_s"] for r in runs[v]) for v in variants}
+    cpu = {v: statistics.median(r["cpu_us_per_req"] for r in runs[v]) for v in variants}
+    path = {v: statistics.median(cost[v]) for v in variants}
+    ratio = {v: med[v] / med["sglang"] for v in policies}
 
     table = Table(
-        title=f"SGLang {installed_sglang_version()} controller: {args.requests:,} requests x {args.tokens} token ids, "
-        f"{args.dp_size} ranks, total_requests"
+        title=f"SGLang {installed_sglang_version()} controller: {args.requests:,} requests x {args.tokens} token ids "
+        f"({len(frames)} prompts in {PROMPT_FAMILIES} prefix families), {args.dp_size} ranks"
     )
     for col in (
         "dispatch",
         "req/s (median)",
+        "ratio",
         "runs",
         "controller CPU µs/req",
-        "dispatch path µs/req (no IPC)",
+        "dispatch path CPU µs/req (no IPC)",
         f"idle CPU, {args.idle_seconds:g} s",
     ):
         table.add_column(col, justify="right")
-    for v, label in (("sglang", "SGLang's own"), ("dpcore", "dpcore adapter")):
+    for v in variants:
+        label = "SGLang's own (total_requests)" if v == "sglang" else f"dpcore adapter, {v}"
         table.add_row(
             label,
             f"{med[v]:,.0f}",
+            "1" if v == "sglang" else f"{ratio[v]:.3f}",
             " / ".join(f"{r['req_per_s']:,.0f}" for r in runs[v]),
             f"{cpu[v]:.0f}",
             f"{path[v]:.1f}",
-            f"{idle[v]:.1f} %",
+            f"{idle[v]:.1f} %" if v in idle else "",
         )
-    Console(width=140).print(table)
-    Console().print(f"throughput ratio dpcore / SGLang: [bold]{ratio:.3f}[/] (goal >= 0.95); "
-                    f"idle CPU {idle['sglang']:.1f} % -> {idle['dpcore']:.1f} % of a core (goal <= 2 %)")
+    Console(width=160).print(table)
+    Console().print(
+        "throughput ratio dpcore / SGLang: "
+        + ", ".join(f"{v} [bold]{ratio[v]:.3f}[/]" for v in policies)
+        + f"; idle CPU {idle['sglang']:.1f} % -> {idle[policies[0]]:.1f} % of a core"
+    )
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -254,12 +308,14 @@ def run_inside(args: argparse.Namespace) -> int:
                     "sglang": installed_sglang_version(),
                     "requests": args.requests,
                     "tokens": args.tokens,
+                    "prompts": len(frames),
                     "dp_size": args.dp_size,
+                    "policies": policies,
                     "runs": runs,
                     "median_req_per_s": med,
                     "throughput_ratio": ratio,
                     "median_controller_cpu_us_per_req": cpu,
-                    "dispatch_path_us_per_req": cost,
+                    "dispatch_path_cpu_us_per_req": cost,
                     "idle_cpu_percent": idle,
                     "idle_seconds": args.idle_seconds,
                 },

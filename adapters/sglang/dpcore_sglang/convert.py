@@ -32,7 +32,7 @@ def to_request(req: Any, block_size: int = 0) -> Request:
     rid = req.rid
     # Positional, in Request's field order: this runs once per request on the hot path.
     return Request(
-        rid if isinstance(rid, str) else str(rid),
+        rid if type(rid) is str else str(rid),
         n,
         block_hashes(ids, block_size) if block_size and ids is not None else (),
         getattr(req, "bootstrap_room", None),
