@@ -37,6 +37,7 @@ SKIP = {
     "curl": "a request to a running router (tests/test_interop_*.py)",
     ".venv/bin/python scripts/cache_aware_targets.py": "minutes per cell even when limited; tests/test_scripts.py runs it",
     "python -m dpcore_sglang.launch_server": "needs SGLang: adapters/sglang/tests run it in the pinned venv",
+    "dpcore bench --sglang": "builds the pinned SGLang venv (minutes); adapters/sglang/tests run its controller harness",
 }
 #: Example input files the docs name as "your own"; a small real trace stands in.
 PLACEHOLDERS = {"my_trace.jsonl", "synthetic_trace.jsonl"}

@@ -45,6 +45,7 @@ from dpcore.model import Request
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.convert import SnapshotFeed, to_request
 from dpcore_sglang.kv_events import SglangKvEvents
+from dpcore_sglang.metrics import serve as serve_metrics
 from dpcore_sglang.recv import BlockingReceiver
 
 log = logging.getLogger("dpcore_sglang")
@@ -130,6 +131,9 @@ class DpcoreDispatcher:
         self.kv_events = SglangKvEvents.from_server_args(ctl.server_args, manager.cache, dp_size, self.block_size)
         self.dispatched = [0] * dp_size
         self.rejected: Counter[str] = Counter()
+        #: Decisions by (policy, reason), as the policies explained them.
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.metrics_port: int | None = None
         self._abort_sock: zmq.Socket | None = None
         self._status: Any = None
         self._active: Any = None
@@ -174,7 +178,12 @@ class DpcoreDispatcher:
             if rank is None:
                 return
         self._connected[rank] = True
-        self.feed.sent(rank, self.manager.dispatched(request, rank))
+        manager = self.manager
+        decision = manager.ctx.decision
+        key = (decision.policy, decision.reason)
+        decisions = self.decisions
+        decisions[key] = decisions.get(key, 0) + 1
+        self.feed.sent(rank, manager.dispatched(request, rank))
         self.dispatched[rank] += 1
 
     def _send_elsewhere(self, req: Any, request: Request, frame: bytes, rank: int) -> int | None:
@@ -304,6 +313,7 @@ class DpcoreDispatcher:
             "chain": list(self.manager.chain),
             "dispatched": list(self.dispatched),
             "rejected": dict(self.rejected),
+            "decisions": {f"{p}/{r}": n for (p, r), n in self.decisions.items()},
             "bad_frames": getattr(recv, "bad_frames", 0),
             "lost_peers": self.lost_peers,
             "active": list(self.ledger.active_ranks),
@@ -327,6 +337,13 @@ def install(ctl: Any, config: AdapterConfig, manager: PolicyManager | None = Non
             timeout_ms = max(1, min(timeout_ms, int(watchdog_s * 250)))
         ctl.recv_from_tokenizer = BlockingReceiver(ctl.recv_from_tokenizer, timeout_ms)
     ctl.dpcore = adapter
+    if config.metrics_port is not None:
+        try:
+            adapter.metrics_port = serve_metrics(adapter, config.metrics_port, config.metrics_host)
+        except OSError as exc:
+            msg = f"dpcore-sglang cannot serve metrics on {config.metrics_host}:{config.metrics_port}: {exc}"
+            raise SystemExit(msg) from exc
+        log.info("dpcore metrics on http://%s:%d/metrics", config.metrics_host, adapter.metrics_port)
     log.info(
         "dpcore policy chain %s in SGLang's controller (%s; %d ranks, block hashes %s)",
         list(adapter.manager.chain),

@@ -35,6 +35,12 @@ def _positive_or_none(_inst: object, attr: Any, value: int | None) -> None:
         raise ConfigError(msg)
 
 
+def _port_or_none(_inst: object, attr: Any, value: int | None) -> None:
+    if value is not None and (type(value) is not int or not 0 <= value <= 65535):
+        msg = f"{attr.name} must be a port number in 0..65535, got {value!r}"
+        raise ConfigError(msg)
+
+
 def _mode(_inst: object, _attr: object, value: str) -> None:
     if value not in BLOCK_HASH_MODES:
         msg = f"block_hashes must be one of {', '.join(BLOCK_HASH_MODES)}, got {value!r}"
@@ -53,6 +59,9 @@ class AdapterConfig:
         chain is one of :data:`CONTENT_BLIND`.
     :ivar poll_timeout_ms: Longest the idle controller sleeps in ``poll`` before SGLang's
         loop feeds its watchdog again.
+    :ivar metrics_port: Serve the adapter's Prometheus metrics from the controller process
+        on this port (0: any free port); ``None``: no metrics endpoint. Range 0-65535.
+    :ivar metrics_host: Address the metrics endpoint binds (default loopback).
     """
 
     method: str = "auto"
@@ -60,6 +69,8 @@ class AdapterConfig:
     block_size: int | None = field(default=None, validator=_positive_or_none)
     block_hashes: str = field(default="auto", validator=_mode)
     poll_timeout_ms: int | None = field(default=1000, validator=_positive_or_none)
+    metrics_port: int | None = field(default=None, validator=_port_or_none)
+    metrics_host: str = "127.0.0.1"
 
     def to_json(self) -> str:
         return json.dumps(
@@ -69,6 +80,8 @@ class AdapterConfig:
                 "block_size": self.block_size,
                 "block_hashes": self.block_hashes,
                 "poll_timeout_ms": self.poll_timeout_ms,
+                "metrics_port": self.metrics_port,
+                "metrics_host": self.metrics_host,
             }
         )
 
@@ -82,7 +95,9 @@ class AdapterConfig:
         if not isinstance(data, dict):
             msg = f"{ENV_VAR} must hold a JSON object, got {type(data).__name__}"
             raise ConfigError(msg)
-        unknown = set(data) - {"method", "options", "block_size", "block_hashes", "poll_timeout_ms"}
+        unknown = set(data) - {
+            "method", "options", "block_size", "block_hashes", "poll_timeout_ms", "metrics_port", "metrics_host",
+        }
         if unknown:
             msg = f"{ENV_VAR} has unknown keys {sorted(unknown)}"
             raise ConfigError(msg)
@@ -96,6 +111,8 @@ class AdapterConfig:
             block_size=data.get("block_size"),
             block_hashes=data.get("block_hashes", "auto"),
             poll_timeout_ms=data.get("poll_timeout_ms", 1000),
+            metrics_port=data.get("metrics_port"),
+            metrics_host=str(data.get("metrics_host", "127.0.0.1")),
         )
 
     def hashed_block_size(self, chain: tuple[str, ...], page_size: int) -> int:

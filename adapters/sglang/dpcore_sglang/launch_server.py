@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dpcore.auto import check_removed_flags
 from dpcore.cli import add_policy_option_argument, parse_policy_options
 from dpcore.errors import DpcoreError
+from dpcore_sglang import server_info
 from dpcore_sglang.config import BLOCK_HASH_MODES, ENV_VAR, AdapterConfig
 from dpcore_sglang.versions import check_sglang_version
 
@@ -69,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="hash prompts for the policies (auto: unless every policy in the chain ignores prompt contents)",
     )
     p.add_argument(
+        "--dpcore-metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve dpcore's Prometheus metrics from SGLang's controller process on PORT (default: none)",
+    )
+    p.add_argument(
+        "--dpcore-metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the dpcore metrics endpoint binds (default 127.0.0.1)",
+    )
+    p.add_argument(
         "--dpcore-dry-run",
         action="store_true",
         help="check and resolve everything, print what would run as JSON, start nothing",
@@ -92,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     os.environ[ENV_VAR] = config.to_json()
+    server_info.install(plan)
     # SGLang's own entry point, as `python -m sglang.launch_server` runs it; every SGLang
     # process inherits the environment, and the controller's turns the adapter on.
     sys.argv = ["sglang.launch_server", *sglang_argv]
@@ -108,6 +123,8 @@ def prepare(ours: argparse.Namespace, rest: list[str]) -> tuple[AdapterConfig, l
         options=parse_policy_options(ours.policy_option),
         block_size=ours.dpcore_block_size,
         block_hashes=ours.dpcore_block_hashes,
+        metrics_port=ours.dpcore_metrics_port,
+        metrics_host=ours.dpcore_metrics_host,
     )
     from sglang.srt.server_args import prepare_server_args
 

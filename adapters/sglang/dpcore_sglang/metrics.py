@@ -1,0 +1,75 @@
+"""The adapter's Prometheus metrics, served from SGLang's controller process.
+
+The hot path only bumps plain counters on the dispatcher (a dict entry per decision); this
+collector turns them into metric families when Prometheus scrapes, on the HTTP server's
+thread. It reads without locking: every counter is an int or a dict copied in one call under
+the GIL, and counters only grow, so a scrape sees a consistent-enough moment.
+
+Names and labels are the standalone controller's (:mod:`dpcore.runtime.metrics`), so one
+dashboard serves both: ``dpcore_decisions_total{policy,reason}``,
+``dpcore_rejected_total{code}``, ``dpcore_rank_dispatched_total{rank}``,
+``dpcore_bad_frames_total``, plus ``dpcore_lost_peers_total`` and ``dpcore_chain_info``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+class AdapterCollector:
+    """Metric families from a :class:`~dpcore_sglang.adapter.DpcoreDispatcher`'s counters."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+
+    def collect(self) -> Iterator[Any]:
+        a = self.adapter
+        res = a.manager.resolution
+        info = GaugeMetricFamily(
+            "dpcore_chain_info",
+            "The dpcore policy chain in SGLang's controller (value 1)",
+            labels=["requested", "chain", "reason", "block_size"],
+        )
+        info.add_metric([res.requested, ",".join(a.manager.chain), res.reason, str(a.block_size)], 1)
+        yield info
+        dec = CounterMetricFamily("dpcore_decisions", "Rank decisions by policy and reason", labels=["policy", "reason"])
+        for (policy, reason), n in sorted(a.decisions.copy().items()):
+            dec.add_metric([policy or "none", reason or "none"], n)
+        yield dec
+        rej = CounterMetricFamily("dpcore_rejected", "Requests rejected, by code", labels=["code"])
+        for code, n in sorted(a.rejected.copy().items()):
+            rej.add_metric([code], n)
+        yield rej
+        disp = CounterMetricFamily("dpcore_rank_dispatched", "Requests dispatched to the rank", labels=["rank"])
+        for r, n in enumerate(list(a.dispatched)):
+            disp.add_metric([str(r)], n)
+        yield disp
+        active = GaugeMetricFamily("dpcore_rank_active", "1 if the rank is in rotation", labels=["rank"])
+        alive = set(a.ledger.active_ranks)
+        for r in range(len(a.dispatched)):
+            active.add_metric([str(r)], int(r in alive))
+        yield active
+        recv = a.ctl.recv_from_tokenizer
+        yield CounterMetricFamily(
+            "dpcore_bad_frames", "Frames from the tokenizer that could not be decoded", value=getattr(recv, "bad_frames", 0)
+        )
+        yield CounterMetricFamily(
+            "dpcore_lost_peers", "Sends that found no scheduler connected (rank left rotation)", value=a.lost_peers
+        )
+
+
+def make_registry(adapter: Any) -> CollectorRegistry:
+    """A registry holding only the adapter's metrics."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(AdapterCollector(adapter))
+    return reg
+
+
+def serve(adapter: Any, port: int, host: str = "127.0.0.1") -> int:
+    """Serve ``/metrics`` on *host*:*port* from a daemon thread; returns the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=make_registry(adapter))
+    return int(server.server_address[1])
