@@ -48,3 +48,10 @@ def test_a_broken_link_fails_the_strict_build(tmp_path):
     proc = subprocess.run([_mkdocs(), "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=site,
                           capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode != 0 and "no-such-page.md" in proc.stderr
+
+
+def test_every_page_is_in_the_navigation():
+    nav = (REPO / "mkdocs.yml").read_text()
+    pages = sorted(p.relative_to(REPO / "docs").as_posix() for p in (REPO / "docs").rglob("*.md"))
+    missing = [p for p in pages if f": {p}" not in nav]
+    assert not missing, f"add these pages to nav: in mkdocs.yml: {missing}"
