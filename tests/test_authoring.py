@@ -31,6 +31,13 @@ class Second:
 '''
 
 
+@pytest.fixture(autouse=True)
+def _keep_logging(monkeypatch):
+    """main() configures logging to the current stderr, which is capsys's and closes with the
+    test; later tests would log into a closed stream. The CLI tests leave logging alone."""
+    monkeypatch.setattr("dpcore.log.configure", lambda *a, **k: None)
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out, err = capsys.readouterr()
