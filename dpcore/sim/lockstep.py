@@ -80,6 +80,28 @@ class _Rank:
         self.last_sent = -math.inf
 
 
+class _Outcome:
+    """What a run records per request and in total, for its :class:`RunResult`."""
+
+    __slots__ = (
+        "start", "first", "finish", "rank_of", "out_tokens", "completed", "failed", "fail_reasons",
+        "itl", "busy_s", "waste_s", "rank_time_s", "admitted_in", "hit_total",
+    )  # fmt: skip
+
+    def __init__(self, n: int) -> None:
+        nan = math.nan
+        self.start = [nan] * n  # admitted into an extend batch
+        self.first = [nan] * n  # first token
+        self.finish = [nan] * n
+        self.rank_of = [-1] * n
+        self.out_tokens = [0] * n
+        self.completed = self.failed = 0
+        self.fail_reasons: Counter[str] = Counter()
+        self.itl: list[tuple[float, int]] = []  # (gap between two tokens, how many tokens)
+        self.busy_s = self.waste_s = self.rank_time_s = 0.0  # rank-seconds
+        self.admitted_in = self.hit_total = 0  # prompt tokens admitted, and of them cached
+
+
 class LockstepSimulation:
     """One replay of *trace* through a DP-attention group of ``dp_size`` ranks; call
     :meth:`run` once. Same arguments as :class:`~dpcore.sim.engine.Simulation`, plus
@@ -202,18 +224,9 @@ class LockstepSimulation:
         self._k = 0
         self._work: list[float] = []
         self._global_steps = 0
-        self._outstanding = self._completed = self._failed = 0
-        self._admitted_in = self._hit_total = 0
+        self._outstanding = 0
         self._events = 0
-        self._fail_reasons: Counter[str] = Counter()
-        self._itl: list[tuple[float, int]] = []
-        self._busy_s = self._waste_s = self._rank_time_s = 0.0
-        nan = math.nan
-        self._start = [nan] * n
-        self._first = [nan] * n
-        self._finish = [nan] * n
-        self._rank_of = [-1] * n
-        self._out_tokens = [0] * n
+        self._out = _Outcome(n)
         t_begin = self._arrivals[0] if n else 0.0
         span = (self._arrivals[-1] - t_begin) if n else 0.0
         self._sample_dt = max(span, 1.0) / SERIES_POINTS
@@ -242,12 +255,12 @@ class LockstepSimulation:
         rank, seq = routed
         r = self.ranks[rank]
         r.last_seq = seq
-        self._rank_of[i] = rank
+        self._out.rank_of[i] = rank
         tr = self.trace.requests[i]
         n_out = tr.output_length if tr.output_length > 0 else 1
         if not r.alive:
-            self._failed += 1
-            self._fail_reasons["rank_down"] += 1
+            self._out.failed += 1
+            self._out.fail_reasons["rank_down"] += 1
             self._router.finished(req, rank)
             return
         if tr.input_length + n_out > self.config.kv_capacity_tokens:
@@ -255,7 +268,7 @@ class LockstepSimulation:
             self._disp.refuse(req, rank, "engine_too_long")
             return
         job = Job(i, req, tr.input_length, n_out, tr.hash_ids)
-        self._out_tokens[i] = n_out
+        self._out.out_tokens[i] = n_out
         r.served += tr.input_length
         r.waiting.append(job)
         r.waiting_tokens += tr.input_length
@@ -297,9 +310,9 @@ class LockstepSimulation:
                 break  # first come, first served: the head waits for KV, and so does the queue
             waiting.popleft()
             r.waiting_tokens -= job.n_in
-            self._start[job.i] = now
-            self._admitted_in += job.n_in
-            self._hit_total += hit
+            self._out.start[job.i] = now
+            self._out.admitted_in += job.n_in
+            self._out.hit_total += hit
             job.left = job.n_in - hit if job.n_in > hit else 1
             take = job.left if job.left < budget else budget
             batch.append((job, take))
@@ -354,9 +367,9 @@ class LockstepSimulation:
         self._global_steps += k
         work = self._work
         top = max(work)
-        self._busy_s += k * sum(work)
-        self._waste_s += k * (top * len(work) - sum(work))
-        self._rank_time_s += k * tau * len(work)
+        self._out.busy_s += k * sum(work)
+        self._out.waste_s += k * (top * len(work) - sum(work))
+        self._out.rank_time_s += k * tau * len(work)
         first_end = self._t0 + tau
         for r in self.ranks:
             if not r.alive:
@@ -381,7 +394,7 @@ class LockstepSimulation:
                 continue
             if r.chunked is job:
                 r.chunked = None
-            self._first[job.i] = t
+            self._out.first[job.i] = t
             self._router.first_token(job.req, r.idx)
             if job.n_out <= 1:
                 self._release(r, job, t)
@@ -393,7 +406,7 @@ class LockstepSimulation:
         r.batch.clear()
 
     def _decoded(self, r: _Rank, t: float, k: int, first_end: float, tau: float) -> None:
-        itl = self._itl
+        itl = self._out.itl
         b = 0
         for last, count in r.groups.items():
             itl.append((first_end - last, count))
@@ -411,8 +424,8 @@ class LockstepSimulation:
         r.groups = {t: b - done} if b > done else {}
 
     def _release(self, r: _Rank, job: Job, t: float) -> None:
-        self._finish[job.i] = t
-        self._completed += 1
+        self._out.finish[job.i] = t
+        self._out.completed += 1
         self._outstanding -= 1
         r.kv.release(job.hashes, job.n_in, job.n_out)
         self._router.finished(job.req, r.idx)
@@ -490,8 +503,8 @@ class LockstepSimulation:
         lost.extend(r.waiting)
         lost.extend(e[2] for e in r.decode)
         for job in lost:
-            self._failed += 1
-            self._fail_reasons["rank_down"] += 1
+            self._out.failed += 1
+            self._out.fail_reasons["rank_down"] += 1
             self._outstanding -= 1
             self._router.finished(job.req, r.idx)
         r.batch.clear()
@@ -513,26 +526,26 @@ class LockstepSimulation:
             policy=name,
             dp_size=self.dp_size,
             arrival=self._arrivals,
-            start=self._start,
-            first_token=self._first,
-            finish=self._finish,
-            rank=self._rank_of,
-            output_tokens=self._out_tokens,
-            input_tokens_admitted=self._admitted_in,
-            hit_tokens=self._hit_total,
+            start=self._out.start,
+            first_token=self._out.first,
+            finish=self._out.finish,
+            rank=self._out.rank_of,
+            output_tokens=self._out.out_tokens,
+            input_tokens_admitted=self._out.admitted_in,
+            hit_tokens=self._out.hit_total,
             served_tokens=[r.served for r in self.ranks],
-            completed=self._completed,
+            completed=self._out.completed,
             rejected=self._disp.rejected,
             reject_reasons=dict(self._disp.reasons),
             series=[r.series for r in self.ranks],
             explained=self._disp.explained,
             events=self._events,
-            failed=self._failed,
-            fail_reasons=dict(self._fail_reasons),
-            itl=self._itl,
+            failed=self._out.failed,
+            fail_reasons=dict(self._out.fail_reasons),
+            itl=self._out.itl,
             steps=self._global_steps,
-            busy_s=self._busy_s,
-            waste_s=self._waste_s,
-            rank_time_s=self._rank_time_s,
+            busy_s=self._out.busy_s,
+            waste_s=self._out.waste_s,
+            rank_time_s=self._out.rank_time_s,
             errors=dict(self._disp.errors),
         )
