@@ -1,9 +1,11 @@
 """``dpcore demo``: a controller, mock engine ranks and a real trace, on this machine.
 
-It starts ``dpcore serve`` and ``--dp-size`` ``dpcore mock-worker`` processes on loopback ipc
-sockets, replays the bundled Mooncake sample (or ``--trace``) through the client SDK at
-``--speedup`` × real time, shows live progress, and ends with a per-rank table. Engine time
-in the mock ranks runs ``--speedup`` times faster too, so every number in the table is in
+It starts ``dpcore serve``, a ``dpcore mock-barrier`` and ``--dp-size`` ``dpcore mock-worker``
+processes on loopback ipc sockets, replays the bundled Mooncake sample (or ``--trace``)
+through the client SDK at ``--speedup`` × real time, shows live progress, and ends with a
+per-rank table. The ranks run in lockstep through the barrier, as DP-attention ranks do
+(every step lasts as long as the slowest rank's, with the simulator's step-time model), and
+their engine time runs ``--speedup`` times faster too, so every number in the table is in
 *model* seconds: what the same run would show in real time.
 
 Every process it starts is stopped by its pid when the demo ends, also on Ctrl-C.
@@ -29,6 +31,8 @@ from attrs import define, field
 
 from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError, DpcoreError
+from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S
+from dpcore.mock.worker import REPORT_PROFILES
 
 DEFAULT_REQUESTS = 1000
 DEFAULT_SPEEDUP = 20.0
@@ -59,6 +63,8 @@ class RankStats:
     completion_tokens: int = 0
     ttft: list[float] = field(factory=list)
     e2e: list[float] = field(factory=list)
+    #: Time per output token after the first, per request with two or more output tokens.
+    tpot: list[float] = field(factory=list)
 
     def add(self, meta: dict[str, Any]) -> None:
         self.requests += 1
@@ -69,6 +75,9 @@ class RankStats:
             self.ttft.append(float(meta["ttft_s"]))
         if "e2e_s" in meta:
             self.e2e.append(float(meta["e2e_s"]))
+            out = int(meta.get("completion_tokens", 0))
+            if "ttft_s" in meta and out > 1:
+                self.tpot.append((float(meta["e2e_s"]) - float(meta["ttft_s"])) / (out - 1))
 
     @property
     def hit_ratio(self) -> float:
@@ -162,6 +171,13 @@ def _wait_for_file(path: Path, procs: Processes, timeout_s: float) -> dict[str, 
             raise DemoError(msg)
         time.sleep(0.02)
     return dict(json.loads(path.read_text()))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- the run
@@ -283,7 +299,10 @@ def _live_view(tally: Tally, total: int, dp_size: int, speedup: float) -> tuple[
     return Live(Group(overall, ranks), refresh_per_second=8, transient=False), refresh
 
 
-def summary(tally: Tally, trace: Any, args: argparse.Namespace, chain: str, ceiling: float, wall_s: float) -> dict[str, Any]:
+def summary(
+    tally: Tally, trace: Any, args: argparse.Namespace, chain: str, ceiling: float, wall_s: float,
+    lockstep: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     ranks = []
     for r, s in enumerate(tally.per_rank):
         ranks.append(
@@ -299,6 +318,7 @@ def summary(tally: Tally, trace: Any, args: argparse.Namespace, chain: str, ceil
             }
         )
     all_ttft = [x for s in tally.per_rank for x in s.ttft]
+    all_tpot = [x for s in tally.per_rank for x in s.tpot]
     prompt = sum(s.prompt_tokens for s in tally.per_rank)
     cached = sum(s.cached_tokens for s in tally.per_rank)
     counts = [s.requests for s in tally.per_rank]
@@ -318,8 +338,11 @@ def summary(tally: Tally, trace: Any, args: argparse.Namespace, chain: str, ceil
         "prefix_hit_ceiling": ceiling,
         "ttft_p50_s": percentile(all_ttft, 0.5),
         "ttft_p99_s": percentile(all_ttft, 0.99),
+        "tpot_p50_s": percentile(all_tpot, 0.5),
+        "tpot_p99_s": percentile(all_tpot, 0.99),
         "request_imbalance": max(counts) / mean if mean else 0.0,
         "ranks": ranks,
+        "lockstep": lockstep or {},
     }
 
 
@@ -374,6 +397,27 @@ def print_table(s: dict[str, Any], console: Any) -> None:
     if s["codes"]:
         line += f"; codes {s['codes']}"
     console.print(line)
+    console.print(f"TPOT p50 {s['tpot_p50_s'] * 1e3:.1f} ms, p99 {s['tpot_p99_s'] * 1e3:.1f} ms (model time)")
+    if ls := s["lockstep"]:
+        console.print(lockstep_line(ls))
+
+
+def lockstep_line(ls: dict[str, Any]) -> str:
+    """One line on what the barrier saw: steps, straggler waste, and time lost to the machine."""
+    waste = ls["waste_s"] / ls["rank_s"] if ls.get("rank_s") else 0.0
+    busy = ls.get("busy_s") or 0.0
+    line = (
+        f"lockstep: {ls['steps']:,} steps ({ls['extend_steps']:,} with a prefill), straggler waste "
+        f"{waste:.1%} of rank time, {ls['idle_rank_steps']:,} idle-batch rank-steps"
+    )
+    if ls.get("dropped"):
+        line += f"; {ls['dropped']} rank(s) dropped from a step after the step timeout"
+    if busy and ls.get("stall_s", 0.0) > 0.01 * busy:
+        line += (
+            f"; the processes lagged behind model time by {ls['stall_s']:.1f} s in total "
+            f"({ls['stall_s'] / busy:.0%} of busy time): a lower --speedup measures more exactly"
+        )
+    return line
 
 
 # --------------------------------------------------------------------------- CLI
@@ -395,6 +439,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="per mock rank (default 500,000)")
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="wall seconds to wait for the last replies after the replay (default 60)")  # fmt: skip
+    p.add_argument("--report-profile", choices=REPORT_PROFILES, default="sglang",
+                   help="load fields the mock ranks report: sglang = what the SGLang adapter delivers "
+                        "(default), full = also the prompt tokens left to prefill")  # fmt: skip
+    p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
+                   help="wall seconds a lockstep step waits for a silent rank before going on without it "
+                        f"(default {DEFAULT_STEP_TIMEOUT_S:g})")  # fmt: skip
     p.add_argument("--no-live", action="store_true", help="no live view (also the default when not on a terminal)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON")
 
@@ -418,6 +468,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rate must be a positive number, got {args.rate!r}")
     if args.requests < 1:
         raise ConfigError(f"--requests must be at least 1, got {args.requests}")
+    if not args.step_timeout > 0 or not math.isfinite(args.step_timeout):
+        raise ConfigError(f"--step-timeout must be a positive number of seconds, got {args.step_timeout!r}")
     trace = read_trace(args.trace or sample_path(), time_scale=args.speedup * args.rate, limit=args.requests)
     block_size = trace.block_size or 512
     ceiling = ceiling_hit_ratio(trace)
@@ -435,15 +487,21 @@ def run(args: argparse.Namespace) -> int:
     old_handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         eps_file = Path(run_dir) / "endpoints.json"
+        stats_file = Path(run_dir) / "lockstep.json"
         serve = ["serve", "--dp-size", str(args.dp_size), "--load-balance-method", args.load_balance_method,
                  "--run-dir", run_dir, "--endpoints-file", str(eps_file), "--drain-timeout", "2"]  # fmt: skip
         for opt in args.policy_option:
             serve += ["--policy-option", opt]
         procs.start("controller", _dpcore(*serve))
+        barrier = endpoints.ipc(run_dir, "barrier")
+        procs.start("barrier", _dpcore("mock-barrier", "--endpoint", barrier, "--dp-size", str(args.dp_size),
+                                       "--speedup", str(args.speedup), "--step-timeout", str(args.step_timeout),
+                                       "--stats-file", str(stats_file)))  # fmt: skip
         eps = _wait_for_file(eps_file, procs, START_TIMEOUT_S)
         for r in range(args.dp_size):
             worker = ["mock-worker", "--rank", str(r), "--dispatch", eps["dispatch"][r], "--report", eps["report"],
-                      "--speedup", str(args.speedup), "--block-size", str(block_size), "--exit-with-parent"]  # fmt: skip
+                      "--barrier", barrier, "--block-size", str(block_size), "--report-profile", args.report_profile,
+                      "--exit-with-parent"]  # fmt: skip
             if args.kv_capacity is not None:
                 worker += ["--kv-capacity", str(args.kv_capacity)]
             procs.start(f"rank{r}", _dpcore(*worker))
@@ -463,7 +521,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 ok = _replay(client, trace, tally, procs, lambda: None, args.drain_timeout)
             wall = time.monotonic() - t0
-        s = summary(tally, trace, args, chain, ceiling, wall)
+        procs.stop()  # the barrier writes its counters as it stops
+        s = summary(tally, trace, args, chain, ceiling, wall, _read_json(stats_file))
         print_table(s, console)
         if args.json:
             Path(args.json).write_text(json.dumps(s, indent=2))

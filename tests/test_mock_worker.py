@@ -19,8 +19,11 @@ import zmq
 
 from dpcore import wire
 from dpcore.mock.worker import generated_text
+from dpcore.sim.stepmodel import StepModel
 
 pytestmark = pytest.mark.e2e
+#: The simulator's step-time model; a rank alone is a DP group of one (chunk budget 8,192).
+M = StepModel()
 
 
 class Harness:
@@ -119,20 +122,21 @@ def test_prefix_cache_hits_come_back_in_meta(harness) -> None:
     assert b.meta["completion_tokens"] == 3
     assert b.meta["dp_rank"] == 0
     assert b.payload == generated_text("b", 0, 3)
-    # Model time: prefill of the uncached tokens only, then 2 decode steps of one request.
-    assert a.meta["ttft_s"] == pytest.approx(640 / 12_000)
-    assert b.meta["ttft_s"] == pytest.approx((640 - 384) / 12_000)
-    assert b.meta["e2e_s"] - b.meta["ttft_s"] == pytest.approx(2 * (0.025 + 0.00008))
+    # Model time: one extend step of the uncached tokens only, then 2 decode steps of one request.
+    assert a.meta["ttft_s"] == pytest.approx(M.step_time_s([640], [0]))
+    assert b.meta["ttft_s"] == pytest.approx(M.step_time_s([640 - 384], [0]))
+    assert b.meta["e2e_s"] - b.meta["ttft_s"] == pytest.approx(2 * M.step_time_s([0], [1]))
 
 
 def test_timings_follow_the_speedup(harness) -> None:
     h = harness("--speedup", "40")
     t0 = time.monotonic()
-    h.send("long", 24_000, out=41)  # 2 s of prefill + 40 decode steps ≈ 3 s model time
+    h.send("long", 24_000, out=41)  # 3 chunks of at most 8,192 tokens, then 40 decode steps
     (r,) = h.replies_until_final(1)
     wall = time.monotonic() - t0
-    assert r.meta["ttft_s"] == pytest.approx(2.0)
-    assert r.meta["e2e_s"] == pytest.approx(2.0 + 40 * (0.025 + 0.00008))
+    prefill = M.step_time_s([8192], [0]) * 2 + M.step_time_s([24_000 - 2 * 8192], [0])
+    assert r.meta["ttft_s"] == pytest.approx(prefill)
+    assert r.meta["e2e_s"] == pytest.approx(prefill + 40 * M.step_time_s([0], [1]))
     # Loose on purpose: this only shows the speed-up is applied at all (40x nominal).
     assert wall < r.meta["e2e_s"] / 4
 

@@ -1,4 +1,4 @@
-"""The model of one engine rank behind ``dpcore mock-worker``: a scheduler on a clock.
+"""The scheduler of one mock DP-attention rank: what it puts into each lockstep step.
 
 It keeps what makes a DP rank's load interesting to a controller, and nothing else:
 
@@ -7,56 +7,60 @@ It keeps what makes a DP rank's load interesting to a controller, and nothing el
   retracted). Cached blocks share the same capacity and are evicted, least recently used
   first, when no running request holds them. A request that does not fit waits.
 * **Prefix cache.** An LRU table over the request's block hashes; a request's cached tokens
-  are its leading blocks found in the table. Blocks enter the table when their prefill ends.
-* **Prefill** takes ``uncached tokens / prefill_tokens_per_s``, before any decoding (SGLang's
-  default priority); one request at a time by default, or batches of up to
-  ``max_prefill_tokens`` uncached tokens. The prefill produces the first output token.
-* **Decode** steps take ``decode_step_s + decode_step_per_req_s × running`` and give every
-  running request one token. Consecutive steps run as one *macro step* (up to the next
-  finish, and at most ``report_every_steps`` steps or ``report_interval_s``), so the process
-  wakes once per macro step instead of once per token; when new work arrives, the macro
-  step ends after the step in progress, as a real scheduler takes new requests per step.
+  are its leading blocks found in the table. Blocks enter the table when its prefill ends.
+* **Chunked prefill, prefill first.** As SGLang's ``PrefillAdder``
+  (``srt/managers/schedule_policy.py``): an extend batch takes the request whose prompt is
+  being chunked first, then waiting requests in order, until the per-rank chunk budget is
+  spent; the request that does not fit whole is cut at the budget and continues in the next
+  step. A rank runs an extend batch whenever it can form one, and decodes otherwise (mixed
+  chunks are off, SGLang's default). The last chunk of a prompt yields its first token.
+* **Decode** gives every running request one token per step.
 
-The model is pure: every method takes the current time (model seconds), so tests drive it
-with a fake clock. :mod:`dpcore.mock.worker` runs it against wall time × speed-up.
+How long a step takes is not decided here: every rank's :class:`~dpcore.mock.lockstep.StepWork`
+goes through the lockstep gather, and the step-time model sets the length of the step all
+ranks run together. The engine is pure: :meth:`MockEngine.plan` says what the next step
+would be, :meth:`MockEngine.apply` makes it happen at the step's end time, so tests drive it
+without any clock.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
 from attrs import define, field, frozen
 
-from dpcore.cacheindex import REMOVED, STORED
+from dpcore.mock.lockstep import IDLE, StepWork
 from dpcore.sim.config import EngineConfig, _non_negative, _positive
+from dpcore.sim.stepmodel import StepModel
 
 
 # One source for the pinned engine numbers (docs/reference/engine-model.md): the simulator's.
 _SIM = EngineConfig()
 
 
+def _positive_int(_inst: object, attr: object, value: int) -> None:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{attr.name} must be an integer >= 1, got {value!r}")  # type: ignore[attr-defined]
+
+
 @frozen
 class EngineParams:
-    """Per-rank engine numbers; the defaults are the simulator's pinned numbers.
+    """Per-rank scheduler numbers.
 
+    :ivar kv_capacity: KV cache tokens of the rank (1 and up).
     :ivar block_size: Tokens per block hash; must match the sender's (the client SDK
         hashes 64-token blocks by default, Mooncake trace ``hash_ids`` are 512-token blocks).
-    :ivar max_prefill_tokens: Uncached tokens per prefill batch. A batch always takes at least
-        one request, so the default 1 prefills one request at a time, as the simulator does.
     :ivar default_output_tokens: Output length when a request gives no ``max_new_tokens``.
+    :ivar report_every_steps: Decode steps between load reports at most (1 and up).
+    :ivar report_interval_s: Model seconds between load reports at most, while busy.
     """
 
-    prefill_tokens_per_s: float = field(default=_SIM.prefill_tokens_per_s, validator=_positive)
-    decode_step_s: float = field(default=_SIM.decode_step_s, validator=_positive)
-    decode_step_per_req_s: float = field(default=_SIM.decode_step_per_request_s, validator=_non_negative)
-    kv_capacity: int = field(default=_SIM.kv_capacity_tokens, validator=_positive)
-    block_size: int = field(default=64, validator=_positive)
-    max_prefill_tokens: int = field(default=1, validator=_positive)
+    kv_capacity: int = field(default=_SIM.kv_capacity_tokens, validator=_positive_int)
+    block_size: int = field(default=64, validator=_positive_int)
     default_output_tokens: int = field(default=128, validator=_non_negative)
-    report_every_steps: int = field(default=_SIM.report_steps or 15, validator=_positive)
+    report_every_steps: int = field(default=_SIM.report_steps or 15, validator=_positive_int)
     report_interval_s: float = field(default=_SIM.report_interval_s, validator=_positive)
 
 
@@ -80,6 +84,8 @@ class Job:
     private_kv: int = 0
     #: Leading blocks found cached at admission.
     matched_blocks: int = 0
+    #: Uncached prompt tokens already computed by extend steps.
+    extended: int = 0
     #: Error text when the engine refused the job (it can never fit).
     error: str = ""
 
@@ -87,10 +93,15 @@ class Job:
     def remaining(self) -> int:
         return self.output_tokens - self.generated
 
+    @property
+    def to_extend(self) -> int:
+        """Prompt tokens still to compute (valid once admitted)."""
+        return self.num_tokens - self.cached_tokens - self.extended
+
 
 @frozen
 class Step:
-    """What one :meth:`MockEngine.advance` call produced.
+    """What one :meth:`MockEngine.apply` call produced.
 
     :ivar progress: Jobs that gained output tokens (each appears once), in order.
     :ivar finished: Jobs that ended (done or refused); also listed in ``progress``.
@@ -168,24 +179,27 @@ class PrefixCache:
 
 
 class MockEngine:
-    """The scheduler of one mock rank. Drive it with :meth:`add`, :meth:`interrupt` and
-    :meth:`advance`; sleep until :attr:`busy_until` in between."""
+    """The scheduler of one mock rank: :meth:`add` requests, :meth:`plan` the next step,
+    :meth:`apply` the steps the lockstep ran.
 
-    def __init__(self, params: EngineParams | None = None) -> None:
+    :param chunk_tokens: Prompt tokens this rank extends per step: SGLang's
+        ``--chunked-prefill-size`` divided by the DP size (the lockstep announces it).
+    """
+
+    def __init__(self, params: EngineParams | None = None, chunk_tokens: int | None = None) -> None:
         self.params = params or EngineParams()
+        self.chunk_tokens = chunk_tokens or StepModel().chunk_budget(1)
         self.cache = PrefixCache()
         self.waiting: deque[Job] = deque()
+        #: Admitted requests whose prompt is not fully computed, in batch order.
+        self.prefilling: list[Job] = []
         self.decoding: list[Job] = []
-        #: The iteration in progress: ``("prefill", jobs)`` or ``("decode", steps)``.
-        self._phase: tuple[str, Any] | None = None
-        self._phase_start = 0.0
-        self._step_s = 0.0
-        #: Model time the iteration in progress ends; ``None`` when idle.
-        self.busy_until: float | None = None
+        #: The extend batch formed for the next step: (job, tokens), until applied.
+        self._batch: list[tuple[Job, int]] | None = None
         self._private_kv = 0
         self._waiting_tokens = 0
         self.decode_steps = 0
-        self.prefill_batches = 0
+        self.extend_steps = 0
 
     # ------------------------------------------------------------------ load
 
@@ -196,8 +210,7 @@ class MockEngine:
 
     @property
     def num_running(self) -> int:
-        prefilling = len(self._phase[1]) if self._phase and self._phase[0] == "prefill" else 0
-        return len(self.decoding) + prefilling
+        return len(self.decoding) + len(self.prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -208,20 +221,25 @@ class MockEngine:
         """KV in use plus the prompts of waiting requests (what ``total_tokens`` balances)."""
         return self.kv_used + self._waiting_tokens
 
-    def prefill_tokens(self, now: float) -> int:
-        """Uncached prompt tokens still to compute in the prefill in progress (0 if none)."""
-        if self._phase is None or self._phase[0] != "prefill" or self.busy_until is None:
-            return 0
-        return max(0, round((self.busy_until - now) * self.params.prefill_tokens_per_s))
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens admitted and not yet computed (the prefill in progress)."""
+        return sum(j.to_extend for j in self.prefilling)
+
+    @property
+    def batch_arrived(self) -> float:
+        """When the newest request of the formed extend batch arrived (0 without a batch)."""
+        return max((j.arrived for j, _ in self._batch), default=0.0) if self._batch else 0.0
 
     @property
     def idle(self) -> bool:
-        return self.busy_until is None and not self.waiting
+        return not (self.waiting or self.prefilling or self.decoding)
 
     # ------------------------------------------------------------------ input
 
-    def add(self, job: Job) -> Step:
-        """Queue *job*. A job that could never fit in KV ends at once with an error."""
+    def add(self, job: Job) -> tuple[Job, ...]:
+        """Queue *job*. A job that could never fit in KV ends at once with an error, and
+        is returned (the caller answers it); otherwise ``()``."""
         p = self.params
         if job.output_tokens < 0 or job.num_tokens < 0:
             job.error = "negative token count"
@@ -229,62 +247,64 @@ class MockEngine:
             job.error = f"request needs {need} KV tokens, more than this rank's capacity {p.kv_capacity}"
         if job.error:
             job.finished_at = job.arrived
-            return Step((job,), (job,))
+            return (job,)
         self.waiting.append(job)
         self._waiting_tokens += job.num_tokens
-        return Step()
+        return ()
 
-    def interrupt(self, now: float) -> None:
-        """New work arrived: end the decode macro step after the step in progress."""
-        if self._phase is None or self._phase[0] != "decode" or self.busy_until is None:
-            return
-        steps = self._phase[1]
-        done = min(steps, math.floor((now - self._phase_start) / self._step_s) + 1)
-        if done < steps:
-            self._phase = ("decode", done)
-            self.busy_until = self._phase_start + done * self._step_s
+    # ------------------------------------------------------------------ steps
 
-    # ------------------------------------------------------------------ time
+    def plan(self, wake_at: float = float("inf")) -> StepWork:
+        """This rank's part of the next step. An extend batch, once formed, holds its
+        requests until :meth:`apply` runs it (a plan the gather may still use)."""
+        if self._batch is None:
+            batch = self._form_batch()
+            self._batch = batch or None
+        if self._batch:
+            # A prompt fully cached still computes one token (its first output token).
+            tokens = max(1, sum(n for _, n in self._batch))
+            return StepWork(tokens, extend=True, max_steps=1, wake_at=wake_at)
+        if self.decoding:
+            k = len(self.decoding)
+            steps = min(min(j.remaining for j in self.decoding), self.params.report_every_steps)
+            return StepWork(k, extend=False, max_steps=steps, wake_at=wake_at)
+        return IDLE
 
-    def advance(self, now: float) -> Step:
-        """Finish every iteration due by *now*, start the next one, and say what happened."""
+    def apply(self, work: StepWork, steps: int, end: float) -> Step:
+        """Run *steps* steps of *work* (a plan this engine made), ending at model time *end*."""
         progress: dict[int, Job] = {}
         finished: list[Job] = []
-        while self.busy_until is not None and self.busy_until <= now:
-            end = self.busy_until
-            self._finish_phase(end, progress, finished)
-            self._plan(end)
-        if self.busy_until is None:
-            self._plan(now)
+        if work.extend:
+            self._extend(end, progress, finished)
+        elif work.busy:
+            self._decode(steps, end, progress, finished)
         return Step(tuple(progress.values()), tuple(finished))
 
-    def _finish_phase(self, end: float, progress: dict[int, Job], finished: list[Job]) -> None:
-        assert self._phase is not None  # busy_until is set only together with a phase
-        kind, what = self._phase
-        self._phase = None
-        self.busy_until = None
-        if kind == "prefill":
-            self.prefill_batches += 1
-            bs = self.params.block_size
-            for job in what:
-                # The prompt's new blocks enter the shared table; their KV moves there.
-                new = [b for b in job.blocks[job.matched_blocks :] if self.cache.pin(b)]
-                events = self.cache.events
-                if events is not None and new:
-                    m = job.matched_blocks
-                    events.append((STORED, job.blocks[m - 1] if m else None, tuple(new)))
-                moved = (len(job.blocks) - job.matched_blocks) * bs
-                job.private_kv -= moved
-                self._private_kv -= moved
-                job.first_token_at = end
-                job.generated = min(1, job.output_tokens)
-                progress[id(job)] = job
-                if job.remaining <= 0:
-                    self._end(job, end, finished)
-                else:
-                    self.decoding.append(job)
-            return
-        steps = what
+    def _extend(self, end: float, progress: dict[int, Job], finished: list[Job]) -> None:
+        assert self._batch is not None  # an extend plan is made only with a batch
+        batch, self._batch = self._batch, None
+        self.extend_steps += 1
+        bs = self.params.block_size
+        for job, n in batch:
+            job.extended += n
+            if job.to_extend > 0:
+                continue  # chunked: continues in the next extend batch
+            self.prefilling.remove(job)
+            # The prompt's new blocks enter the shared table; their KV moves there.
+            for b in job.blocks[job.matched_blocks :]:
+                self.cache.pin(b)
+            moved = (len(job.blocks) - job.matched_blocks) * bs
+            job.private_kv -= moved
+            self._private_kv -= moved
+            job.first_token_at = end
+            job.generated = min(1, job.output_tokens)
+            progress[id(job)] = job
+            if job.remaining <= 0:
+                self._end(job, end, finished)
+            else:
+                self.decoding.append(job)
+
+    def _decode(self, steps: int, end: float, progress: dict[int, Job], finished: list[Job]) -> None:
         self.decode_steps += steps
         still = []
         for job in self.decoding:
@@ -304,64 +324,46 @@ class MockEngine:
         job.private_kv = 0
         finished.append(job)
 
-    def _plan(self, start: float) -> None:
-        batch = self._admit(start)
-        p = self.params
-        if batch:
-            uncached = sum(j.num_tokens - j.cached_tokens for j in batch)
-            self._phase = ("prefill", batch)
-            self._phase_start = start
-            self.busy_until = start + uncached / p.prefill_tokens_per_s
-            return
-        if self.decoding:
-            step = p.decode_step_s + p.decode_step_per_req_s * len(self.decoding)
-            steps = min(
-                min(j.remaining for j in self.decoding),
-                p.report_every_steps,
-                max(1, int(p.report_interval_s / step)),
-            )
-            self._phase = ("decode", steps)
-            self._phase_start = start
-            self._step_s = step
-            self.busy_until = start + steps * step
-
     def _kv_need(self, job: Job, matched: int) -> int:
         bs = self.params.block_size
         tail = max(0, job.num_tokens - len(job.blocks) * bs)
         return (len(job.blocks) - matched) * bs + tail + job.output_tokens
 
-    def _admit(self, start: float) -> list[Job]:
-        """Move waiting jobs (FIFO) into a prefill batch while KV and the batch budget allow."""
+    def _form_batch(self) -> list[tuple[Job, int]]:
+        """The chunked prompt first, then waiting jobs (FIFO) while KV and the budget allow."""
+        budget = self.chunk_tokens
+        batch: list[tuple[Job, int]] = []
+        for job in self.prefilling:  # admitted earlier, chunked: continue it
+            n = min(job.to_extend, budget)
+            batch.append((job, n))
+            budget -= n
+        while budget > 0 and self.waiting and self._admit(self.waiting[0]):
+            job = self.waiting.popleft()
+            self._waiting_tokens -= job.num_tokens
+            self.prefilling.append(job)
+            n = min(job.to_extend, budget)
+            batch.append((job, n))
+            budget -= n
+        return batch
+
+    def _admit(self, job: Job) -> bool:
+        """Reserve *job*'s KV (evicting unused cached blocks); ``False`` if it does not fit yet."""
         p = self.params
         bs = p.block_size
         cache = self.cache
-        batch: list[Job] = []
-        budget = p.max_prefill_tokens
-        while self.waiting:
-            job = self.waiting[0]
-            if job.arrived > start:
-                break
-            matched = cache.match(job.blocks)
-            # At least one prompt token is always computed (it yields the first output token).
-            cached = min(matched * bs, max(job.num_tokens - 1, 0))
-            uncached = job.num_tokens - cached
-            if batch and uncached > budget:
-                break
-            need = self._kv_need(job, matched)
-            # Hold the matched blocks first, so making room cannot evict them.
-            for b in job.blocks[:matched]:
-                cache.pin(b)
-            while self._private_kv + len(cache) * bs + need > p.kv_capacity:
-                if not cache.evict_one():
-                    for b in job.blocks[:matched]:
-                        cache.unpin(b)
-                    return batch  # the head of the queue does not fit yet: it waits (FIFO)
-            self.waiting.popleft()
-            self._waiting_tokens -= job.num_tokens
-            job.matched_blocks = matched
-            job.cached_tokens = cached
-            job.private_kv = need
-            self._private_kv += need
-            budget -= uncached
-            batch.append(job)
-        return batch
+        matched = cache.match(job.blocks)
+        need = self._kv_need(job, matched)
+        # Hold the matched blocks first, so making room cannot evict them.
+        for b in job.blocks[:matched]:
+            cache.pin(b)
+        while self._private_kv + len(cache) * bs + need > p.kv_capacity:
+            if not cache.evict_one():
+                for b in job.blocks[:matched]:
+                    cache.unpin(b)
+                return False  # the head of the queue does not fit yet: it waits (FIFO)
+        job.matched_blocks = matched
+        # At least one prompt token is always computed (it yields the first output token).
+        job.cached_tokens = min(matched * bs, max(job.num_tokens - 1, 0))
+        job.private_kv = need
+        self._private_kv += need
+        return True

@@ -1,22 +1,27 @@
 """``dpcore mock-worker``: one mock engine rank as a process, speaking only the worker SDK.
 
-The process runs :class:`~dpcore.mock.engine.MockEngine` on model time = wall time ×
-``--speedup``, sleeping in :meth:`Worker.recv` until the current iteration ends or work
-arrives, so an idle or decoding rank costs almost no CPU.
+The rank runs :class:`~dpcore.mock.engine.MockEngine` in lockstep with the other ranks of its
+DP group: before every step it posts its part to ``dpcore mock-barrier --endpoint EP``
+(``--barrier EP``), which all-gathers the ranks' work, sets the step's length with the
+simulator's step-time model, and tells every rank when the step (or run of identical decode
+steps) ends. Without ``--barrier`` the rank is a DP group of one and keeps its own step
+clock. Model time = wall time × the barrier's ``--speedup`` (or this rank's, alone); the rank
+sleeps in one poll over the controller's socket and the barrier's, so an idle or decoding
+rank costs almost no CPU.
 
 Per request it sends its sender one final ``out`` (meta: ``dp_rank``, ``prompt_tokens``,
 ``completion_tokens``, ``cached_tokens``, ``ttft_s`` and ``e2e_s`` in model seconds, and
 ``prefill_dp_rank`` for PD decode; payload: deterministic generated text). A streaming
-request also gets a non-final ``out`` after its prefill and after each decode macro step,
-whose payloads are the new text (the final payload then carries only the rest).
+request also gets a non-final ``out`` after its prefill and after each decode run, whose
+payloads are the new text (the final payload then carries only the rest).
 
 A request asks to stream with ``"stream": true`` in its header or in its payload, when the
 payload is a msgpack map (the mock engine's own payload format; any other payload is an
 opaque prompt). ``max_new_tokens`` sets the output length.
 
-Load goes to the controller after every iteration that changed something (so at most every
-``--report-every-steps`` decode steps or ``--report-interval-ms``), and the SDK heartbeats
-while idle.
+Load goes to the controller after every step that changed something (so at most every
+``--report-every-steps`` decode steps or ``--report-interval-ms``), carrying the fields of
+``--report-profile``, and the SDK heartbeats while idle.
 """
 
 from __future__ import annotations
@@ -31,12 +36,24 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from dpcore.cacheindex import STORED
+import structlog
+
+from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S, End, LocalClock, RemoteClock, Sync
 from dpcore.mock.engine import EngineParams, Job, MockEngine, Step
-from dpcore.wire import KV_RESYNC, Control
+from dpcore.mock.lockstep import IDLE, StepWork
 
 if TYPE_CHECKING:
     from dpcore.sdk.worker import Work, Worker
+
+log = structlog.get_logger("dpcore")
+Clock = LocalClock | RemoteClock
+#: Load-report profiles: ``sglang`` sends what the SGLang adapter delivers (running, waiting,
+#: tokens, KV used and capacity: SGLang's load snapshot), ``full`` adds the prompt tokens
+#: still to prefill.
+REPORT_PROFILES = ("sglang", "full")
+#: Wall seconds without a step end, while this rank has work, before it says the barrier is
+#: silent and joins again: a gather never waits longer than its step timeout for a rank.
+BARRIER_SILENCE_S = 3 * DEFAULT_STEP_TIMEOUT_S
 
 _WORDS = (
     "the of and to in is that for it as with was on be by this are at from or an which not have "
@@ -65,12 +82,8 @@ def wants_stream(header: Any, payload: bytes) -> bool:
 
 def params_from_args(args: argparse.Namespace) -> EngineParams:
     return EngineParams(
-        prefill_tokens_per_s=args.prefill_tps,
-        decode_step_s=args.decode_step_ms / 1000,
-        decode_step_per_req_s=args.decode_step_per_req_ms / 1000,
         kv_capacity=args.kv_capacity,
         block_size=args.block_size,
-        max_prefill_tokens=args.max_prefill_tokens,
         default_output_tokens=args.default_output_tokens,
         report_every_steps=args.report_every_steps,
         report_interval_s=args.report_interval_ms / 1000,
@@ -78,74 +91,127 @@ def params_from_args(args: argparse.Namespace) -> EngineParams:
 
 
 class MockRank:
-    """The event loop of one mock rank (the process body, separate for tests)."""
+    """The event loop of one mock rank (the process body, separate for tests).
 
-    def __init__(self, worker: Worker, params: EngineParams, speedup: float = 1.0) -> None:
+    :param clock: The lockstep: a :class:`~dpcore.mock.barrier.RemoteClock` to the DP
+        group's barrier, or a :class:`~dpcore.mock.barrier.LocalClock` for a rank alone.
+    :param report_profile: Which load fields the rank reports (:data:`REPORT_PROFILES`).
+    """
+
+    def __init__(self, worker: Worker, params: EngineParams, clock: Clock, report_profile: str = "sglang") -> None:
         self.worker = worker
         self.rank = worker.rank
         self.engine = MockEngine(params)
         self.params = params
-        self.speedup = speedup
-        self._t0 = time.monotonic()
+        self.clock = clock
+        self.full_reports = report_profile == "full"
         self._stream: set[int] = set()
         self.stop = False
         self.completed = 0
-
-    def now(self) -> float:
-        """Model time: wall seconds since start × speed-up."""
-        return (time.monotonic() - self._t0) * self.speedup
+        #: The run this rank posts for; ``None`` until the lockstep said.
+        self.run_id: int | None = None
+        self._version = 0
+        self._posted: dict[int, StepWork] = {}
+        self._posted_busy = False
+        #: Model time the rank's last step ended (its plans start there).
+        self._t = 0.0
+        self._heard = time.monotonic()
+        self.barrier_silences = 0
 
     def run(self, parent_pid: int | None = None) -> None:
-        engine = self.engine
         worker = self.worker
+        clock = self.clock
+        if clock.socket is not None:
+            worker.watch(clock.socket)
+        clock.join()
+        for ev in clock.events():  # a rank alone is in sync at once
+            self._sync(ev) if isinstance(ev, Sync) else self._end(ev)
         while not self.stop:
-            changed = self._emit(engine.advance(self.now()))
-            if engine.busy_until is None:
-                wait = worker.heartbeat_interval_s
-            else:
+            wait = worker.heartbeat_interval_s
+            due = clock.due_wall_s()
+            if due is not None:
                 # Round up to whole ms: the poller takes ms, and rounding down would spin.
-                wait = math.ceil(max(0.0, engine.busy_until - self.now()) / self.speedup * 1000) / 1000 + 1e-6
+                wait = min(wait, math.ceil(due * 1000) / 1000 + 1e-6)
             items = worker.recv(wait)
-            if items:
-                now = self.now()
-                default_out = self.params.default_output_tokens
-                for work in items:
-                    req = work.request
-                    out = req.max_new_tokens if req.max_new_tokens is not None else default_out
-                    job = Job(work, work.rid, req.num_tokens, req.block_hashes, out, now)
-                    if wants_stream(work.header, work.payload):
-                        self._stream.add(id(job))
-                    worker.admit(work)
-                    self._emit(engine.add(job))
-                engine.interrupt(now)
-                changed |= self._emit(engine.advance(now))
-                changed = True
+            changed = bool(items) and self._arrive(items)
+            for ev in clock.events():
+                self._heard = time.monotonic()
+                changed |= self._sync(ev) if isinstance(ev, Sync) else self._end(ev)
             if changed:
-                if engine.cache.events:
-                    self._publish(engine.cache.events)
-                worker.report(engine.num_running, engine.num_waiting, engine.num_tokens,
-                              engine.kv_used, self.params.kv_capacity,
-                              prefill_tokens=engine.prefill_tokens(now))  # fmt: skip
+                e = self.engine
+                worker.report(e.num_running, e.num_waiting, e.num_tokens, e.kv_used, self.params.kv_capacity,
+                              prefill_tokens=e.prefill_tokens if self.full_reports else -1)  # fmt: skip
+            if self._posted_busy and time.monotonic() - self._heard > BARRIER_SILENCE_S:
+                self._barrier_silent()
             if parent_pid is not None and os.getppid() != parent_pid:
                 break  # whoever started us is gone: do not linger as an orphan
 
-    def _publish(self, events: list[tuple]) -> None:
-        """Send the cache's changes since the last report as one KV event batch."""
-        w = self.worker
-        for ev in events:
-            if ev[0] == STORED:
-                w.kv_stored(ev[2], ev[1])
-            else:
-                w.kv_removed(ev[1])
-        events.clear()
-        w.kv_flush()
+    # ------------------------------------------------------------------ lockstep
 
-    def on_control(self, ctl: Control) -> None:
-        """The controller lost track of this rank's cache: send all of it."""
-        if ctl.op == KV_RESYNC and isinstance(ctl.data, dict) and ctl.data.get("rank") == self.worker.rank:
-            if self.engine.cache.events is not None:
-                self.engine.cache.events.clear()
-                self.worker.kv_resync(self.engine.cache.chains())
+    def _arrive(self, items: list[Work]) -> bool:
+        now = self.clock.now()
+        default_out = self.params.default_output_tokens
+        for work in items:
+            req = work.request
+            out = req.max_new_tokens if req.max_new_tokens is not None else default_out
+            job = Job(work, work.rid, req.num_tokens, req.block_hashes, out, now)
+            if wants_stream(work.header, work.payload):
+                self._stream.add(id(job))
+            self.worker.admit(work)
+            refused = self.engine.add(job)
+            if refused:
+                self._emit(Step(refused, refused))
+        if self.run_id is not None:
+            if self._posted_busy:
+                self.clock.wake(self.run_id, now)  # the step after the one running takes it
+            else:
+                self._post(now)  # an idle plan binds nothing: post a fresh one at once
+        return True
+
+    def _sync(self, ev: Sync) -> bool:
+        if self.run_id is not None:
+            log.warning("lockstep_resynchronised", rank=self.rank, run=ev.run)
+        self.run_id = ev.run
+        self.engine.chunk_tokens = ev.chunk_tokens
+        self._posted.clear()
+        self._t = max(self._t, self.clock.now())
+        self._post(self._t)
+        return False
+
+    def _end(self, ev: End) -> bool:
+        if ev.run != self.run_id:
+            return False  # a run this life of the rank did not post for
+        work = self._posted.get(ev.version, IDLE)
+        step = self.engine.apply(work, ev.steps, ev.end)
+        self._emit(step)
+        self._t = ev.end
+        self.run_id = ev.run + 1
+        self._posted.clear()
+        self._post(ev.end)
+        return work.busy
+
+    def _post(self, at: float) -> None:
+        assert self.run_id is not None  # posts happen only after a sync
+        e = self.engine
+        # A plan cannot start before the newest request in it arrived.
+        at = max(at, self._t)
+        # A load report goes out after every run this rank works in; a run lasts at most
+        # report_every_steps steps (the engine's plan) or report_interval_s.
+        work = e.plan(at + self.params.report_interval_s)
+        at = max(at, e.batch_arrived)
+        self._version += 1
+        self._posted[self._version] = work
+        self._posted_busy = work.busy
+        self.clock.post(self.run_id, self._version, work, at)
+
+    def _barrier_silent(self) -> None:
+        """No step end for a long time while this rank has work: the barrier died or lost
+        this rank. Say so, and join again (a restarted barrier takes the rank back)."""
+        self.barrier_silences += 1
+        log.warning("lockstep_barrier_silent", rank=self.rank, silent_s=round(time.monotonic() - self._heard, 1),
+                    times=self.barrier_silences)  # fmt: skip
+        self._heard = time.monotonic()
+        self.clock.join()
 
     def _emit(self, step: Step) -> bool:
         if not step.progress:
@@ -195,20 +261,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, required=True, help="this rank's index")
     p.add_argument("--dispatch", required=True, metavar="EP", help="controller dispatch endpoint for this rank")
     p.add_argument("--report", required=True, metavar="EP", help="controller load-report endpoint")
-    p.add_argument("--speedup", type=float, default=1.0, help="model time runs this many times faster (default 1)")
-    p.add_argument("--prefill-tps", type=float, default=d.prefill_tokens_per_s, help="uncached prefill tokens/s")
-    p.add_argument("--decode-step-ms", type=float, default=d.decode_step_s * 1000, help="decode step base time")
-    p.add_argument("--decode-step-per-req-ms", type=float, default=d.decode_step_per_req_s * 1000,
-                   help="decode step time added per running request")  # fmt: skip
+    p.add_argument("--barrier", default=None, metavar="EP",
+                   help="the DP group's dpcore mock-barrier endpoint: run in lockstep with the group's other ranks "
+                        "(default: none, this rank is a DP group of one)")  # fmt: skip
+    p.add_argument("--speedup", type=float, default=None,
+                   help="model time runs this many times faster (default 1; with --barrier the barrier's)")  # fmt: skip
     p.add_argument("--kv-capacity", type=int, default=d.kv_capacity, help="KV cache tokens")
     p.add_argument("--block-size", type=int, default=d.block_size,
                    help="tokens per block hash; match the sender (client SDK 64, Mooncake traces 512)")  # fmt: skip
-    p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens, help="per prefill batch")
     p.add_argument("--default-output-tokens", type=int, default=d.default_output_tokens,
                    help="output length when a request has no max_new_tokens")  # fmt: skip
-    p.add_argument("--report-every-steps", type=int, default=d.report_every_steps, help="decode steps per report")
+    p.add_argument("--report-every-steps", type=int, default=d.report_every_steps,
+                   help="decode steps per load report at most")  # fmt: skip
     p.add_argument("--report-interval-ms", type=float, default=d.report_interval_s * 1000,
-                   help="model ms between reports while busy")  # fmt: skip
+                   help="model ms between load reports at most, while busy")  # fmt: skip
+    p.add_argument("--report-profile", choices=REPORT_PROFILES, default="sglang",
+                   help="load fields to report: sglang = what the SGLang adapter delivers (default), "
+                        "full = also the prompt tokens left to prefill")  # fmt: skip
     p.add_argument("--heartbeat-s", type=float, default=0.25, help="wall seconds between heartbeats when idle")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
     p.add_argument("--kv-events", action="store_true",
@@ -216,14 +285,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import structlog
+    import zmq
 
     from dpcore.errors import ConfigError
     from dpcore.sdk import endpoints
     from dpcore.sdk.worker import Worker
+    from dpcore.sim.stepmodel import StepModel
 
-    if not args.speedup > 0 or not math.isfinite(args.speedup):
-        raise ConfigError(f"--speedup must be a positive number, got {args.speedup!r}")
+    if args.barrier is not None and args.speedup is not None:
+        raise ConfigError("--speedup: with --barrier the model clock is the barrier's; set --speedup there")
+    speedup = 1.0 if args.speedup is None else args.speedup
+    if not speedup > 0 or not math.isfinite(speedup):
+        raise ConfigError(f"--speedup must be a positive number, got {speedup!r}")
     if args.rank < 0:
         raise ConfigError(f"--rank must be >= 0, got {args.rank}")
     if not args.heartbeat_s > 0:
@@ -234,16 +307,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"mock-worker: {exc}") from exc
     endpoints.check(args.dispatch, "--dispatch")
     endpoints.check(args.report, "--report")
+    if args.barrier is not None:
+        endpoints.check(args.barrier, "--barrier")
     parent = os.getppid() if args.exit_with_parent else None
-    log = structlog.get_logger("dpcore").bind(rank=args.rank)
-    worker = Worker(args.rank, dispatch_endpoint=args.dispatch, report_endpoint=args.report,
+    rlog = log.bind(rank=args.rank)
+    ctx = zmq.Context()
+    worker = Worker(args.rank, dispatch_endpoint=args.dispatch, report_endpoint=args.report, zmq_ctx=ctx,
                     heartbeat_interval_s=args.heartbeat_s)  # fmt: skip
-    rank = MockRank(worker, params, args.speedup)
-    if args.kv_events:
-        # Publish the cache's changes with each load report (so with the report delay).
-        rank.engine.cache.events = []
-        worker.kv_capacity_blocks = params.kv_capacity // params.block_size
-        worker.on_control = rank.on_control
+    clock: Clock = (RemoteClock(ctx, args.barrier, args.rank) if args.barrier is not None
+                    else LocalClock(args.rank, speedup, StepModel()))  # fmt: skip
+    rank = MockRank(worker, params, clock, args.report_profile)
 
     def _stop(*_: object) -> None:
         # Raising interrupts the wait in recv() at once; whatever is running is lost either way.
@@ -252,12 +325,17 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    log.info("mock_worker_started", pid=os.getpid(), speedup=args.speedup, kv_capacity=params.kv_capacity)
+    rlog.info("mock_worker_started", pid=os.getpid(), barrier=args.barrier, kv_capacity=params.kv_capacity,
+              report_profile=args.report_profile)  # fmt: skip
     try:
         rank.run(parent)
     except _Stopped:
         pass
     finally:
+        clock.close()
         worker.close()
-        log.info("mock_worker_stopped", completed=rank.completed, decode_steps=rank.engine.decode_steps)
+        ctx.term()
+        e = rank.engine
+        rlog.info("mock_worker_stopped", completed=rank.completed, decode_steps=e.decode_steps,
+                  extend_steps=e.extend_steps)  # fmt: skip
     return 0

@@ -138,6 +138,11 @@ class Worker:
 
     # ------------------------------------------------------------------ receiving
 
+    def watch(self, socket: zmq.Socket) -> None:  # type: ignore[type-arg]
+        """Also wake :meth:`recv` when *socket* (one of the engine's own) has input, so the
+        engine waits on its sockets and the controller's in one poll."""
+        self._poller.register(socket, zmq.POLLIN)
+
     def recv(self, timeout_s: float = 0.0, max_items: int = 1024) -> list[Work]:
         """Dispatches that arrived, waiting up to *timeout_s* for the first one.
 
