@@ -32,7 +32,7 @@ from attrs import define, field
 from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError, DpcoreError
 from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S
-from dpcore.mock.worker import REPORT_PROFILES
+from dpcore.mock.worker import add_report_profile_argument
 
 DEFAULT_REQUESTS = 1000
 DEFAULT_SPEEDUP = 20.0
@@ -439,9 +439,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="per mock rank (default 500,000)")
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="wall seconds to wait for the last replies after the replay (default 60)")  # fmt: skip
-    p.add_argument("--report-profile", choices=REPORT_PROFILES, default="sglang",
-                   help="load fields the mock ranks report: sglang = what the SGLang adapter delivers "
-                        "(default), full = also the prompt tokens left to prefill")  # fmt: skip
+    add_report_profile_argument(p)
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
                    help="wall seconds a lockstep step waits for a silent rank before going on without it "
                         f"(default {DEFAULT_STEP_TIMEOUT_S:g})")  # fmt: skip

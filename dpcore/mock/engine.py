@@ -1,19 +1,19 @@
 """The scheduler of one mock DP-attention rank: what it puts into each lockstep step.
 
-It keeps what makes a DP rank's load interesting to a controller, and nothing else:
+It keeps what makes a DP rank's load interesting to a controller, and is the simulator's
+model of a rank (``dpcore simulate --engine lockstep``), run live:
 
-* **KV capacity.** A request is admitted (FIFO) only when its KV fits: its uncached prompt
-  blocks, the partial tail, and its whole output (reserved up front, so nothing is ever
-  retracted). Cached blocks share the same capacity and are evicted, least recently used
-  first, when no running request holds them. A request that does not fit waits.
-* **Prefix cache.** An LRU table over the request's block hashes; a request's cached tokens
-  are its leading blocks found in the table. Blocks enter the table when its prefill ends.
+* **KV capacity and prefix cache**: :class:`~dpcore.sim.kvcache.RankKV`, the simulator's own.
+  A request is admitted (first come, first served) only when its uncached prompt blocks and
+  its whole output fit; cached blocks no running request uses are evicted LRU to make room;
+  a request that does not fit waits, and everyone behind it too.
 * **Chunked prefill, prefill first.** As SGLang's ``PrefillAdder``
   (``srt/managers/schedule_policy.py``): an extend batch takes the request whose prompt is
   being chunked first, then waiting requests in order, until the per-rank chunk budget is
   spent; the request that does not fit whole is cut at the budget and continues in the next
   step. A rank runs an extend batch whenever it can form one, and decodes otherwise (mixed
-  chunks are off, SGLang's default). The last chunk of a prompt yields its first token.
+  chunks are off, SGLang's default). The last chunk of a prompt yields its first token; a
+  prompt found whole in the cache still computes one token.
 * **Decode** gives every running request one token per step.
 
 How long a step takes is not decided here: every rank's :class:`~dpcore.mock.lockstep.StepWork`
@@ -25,14 +25,14 @@ without any clock.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections import deque
 from typing import Any
 
 from attrs import define, field, frozen
 
 from dpcore.mock.lockstep import IDLE, StepWork
 from dpcore.sim.config import EngineConfig, _non_negative, _positive
+from dpcore.sim.kvcache import RankKV
 from dpcore.sim.stepmodel import StepModel
 
 
@@ -74,29 +74,21 @@ class Job:
     blocks: tuple[int, ...]
     output_tokens: int
     arrived: float
+    #: Prompt tokens found in the prefix cache at admission.
     cached_tokens: int = 0
+    #: Prompt tokens still to compute once admitted (the uncached part, at least 1).
+    left: int = 0
     generated: int = 0
     #: Tokens reported to the caller so far (see :attr:`Step.progress`).
     emitted: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
-    #: KV reserved for this job outside the shared block table.
-    private_kv: int = 0
-    #: Leading blocks found cached at admission.
-    matched_blocks: int = 0
-    #: Uncached prompt tokens already computed by extend steps.
-    extended: int = 0
     #: Error text when the engine refused the job (it can never fit).
     error: str = ""
 
     @property
     def remaining(self) -> int:
         return self.output_tokens - self.generated
-
-    @property
-    def to_extend(self) -> int:
-        """Prompt tokens still to compute (valid once admitted)."""
-        return self.num_tokens - self.cached_tokens - self.extended
 
 
 @frozen
@@ -111,73 +103,6 @@ class Step:
     finished: tuple[Job, ...] = ()
 
 
-class PrefixCache:
-    """LRU table of cached block hashes with a pin count per block.
-
-    A pinned block (held by a running request) is never evicted; an unpinned one stays
-    cached until capacity is needed.
-    """
-
-    def __init__(self) -> None:
-        self._refs: OrderedDict[int, int] = OrderedDict()
-        self.pinned = 0
-        #: When a list: every change, as KV events (``dpcore.cacheindex`` kinds), for a rank
-        #: that publishes them; its owner empties it.
-        self.events: list[tuple] | None = None
-
-    def __len__(self) -> int:
-        return len(self._refs)
-
-    def __contains__(self, block: int) -> bool:
-        return block in self._refs
-
-    def match(self, blocks: Sequence[int]) -> int:
-        """How many leading *blocks* are cached."""
-        n = 0
-        refs = self._refs
-        for b in blocks:
-            if b not in refs:
-                break
-            n += 1
-        return n
-
-    def pin(self, block: int) -> bool:
-        """Hold *block* (inserting it if new, as most recently used); ``True`` if it was new."""
-        refs = self._refs
-        count = refs.get(block)
-        if count is None:
-            refs[block] = 1
-            self.pinned += 1
-            return True
-        refs[block] = count + 1
-        refs.move_to_end(block)
-        if count == 0:
-            self.pinned += 1
-        return False
-
-    def unpin(self, block: int) -> None:
-        refs = self._refs
-        count = refs[block] - 1
-        refs[block] = count
-        refs.move_to_end(block)  # just used: the last to be evicted
-        if count == 0:
-            self.pinned -= 1
-
-    def evict_one(self) -> bool:
-        """Drop the least recently used unpinned block; ``False`` when every block is pinned."""
-        for block, count in self._refs.items():
-            if count == 0:
-                del self._refs[block]
-                if self.events is not None:
-                    self.events.append((REMOVED, (block,)))
-                return True
-        return False
-
-    def chains(self) -> list[tuple[int | None, tuple[int, ...]]]:
-        """Every cached block, as one-block chains from the root (a KV resync)."""
-        return [(None, (b,)) for b in self._refs]
-
-
 class MockEngine:
     """The scheduler of one mock rank: :meth:`add` requests, :meth:`plan` the next step,
     :meth:`apply` the steps the lockstep ran.
@@ -189,14 +114,13 @@ class MockEngine:
     def __init__(self, params: EngineParams | None = None, chunk_tokens: int | None = None) -> None:
         self.params = params or EngineParams()
         self.chunk_tokens = chunk_tokens or StepModel().chunk_budget(1)
-        self.cache = PrefixCache()
+        self.kv = RankKV(self.params.kv_capacity, self.params.block_size)
         self.waiting: deque[Job] = deque()
         #: Admitted requests whose prompt is not fully computed, in batch order.
         self.prefilling: list[Job] = []
         self.decoding: list[Job] = []
         #: The extend batch formed for the next step: (job, tokens), until applied.
         self._batch: list[tuple[Job, int]] | None = None
-        self._private_kv = 0
         self._waiting_tokens = 0
         self.decode_steps = 0
         self.extend_steps = 0
@@ -205,8 +129,9 @@ class MockEngine:
 
     @property
     def kv_used(self) -> int:
-        """KV tokens held by admitted requests (evictable cached blocks not counted)."""
-        return self._private_kv + self.cache.pinned * self.params.block_size
+        """KV tokens held by admitted requests: their prompts and the tokens generated so
+        far (evictable cached blocks not counted), as the simulator reports it."""
+        return self.kv.pinned_tokens + sum(j.generated for j in self.decoding)
 
     @property
     def num_running(self) -> int:
@@ -224,7 +149,7 @@ class MockEngine:
     @property
     def prefill_tokens(self) -> int:
         """Prompt tokens admitted and not yet computed (the prefill in progress)."""
-        return sum(j.to_extend for j in self.prefilling)
+        return sum(j.left for j in self.prefilling)
 
     @property
     def batch_arrived(self) -> float:
@@ -240,11 +165,12 @@ class MockEngine:
     def add(self, job: Job) -> tuple[Job, ...]:
         """Queue *job*. A job that could never fit in KV ends at once with an error, and
         is returned (the caller answers it); otherwise ``()``."""
-        p = self.params
+        cap = self.params.kv_capacity
         if job.output_tokens < 0 or job.num_tokens < 0:
             job.error = "negative token count"
-        elif (need := self._kv_need(job, 0)) > p.kv_capacity:
-            job.error = f"request needs {need} KV tokens, more than this rank's capacity {p.kv_capacity}"
+        elif job.num_tokens + job.output_tokens > cap:
+            need = job.num_tokens + job.output_tokens
+            job.error = f"request needs {need} KV tokens, more than this rank's capacity {cap}"
         if job.error:
             job.finished_at = job.arrived
             return (job,)
@@ -258,16 +184,13 @@ class MockEngine:
         """This rank's part of the next step. An extend batch, once formed, holds its
         requests until :meth:`apply` runs it (a plan the gather may still use)."""
         if self._batch is None:
-            batch = self._form_batch()
-            self._batch = batch or None
+            self._batch = self._form_batch() or None
         if self._batch:
-            # A prompt fully cached still computes one token (its first output token).
-            tokens = max(1, sum(n for _, n in self._batch))
+            tokens = sum(n for _, n in self._batch)
             return StepWork(tokens, extend=True, max_steps=1, wake_at=wake_at)
         if self.decoding:
-            k = len(self.decoding)
             steps = min(min(j.remaining for j in self.decoding), self.params.report_every_steps)
-            return StepWork(k, extend=False, max_steps=steps, wake_at=wake_at)
+            return StepWork(len(self.decoding), extend=False, max_steps=steps, wake_at=wake_at)
         return IDLE
 
     def apply(self, work: StepWork, steps: int, end: float) -> Step:
@@ -284,18 +207,11 @@ class MockEngine:
         assert self._batch is not None  # an extend plan is made only with a batch
         batch, self._batch = self._batch, None
         self.extend_steps += 1
-        bs = self.params.block_size
         for job, n in batch:
-            job.extended += n
-            if job.to_extend > 0:
-                continue  # chunked: continues in the next extend batch
+            job.left -= n
+            if job.left:
+                continue  # chunked: continues first in the next extend batch
             self.prefilling.remove(job)
-            # The prompt's new blocks enter the shared table; their KV moves there.
-            for b in job.blocks[job.matched_blocks :]:
-                self.cache.pin(b)
-            moved = (len(job.blocks) - job.matched_blocks) * bs
-            job.private_kv -= moved
-            self._private_kv -= moved
             job.first_token_at = end
             job.generated = min(1, job.output_tokens)
             progress[id(job)] = job
@@ -318,52 +234,30 @@ class MockEngine:
 
     def _end(self, job: Job, at: float, finished: list[Job]) -> None:
         job.finished_at = at
-        for b in job.blocks:
-            self.cache.unpin(b)
-        self._private_kv -= job.private_kv
-        job.private_kv = 0
+        self.kv.release(job.blocks, job.num_tokens, job.output_tokens)
         finished.append(job)
 
-    def _kv_need(self, job: Job, matched: int) -> int:
-        bs = self.params.block_size
-        tail = max(0, job.num_tokens - len(job.blocks) * bs)
-        return (len(job.blocks) - matched) * bs + tail + job.output_tokens
-
     def _form_batch(self) -> list[tuple[Job, int]]:
-        """The chunked prompt first, then waiting jobs (FIFO) while KV and the budget allow."""
+        """The chunked prompt first, then waiting jobs (first come, first served) while KV
+        and the chunk budget allow."""
         budget = self.chunk_tokens
         batch: list[tuple[Job, int]] = []
         for job in self.prefilling:  # admitted earlier, chunked: continue it
-            n = min(job.to_extend, budget)
+            n = min(job.left, budget)
             batch.append((job, n))
             budget -= n
-        while budget > 0 and self.waiting and self._admit(self.waiting[0]):
-            job = self.waiting.popleft()
+        waiting = self.waiting
+        while budget > 0 and waiting:
+            job = waiting[0]
+            hit = self.kv.admit(job.blocks, job.num_tokens, job.output_tokens)
+            if hit < 0:
+                break  # the head of the queue does not fit yet: it waits, and so does the queue
+            waiting.popleft()
             self._waiting_tokens -= job.num_tokens
+            job.cached_tokens = hit
+            job.left = max(job.num_tokens - hit, 1)
             self.prefilling.append(job)
-            n = min(job.to_extend, budget)
+            n = min(job.left, budget)
             batch.append((job, n))
             budget -= n
         return batch
-
-    def _admit(self, job: Job) -> bool:
-        """Reserve *job*'s KV (evicting unused cached blocks); ``False`` if it does not fit yet."""
-        p = self.params
-        bs = p.block_size
-        cache = self.cache
-        matched = cache.match(job.blocks)
-        need = self._kv_need(job, matched)
-        # Hold the matched blocks first, so making room cannot evict them.
-        for b in job.blocks[:matched]:
-            cache.pin(b)
-        while self._private_kv + len(cache) * bs + need > p.kv_capacity:
-            if not cache.evict_one():
-                for b in job.blocks[:matched]:
-                    cache.unpin(b)
-                return False  # the head of the queue does not fit yet: it waits (FIFO)
-        job.matched_blocks = matched
-        # At least one prompt token is always computed (it yields the first output token).
-        job.cached_tokens = min(matched * bs, max(job.num_tokens - 1, 0))
-        job.private_kv = need
-        self._private_kv += need
-        return True

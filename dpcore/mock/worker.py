@@ -41,16 +41,13 @@ import structlog
 from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S, End, LocalClock, RemoteClock, Sync
 from dpcore.mock.engine import EngineParams, Job, MockEngine, Step
 from dpcore.mock.lockstep import IDLE, StepWork
+from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES, profile
 
 if TYPE_CHECKING:
     from dpcore.sdk.worker import Work, Worker
 
 log = structlog.get_logger("dpcore")
 Clock = LocalClock | RemoteClock
-#: Load-report profiles: ``sglang`` sends what the SGLang adapter delivers (running, waiting,
-#: tokens, KV used and capacity: SGLang's load snapshot), ``full`` adds the prompt tokens
-#: still to prefill.
-REPORT_PROFILES = ("sglang", "full")
 #: Wall seconds without a step end, while this rank has work, before it says the barrier is
 #: silent and joins again: a gather never waits longer than its step timeout for a rank.
 BARRIER_SILENCE_S = 3 * DEFAULT_STEP_TIMEOUT_S
@@ -80,6 +77,14 @@ def wants_stream(header: Any, payload: bytes) -> bool:
     return False
 
 
+def add_report_profile_argument(p: argparse.ArgumentParser) -> None:
+    """``--report-profile``: the simulator's profiles, so a live mock rank and a simulated one
+    show a policy the same fields."""
+    names = "; ".join(f"{n} = {pr.summary}" for n, pr in PROFILES.items())
+    p.add_argument("--report-profile", choices=list(PROFILES), default=DEFAULT_PROFILE,
+                   help=f"load-report fields the mock ranks send: {names} (default {DEFAULT_PROFILE})")  # fmt: skip
+
+
 def params_from_args(args: argparse.Namespace) -> EngineParams:
     return EngineParams(
         kv_capacity=args.kv_capacity,
@@ -95,16 +100,19 @@ class MockRank:
 
     :param clock: The lockstep: a :class:`~dpcore.mock.barrier.RemoteClock` to the DP
         group's barrier, or a :class:`~dpcore.mock.barrier.LocalClock` for a rank alone.
-    :param report_profile: Which load fields the rank reports (:data:`REPORT_PROFILES`).
+    :param report_profile: Which load fields the rank reports: a name in
+        :data:`dpcore.sim.profiles.PROFILES`, the simulator's profiles.
     """
 
-    def __init__(self, worker: Worker, params: EngineParams, clock: Clock, report_profile: str = "sglang") -> None:
+    def __init__(
+        self, worker: Worker, params: EngineParams, clock: Clock, report_profile: str = DEFAULT_PROFILE
+    ) -> None:
         self.worker = worker
         self.rank = worker.rank
         self.engine = MockEngine(params)
         self.params = params
         self.clock = clock
-        self.full_reports = report_profile == "full"
+        self.profile = profile(report_profile)
         self._stream: set[int] = set()
         self.stop = False
         self.completed = 0
@@ -140,7 +148,7 @@ class MockRank:
             if changed:
                 e = self.engine
                 worker.report(e.num_running, e.num_waiting, e.num_tokens, e.kv_used, self.params.kv_capacity,
-                              prefill_tokens=e.prefill_tokens if self.full_reports else -1)  # fmt: skip
+                              prefill_tokens=self.profile.prefill_tokens(e.prefill_tokens))  # fmt: skip
             if self._posted_busy and time.monotonic() - self._heard > BARRIER_SILENCE_S:
                 self._barrier_silent()
             if parent_pid is not None and os.getppid() != parent_pid:
@@ -275,9 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode steps per load report at most")  # fmt: skip
     p.add_argument("--report-interval-ms", type=float, default=d.report_interval_s * 1000,
                    help="model ms between load reports at most, while busy")  # fmt: skip
-    p.add_argument("--report-profile", choices=REPORT_PROFILES, default="sglang",
-                   help="load fields to report: sglang = what the SGLang adapter delivers (default), "
-                        "full = also the prompt tokens left to prefill")  # fmt: skip
+    add_report_profile_argument(p)
     p.add_argument("--heartbeat-s", type=float, default=0.25, help="wall seconds between heartbeats when idle")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
     p.add_argument("--kv-events", action="store_true",
