@@ -90,6 +90,20 @@ def test_a_decode_run_ends_before_the_first_request_finishes_or_a_report_is_due(
     assert e.plan().max_steps == 15  # a alone: the report cadence bounds the run
 
 
+def test_a_request_that_arrives_after_the_step_starts_waits_and_ends_the_run_on_arrival() -> None:
+    e = MockEngine(P, chunk_tokens=1000)
+    e.add(job("a", 100, out=50))
+    step(e, 0.0)
+    late = job("late", 100, at=4.5)
+    e.add(late)  # received before the rank planned a step that starts at t = 4
+    w = e.plan(4.0, wake_at=9.0)
+    assert not w.extend and w.num_tokens == 1 and w.wake_at == 4.5  # a decodes until then
+    assert e.num_waiting == 1
+    e.apply(w, 1, 5.0)
+    w = e.plan(5.0)
+    assert w.extend and w.num_tokens == 100
+
+
 def test_a_formed_batch_is_kept_until_it_runs() -> None:
     e = MockEngine(P, chunk_tokens=1000)
     e.add(job("a", 600))

@@ -142,18 +142,25 @@ def test_a_rank_that_leaves_is_not_waited_for() -> None:
     assert g.running is not None and g.stats.dropped == 0
 
 
-def test_a_post_later_than_the_run_it_follows_is_counted_as_stall() -> None:
+def test_work_that_arrived_after_the_step_started_waits_for_the_next_step_boundary() -> None:
     g = group(0, 1)
     g.post(0, 0, 1, decode(3, steps=1), 0.0, 0.0)
     g.post(1, 0, 1, decode(3, steps=1), 0.0, 0.0)
+    first = g.running
+    assert first is not None
+    g.tick(first.end)
+    g.post(0, 1, 2, decode(3, steps=5), first.end, first.end)
+    # Rank 1's new request arrived 40 ms (model) after the step ended, while the processes
+    # were still gathering: the step starts on time without it, rank 1 idles in it (its plan
+    # did not run: version 0), and the run ends at the first boundary after the arrival.
+    g.post(1, 1, 2, extend(10), first.end + 0.04, first.end + 0.041)
     run = g.running
-    assert run is not None
-    g.tick(run.end)
-    g.post(0, 1, 2, decode(3, steps=1), run.end, run.end)
-    # Rank 1's new request arrived 40 ms (model) after the step ended, before it posted.
-    g.post(1, 1, 2, extend(10), run.end + 0.04, run.end + 0.04)
-    assert g.running is not None and g.running.start == pytest.approx(run.end + 0.04)
-    assert g.stats.stall_s == pytest.approx(0.04)
+    assert run is not None and run.start == first.end
+    assert run.versions == {0: 2, 1: 0} and not run.work[1].busy
+    assert run.step_s == pytest.approx(0.010 + 3 * 0.002 + 0.0001 * 3 / 2)
+    assert run.steps == math.ceil(0.04 / run.step_s) == 3
+    assert g.stats.stall_s == 0.0
+    assert g.stats.lag_max_s == pytest.approx(0.041)  # the clock was 41 ms ahead of the start
 
 
 def test_a_restarted_rank_is_not_told_about_the_run_its_old_life_posted_for() -> None:

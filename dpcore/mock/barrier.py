@@ -15,7 +15,8 @@ sync       barrier → rank  ``[0, run, epoch, speedup, chunk]``: post for *run*
                            ``(time.monotonic() - epoch) × speedup`` in every process; *chunk*
                            is the per-rank prefill budget (global size // dp size)
 end        barrier → rank  ``[1, run, version, steps, end]``: *run* ran *steps* steps of plan
-                           *version* and ended at model time *end*; post for ``run + 1``
+                           *version* (0: none, the rank idled: its work arrived after the
+                           run started) and ended at model time *end*; post for ``run + 1``
 =========  ==============  =====================================================================
 
 The barrier owns the model clock: :class:`~dpcore.mock.lockstep.Lockstep` decides when runs

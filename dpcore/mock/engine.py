@@ -25,6 +25,7 @@ without any clock.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -180,11 +181,15 @@ class MockEngine:
 
     # ------------------------------------------------------------------ steps
 
-    def plan(self, wake_at: float = float("inf")) -> StepWork:
-        """This rank's part of the next step. An extend batch, once formed, holds its
-        requests until :meth:`apply` runs it (a plan the gather may still use)."""
+    def plan(self, at: float = math.inf, wake_at: float = math.inf) -> StepWork:
+        """This rank's part of a step starting at model time *at*: requests that arrive
+        later wait for a later step (the run ends at the first one's arrival). An extend
+        batch, once formed, holds its requests until :meth:`apply` runs it (a plan the
+        gather may still use)."""
         if self._batch is None:
-            self._batch = self._form_batch() or None
+            self._batch = self._form_batch(at) or None
+        if self.waiting and self.waiting[-1].arrived > at:
+            wake_at = min(wake_at, next(j.arrived for j in self.waiting if j.arrived > at))
         if self._batch:
             tokens = sum(n for _, n in self._batch)
             return StepWork(tokens, extend=True, max_steps=1, wake_at=wake_at)
@@ -237,9 +242,9 @@ class MockEngine:
         self.kv.release(job.blocks, job.num_tokens, job.output_tokens)
         finished.append(job)
 
-    def _form_batch(self) -> list[tuple[Job, int]]:
-        """The chunked prompt first, then waiting jobs (first come, first served) while KV
-        and the chunk budget allow."""
+    def _form_batch(self, at: float) -> list[tuple[Job, int]]:
+        """The chunked prompt first, then jobs waiting since *at* or earlier (first come,
+        first served) while KV and the chunk budget allow."""
         budget = self.chunk_tokens
         batch: list[tuple[Job, int]] = []
         for job in self.prefilling:  # admitted earlier, chunked: continue it
@@ -247,7 +252,7 @@ class MockEngine:
             batch.append((job, n))
             budget -= n
         waiting = self.waiting
-        while budget > 0 and waiting:
+        while budget > 0 and waiting and waiting[0].arrived <= at:
             job = waiting[0]
             hit = self.kv.admit(job.blocks, job.num_tokens, job.output_tokens)
             if hit < 0:

@@ -116,9 +116,11 @@ class Stats:
     #: padded while the slowest rank finished its own work (the step model's waste).
     rank_s: float = 0.0
     waste_s: float = 0.0
-    #: Time the model waited for the processes (a post that came later than the run it
-    #: follows ended, in model time): 0 when the machine keeps up with the speed-up.
+    #: Model time every rank waited for a rank that missed a gather (until the step timeout).
     stall_s: float = 0.0
+    #: How far a run's start lagged behind the clock when it started: the processes falling
+    #: behind model time (results stay exact in model time; near 0 when the machine keeps up).
+    lag_max_s: float = 0.0
     #: Ranks that missed a gather by ``step_timeout_s`` and were dropped from it.
     dropped: int = 0
     rejoined: int = 0
@@ -182,9 +184,9 @@ class Lockstep:
     # ------------------------------------------------------------------ posts
 
     def post(self, rank: int, run: int, version: int, work: StepWork, at: float, now: float) -> bool:
-        """*rank*'s plan *version* for *run*, made at model time *at* (its last step end, or
-        the arrival of the newest request in it). ``False``: not a member, or a run that is
-        over; the rank must :meth:`join` and post again."""
+        """*rank*'s plan *version* (1 and up) for *run*, ready at model time *at* (its last
+        step end, or the arrival of the newest request in it). ``False``: not a member, or a
+        run that is over; the rank must :meth:`join` and post again."""
         if rank not in self.members:
             return False
         if self.running is not None and run == self.run_id:
@@ -253,23 +255,35 @@ class Lockstep:
         if self.running is not None or not self.members or self.members - self._plans.keys():
             return
         plans = {r: self._plans[r] for r in sorted(self.members)}
-        works = [w for _, w, _ in plans.values()]
-        if not any(w.busy for w in works):
+        ready = [at for _, w, at in plans.values() if w.busy]
+        if not ready:
             # Everyone idle: no step runs (every SGLang rank returns no batch). The next run
             # starts when a rank gets work; that gap is idle time, not a stall.
             self._continuing = False
             return
-        start = max(self.last_end, not_before, max(at for _, _, at in plans.values()))
+        start = max(self.last_end, not_before, min(ready))
         if self._continuing:
             self.stats.stall_s += start - self.last_end
+        self.stats.lag_max_s = max(self.stats.lag_max_s, now - start)
+        versions: dict[int, int] = {}
+        work: dict[int, StepWork] = {}
+        cut = math.inf
+        for r, (version, w, at) in plans.items():
+            if at > start + _EPS:
+                # Work that arrived after the step starts (model time) waits for the next
+                # step boundary, as a scheduler sees new requests only between steps: the
+                # rank idles now (version 0: its plan did not run) and the run ends there.
+                version, w, cut = 0, IDLE, min(cut, at)
+            versions[r] = version
+            work[r] = w
+            cut = min(cut, w.wake_at, self._wakes.get(r, math.inf))
+        works = list(work.values())
         step = self.model.step([w.num_tokens if w.extend else 0 for w in works],
                                [0 if w.extend else w.num_tokens for w in works])  # fmt: skip
         steps = min(w.max_steps for w in works)
-        run = Run(self.run_id, start, step.duration_s, steps, {r: v for r, (v, _, _) in plans.items()},
-                  {r: w for r, (_, w, _) in plans.items()}, step.waste_s)  # fmt: skip
-        for at in [*(w.wake_at for w in works), *self._wakes.values()]:
-            if at < math.inf:
-                run.cut(at)
+        run = Run(self.run_id, start, step.duration_s, steps, versions, work, step.waste_s)
+        if cut < math.inf:
+            run.cut(cut)
         self.running = run
 
     def _account(self, run: Run) -> None:

@@ -38,9 +38,9 @@ import msgpack
 
 import structlog
 
-from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S, End, LocalClock, RemoteClock, Sync
+from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S, LocalClock, RemoteClock, Sync
 from dpcore.mock.engine import EngineParams, Job, MockEngine, Step
-from dpcore.mock.lockstep import IDLE, StepWork
+from dpcore.mock.stepper import Stepper
 from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES, profile
 
 if TYPE_CHECKING:
@@ -113,16 +113,10 @@ class MockRank:
         self.params = params
         self.clock = clock
         self.profile = profile(report_profile)
+        self.stepper = Stepper(self.engine, clock, params.report_interval_s)
         self._stream: set[int] = set()
         self.stop = False
         self.completed = 0
-        #: The run this rank posts for; ``None`` until the lockstep said.
-        self.run_id: int | None = None
-        self._version = 0
-        self._posted: dict[int, StepWork] = {}
-        self._posted_busy = False
-        #: Model time the rank's last step ended (its plans start there).
-        self._t = 0.0
         self._heard = time.monotonic()
         self.barrier_silences = 0
 
@@ -132,8 +126,7 @@ class MockRank:
         if clock.socket is not None:
             worker.watch(clock.socket)
         clock.join()
-        for ev in clock.events():  # a rank alone is in sync at once
-            self._sync(ev) if isinstance(ev, Sync) else self._end(ev)
+        self._events()  # a rank alone is in sync at once
         while not self.stop:
             wait = worker.heartbeat_interval_s
             due = clock.due_wall_s()
@@ -142,14 +135,12 @@ class MockRank:
                 wait = min(wait, math.ceil(due * 1000) / 1000 + 1e-6)
             items = worker.recv(wait)
             changed = bool(items) and self._arrive(items)
-            for ev in clock.events():
-                self._heard = time.monotonic()
-                changed |= self._sync(ev) if isinstance(ev, Sync) else self._end(ev)
+            changed |= self._events()
             if changed:
                 e = self.engine
                 worker.report(e.num_running, e.num_waiting, e.num_tokens, e.kv_used, self.params.kv_capacity,
                               prefill_tokens=self.profile.prefill_tokens(e.prefill_tokens))  # fmt: skip
-            if self._posted_busy and time.monotonic() - self._heard > BARRIER_SILENCE_S:
+            if self.stepper.waiting_for_the_group and time.monotonic() - self._heard > BARRIER_SILENCE_S:
                 self._barrier_silent()
             if parent_pid is not None and os.getppid() != parent_pid:
                 break  # whoever started us is gone: do not linger as an orphan
@@ -169,48 +160,25 @@ class MockRank:
             refused = self.engine.add(job)
             if refused:
                 self._emit(Step(refused, refused))
-        if self.run_id is not None:
-            if self._posted_busy:
-                self.clock.wake(self.run_id, now)  # the step after the one running takes it
-            else:
-                self._post(now)  # an idle plan binds nothing: post a fresh one at once
+        self.stepper.arrived(now)
         return True
 
-    def _sync(self, ev: Sync) -> bool:
-        if self.run_id is not None:
-            log.warning("lockstep_resynchronised", rank=self.rank, run=ev.run)
-        self.run_id = ev.run
-        self.engine.chunk_tokens = ev.chunk_tokens
-        self._posted.clear()
-        self._t = max(self._t, self.clock.now())
-        self._post(self._t)
-        return False
-
-    def _end(self, ev: End) -> bool:
-        if ev.run != self.run_id:
-            return False  # a run this life of the rank did not post for
-        work = self._posted.get(ev.version, IDLE)
-        step = self.engine.apply(work, ev.steps, ev.end)
-        self._emit(step)
-        self._t = ev.end
-        self.run_id = ev.run + 1
-        self._posted.clear()
-        self._post(ev.end)
-        return work.busy
-
-    def _post(self, at: float) -> None:
-        assert self.run_id is not None  # posts happen only after a sync
-        e = self.engine
-        # A plan cannot start before the newest request in it arrived.
-        at = max(at, self._t)
-        # A load report goes out after every run this rank works in; a run lasts at most
-        # report_every_steps steps (the engine's plan) or report_interval_s.
-        work = e.plan(at + self.params.report_interval_s)
-        at = max(at, e.batch_arrived)
-        self._version += 1
-        self._posted[self._version] = work
-        self._posted_busy = work.busy
-        self.clock.post(self.run_id, self._version, work, at)
+    def _events(self) -> bool:
+        """Apply what the lockstep says; whether the load changed (a report is due)."""
+        changed = False
+        stepper = self.stepper
+        for ev in self.clock.events():
+            self._heard = time.monotonic()
+            if isinstance(ev, Sync):
+                if stepper.run_id is not None:
+                    log.warning("lockstep_resynchronised", rank=self.rank, run=ev.run)
+                stepper.sync(ev.run, ev.chunk_tokens, self.clock.now())
+            elif (done := stepper.end(ev.run, ev.version, ev.steps, ev.end)) is not None:
+                # A load report goes out after every run this rank worked in; a run lasts at
+                # most report_every_steps steps or report_interval_s.
+                self._emit(done[0])
+                changed |= done[1].busy
+        return changed
 
     def _barrier_silent(self) -> None:
         """No step end for a long time while this rank has work: the barrier died or lost
