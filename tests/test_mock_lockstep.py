@@ -180,3 +180,26 @@ def test_a_restarted_rank_is_not_told_about_the_run_its_old_life_posted_for() ->
 def test_step_work_is_validated(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         StepWork(**bad)
+
+
+def test_a_rank_with_only_a_request_from_after_the_step_posts_it_ready_at_its_arrival() -> None:
+    from dpcore.mock.engine import Job, MockEngine
+    from dpcore.mock.stepper import Stepper
+
+    posts: list[tuple[StepWork, float]] = []
+
+    class Poster:
+        def post(self, run: int, version: int, work: StepWork, at: float) -> None:
+            posts.append((work, at))
+
+        def wake(self, run: int, at: float) -> None:
+            raise AssertionError("an idle rank posts afresh")
+
+    s = Stepper(MockEngine(), Poster(), 0.1)
+    s.sync(0, 1000, 0.0)
+    assert posts[-1] == (IDLE, 0.0)
+    # The step ended at t = 2; a request stamped a hair later was already received.
+    s.engine.add(Job(None, "a", 100, (), 5, 2.0 + 1e-7))
+    s.end(0, 1, 1, 2.0)
+    work, at = posts[-1]
+    assert work.busy and work.extend and at == 2.0 + 1e-7  # not an idle plan: it would wait for ever

@@ -90,6 +90,11 @@ class Stepper:
         e = self.engine
         at = max(at, self._t)
         work = e.plan(at, at + self.report_interval_s)
+        if not work.busy and e.waiting:
+            # Nothing to do before the first waiting request arrives (a hair after the run
+            # ended): the rank's next step starts then, with it.
+            at = max(at, e.waiting[0].arrived)
+            work = e.plan(at, at + self.report_interval_s)
         # A batch formed earlier (a plan the group did not run yet) keeps its own readiness.
         at = max(at, e.batch_arrived)
         self._version += 1
