@@ -38,10 +38,12 @@ import msgpack
 
 import structlog
 
+from dpcore.cacheindex import REMOVED, STORED
 from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S, LocalClock, RemoteClock, Sync
 from dpcore.mock.engine import EngineParams, Job, MockEngine, Step
 from dpcore.mock.stepper import Stepper
 from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES, profile
+from dpcore.wire import KV_RESYNC, Control
 
 if TYPE_CHECKING:
     from dpcore.sdk.worker import Work, Worker
@@ -138,12 +140,38 @@ class MockRank:
             changed |= self._events()
             if changed:
                 e = self.engine
+                if e.kv.events:
+                    self._publish(e.kv.events)
                 worker.report(e.num_running, e.num_waiting, e.num_tokens, e.kv_used, self.params.kv_capacity,
                               prefill_tokens=self.profile.prefill_tokens(e.prefill_tokens))  # fmt: skip
             if self.stepper.waiting_for_the_group and time.monotonic() - self._heard > BARRIER_SILENCE_S:
                 self._barrier_silent()
             if parent_pid is not None and os.getppid() != parent_pid:
                 break  # whoever started us is gone: do not linger as an orphan
+
+    # ------------------------------------------------------------------ KV events
+
+    def _publish(self, events: list[tuple]) -> None:
+        """Send the cache's changes since the last report as one KV event batch (so they
+        reach the controller with the report, as SGLang publishes them per step)."""
+        w = self.worker
+        for ev in events:
+            if ev[0] == STORED:
+                w.kv_stored(ev[2], ev[1])
+            elif ev[0] == REMOVED:
+                w.kv_removed(ev[1])
+            else:
+                w.kv_cleared()
+        events.clear()
+        w.kv_flush()
+
+    def on_control(self, ctl: Control) -> None:
+        """The controller lost track of this rank's cache: send all of it."""
+        if ctl.op == KV_RESYNC and isinstance(ctl.data, dict) and ctl.data.get("rank") == self.worker.rank:
+            events = self.engine.kv.events
+            if events is not None:
+                events.clear()
+                self.worker.kv_resync([(None, (b,)) for b in self.engine.kv.blocks()])
 
     # ------------------------------------------------------------------ lockstep
 
@@ -291,6 +319,11 @@ def run(args: argparse.Namespace) -> int:
     clock: Clock = (RemoteClock(ctx, args.barrier, args.rank) if args.barrier is not None
                     else LocalClock(args.rank, speedup, StepModel()))  # fmt: skip
     rank = MockRank(worker, params, clock, args.report_profile)
+    if args.kv_events:
+        # Publish the cache's changes with each load report (so with the report delay).
+        rank.engine.kv.events = []
+        worker.kv_capacity_blocks = params.kv_capacity // params.block_size
+        worker.on_control = rank.on_control
 
     def _stop(*_: object) -> None:
         # Raising interrupts the wait in recv() at once; whatever is running is lost either way.

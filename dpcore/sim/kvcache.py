@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from dpcore.cacheindex import CLEARED, REMOVED, STORED
+
 
 class RankKV:
     """KV accounting of one rank with *capacity* tokens and *block_size*-token blocks."""
 
-    __slots__ = ("capacity", "block_size", "pinned", "evictable", "pinned_tokens", "evictable_tokens", "reserved")
+    __slots__ = ("capacity", "block_size", "pinned", "evictable", "pinned_tokens", "evictable_tokens", "reserved", "events")
 
     def __init__(self, capacity: int, block_size: int) -> None:
         self.capacity = capacity
@@ -26,12 +28,21 @@ class RankKV:
         self.pinned_tokens = 0
         self.evictable_tokens = 0
         self.reserved = 0  # output tokens reserved by admitted requests
+        #: When a list: the cache's changes as KV events (dpcore.cacheindex kinds), for a rank
+        #: that publishes them; its owner empties it.
+        self.events: list[tuple] | None = None
 
     def clear(self) -> None:
         """Forget everything (a restarted rank comes back with an empty cache)."""
         self.pinned.clear()
         self.evictable.clear()
         self.pinned_tokens = self.evictable_tokens = self.reserved = 0
+        if self.events is not None:
+            self.events.append((CLEARED,))
+
+    def blocks(self) -> list[int]:
+        """Every block held (a KV resync)."""
+        return [*self.pinned, *self.evictable]
 
     def cached_blocks(self, hashes: Sequence[int]) -> int:
         """Blocks of *hashes*' prefix held now."""
@@ -70,6 +81,8 @@ class RankKV:
             else:
                 e[0] += 1
         left = n_in - m * bs
+        events = self.events
+        stored = [] if events is not None else None
         for k in range(m, len(hashes)):
             h = hashes[k]
             tok = bs if left > bs else left
@@ -77,6 +90,8 @@ class RankKV:
             e = pinned.get(h)
             if e is None and h not in evictable:
                 pinned[h] = [1, tok]
+                if stored is not None:
+                    stored.append(h)
                 continue
             # Cached already, though not as part of the matched prefix (a duplicate id in one
             # prompt, or a deeper block that outlived its parent): no new KV for it.
@@ -90,11 +105,15 @@ class RankKV:
         self.pinned_tokens += moved + new_tokens
         self.evictable_tokens -= moved
         self.reserved += n_out
+        if stored:
+            events.append((STORED, hashes[m - 1] if m else None, tuple(stored)))
         excess = self.pinned_tokens + self.evictable_tokens + self.reserved - self.capacity
         while excess > 0:
-            _, tok = evictable.popitem(last=False)
+            h, tok = evictable.popitem(last=False)
             self.evictable_tokens -= tok
             excess -= tok
+            if events is not None:
+                events.append((REMOVED, (h,)))
         return hit
 
     def release(self, hashes: Sequence[int], n_in: int, n_out: int) -> None:
