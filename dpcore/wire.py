@@ -18,10 +18,32 @@ ctl       sender → ingress, and       [header(op, data)]
           controller → every rank
 ========  ==========================  ====================================================
 
+``abort`` is a control message (``op="abort"``, ``data={"rid", "reply"}``) a sender sends
+when its caller went away: the controller forwards it to the ranks, which drop the request
+if it has not started and stop it if it has (:func:`encode_abort`, :func:`abort_target`).
+
 Every decoder raises :class:`~dpcore.errors.WireError` (never anything else) with the part
 that is wrong and why, so a receiving loop catches one type and keeps going. A request
 header that is broken but still names its sender's reply endpoint raises
 :class:`MalformedHeader`, which carries that endpoint so the sender can be told.
+
+Every number has a range (:class:`Limits`), chosen so that what a deployment can hold fits
+and so that the controller's sums over in-flight requests stay far inside the 64-bit
+integers msgpack carries (a poison value is refused at the door, never summed):
+
+=====================================  =============================================
+field                                  range
+=====================================  =============================================
+req ``n`` (num_tokens), ``mnt``        0 .. ``Limits.max_tokens`` (default 2**24)
+req ``bh`` (block hashes)              at most ceil(n / ``Limits.min_block_size``)
+                                       and at most ``Limits.max_block_hashes``
+ctl frame                              at most ``Limits.max_control_bytes`` bytes
+load ``run``, ``wait``                 0 .. 2**32
+load ``tok``, ``kvu``, ``kvc``, ``pf`` 0 .. 2**40 tokens (``pf``: also -1, unknown)
+load ``epoch``, ``seq``, ``lo``,       0 .. 2**63-1 (``ack`` also -1)
+``done`` items, ``ack``
+dispatch ``rank``, ``seq``, ``pr``     0 .. 2**63-1
+=====================================  =============================================
 """
 
 from __future__ import annotations
@@ -54,6 +76,11 @@ REPLY_TYPES = (OUT, REJ, FAIL)
 
 #: Dispatch sequence numbers and ranks travel as msgpack ints; anything bigger is a bug.
 _MAX_INT = (1 << 63) - 1
+#: Requests a rank can hold (running or waiting): far above any engine's batch.
+MAX_REPORT_REQUESTS = 1 << 32
+#: Tokens a rank can hold (KV capacity, tokens in use): 2**40, a thousand times the KV of
+#: the largest GPU node today, and small enough that a sum over a million ranks fits int64.
+MAX_REPORT_TOKENS = 1 << 40
 
 _MAX_DONE = 1 << 16
 
@@ -84,6 +111,48 @@ def valid_reply(reply: Any) -> bool:
             _REPLY_OK[reply] = ok
     return ok
 _BIG_ENDIAN = sys.byteorder == "big"
+
+
+@frozen
+class Limits:
+    """The ranges the request and control decoders enforce.
+
+    :ivar max_tokens: Largest prompt (``num_tokens``) and ``max_new_tokens`` accepted: the
+        longest context a deployment serves. The default, 2**24 (16.7M tokens), is above
+        every model's context today; lower it to your model's (``--max-context-tokens``).
+        Per request at most 2**31, so the ledger's sum over in-flight requests cannot
+        overflow.
+    :ivar min_block_size: Smallest block size senders hash with: a request may carry at most
+        ceil(num_tokens / min_block_size) block hashes.
+    :ivar max_block_hashes: At most this many block hashes per request, whatever its length
+        (bounds the work a cache-aware policy does for one request).
+    :ivar max_control_bytes: Largest control frame; the controller copies each one to every
+        rank, so it is kept small.
+    """
+
+    max_tokens: int = 1 << 24
+    min_block_size: int = 16
+    max_block_hashes: int = 1 << 16
+    max_control_bytes: int = 64 << 10
+
+    def __attrs_post_init__(self) -> None:
+        for name, lo, hi in (
+            ("max_tokens", 1, 1 << 31),
+            ("min_block_size", 1, 1 << 20),
+            ("max_block_hashes", 0, 1 << 24),
+            ("max_control_bytes", 64, MAX_MESSAGE_BYTES),
+        ):
+            x = getattr(self, name)
+            if type(x) is not int or not lo <= x <= hi:
+                msg = f"wire limit {name} must be an integer in {lo}..{hi}, got {x!r}"
+                raise ValueError(msg)
+
+    def max_hashes(self, num_tokens: int) -> int:
+        """How many block hashes a request of *num_tokens* may carry."""
+        return min(self.max_block_hashes, -(-num_tokens // self.min_block_size))
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class MalformedHeader(WireError):
@@ -186,16 +255,16 @@ def _opt_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -
     x = obj.get(key)
     if x is None:
         return None
-    if type(x) is not int or x < minimum:
-        msg = f"{what}: field {key!r} must be an integer >= {minimum} or absent, got {x!r}"
+    if type(x) is not int or not minimum <= x <= _MAX_INT:
+        msg = f"{what}: field {key!r} must be an integer in {minimum}..2**63-1 or absent, got {x!r:.40}"
         raise WireError(msg)
     return x
 
 
-def _req_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -> int:
+def _req_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0, maximum: int = _MAX_INT) -> int:
     x = obj.get(key)
-    if type(x) is not int or not minimum <= x <= _MAX_INT:
-        msg = f"{what}: field {key!r} must be an integer >= {minimum}, got {x!r}"
+    if type(x) is not int or not minimum <= x <= maximum:
+        msg = f"{what}: field {key!r} must be an integer in {minimum}..{maximum}, got {x!r:.40}"
         raise WireError(msg)
     return x
 
@@ -252,11 +321,12 @@ def encode_request(
     return msgpack.packb(h)
 
 
-def request_from_header(h: Mapping[str, Any]) -> tuple[Request, str | None]:
+def request_from_header(h: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -> tuple[Request, str | None]:
     """Validate a decoded ``req`` header; return the :class:`Request` and reply endpoint.
 
-    Ranks (``rdr``/``dpr``/``pdr``) are passed through unchecked: the core validates them
-    against ``dp_size`` and liveness and rejects the request with its own reason.
+    Numbers are checked against *limits*. Ranks (``rdr``/``dpr``/``pdr``) are passed through
+    unchecked: the core validates them against ``dp_size`` and liveness and rejects the
+    request with its own reason.
     """
     get = h.get
     rid = get("rid")
@@ -265,22 +335,24 @@ def request_from_header(h: Mapping[str, Any]) -> tuple[Request, str | None]:
     bh = get("bh")
     room = get("room")
     mnt = get("mnt")
+    top = limits.max_tokens
     # The controller's hot path: one combined check; the slow path finds what is wrong.
+    # The length of ``bh`` is checked before its items are looked at.
     if (
         type(rid) is str
         and rid
         and type(n) is int
-        and n >= 0
+        and 0 <= n <= top
         and valid_reply(reply)
-        and (bh is None or (type(bh) is list and all(type(x) is int for x in bh)))
+        and (bh is None or (type(bh) is list and len(bh) <= limits.max_hashes(n) and all(type(x) is int for x in bh)))
         and (room is None or type(room) is int)
-        and (mnt is None or (type(mnt) is int and mnt >= 0))
+        and (mnt is None or (type(mnt) is int and 0 <= mnt <= top))
     ):
         return Request(rid, n, tuple(bh) if bh else (), room, get("rdr"), get("dpr"), get("pdr"), mnt), reply
-    raise _request_error(h)
+    raise _request_error(h, limits)
 
 
-def _request_error(h: Mapping[str, Any]) -> WireError:
+def _request_error(h: Mapping[str, Any], limits: Limits) -> WireError:
     """The precise error for a request header that failed the fast check."""
     reply = h.get("reply")
     if not valid_reply(reply):
@@ -290,16 +362,28 @@ def _request_error(h: Mapping[str, Any]) -> WireError:
     bh = h.get("bh")
     room = h.get("room")
     mnt = h.get("mnt")
+    top = limits.max_tokens
     if type(rid) is not str or not rid:
-        msg = f"request: field 'rid' must be a non-empty string, got {rid!r}"
-    elif type(n) is not int or n < 0:
-        msg = f"request {rid!r}: field 'n' (num_tokens) must be an integer >= 0, got {n!r}"
-    elif bh is not None and not (type(bh) is list and all(type(x) is int for x in bh)):
-        msg = f"request {rid!r}: field 'bh' (block_hashes) must be a list of integers"
+        msg = f"request: field 'rid' must be a non-empty string, got {rid!r:.80}"
+    elif type(n) is not int or not 0 <= n <= top:
+        msg = (
+            f"request {rid!r:.80}: field 'n' (num_tokens) must be an integer in 0..{top} "
+            f"(the controller's --max-context-tokens), got {n!r:.40}"
+        )
+    elif bh is not None and type(bh) is not list:
+        msg = f"request {rid!r:.80}: field 'bh' (block_hashes) must be a list of integers"
+    elif bh is not None and len(bh) > limits.max_hashes(n):
+        msg = (
+            f"request {rid!r:.80}: field 'bh' has {len(bh)} block hashes for {n} tokens; at most "
+            f"{limits.max_hashes(n)} (one per {limits.min_block_size} tokens, at most "
+            f"{limits.max_block_hashes})"
+        )
+    elif bh is not None and not all(type(x) is int for x in bh):
+        msg = f"request {rid!r:.80}: field 'bh' (block_hashes) must be a list of integers"
     elif room is not None and type(room) is not int:
-        msg = f"request {rid!r}: field 'room' (bootstrap_room) must be an integer, got {room!r}"
-    elif mnt is not None and (type(mnt) is not int or mnt < 0):
-        msg = f"request {rid!r}: field 'mnt' (max_new_tokens) must be an integer >= 0, got {mnt!r}"
+        msg = f"request {rid!r:.80}: field 'room' (bootstrap_room) must be an integer, got {room!r:.40}"
+    elif mnt is not None and (type(mnt) is not int or not 0 <= mnt <= top):
+        msg = f"request {rid!r:.80}: field 'mnt' (max_new_tokens) must be an integer in 0..{top}, got {mnt!r:.40}"
     else:
         msg = f"request {rid!r}: field 'reply' must be an endpoint string like ipc://... or tcp://..."
     if reply is None:
@@ -307,7 +391,7 @@ def _request_error(h: Mapping[str, Any]) -> WireError:
     return MalformedHeader(msg, reply=reply, rid=rid if type(rid) is str else None)
 
 
-def decode_request(buf: Any) -> tuple[Request, str | None]:
+def decode_request(buf: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[Request, str | None]:
     """Decode a ``req`` header frame: the :class:`Request` and its sender's reply endpoint.
 
     Raises :class:`MalformedHeader` when the header is bad but names a reply endpoint,
@@ -315,15 +399,19 @@ def decode_request(buf: Any) -> tuple[Request, str | None]:
     """
     h = _unpack(buf, "request")
     _expect(h, (REQ,), "request")
-    return request_from_header(h)
+    return request_from_header(h, limits)
 
 
-def decode_ingress(buf: Any) -> tuple[Request, str | None] | Control:
+def decode_ingress(buf: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[Request, str | None] | Control:
     """Decode what a controller's ingress receives: a request or a control message."""
     h = _unpack(buf, "ingress")
     t = _expect(h, (REQ, CTL), "ingress")
     if t == REQ:
-        return request_from_header(h)
+        return request_from_header(h, limits)
+    if len(buf) > limits.max_control_bytes:
+        # The controller copies a control frame to every rank: a big one multiplies.
+        msg = f"ctl: {len(buf)} bytes is over the control frame limit of {limits.max_control_bytes}"
+        raise WireError(msg)
     return control_from_header(h)
 
 
@@ -483,23 +571,28 @@ def _load_from_header(h: Mapping[str, Any]) -> tuple[LoadReport, tuple[int, ...]
     epoch = _req_int(h, "epoch", w)
     seq = _req_int(h, "seq", w)
     ack = _req_int(h, "ack", w, minimum=-1)
+    reqs, toks = MAX_REPORT_REQUESTS, MAX_REPORT_TOKENS
     report = LoadReport(
         rank,
         epoch,
         seq,
         ack,
-        _req_int(h, "run", w),
-        _req_int(h, "wait", w),
-        _req_int(h, "tok", w),
-        _req_int(h, "kvu", w),
-        _req_int(h, "kvc", w),
-        -1 if h.get("pf") is None else _req_int(h, "pf", w, minimum=-1),
+        _req_int(h, "run", w, maximum=reqs),
+        _req_int(h, "wait", w, maximum=reqs),
+        _req_int(h, "tok", w, maximum=toks),
+        _req_int(h, "kvu", w, maximum=toks),
+        _req_int(h, "kvc", w, maximum=toks),
+        -1 if h.get("pf") is None else _req_int(h, "pf", w, minimum=-1, maximum=toks),
     )
     done = h.get("done")
     if done is None:
         done = ()
-    elif type(done) is not list or len(done) > _MAX_DONE or not all(type(x) is int for x in done):
-        msg = f"load from rank {rank}: field 'done' must be a list of at most {_MAX_DONE} integers"
+    elif (
+        type(done) is not list
+        or len(done) > _MAX_DONE
+        or not all(type(x) is int and 0 <= x <= _MAX_INT for x in done)
+    ):
+        msg = f"load from rank {rank}: field 'done' must be a list of at most {_MAX_DONE} integers in 0..2**63-1"
         raise WireError(msg)
     return report, tuple(done), _opt_int(h, "lo", w)
 
@@ -584,6 +677,25 @@ def decode_ctl(buf: Any) -> Control:
     h = _unpack(buf, "ctl")
     _expect(h, (CTL,), "ctl")
     return control_from_header(h)
+
+
+#: The control op of an abort.
+ABORT = "abort"
+
+
+def encode_abort(rid: str, reply: str) -> bytes:
+    """Ask the ranks to drop (not started) or stop (started) request *rid* of the sender
+    listening at *reply*: its caller went away. No reply comes back for it."""
+    return encode_ctl(ABORT, {"rid": rid, "reply": reply})
+
+
+def abort_target(ctl: Control) -> tuple[str, str]:
+    """The ``(rid, reply)`` an abort control message names."""
+    d = ctl.data
+    if type(d) is not dict or type(d.get("rid")) is not str or not valid_reply(d.get("reply")):
+        msg = f"abort: data must be a map with a string 'rid' and a reply endpoint 'reply', got {d!r:.80}"
+        raise WireError(msg)
+    return d["rid"], d["reply"]
 
 
 def decode_header(buf: Any, types: Sequence[str] = TYPES, what: str = "header") -> dict[str, Any]:

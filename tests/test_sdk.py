@@ -144,10 +144,11 @@ def test_control_messages_reach_worker(ctx, fake):
         fake.dispatch.send(b"junk")
         fake.dispatch.send_multipart(wire.dispatch_frames(5, 0, wire.encode_request("x", num_tokens=1, reply="ipc:///r"), b""))
         deadline = time.monotonic() + 5
-        while (not seen or worker.bad_frames < 2) and time.monotonic() < deadline:
+        while (not seen or worker.bad_frames + worker.misaddressed < 2) and time.monotonic() < deadline:
             assert worker.recv(0.2) == []
         assert seen == [wire.Control("flush_cache", {"why": "test"})]
-        assert worker.bad_frames == 2  # garbage, and a dispatch meant for rank 5
+        assert worker.bad_frames == 1  # garbage
+        assert worker.misaddressed == 1  # a dispatch meant for rank 5, said out loud
 
 
 def test_worker_heartbeats_while_idle(ctx, fake):
@@ -221,3 +222,72 @@ def test_endpoint_checks(tmp_path):
     assert ep.startswith("ipc://") and d is not None
     endpoints.remove_run_dir(d)
     assert endpoints.reply_endpoint_like("tcp://127.0.0.1:5")[0] == "tcp://127.0.0.1:*"
+
+
+def _drain_reports(fake, worker, until):
+    """Reports until *until(report, done)* holds (the worker heartbeats every 50 ms)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        worker.recv(0.05)
+        try:
+            report, done, _ = wire.decode_load(fake.reports.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            continue
+        if until(report, done):
+            return report, done
+    raise AssertionError("no such report within 5 s")
+
+
+def test_abort_drops_a_dispatch_not_yet_handed_out_and_closes_its_books(ctx, fake):
+    with Client(fake.ingress_ep, zmq_ctx=ctx) as client, Worker(
+        0, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx, heartbeat_interval_s=0.05
+    ) as worker:
+        client.submit("gone", token_ids=[1, 2, 3])
+        client.submit("kept", token_ids=[1, 2, 3])
+        gone = fake.ingress.recv_multipart()
+        kept = fake.ingress.recv_multipart()
+        # The abort comes before the dispatch (the controller forwards both in order of arrival).
+        fake.dispatch.send(wire.encode_abort("gone", client.reply_endpoint))
+        fake.dispatch.send_multipart(wire.dispatch_frames(0, 0, gone[0], gone[1]))
+        fake.dispatch.send_multipart(wire.dispatch_frames(0, 1, kept[0], kept[1]))
+        works = []
+        deadline = time.monotonic() + 5
+        while not works and time.monotonic() < deadline:
+            works = worker.recv(0.1)
+        assert [w.rid for w in works] == ["kept"]
+        assert worker.aborted == 1
+        # The aborted dispatch is acknowledged and done: the controller stops counting it.
+        _drain_reports(fake, worker, lambda r, done: 0 in done and r.acked_seq >= 0)
+
+
+def test_abort_of_a_running_request_reaches_the_engine(ctx, fake):
+    stopped = []
+    with Client(fake.ingress_ep, zmq_ctx=ctx) as client, Worker(
+        0, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx, on_abort=stopped.append
+    ) as worker:
+        client.submit("r", token_ids=[1, 2, 3])
+        fake.forward(0, 0)
+        works = []
+        deadline = time.monotonic() + 5
+        while not works and time.monotonic() < deadline:
+            works = worker.recv(0.1)
+        (work,) = works
+        # Another sender's request of the same id is not this one.
+        fake.dispatch.send(wire.encode_abort("r", "ipc:///tmp/someone-else"))
+        fake.dispatch.send(wire.encode_abort("r", client.reply_endpoint))
+        while not stopped and time.monotonic() < deadline:
+            worker.recv(0.1)
+        assert stopped == [work]
+        assert worker.aborted == 1
+
+
+def test_worker_reports_stay_inside_the_wire_ranges(ctx, fake):
+    with Worker(0, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx) as worker:
+        fake.report()  # the hello
+        # An engine whose token sum went past 2**64 must not take the worker (or the rank) down.
+        assert worker.report(3, 1, 1 << 70, kv_used=-5, kv_capacity=float("nan"))
+        report, _, _ = fake.report()
+        assert (report.num_running, report.num_waiting) == (3, 1)
+        assert (report.num_tokens, report.kv_used) == (wire.MAX_REPORT_TOKENS, 0)
+        assert report.kv_capacity == 0
+        assert worker.clamped_reports == 1

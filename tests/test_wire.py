@@ -56,7 +56,7 @@ def test_ranks_pass_through_for_the_core_to_validate():
         ({"n": -1}, "'n'"),
         ({"n": "10"}, "'n'"),
         ({"n": True}, "'n'"),
-        ({"bh": [1, "x"]}, "'bh'"),
+        ({"n": 100, "bh": [1, "x"]}, "'bh'"),
         ({"bh": 3}, "'bh'"),
         ({"room": 1.5}, "'room'"),
         ({"mnt": -2}, "'mnt'"),
@@ -203,3 +203,87 @@ def test_load_report_carries_prefill_tokens_and_defaults_to_unknown():
     assert rep.prefill_tokens == 4096
     rep, _, _ = w.decode_load(w.encode_load(1, epoch=1, seq=2))
     assert rep.prefill_tokens == -1
+
+
+# --------------------------------------------------------------------------- ranges
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_U64 = st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=_U64, n_hashes=st.integers(0, 300), mnt=st.one_of(st.none(), _U64))
+def test_request_numbers_are_accepted_exactly_inside_their_ranges(n, n_hashes, mnt):
+    limits = wire.Limits(max_tokens=4096, min_block_size=16, max_block_hashes=100)
+    fields = {"n": n, "bh": list(range(n_hashes)) or ..., "mnt": mnt if mnt is not None else ...}
+    ok = (
+        0 <= n <= 4096
+        and n_hashes <= min(100, -(-n // 16) if n >= 0 else 0)
+        and (mnt is None or 0 <= mnt <= 4096)
+    )
+    if ok:
+        req, _ = wire.decode_request(_req(**fields), limits)
+        assert (req.num_tokens, len(req.block_hashes), req.max_new_tokens) == (n, n_hashes, mnt)
+    else:
+        with pytest.raises(MalformedHeader) as ei:
+            wire.decode_request(_req(**fields), limits)
+        assert ei.value.code == "malformed_request"
+
+
+def test_default_limits_refuse_the_poison_token_count():
+    with pytest.raises(MalformedHeader, match="max-context-tokens"):
+        wire.decode_request(_req(n=(1 << 64) - 1))
+    with pytest.raises(MalformedHeader, match="at most 65536"):
+        wire.decode_request(_req(n=1 << 24, bh=list(range(70_000))))
+    # A sum of a million maximal requests still fits what msgpack carries.
+    assert wire.DEFAULT_LIMITS.max_tokens * 1_000_000 < 1 << 63
+
+
+def test_limits_validate_their_own_values():
+    with pytest.raises(ValueError, match="max_tokens"):
+        wire.Limits(max_tokens=1 << 40)
+    with pytest.raises(ValueError, match="min_block_size"):
+        wire.Limits(min_block_size=0)
+
+
+_REPORT_FIELDS = {"run": wire.MAX_REPORT_REQUESTS, "wait": wire.MAX_REPORT_REQUESTS, "tok": wire.MAX_REPORT_TOKENS,
+                  "kvu": wire.MAX_REPORT_TOKENS, "kvc": wire.MAX_REPORT_TOKENS, "pf": wire.MAX_REPORT_TOKENS}  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(sorted(_REPORT_FIELDS)), value=_U64)
+def test_load_report_numbers_have_ranges(key, value):
+    h = msgpack.unpackb(wire.encode_load(0, epoch=1, seq=1))
+    h[key] = value
+    low = -1 if key == "pf" else 0
+    if low <= value <= _REPORT_FIELDS[key]:
+        wire.decode_load(msgpack.packb(h))
+    else:
+        with pytest.raises(WireError, match=repr(key)):
+            wire.decode_load(msgpack.packb(h))
+
+
+def test_load_done_items_must_be_sequence_numbers():
+    h = msgpack.unpackb(wire.encode_load(0, epoch=1, seq=1))
+    h["done"] = [1, -5]
+    with pytest.raises(WireError, match="'done'"):
+        wire.decode_load(msgpack.packb(h))
+
+
+def test_control_frames_are_bounded_in_bytes():
+    small = wire.encode_ctl("note", "x" * 100)
+    assert wire.decode_ingress(small) == wire.Control("note", "x" * 100)
+    big = wire.encode_ctl("note", "x" * (64 << 10))
+    with pytest.raises(WireError, match="control frame limit"):
+        wire.decode_ingress(big)
+
+
+def test_abort_round_trip_and_errors():
+    ctl = wire.decode_ingress(wire.encode_abort("r1", "ipc:///tmp/x"))
+    assert ctl.op == wire.ABORT
+    assert wire.abort_target(ctl) == ("r1", "ipc:///tmp/x")
+    for data in (None, {"rid": 1, "reply": "ipc:///tmp/x"}, {"rid": "r", "reply": "nowhere"}):
+        with pytest.raises(WireError, match="abort"):
+            wire.abort_target(wire.Control(wire.ABORT, data))

@@ -179,6 +179,21 @@ class MockEngine:
         self._waiting_tokens += job.num_tokens
         return ()
 
+    def abort(self, job: Job, now: float) -> bool:
+        """Stop *job* (its caller went away): a waiting or decoding job leaves at once and
+        frees its KV; one whose prompt is being computed ends when that prefill does (its KV
+        was reserved for the batch). ``False`` if it had already ended."""
+        if job.finished_at is not None:
+            return False
+        if job in self.waiting:
+            self.waiting.remove(job)
+            self._waiting_tokens -= job.num_tokens
+            job.finished_at = now
+        elif job in self.decoding:
+            self.decoding.remove(job)
+            self._end(job, now, [])
+        return True
+
     # ------------------------------------------------------------------ steps
 
     def plan(self, at: float = math.inf, wake_at: float = math.inf) -> StepWork:

@@ -119,12 +119,28 @@ class MockRank:
         self._stream: set[int] = set()
         self.stop = False
         self.completed = 0
+        #: Jobs in the engine by dispatch seq, for aborts; and those aborted, sent nothing.
+        self._jobs: dict[int, Job] = {}
+        self._aborted: set[int] = set()
+        worker.on_abort = self._abort
         self._heard = time.monotonic()
         self.barrier_silences = 0
+
+    def _abort(self, work: Work) -> None:
+        job = self._jobs.pop(work.seq, None)
+        if job is None or not self.engine.abort(job, self.clock.now()):
+            return
+        self._stream.discard(id(job))
+        if job.finished_at is not None:
+            self.worker.finish(work)
+        else:  # inside the prefill in progress: it ends with it, silently
+            self._aborted.add(id(job))
 
     def run(self, parent_pid: int | None = None) -> None:
         worker = self.worker
         clock = self.clock
+        # Say the KV capacity at once: fronts use it to refuse requests no rank can hold.
+        worker.report(0, 0, 0, 0, self.params.kv_capacity)
         if clock.socket is not None:
             worker.watch(clock.socket)
         clock.join()
@@ -184,6 +200,7 @@ class MockRank:
             job = Job(work, work.rid, req.num_tokens, req.block_hashes, out, now)
             if wants_stream(work.header, work.payload):
                 self._stream.add(id(job))
+            self._jobs[work.seq] = job
             self.worker.admit(work)
             refused = self.engine.add(job)
             if refused:
@@ -225,6 +242,13 @@ class MockRank:
             work: Work = job.tag
             stream = id(job) in self._stream
             final = job.finished_at is not None
+            if final:
+                self._jobs.pop(work.seq, None)
+            if id(job) in self._aborted:
+                if final:
+                    self._aborted.discard(id(job))
+                    self.worker.finish(work)
+                continue
             if not final and not stream:
                 continue
             meta: dict[str, Any] = {

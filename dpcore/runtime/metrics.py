@@ -12,13 +12,17 @@ a small fixed set), and ``policy``/``reason`` pairs, capped by the controller at
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from dpcore.errors import ConfigError
 from dpcore.runtime.books import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
@@ -103,14 +107,63 @@ class ControllerCollector(Collector):
         yield CounterMetricFamily("dpcore_bad_reports", "Load reports that could not be decoded", value=s["bad_reports"])
 
 
-def make_registry(controller: Controller) -> CollectorRegistry:
+class ThreadsCollector(Collector):
+    """Restarts of the process's supervised threads (:mod:`dpcore.runtime.supervise`)."""
+
+    def __init__(self, threads: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        self.threads = threads
+
+    def collect(self) -> Iterator[Any]:
+        fam = CounterMetricFamily(
+            "dpcore_thread_restarts", "Times a background thread raised and was restarted", labels=["thread"]
+        )
+        alive = GaugeMetricFamily("dpcore_thread_alive", "1 if the background thread is running", labels=["thread"])
+        for name, t in sorted(self.threads().items()):
+            fam.add_metric([name], t["restarts"])
+            alive.add_metric([name], int(bool(t["alive"])))
+        yield fam
+        yield alive
+
+
+def make_registry(
+    controller: Controller, threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+) -> CollectorRegistry:
     """A registry with only the controller's metrics (no process/platform collectors)."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(ControllerCollector(controller))
+    if threads is not None:
+        reg.register(ThreadsCollector(threads))
     return reg
 
 
-def serve(controller: Controller, port: int, host: str = "127.0.0.1") -> tuple[Any, int]:
-    """Serve ``/metrics`` in a daemon thread; returns the server and the bound port."""
-    server, _thread = start_http_server(port, addr=host, registry=make_registry(controller))
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not logged (every few seconds, forever)."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def bind(
+    controller: Controller,
+    port: int,
+    host: str = "127.0.0.1",
+    threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+) -> tuple[WSGIServer, int]:
+    """A bound ``/metrics`` server (run its ``serve_forever`` in a supervised thread) and
+    its port.
+
+    Raises :class:`~dpcore.errors.ConfigError` (one line) when *host*:*port* cannot be bound.
+    """
+    cls = _Server6 if ":" in host else _Server
+    try:
+        server = make_server(host, port, make_wsgi_app(make_registry(controller, threads)), cls, _Quiet)
+    except OSError as exc:  # taken port, unknown address, no permission
+        msg = f"metrics server cannot bind {host}:{port}: {exc.strerror or exc}"
+        raise ConfigError(msg) from None
     return server, int(server.server_address[1])

@@ -2,8 +2,15 @@
 
 Binds the controller's sockets (ipc under a run directory by default, or TCP), optionally
 writes them to ``--endpoints-file`` so ranks, senders and the HTTP front can find them,
-serves ``/metrics`` on 127.0.0.1 when ``--metrics-port`` is given, and runs the loop until
-SIGTERM or SIGINT. On the signal it stops taking requests (new ones are rejected with
+serves ``/metrics`` on ``--metrics-host`` (127.0.0.1) when ``--metrics-port`` is given, and
+runs the loop until SIGTERM or SIGINT.
+
+A run directory is created 0700 and locked: a second ``serve`` on it is refused (binding an
+existing ipc path would silently take the first one's sockets). Its socket files are removed
+at exit. A listener that cannot be bound (ZMQ sockets, ``--metrics-port``, ``--http-port``,
+``--bootstrap-port``) is one line on stderr and exit status 2. The status server, the
+metrics server and the HTTP front's process are supervised: one that fails is logged,
+counted (``dpcore_thread_restarts``) and started again. On the signal it stops taking requests (new ones are rejected with
 ``shutting_down``), lets in-flight ones finish for up to ``--drain-timeout`` seconds, fails
 the rest, prints the final counters and exits 0.
 """
@@ -15,6 +22,8 @@ import json
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM, wait up to S seconds for in-flight requests (default 10)")  # fmt: skip
     r.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus /metrics on 127.0.0.1:PORT (0: any free port; default off)")  # fmt: skip
+                   help="serve Prometheus /metrics on PORT (0: any free port; default off)")  # fmt: skip
+    r.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address /metrics binds (default 127.0.0.1; 0.0.0.0 for a scraper on another host)")  # fmt: skip
     r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
                    help="largest ingress frame; a peer sending more is disconnected (default 64 MiB)")  # fmt: skip
     s = p.add_argument_group("security")
@@ -61,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     http_server.add_serve_arguments(p)
 
 
-def _endpoints(args: argparse.Namespace, dp_size: int) -> tuple[Any, str | None, str]:
-    """(ControllerEndpoints, run dir we created or None, status endpoint)."""
+def _endpoints(args: argparse.Namespace, dp_size: int) -> tuple[Any, Any, str]:
+    """(ControllerEndpoints, the claimed RunDir or None for tcp, status endpoint)."""
     from dpcore.runtime.controller import ControllerEndpoints
     from dpcore.sdk import endpoints as ep
 
@@ -73,11 +84,24 @@ def _endpoints(args: argparse.Namespace, dp_size: int) -> tuple[Any, str | None,
         eps = ControllerEndpoints.tcp(dp_size, args.host, args.port_base)
         status = f"tcp://{args.host}:{args.port_base + 2 + dp_size}" if args.port_base else f"tcp://{args.host}:*"
         return eps, None, status
-    created = None
-    run_dir = args.run_dir
-    if run_dir is None:
-        run_dir = created = ep.make_run_dir()
-    return ControllerEndpoints.ipc(run_dir, dp_size), created, ep.ipc(run_dir, "status")
+    run_dir = ep.RunDir(args.run_dir)
+    return ControllerEndpoints.ipc(run_dir.path, dp_size), run_dir, ep.ipc(run_dir.path, "status")
+
+
+def _front_watch(proc: list[Any], respawn: Callable[[], Any], stop: threading.Event) -> Callable[[], None]:
+    """The body of the HTTP front's supervisor: it raises when the front's process exits by
+    itself (the supervisor logs and counts that), and starts a new one when run again."""
+
+    def body() -> None:
+        if proc[0].poll() is not None:
+            proc[0] = respawn()
+        while not stop.wait(0.5):
+            code = proc[0].poll()
+            if code is not None and not stop.is_set():
+                msg = f"HTTP front process {proc[0].pid} exited with status {code}"
+                raise RuntimeError(msg)
+
+    return body
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
@@ -142,10 +166,9 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     import structlog
     import zmq
 
-    from dpcore.runtime import metrics, status
+    from dpcore.runtime import metrics, status, supervise
     from dpcore.runtime import pd as pdmod
     from dpcore.runtime.controller import Controller
-    from dpcore.sdk import endpoints as ep
 
     log = structlog.get_logger("dpcore.serve")
     check(args, manager)
@@ -161,14 +184,16 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         security.warn_exposed("the PD bootstrap registry (HTTP, no authentication available)", args.bootstrap_host,
                               "Anyone who can reach it can register or read room -> rank entries.",
                               "bind it to 127.0.0.1 or a private network (--bootstrap-host)", log)  # fmt: skip
-    eps, created_dir, status_ep = _endpoints(args, manager.ctx.dp_size)
+    eps, run_dir, status_ep = _endpoints(args, manager.ctx.dp_size)
     ctx = zmq.Context()
     handler = None
     controller = None
     status_server = None
     metrics_server = None
-    front = None
+    front: list[Any] = []
     http_sock = None
+    stopping = threading.Event()
+    threads: list[supervise.Supervised] = []
     try:
         if args.http_port is not None:
             from dpcore.http import server as http_server
@@ -185,22 +210,39 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             drain_timeout_s=args.drain_timeout, curve=keys or False, max_message_bytes=args.max_message_bytes,
         )  # fmt: skip
         c = controller
+        if run_dir is not None:
+            run_dir.own(controller.endpoints.to_dict()["dispatch"] + [controller.endpoints.ingress,
+                        controller.endpoints.report, status_ep])  # fmt: skip
+
+        def thread_report() -> dict[str, Any]:
+            return supervise.report(threads)
+
         status_server = status.StatusServer(
-            status_ep, lambda: status.snapshot(manager, counters=c.stats()), call_soon=c.call_soon, ctx=ctx,
-            curve=keys or False,
-        ).start()  # fmt: skip
+            status_ep, lambda: status.snapshot(manager, counters=c.stats(), threads=thread_report()),
+            call_soon=c.call_soon, ctx=ctx, curve=keys or False,
+        )  # fmt: skip
+        threads.append(status_server.thread)
+        status_server.start()
         info: dict[str, Any] = {**controller.endpoints.to_dict(), "status": status_server.endpoint, "pid": os.getpid()}
         if args.metrics_port is not None:
-            metrics_server, port = metrics.serve(controller, args.metrics_port)
-            info["metrics"] = f"http://127.0.0.1:{port}/metrics"
+            metrics_server, port = metrics.bind(controller, args.metrics_port, args.metrics_host, thread_report)
+            threads.append(supervise.Supervised("dpcore-metrics", metrics_server.serve_forever, stopping).start())
+            host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
+            info["metrics"] = f"http://{host}:{port}/metrics"
         if handler is not None and getattr(handler, "server", None) is not None:
             info["bootstrap"] = handler.server.url
         if http_sock is not None:
             server = getattr(handler, "server", None)
-            front = http_server.spawn(
-                args, http_sock, ingress=controller.endpoints.ingress, status=status_server.endpoint,
-                bootstrap_port=server.port if server is not None else None,
-            )  # fmt: skip
+
+            def spawn_front() -> Any:
+                return http_server.spawn(
+                    args, http_sock, ingress=c.endpoints.ingress, status=status_server.endpoint,
+                    bootstrap_port=server.port if server is not None else None,
+                )  # fmt: skip
+
+            front.append(spawn_front())
+            threads.append(supervise.Supervised("dpcore-http-front", _front_watch(front, spawn_front, stopping),
+                                                stopping).start())  # fmt: skip
             info["http"] = f"http://{args.http_host}:{http_sock.getsockname()[1]}"
         if args.endpoints_file:
             _write_json(args.endpoints_file, info)
@@ -214,8 +256,9 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         signal.signal(signal.SIGINT, _on_signal)
         stats = controller.run()
     finally:
-        if front is not None:
-            http_server.stop(front)
+        stopping.set()
+        if front:
+            http_server.stop(front[0])
         if http_sock is not None:
             http_sock.close()
         if controller is not None:
@@ -226,8 +269,10 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             handler.close()
         if metrics_server is not None:
             metrics_server.shutdown()
+            metrics_server.server_close()
         ctx.term()
-        ep.remove_run_dir(created_dir)
+        if run_dir is not None:
+            run_dir.release()
         if args.endpoints_file:
             Path(args.endpoints_file).unlink(missing_ok=True)
     print_stats(stats)

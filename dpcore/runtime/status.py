@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
-from dpcore.errors import DpcoreError, WireError
+import structlog
+
 from dpcore import security
+from dpcore.errors import DpcoreError, WireError
+from dpcore.runtime.supervise import Supervised
 from dpcore.sdk import endpoints
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ ANSWER = "status"
 MAX_PER_TURN = 64
 #: Largest question frame accepted (questions are a few bytes).
 MAX_ASK_BYTES = 1 << 16
+_log = structlog.get_logger("dpcore.status")
 
 
 class StatusUnavailableError(DpcoreError):
@@ -126,12 +130,14 @@ class StatusServer:
         self.timeout_s = timeout_s
         self.answered = 0
         self.bad = 0
+        #: Snapshots that could not be built or packed (their askers time out).
+        self.failed = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: The thread, restarted if it ever raises (see :mod:`dpcore.runtime.supervise`).
+        self.thread = Supervised("dpcore-status", self._run, self._stop)
 
     def start(self) -> StatusServer:
-        self._thread = threading.Thread(target=self._run, name="dpcore-status", daemon=True)
-        self._thread.start()
+        self.thread.start()
         return self
 
     def _snapshot(self) -> Mapping[str, Any] | None:
@@ -148,8 +154,15 @@ class StatusServer:
         self._call_soon(build)
         try:
             return fut.result(self.timeout_s)
-        except Exception:  # the loop is stopping or stuck
+        except TimeoutError:  # the loop is stopping or stuck
             return None
+        except Exception as exc:  # the source raised: say so, keep answering later questions
+            self._failed(exc)
+            return None
+
+    def _failed(self, exc: Exception) -> None:
+        self.failed += 1
+        _log.error("status_snapshot_failed", error=f"{type(exc).__name__}: {exc}"[:300], count=self.failed)
 
     def _run(self) -> None:
         sock = self.socket
@@ -173,8 +186,12 @@ class StatusServer:
             data = self._snapshot() if asks else None
             if data is None:
                 continue
-            for peer, qid in asks:
-                answer = _pack({"v": VERSION, "t": ANSWER, "id": qid, "data": data})
+            try:
+                answers = [(peer, _pack({"v": VERSION, "t": ANSWER, "id": qid, "data": data})) for peer, qid in asks]
+            except Exception as exc:  # e.g. a value msgpack cannot carry: never kills the thread
+                self._failed(exc)
+                continue
+            for peer, answer in answers:
                 try:
                     sock.send_multipart((peer, answer), zmq.NOBLOCK)
                 except zmq.Again:
@@ -183,9 +200,7 @@ class StatusServer:
 
     def close(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self.thread.join(timeout_s)
         self.socket.close(linger=0)
         zap, self._zap = self._zap, None
         if zap is not None:

@@ -7,11 +7,14 @@ Endpoints are loopback by default: ``ipc://`` paths under a private run director
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,72 @@ def remove_run_dir(path: str | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+#: The file a ``dpcore serve`` holds locked (and names itself in) while it uses a run dir.
+LOCK_NAME = "serve.lock"
+
+
+class RunDir:
+    """A run directory one controller owns until :meth:`release`.
+
+    It is created 0700 when missing (sockets in it accept whoever can reach them), and a
+    lock file in it stops a second controller from taking over its sockets: binding an ipc
+    path that exists silently replaces the first owner's socket.
+
+    :param path: The directory; ``None``: a fresh private one under ``/tmp``.
+    :raises ConfigError: Another process holds the lock, or the directory cannot be made.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.created = path is None or not os.path.exists(path)
+        try:
+            if path is None:
+                path = make_run_dir()
+            elif self.created:
+                os.makedirs(path, mode=0o700)
+        except OSError as exc:
+            msg = f"cannot create run directory {path}: {exc.strerror or exc}"
+            raise ConfigError(msg) from None
+        self.path = path
+        self.sockets: list[str] = []
+        lock = os.path.join(path, LOCK_NAME)
+        try:
+            self._fd: int | None = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            msg = f"cannot use run directory {path}: {exc.strerror or exc}"
+            raise ConfigError(msg) from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            self._fd = None
+            msg = (
+                f"run directory {path} is in use by another dpcore serve (pid {owner}); "
+                "stop it, or give this one its own --run-dir"
+            )
+            raise ConfigError(msg) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def own(self, endpoints: Iterable[str]) -> None:
+        """Remember the ipc sockets bound in it, to remove them at :meth:`release`."""
+        self.sockets.extend(e[6:] for e in endpoints if e.startswith("ipc://"))
+
+    def release(self) -> None:
+        """Remove the sockets (and the directory, if it was made here) and unlock."""
+        if self._fd is None:
+            return
+        for path in self.sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(self.path, LOCK_NAME))
+        os.close(self._fd)
+        self._fd = None
+        if self.created:
+            remove_run_dir(self.path)
+
+
 def ipc(run_dir: str | os.PathLike[str], name: str) -> str:
     return check(f"ipc://{Path(run_dir) / name}")
 
@@ -54,7 +123,7 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:  # type: ignore[type-arg]
     """Bind *sock*; returns the concrete endpoint (random TCP ports resolved)."""
     check(endpoint)
     if endpoint.startswith("ipc://"):
-        Path(endpoint[6:]).parent.mkdir(parents=True, exist_ok=True)
+        Path(endpoint[6:]).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         if endpoint.startswith("tcp://") and endpoint.endswith((":0", ":*")):
             host = endpoint[: endpoint.rfind(":")]

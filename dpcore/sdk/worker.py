@@ -10,15 +10,26 @@ for ``heartbeat_interval_s``, so a rank that is alive never looks dead.
 
 :mod:`dpcore.sdk.echo` is a minimal rank built on it (the realistic mock engine is
 ``dpcore mock-worker``).
+
+Aborts: when a sender's caller goes away it sends an ``abort`` control message (see
+:func:`dpcore.wire.encode_abort`). The worker drops a dispatch of that request that has not
+been handed out yet (acknowledging it, so the controller's books close), and tells the
+engine about one already handed out through *on_abort* (or :attr:`Worker.aborts`); the
+engine stops it and calls :meth:`Worker.finish`.
+
+A dispatch addressed to another rank (two ranks started on swapped endpoints) is never
+served: it is counted in :attr:`Worker.misaddressed` and logged as an error, because every
+request sent to this socket is then lost to its rank.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import structlog
 import zmq
 from attrs import frozen
 
@@ -35,6 +46,24 @@ __all__ = ["Control", "Work", "Worker"]
 _DONE_PER_REPORT = 4096
 #: A rank's reply sockets keep unsent outputs this long after being closed.
 _REPLY_LINGER_MS = 1000
+#: Control messages kept for :attr:`Worker.controls` (each at most the controller's
+#: control-frame limit, 64 KiB by default: at most 16 MiB held).
+_CONTROLS_KEPT = 256
+#: Aborted requests remembered, so a dispatch arriving after its abort is dropped too.
+_ABORTS_KEPT = 4096
+#: Seconds between two "misaddressed dispatch" error lines.
+_MISADDRESSED_LOG_S = 5.0
+_log = structlog.get_logger("dpcore.worker")
+
+
+def _clamp(x: Any, lo: int, hi: int) -> int:
+    """*x* as an int inside the wire's range (an engine's counter can never break a report);
+    something that is not a finite number becomes *lo*."""
+    try:
+        x = int(x)
+    except (TypeError, ValueError, OverflowError):
+        return lo
+    return lo if x < lo else hi if x > hi else x
 
 
 @frozen
@@ -71,7 +100,9 @@ class Worker:
     :param heartbeat_interval_s: Longest quiet time before :meth:`recv` sends a heartbeat.
     :param reply_sockets: How many senders' reply sockets to keep open (LRU).
     :param on_control: Called with each control message; otherwise they queue in
-        :attr:`controls`.
+        :attr:`controls`. Aborts are not control messages for this purpose.
+    :param on_abort: Called with the :class:`Work` of an aborted request the engine already
+        has (stop it, then call :meth:`finish`); otherwise they queue in :attr:`aborts`.
     :param curve: CURVE keys for TCP (:mod:`dpcore.security`); default: from the environment,
         ``False``: none.
     """
@@ -88,6 +119,7 @@ class Worker:
         reply_sockets: int = 64,
         on_control: Callable[[Control], None] | None = None,
         curve: security.CurveArg = None,
+        on_abort: Callable[[Work], None] | None = None,
     ) -> None:
         if type(rank) is not int or rank < 0:
             msg = f"rank must be an integer >= 0, got {rank!r}"
@@ -96,8 +128,17 @@ class Worker:
         self.epoch = time.time_ns() if epoch is None else epoch
         self.heartbeat_interval_s = heartbeat_interval_s
         self.on_control = on_control
+        self.on_abort = on_abort
         #: Control messages received and not handled by *on_control*.
-        self.controls: deque[Control] = deque(maxlen=1024)
+        self.controls: deque[Control] = deque(maxlen=_CONTROLS_KEPT)
+        #: Aborted requests the engine has, when there is no *on_abort*.
+        self.aborts: deque[Work] = deque(maxlen=_ABORTS_KEPT)
+        #: Requests dropped or stopped because their sender aborted them.
+        self.aborted = 0
+        #: Dispatches addressed to another rank (never served).
+        self.misaddressed = 0
+        #: Report values outside the wire's range, sent as the nearest bound instead.
+        self.clamped_reports = 0
         #: Frames that could not be decoded (logged by the caller if it wants).
         self.bad_frames = 0
         #: Outputs dropped because the sender's reply socket was full or gone.
@@ -133,6 +174,10 @@ class Worker:
         self.kv_capacity_blocks = 0
         #: KV batches that could not be sent (the controller then sees a sequence gap).
         self.kv_dropped_batches = 0
+        # (rid, reply) -> its Work once handed out (None: aborted before it arrived).
+        self._handed: OrderedDict[tuple[str, str], Work] = OrderedDict()
+        self._aborted_keys: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._misaddressed_logged = -_MISADDRESSED_LOG_S
         # Say hello at once: the controller learns this life (and its epoch) before any work.
         self.heartbeat()
 
@@ -176,15 +221,58 @@ class Worker:
         except WireError:
             self.bad_frames += 1
             return None
-        if d.rank != self.rank or reply is None:
+        if reply is None:
             self.bad_frames += 1
+            return None
+        if d.rank != self.rank:
+            self._misaddressed(d.rank)
             return None
         if self._lo is None:
             self._lo = d.seq
-        return Work(req.rid, d.seq, d.header, d.payload, reply, d.prefill_rank, req)
+        work = Work(req.rid, d.seq, d.header, d.payload, reply, d.prefill_rank, req)
+        key = (req.rid, reply)
+        if key in self._aborted_keys:
+            self.aborted += 1
+            self.finish(work)  # never started: acknowledged and done, nothing sent
+            return None
+        handed = self._handed
+        handed[key] = work
+        if len(handed) > _ABORTS_KEPT:
+            handed.popitem(last=False)
+        return work
+
+    def _misaddressed(self, rank: int) -> None:
+        self.misaddressed += 1
+        now = time.monotonic()
+        if now - self._misaddressed_logged >= _MISADDRESSED_LOG_S:
+            self._misaddressed_logged = now
+            _log.error(
+                "dispatch_for_another_rank", rank=self.rank, addressed_to=rank, count=self.misaddressed,
+                fix="this rank is connected to another rank's dispatch endpoint; check --rank and --dispatch",
+            )  # fmt: skip
+
+    def _abort(self, ctl: Control) -> None:
+        try:
+            key = wire.abort_target(ctl)
+        except WireError:
+            self.bad_frames += 1
+            return
+        work = self._handed.pop(key, None)
+        if work is None:  # not here yet (or another rank's): drop it if it comes
+            self._aborted_keys[key] = None
+            if len(self._aborted_keys) > _ABORTS_KEPT:
+                self._aborted_keys.popitem(last=False)
+            return
+        self.aborted += 1
+        if self.on_abort is not None:
+            self.on_abort(work)
+        else:
+            self.aborts.append(work)
 
     def _control(self, ctl: Control) -> None:
-        if self.on_control is not None:
+        if ctl.op == wire.ABORT:
+            self._abort(ctl)
+        elif self.on_control is not None:
             self.on_control(ctl)
         else:
             self.controls.append(ctl)
@@ -200,6 +288,7 @@ class Worker:
         """*work* ended without a final :meth:`send` (e.g. the engine aborted it)."""
         self.admit(work)
         self._done.append(work.seq)
+        self._handed.pop((work.rid, work.reply), None)
 
     def send(self, work: Work, meta: Mapping[str, Any] | None = None, payload: bytes = b"", final: bool = True) -> bool:
         """Send an output for *work* to its sender; ``final`` marks it finished.
@@ -244,6 +333,13 @@ class Worker:
 
     def _send_report(self) -> bool:
         run, wait, tok, kvu, kvc, pf = self._load
+        reqs, toks = wire.MAX_REPORT_REQUESTS, wire.MAX_REPORT_TOKENS
+        load = (_clamp(run, 0, reqs), _clamp(wait, 0, reqs), _clamp(tok, 0, toks), _clamp(kvu, 0, toks),
+                _clamp(kvc, 0, toks), _clamp(pf, -1, toks))  # fmt: skip
+        if load != self._load:
+            self.clamped_reports += 1
+            self._load = load
+        run, wait, tok, kvu, kvc, pf = load
         done = self._done[:_DONE_PER_REPORT]
         self._report_seq += 1
         frame = wire.encode_load(
