@@ -149,21 +149,29 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def bind(
-    controller: Controller,
-    port: int,
-    host: str = "127.0.0.1",
-    threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
-) -> tuple[WSGIServer, int]:
-    """A bound ``/metrics`` server (run its ``serve_forever`` in a supervised thread) and
-    its port.
+def _unready(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"the controller is starting\n"]
+
+
+def bind(port: int, host: str = "127.0.0.1") -> tuple[WSGIServer, int]:
+    """A bound ``/metrics`` server and its port, bound before anything else starts so a taken
+    port fails first. Give it the app (:func:`attach`), then run its ``serve_forever`` (in
+    a supervised thread).
 
     Raises :class:`~dpcore.errors.ConfigError` (one line) when *host*:*port* cannot be bound.
     """
     cls = _Server6 if ":" in host else _Server
     try:
-        server = make_server(host, port, make_wsgi_app(make_registry(controller, threads)), cls, _Quiet)
+        server = make_server(host, port, _unready, cls, _Quiet)
     except OSError as exc:  # taken port, unknown address, no permission
         msg = f"metrics server cannot bind {host}:{port}: {exc.strerror or exc}"
         raise ConfigError(msg) from None
     return server, int(server.server_address[1])
+
+
+def attach(
+    server: WSGIServer, controller: Controller, threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+) -> None:
+    """Serve *controller*'s metrics (and *threads*' restarts) on *server*."""
+    server.set_app(make_wsgi_app(make_registry(controller, threads)))

@@ -200,6 +200,8 @@ def run(args: argparse.Namespace, manager: Any) -> int:
 
             http_server.check(args)
             http_sock = http_server.bind(args.http_host, args.http_port)
+        if args.metrics_port is not None:
+            metrics_server, metrics_port = metrics.bind(args.metrics_port, args.metrics_host)
         handler = pdmod.from_args(args, manager, zmq_ctx=ctx, log=log)
         prefill_dp = None
         if manager.ctx.disaggregation_mode == "decode":
@@ -224,11 +226,11 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         threads.append(status_server.thread)
         status_server.start()
         info: dict[str, Any] = {**controller.endpoints.to_dict(), "status": status_server.endpoint, "pid": os.getpid()}
-        if args.metrics_port is not None:
-            metrics_server, port = metrics.bind(controller, args.metrics_port, args.metrics_host, thread_report)
+        if metrics_server is not None:
+            metrics.attach(metrics_server, controller, thread_report)
             threads.append(supervise.Supervised("dpcore-metrics", metrics_server.serve_forever, stopping).start())
             host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
-            info["metrics"] = f"http://{host}:{port}/metrics"
+            info["metrics"] = f"http://{host}:{metrics_port}/metrics"
         if handler is not None and getattr(handler, "server", None) is not None:
             info["bootstrap"] = handler.server.url
         if http_sock is not None:
