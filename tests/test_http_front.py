@@ -51,8 +51,16 @@ def sse_events(resp: httpx.Response) -> list[object]:
 
 
 def error_of(resp: httpx.Response, status: int, code: str) -> str:
+    """The error message, after checking status, code and the body's shape for its path:
+    OpenAI's on ``/v1/...``, SGLang's elsewhere."""
     assert resp.status_code == status, resp.text
     body = resp.json()
+    if resp.request.url.path.startswith("/v1/"):
+        err = body["error"]
+        assert set(err) == {"message", "type", "param", "code"}, body
+        assert err["code"] == code, body
+        assert err["type"] == ("invalid_request_error" if status in (400, 413) else err["type"])
+        return str(err["message"])
     assert body["error"] == code, body
     return str(body["detail"])
 
@@ -97,7 +105,9 @@ def test_generate_stream_matches_non_stream(client: httpx.Client) -> None:
     texts = [c["text"] for c in chunks]  # type: ignore[index]
     for a, b in itertools.pairwise(texts):
         assert b.startswith(a), "SGLang /generate streams the whole text so far"
-    assert texts[-1] == whole["text"]  # the mock's text depends only on rid and length
+    # The mock's text depends only on the request's wire id and length; the front gives each
+    # request a fresh wire id, so two requests of one client rid get texts of the same length.
+    assert len(texts[-1].split()) == len(whole["text"].split()) == 40
     assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 40}  # type: ignore[index]
     assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])  # type: ignore[index]
 
@@ -150,7 +160,7 @@ def test_bootstrap_fields_pass_through(client: httpx.Client) -> None:
     assert "bootstrap_room" in error_of(client.post("/generate", json={**body, "bootstrap_room": -3}), 400, "invalid_field")
 
 
-def test_duplicate_rid_in_flight_is_400(client: httpx.Client) -> None:
+def test_duplicate_rid_in_flight_is_400_and_a_reused_rid_gets_only_its_own_output(client: httpx.Client) -> None:
     long = {"text": "x", "rid": "t-dup", "stream": True, "sampling_params": {"max_new_tokens": 3000}}
     with client.stream("POST", "/generate", json=long) as r:
         assert r.status_code == 200
@@ -158,18 +168,27 @@ def test_duplicate_rid_in_flight_is_400(client: httpx.Client) -> None:
         next(lines)  # the request is running now
         dup = client.post("/generate", json={"text": "y", "rid": "t-dup"})
         assert "already pending" in error_of(dup, 400, "duplicate_rid")
-    # Once the server noticed the first request's client went away, the rid is free again.
-    again = {"text": "y", "rid": "t-dup", "sampling_params": {"max_new_tokens": 1}}
+    # Once the server noticed the first request's client went away, the rid is free again,
+    # and the new request gets its own output only: never the first one's (still running,
+    # or stopped by the abort the front sent) text or token counts.
+    again = {"text": "yy", "rid": "t-dup", "sampling_params": {"max_new_tokens": 2}}
     deadline = time.monotonic() + 5
     while (r := client.post("/generate", json=again)).status_code == 400 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["meta_info"]["id"] == "t-dup"
+    assert body["meta_info"]["prompt_tokens"] == 2 and body["meta_info"]["completion_tokens"] == 2, body
+    assert len(body["text"].split()) == 2, body
 
 
-def test_engine_error_is_500(client: httpx.Client) -> None:
-    # 10^6 output tokens cannot fit the mock rank's 500k-token KV cache: the rank refuses it.
-    r = client.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 10**6}})
-    assert "capacity" in error_of(r, 500, "engine_error")
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+def test_request_larger_than_kv_capacity_is_400(client: httpx.Client, path: str) -> None:
+    # 10^6 output tokens cannot fit the mock rank's 500k-token KV cache: no rank could serve it.
+    body = {"text": "x", "sampling_params": {"max_new_tokens": 10**6}} if path == "/generate" else \
+        {"prompt": "x", "max_tokens": 10**6}  # fmt: skip
+    r = client.post(path, json=body)
+    assert "KV cache" in error_of(r, 400, "context_length_exceeded")
 
 
 # --------------------------------------------------------------------------- OpenAI
@@ -198,7 +217,10 @@ def test_completions_stream_deltas(client: httpx.Client) -> None:
     usage = events[-2]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 30  # type: ignore[index]
     chunks = events[:-2]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == whole  # type: ignore[index]
+    # Deltas add up to a whole text as long as the non-streamed one (each request has its
+    # own wire id, and the mock's words depend on it).
+    streamed = "".join(c["choices"][0]["text"] for c in chunks)  # type: ignore[index]
+    assert len(streamed.split()) == len(whole.split()) == 30
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"  # type: ignore[index]
 
 

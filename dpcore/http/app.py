@@ -10,7 +10,15 @@ The endpoints routers poll read the controller's status snapshot: ``/health``,
 ``/health_generate``, ``/server_info`` (and ``/get_server_info``), ``/model_info`` (and
 ``/get_model_info``), ``/v1/models``, ``/get_load`` and ``/v1/loads``.
 
-Errors are JSON ``{"error": code, "detail": message}`` (plus ``rid`` when known).
+Errors are JSON. On the OpenAI paths (``/v1/...``) they have OpenAI's shape, which the
+OpenAI SDKs turn into a readable exception: ``{"error": {"message", "type", "param",
+"code"}}``; elsewhere SGLang's: ``{"error": code, "detail": message}``. Both carry ``rid``
+when known. ``code`` is the same stable string in both.
+
+Limits: a body over ``--max-body-bytes`` (32 MiB by default) gets 413 before it is read; a
+body not received within 30 s gets 408; bodies over 64 KiB are parsed and tokenized on a
+worker thread, never on the event loop. A prompt plus ``max_new_tokens`` larger than every
+rank's reported KV capacity gets 400 ``context_length_exceeded``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import attrs
 import structlog
 from attrs import field, frozen
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -50,6 +59,12 @@ if TYPE_CHECKING:
 #: Response header naming the rank that served the request.
 SERVED_RANK_HEADER = "X-Dpcore-Dp-Rank"
 DEFAULT_MAX_BODY_BYTES = 32 << 20
+DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Bodies up to this size are parsed and tokenized on the event loop (well under a
+#: millisecond); bigger ones on a worker thread.
+INLINE_PARSE_BYTES = 64 << 10
+#: How often the largest KV capacity of the ranks is read again for the prompt-size check.
+_CAPACITY_REFRESH_S = 1.0
 #: Paths open without the API key, as in SGLang: what load balancers probe.
 OPEN_PREFIXES = ("/health", "/metrics")
 _log = structlog.get_logger("dpcore.http")
@@ -62,6 +77,7 @@ class FrontConfig:
     :ivar model: Name served in ``/v1/models`` and ``model_path`` of ``/model_info``.
     :ivar api_key: When set, every path but ``/health*`` needs ``Authorization: Bearer KEY``.
     :ivar max_body_bytes: Larger request bodies get 413.
+    :ivar body_timeout_s: A client that has not sent its whole body by then gets 408.
     :ivar request_timeout_s: Longest wait for a rank's next reply before answering 504.
     :ivar bootstrap_port: PD prefill: the bootstrap registry port, shown in ``/server_info``.
     :ivar log_requests: Log one line per request (rid, ranks, room, status).
@@ -70,6 +86,7 @@ class FrontConfig:
     model: str = "dpcore-mock"
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     request_timeout_s: float = 600.0
     bootstrap_port: int | None = None
     log_requests: bool = False
@@ -95,26 +112,43 @@ def status_for(code: str, default: int = 500) -> int:
     return _rejection_statuses().get(code, default)
 
 
-def error_response(exc: HttpError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+#: Paths whose errors have OpenAI's shape.
+OPENAI_PREFIX = "/v1/"
+
+
+def error_response(exc: HttpError, path: str = "") -> JSONResponse:
+    """*exc* as a JSON response, shaped for *path*'s dialect."""
+    body = exc.openai_body() if path.startswith(OPENAI_PREFIX) else exc.body()
+    return JSONResponse(body, status_code=exc.status)
 
 
 # --------------------------------------------------------------------------- request plumbing
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The JSON body, refusing more than *limit* bytes before reading them all."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refusing more than *limit* bytes before reading them all, and a client
+    that takes more than *timeout_s* to send it (it would hold a connection and a buffer)."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limit:
         raise HttpError(413, "body_too_large", f"request body of {size} bytes is over the limit of {limit}")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise HttpError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise HttpError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        msg = f"the request body did not arrive within {timeout_s:g}s ({total} bytes came)"
+        raise HttpError(408, "body_timeout", msg) from None
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON document in *raw*, or a 400 that says what is wrong."""
+    try:
+        return json.loads(raw)
     except ValueError as exc:
         raise HttpError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
     except RecursionError:  # json.loads recurses per nesting level
@@ -144,20 +178,70 @@ class Front:
         self.started = int(time.time())
         self._mode: str | None = None
         self.request_log = structlog.get_logger("dpcore.http") if config.log_requests else None
+        #: Client request ids in flight on this front (a second request with one is refused),
+        #: each with the input that holds it.
+        self.in_flight: dict[str, GenerateInput] = {}
+        self._capacity: int | None = None
+        self._capacity_at = -_CAPACITY_REFRESH_S
+
+    async def _check_fits(self, inp: GenerateInput) -> None:
+        """A request that needs more KV than any rank has is the client's error (400), not
+        the engine's: no rank could ever serve it. Capacities are those the ranks report
+        (0: unknown, not checked), read at most every second."""
+        now = time.monotonic()
+        if now - self._capacity_at >= _CAPACITY_REFRESH_S:
+            self._capacity_at = now
+            try:
+                loads = (await self.status())["loads"]
+            except HttpError:  # the controller is slow: generation says so itself
+                loads = []
+            caps = [r.get("kv_capacity") or 0 for r in loads]
+            self._capacity = max(caps) if caps and all(caps) else None
+        need = len(inp.token_ids) + inp.max_new_tokens
+        if self._capacity is not None and need > self._capacity:
+            msg = (
+                f"the prompt ({len(inp.token_ids)} tokens) plus max_new_tokens ({inp.max_new_tokens}) needs {need} "
+                f"tokens of KV cache; the largest rank holds {self._capacity}"
+            )
+            raise HttpError(400, "context_length_exceeded", msg, rid=inp.rid)
 
     async def _next(self, stream: ReplyStream, deadline: float, rid: str) -> Reply:
         left = deadline - time.monotonic()
         try:
             return await stream.next(max(0.0, left))
         except asyncio.TimeoutError:
-            self.link.forget(rid)
+            self.link.abandon(stream)
             msg = f"no reply from the rank within {self.config.request_timeout_s:g}s"
             raise HttpError(504, "timeout", msg, rid=rid) from None
 
     async def submit(self, inp: GenerateInput) -> tuple[ReplyStream, Reply, float]:
-        """Send *inp*; return its stream and its first reply (raises for rej/fail)."""
+        """Send *inp*; return its stream and its first reply (raises for rej/fail).
+
+        The caller owns ``inp.rid`` in :attr:`in_flight` from here on (release it with
+        :meth:`_end` when the request ends, whichever way)."""
+        if inp.rid in self.in_flight:
+            msg = f"request id {inp.rid!r} is already pending on this front"
+            raise HttpError(400, "duplicate_rid", msg, rid=inp.rid)
+        self.in_flight[inp.rid] = inp
         try:
-            stream = await self.link.submit(inp)
+            stream = await self._send(inp)
+            deadline = time.monotonic() + self.config.request_timeout_s
+            try:
+                first = await self._next(stream, deadline, inp.rid)
+            except BaseException:
+                self.link.abandon(stream)  # e.g. cancelled: the client went away
+                raise
+        except BaseException:
+            del self.in_flight[inp.rid]
+            raise
+        if first.kind != "out" or "error" in first.meta:
+            del self.in_flight[inp.rid]
+            raise reply_error(first, inp.rid)
+        return stream, first, deadline
+
+    async def _send(self, inp: GenerateInput) -> ReplyStream:
+        try:
+            return await self.link.submit(inp)
         except UnicodeEncodeError:  # a string the wire cannot carry
             raise bad_unicode() from None
         except OverflowError:  # e.g. in sampling_params, which are passed on untouched
@@ -165,25 +249,28 @@ class Front:
             raise HttpError(400, "invalid_field", msg, rid=inp.rid) from None
         except MessageTooLargeError as exc:
             raise HttpError(413, "body_too_large", str(exc), rid=inp.rid) from None
-        except ValueError as exc:  # the rid is already in flight on this front
-            raise HttpError(400, "duplicate_rid", str(exc), rid=inp.rid) from None
         except ControllerUnavailableError as exc:
             raise HttpError(503, "controller_unavailable", str(exc), rid=inp.rid) from None
-        deadline = time.monotonic() + self.config.request_timeout_s
-        first = await self._next(stream, deadline, inp.rid)
-        if first.kind != "out" or "error" in first.meta:
-            raise reply_error(first, inp.rid)
-        return stream, first, deadline
+
+    def _parse(self, kind: str, raw: bytes, headers: Any) -> GenerateInput:
+        """JSON and tokenization: CPU work that grows with the prompt."""
+        try:
+            return PARSERS[kind](parse_json(raw), headers, self.config.tokenizer)
+        except UnicodeEncodeError:  # the tokenizer met a lone surrogate
+            raise bad_unicode() from None
 
     async def generate(self, request: Request, kind: str) -> Response:
         started = time.monotonic()
         inp: GenerateInput | None = None
         try:
-            body = await read_json(request, self.config.max_body_bytes)
-            try:
-                inp = PARSERS[kind](body, request.headers, self.config.tokenizer)
-            except UnicodeEncodeError:  # the tokenizer met a lone surrogate
-                raise bad_unicode() from None
+            raw = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
+            if len(raw) <= INLINE_PARSE_BYTES:
+                inp = self._parse(kind, raw, request.headers)
+            else:
+                # A big prompt is parsed and tokenized on a worker thread, so the event loop
+                # keeps serving every other connection meanwhile.
+                inp = await asyncio.to_thread(self._parse, kind, raw, request.headers)
+            await self._check_fits(inp)
             if await self.mode() == "prefill" and inp.max_new_tokens > 1:
                 # A PD prefill server computes the prompt's KV and the first token; decode
                 # generates the rest.
@@ -196,16 +283,19 @@ class Front:
                 headers["X-Request-Id"] = inp.rid
             if inp.stream:
                 events = self._events(stream, out, deadline)
-                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+                # The generator's finally ends the request; the background task covers a
+                # client that left before the first chunk (a generator never started has
+                # no finally to run).
+                end = BackgroundTask(self._end, stream, inp)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers, background=end)
             try:
                 while not out.final:
                     reply = await self._next(stream, deadline, inp.rid)
                     if reply.kind != "out" or "error" in reply.meta:
                         raise reply_error(reply, inp.rid)
                     out.add(reply)
-            except BaseException:
-                self.link.forget(inp.rid)
-                raise
+            finally:
+                self._end(stream, inp)
         except HttpError as exc:
             self._log_request(kind, inp, None, exc)
             raise
@@ -225,16 +315,23 @@ class Front:
                         raise reply_error(reply, rid)
                 except HttpError as exc:  # headers are gone: report it in the stream
                     error = exc
-                    yield sse({"error": {"code": exc.code, "message": str(exc), "status": exc.status}})
+                    yield sse({"error": {"code": exc.code, "message": str(exc), "type": exc.openai_type,
+                                         "param": exc.param, "status": exc.status}})  # fmt: skip
                     break
                 out.add(reply)
                 for event in out.chunk(first=False):
                     yield sse(event)
             yield DONE
         finally:
-            if not out.final:
-                self.link.forget(rid)  # client went away or the request failed mid-stream
+            self._end(stream, out.inp)  # the client went away or the request failed mid-stream
             self._log_request(out.inp.kind, out.inp, out, error)
+
+    def _end(self, stream: ReplyStream, inp: GenerateInput) -> None:
+        """The request of *stream* is over here: free its client id, and stop it on its rank
+        unless its final reply came (idempotent)."""
+        self.link.abandon(stream)
+        if self.in_flight.get(inp.rid) is inp:
+            del self.in_flight[inp.rid]
 
     def _log_request(self, kind: str, inp: GenerateInput | None, out: Output | None, error: HttpError | None) -> None:
         """One line per request with ``--log-requests``: where it went and how it ended."""
@@ -285,8 +382,11 @@ class Front:
             disagg_prefill_dp_rank=0 if mode == "decode" else None,
         )
         stream, first, deadline = await self.submit(inp)
-        while not first.final:
-            first = await self._next(stream, deadline, inp.rid)
+        try:
+            while not first.final:
+                first = await self._next(stream, deadline, inp.rid)
+        finally:
+            self._end(stream, inp)
         return JSONResponse({"status": "ok", "dp_rank": first.rank})
 
     async def server_info(self, request: Request) -> Response:
@@ -373,14 +473,16 @@ def _guard(front: Front, handler: Callable[[Request], Awaitable[Response]], *, o
         if key is not None and not open_:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return error_response(HttpError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)"))
+                return error_response(HttpError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer KEY)"),
+                                      request.url.path)  # fmt: skip
         try:
             return await handler(request)
         except HttpError as exc:
-            return error_response(exc)
+            return error_response(exc, request.url.path)
         except Exception:  # a bug: answer in JSON and keep the connection, never a bare 500
             _log.exception("http_internal_error", path=request.url.path)
-            return error_response(HttpError(500, "internal_error", "internal error in the HTTP front (logged)"))
+            return error_response(HttpError(500, "internal_error", "internal error in the HTTP front (logged)"),
+                                  request.url.path)  # fmt: skip
 
     return endpoint
 
@@ -417,7 +519,8 @@ def create_app(link: ControllerLink, config: FrontConfig | None = None) -> Starl
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(HttpError(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"))
+        err = HttpError(exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}")
+        return error_response(err, request.url.path)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

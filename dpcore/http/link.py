@@ -8,6 +8,8 @@ uvicorn runs, so they are created in :meth:`ControllerLink.start` (the app's sta
 
 from __future__ import annotations
 
+import itertools
+import secrets
 from typing import Any
 
 import msgpack
@@ -19,6 +21,12 @@ from dpcore.sdk.client import AsyncClient, ReplyStream
 
 class ControllerLink:
     """Submits :class:`GenerateInput` requests and reads the controller's status.
+
+    Each request goes out under an id of its own, ``<client rid>~<unique suffix>``, never
+    the client's id alone: a client may reuse an id as soon as its earlier request ended
+    on this side (it disconnected, it timed out), while that request may still be running
+    on its rank. Replies are matched by the unique id, so they can never reach the new
+    request; :meth:`abandon` also asks the rank to stop the old one.
 
     :param ingress: The controller's ingress endpoint.
     :param status: The controller's status endpoint.
@@ -32,6 +40,9 @@ class ControllerLink:
         self.client: AsyncClient | None = None
         self._status: AsyncStatusClient | None = None
         self._ctx: Any = None
+        # Unique across fronts sharing a controller, and across restarts of this one.
+        self._prefix = secrets.token_hex(4)
+        self._ids = itertools.count()
 
     async def start(self) -> None:
         import zmq.asyncio
@@ -41,12 +52,22 @@ class ControllerLink:
         self.client = AsyncClient(self.ingress, zmq_ctx=ctx, block_size=self.block_size)
         self._status = AsyncStatusClient(self.status_endpoint, ctx=ctx)
 
+    def wire_id(self, rid: str) -> str:
+        """A fresh id for one request of client id *rid*."""
+        return f"{rid}~{self._prefix}{next(self._ids):x}"
+
     async def submit(self, inp: GenerateInput) -> ReplyStream:
-        assert self.client is not None, "ControllerLink.start() was not awaited"
+        """Send *inp* under a fresh id (the stream's ``rid``)."""
+        if self.client is None:
+            msg = "ControllerLink.start() was not awaited"
+            raise RuntimeError(msg)
+        wid = self.wire_id(inp.rid)
+        payload = inp.engine_payload()
+        payload["rid"] = wid
         return await self.client.submit(
-            inp.rid,
+            wid,
             token_ids=inp.token_ids,
-            payload=msgpack.packb(inp.engine_payload()),
+            payload=msgpack.packb(payload),
             routed_dp_rank=inp.routed_dp_rank,
             data_parallel_rank=inp.data_parallel_rank,
             bootstrap_room=inp.bootstrap_room,
@@ -54,12 +75,15 @@ class ControllerLink:
             max_new_tokens=inp.max_new_tokens,
         )
 
-    def forget(self, rid: str) -> None:
-        if self.client is not None:
-            self.client.forget(rid)
+    def abandon(self, stream: ReplyStream) -> None:
+        """The request of *stream* lost its client: drop its replies and stop it on its rank."""
+        if self.client is not None and not stream.done:
+            self.client.abort(stream.rid)
 
     async def status(self, timeout_s: float = 2.0) -> dict[str, Any]:
-        assert self._status is not None, "ControllerLink.start() was not awaited"
+        if self._status is None:
+            msg = "ControllerLink.start() was not awaited"
+            raise RuntimeError(msg)
         return await self._status.get(timeout_s)
 
     async def close(self) -> None:

@@ -51,10 +51,37 @@ class HttpError(DpcoreError):
         self.rid = rid
 
     def body(self) -> dict[str, Any]:
+        """SGLang-style: ``{"error": code, "detail": message, "rid"?}``."""
         out: dict[str, Any] = {"error": self.code, "detail": str(self)}
         if self.rid is not None:
             out["rid"] = self.rid
         return out
+
+    @property
+    def openai_type(self) -> str:
+        """The OpenAI error ``type`` for this status."""
+        return _OPENAI_TYPES.get(self.status) or ("invalid_request_error" if self.status < 500 else "server_error")
+
+    def openai_body(self) -> dict[str, Any]:
+        """OpenAI-style, what the OpenAI SDKs read:
+        ``{"error": {"message", "type", "param", "code"}}`` (plus ``rid`` when known)."""
+        out: dict[str, Any] = {
+            "error": {"message": str(self), "type": self.openai_type, "param": self.param, "code": self.code}
+        }
+        if self.rid is not None:
+            out["rid"] = self.rid
+        return out
+
+    @property
+    def param(self) -> str | None:
+        """The request field at fault, when the code names one (``invalid_rank`` ...)."""
+        return _PARAMS.get(self.code)
+
+
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 408: "timeout_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                 503: "service_unavailable_error", 504: "timeout_error"}  # fmt: skip
+_PARAMS = {"invalid_rank": "routed_dp_rank", "duplicate_rid": "rid", "context_length_exceeded": "messages"}
 
 
 def bad(code: str, msg: str) -> HttpError:
@@ -163,10 +190,21 @@ def _rank(body: Mapping[str, Any], key: str) -> int | None:
 
 
 def header_rank(headers: Mapping[str, str]) -> int | None:
-    """The rank in ``X-Data-Parallel-Rank`` (*headers* must match names case-insensitively)."""
+    """The rank in ``X-Data-Parallel-Rank`` (*headers* must match names case-insensitively).
+
+    The header given twice with different values is refused: which one a proxy or a server
+    keeps differs, so honouring either would be a guess.
+    """
     raw = headers.get(RANK_HEADER)
     if raw is None:
         return None
+    getlist = getattr(headers, "getlist", None)
+    if getlist is not None:
+        given = getlist(RANK_HEADER)
+        if len({v.strip() for v in given}) > 1:
+            shown = ", ".join(repr(v[:20]) for v in given[:4])
+            msg = f"X-Data-Parallel-Rank given {len(given)} times with different values ({shown}); send it once"
+            raise bad("invalid_rank", msg)
     value = raw.strip()
     if not _INT_RE.fullmatch(value):
         msg = f"Invalid X-Data-Parallel-Rank header: must be an integer, got {raw!r:.60}"

@@ -30,6 +30,8 @@ def add_front_arguments(p: argparse.ArgumentParser | Any, *, prefix: str = "--ht
         help=f"require 'Authorization: Bearer KEY' on all but /health* (default: ${API_KEY_ENV}, else none)",
     )
     p.add_argument("--max-body-bytes", type=int, default=32 << 20, help="larger request bodies get 413 (default 32 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="a client that has not sent its whole body within S seconds gets 408 (default 30)")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds to wait for a rank's next reply before 504 (default 600)")  # fmt: skip
     p.add_argument("--served-model-name", default="dpcore-mock", help="model name reported to clients and routers")
@@ -68,6 +70,8 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
     if not args.request_timeout > 0:
         raise ConfigError(f"--request-timeout must be positive, got {args.request_timeout}")
+    if not 0 < args.body_timeout < float("inf"):
+        raise ConfigError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.served_model_name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
         request_timeout_s=args.request_timeout,
         bootstrap_port=args.bootstrap_port,
         log_requests=args.log_requests,
@@ -181,6 +186,7 @@ def spawn(
         "http-front", "--ingress", ingress, "--status", status, "--http-fd", str(sock.fileno()),
         "--http-host", args.http_host, "--exit-with-parent",
         "--max-body-bytes", str(args.max_body_bytes), "--request-timeout", str(args.request_timeout),
+        "--body-timeout", str(args.body_timeout),
         "--served-model-name", args.served_model_name,
     ]  # fmt: skip
     if bootstrap_port is not None:

@@ -6,6 +6,13 @@ ends in exactly one final reply: an ``out`` with ``final=True``, a ``rej`` or a 
 Replies that arrive for a request that already ended (a rank that finished a request just
 as it died, say) are dropped and counted in :attr:`Client.stale`.
 
+A request whose caller went away is given up with ``abort(rid)``: its later replies are
+dropped, and an ``abort`` message asks the ranks to drop it if it has not started and to
+stop it if it has. Request ids must be unique among a client's pending requests; reusing
+one after an abort is safe (its late replies are told apart only by the rank stopping it,
+so a front that accepts client-chosen ids should send unique ones of its own, as the HTTP
+front does).
+
 Example::
 
     with Client("ipc:///tmp/dpcore-x/ingress") as c:
@@ -73,6 +80,8 @@ class _Base:
         self.stale = 0
         #: Replies that could not be decoded.
         self.bad_replies = 0
+        #: Abort messages that could not be sent at once (the ingress was full).
+        self.aborts_unsent = 0
         self.max_message_bytes = max_message_bytes
         if reply_endpoint is None:
             reply_endpoint, self._run_dir = endpoints.reply_endpoint_like(ingress)
@@ -231,6 +240,17 @@ class Client(_Base):
             msg = f"controller ingress {self.ingress} took no control message for {self.send_timeout_s:g}s"
             raise ControllerUnavailableError(msg) from None
 
+    def abort(self, rid: str) -> bool:
+        """Give up request *rid*: drop its later replies and ask the ranks to stop it.
+        Returns whether the abort message left (it is never waited for)."""
+        self.pending.discard(rid)
+        try:
+            self._tx.send(wire.encode_abort(rid, self.reply_endpoint), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.aborts_unsent += 1
+            return False
+        return True
+
     def poll(self, timeout_s: float = 0.0) -> list[Reply]:
         """Replies that arrived, waiting up to *timeout_s* for the first one."""
         out: list[Reply] = []
@@ -384,6 +404,22 @@ class AsyncClient(_Base):
     def forget(self, rid: str) -> None:
         """Stop routing replies of *rid* (its caller went away); later ones count as stale."""
         self._streams.pop(rid, None)
+
+    def abort(self, rid: str) -> None:
+        """Give up request *rid*: :meth:`forget` it and ask the ranks to stop it. Never
+        waits: an abort the ingress cannot take at once is counted in :attr:`aborts_unsent`."""
+        self._streams.pop(rid, None)
+        try:
+            fut = self._tx.send(wire.encode_abort(rid, self.reply_endpoint), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.aborts_unsent += 1
+            return
+
+        def sent(f: Any) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self.aborts_unsent += 1
+
+        fut.add_done_callback(sent)
 
     async def control(self, op: str, data: Any = None) -> None:
         """Ask the controller to broadcast a control message to every active rank."""
