@@ -417,7 +417,7 @@ class Front:
     async def model_info(self, request: Request) -> Response:
         return JSONResponse({
             "model_path": self.config.model,
-            "tokenizer_path": None,
+            "tokenizer_path": None if self.config.tokenizer.name == "bytes" else self.config.tokenizer.name,
             "is_generation": True,
             "served_model_name": self.config.model,
         })  # fmt: skip

@@ -35,6 +35,9 @@ def add_front_arguments(p: argparse.ArgumentParser | Any, *, prefix: str = "--ht
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds to wait for a rank's next reply before 504 (default 600)")  # fmt: skip
     p.add_argument("--served-model-name", default="dpcore-mock", help="model name reported to clients and routers")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="the model's tokenizer.json (or its directory), read locally; default: one token per "
+                        "UTF-8 byte")  # fmt: skip
     p.add_argument("--log-requests", action="store_true",
                    help="log one line per request: rid, rank served, rank asked for, bootstrap room, status")  # fmt: skip
 
@@ -72,6 +75,10 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--request-timeout must be positive, got {args.request_timeout}")
     if not 0 < args.body_timeout < float("inf"):
         raise ConfigError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
+    if args.tokenizer is not None:
+        from dpcore.http.tokenizer import FileTokenizer
+
+        FileTokenizer(args.tokenizer)  # a bad path fails now, before anything is bound
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -120,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
     from dpcore.http.link import ControllerLink
 
     check(args)
+    from dpcore.http.tokenizer import load as load_tokenizer
+
     config = FrontConfig(
+        tokenizer=load_tokenizer(args.tokenizer),
         model=args.served_model_name,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=args.max_body_bytes,
@@ -191,6 +201,8 @@ def spawn(
     ]  # fmt: skip
     if bootstrap_port is not None:
         cmd += ["--bootstrap-port", str(bootstrap_port)]
+    if args.tokenizer is not None:
+        cmd += ["--tokenizer", args.tokenizer]
     if args.log_requests:
         cmd.append("--log-requests")
     env = dict(os.environ)
