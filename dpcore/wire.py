@@ -49,6 +49,7 @@ dispatch ``rank``, ``seq``, ``pr``     0 .. 2**63-1
 from __future__ import annotations
 
 import re
+import reprlib
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -112,6 +113,17 @@ def valid_reply(reply: Any) -> bool:
     return ok
 _BIG_ENDIAN = sys.byteorder == "big"
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxstring = 80
+_REPR.maxother = 40
+
+
+def show(x: Any) -> str:
+    """*x* for an error message: short, and safe however deeply a peer nested it (a plain
+    ``repr`` of a 20,000-level list raises ``RecursionError``)."""
+    return _REPR.repr(x)
+
 
 @frozen
 class Limits:
@@ -144,7 +156,7 @@ class Limits:
         ):
             x = getattr(self, name)
             if type(x) is not int or not lo <= x <= hi:
-                msg = f"wire limit {name} must be an integer in {lo}..{hi}, got {x!r}"
+                msg = f"wire limit {name} must be an integer in {lo}..{hi}, got {show(x)}"
                 raise ValueError(msg)
 
     def max_hashes(self, num_tokens: int) -> int:
@@ -153,6 +165,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+#: The widest ranges any controller can be configured with: what a rank applies to the
+#: dispatches it receives (the controller already held them to its own limits).
+WIDEST_LIMITS = Limits(max_tokens=1 << 31, min_block_size=1, max_block_hashes=1 << 24, max_control_bytes=MAX_MESSAGE_BYTES)
 
 
 class MalformedHeader(WireError):
@@ -238,7 +253,7 @@ def _unpack(buf: Any, what: str) -> dict[str, Any]:
         raise WireError(msg)
     v = obj.get("v")
     if v != VERSION:
-        msg = f"{what}: unsupported wire version {v!r} (this dpcore speaks {VERSION})"
+        msg = f"{what}: unsupported wire version {show(v)} (this dpcore speaks {VERSION})"
         raise WireError(msg)
     return obj
 
@@ -246,7 +261,7 @@ def _unpack(buf: Any, what: str) -> dict[str, Any]:
 def _expect(obj: dict[str, Any], types: Sequence[str], what: str) -> str:
     t = obj.get("t")
     if t not in types:
-        msg = f"{what}: unexpected message type {t!r}, expected one of {list(types)}"
+        msg = f"{what}: unexpected message type {show(t)}, expected one of {list(types)}"
         raise WireError(msg)
     return t  # type: ignore[no-any-return]
 
@@ -256,7 +271,7 @@ def _opt_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -
     if x is None:
         return None
     if type(x) is not int or not minimum <= x <= _MAX_INT:
-        msg = f"{what}: field {key!r} must be an integer in {minimum}..2**63-1 or absent, got {x!r:.40}"
+        msg = f"{what}: field {key!r} must be an integer in {minimum}..2**63-1 or absent, got {show(x)}"
         raise WireError(msg)
     return x
 
@@ -264,7 +279,7 @@ def _opt_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -
 def _req_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0, maximum: int = _MAX_INT) -> int:
     x = obj.get(key)
     if type(x) is not int or not minimum <= x <= maximum:
-        msg = f"{what}: field {key!r} must be an integer in {minimum}..{maximum}, got {x!r:.40}"
+        msg = f"{what}: field {key!r} must be an integer in {minimum}..{maximum}, got {show(x)}"
         raise WireError(msg)
     return x
 
@@ -272,7 +287,7 @@ def _req_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0, m
 def _str(obj: Mapping[str, Any], key: str, what: str) -> str:
     x = obj.get(key)
     if type(x) is not str:
-        msg = f"{what}: field {key!r} must be a string, got {x!r}"
+        msg = f"{what}: field {key!r} must be a string, got {show(x)}"
         raise WireError(msg)
     return x
 
@@ -364,28 +379,28 @@ def _request_error(h: Mapping[str, Any], limits: Limits) -> WireError:
     mnt = h.get("mnt")
     top = limits.max_tokens
     if type(rid) is not str or not rid:
-        msg = f"request: field 'rid' must be a non-empty string, got {rid!r:.80}"
+        msg = f"request: field 'rid' must be a non-empty string, got {show(rid)}"
     elif type(n) is not int or not 0 <= n <= top:
         msg = (
-            f"request {rid!r:.80}: field 'n' (num_tokens) must be an integer in 0..{top} "
-            f"(the controller's --max-context-tokens), got {n!r:.40}"
+            f"request {show(rid)}: field 'n' (num_tokens) must be an integer in 0..{top} "
+            f"(the controller's --max-context-tokens), got {show(n)}"
         )
     elif bh is not None and type(bh) is not list:
-        msg = f"request {rid!r:.80}: field 'bh' (block_hashes) must be a list of integers"
+        msg = f"request {show(rid)}: field 'bh' (block_hashes) must be a list of integers"
     elif bh is not None and len(bh) > limits.max_hashes(n):
         msg = (
-            f"request {rid!r:.80}: field 'bh' has {len(bh)} block hashes for {n} tokens; at most "
+            f"request {show(rid)}: field 'bh' has {len(bh)} block hashes for {n} tokens; at most "
             f"{limits.max_hashes(n)} (one per {limits.min_block_size} tokens, at most "
             f"{limits.max_block_hashes})"
         )
     elif bh is not None and not all(type(x) is int for x in bh):
-        msg = f"request {rid!r:.80}: field 'bh' (block_hashes) must be a list of integers"
+        msg = f"request {show(rid)}: field 'bh' (block_hashes) must be a list of integers"
     elif room is not None and type(room) is not int:
-        msg = f"request {rid!r:.80}: field 'room' (bootstrap_room) must be an integer, got {room!r:.40}"
+        msg = f"request {show(rid)}: field 'room' (bootstrap_room) must be an integer, got {show(room)}"
     elif mnt is not None and (type(mnt) is not int or not 0 <= mnt <= top):
-        msg = f"request {rid!r:.80}: field 'mnt' (max_new_tokens) must be an integer in 0..{top}, got {mnt!r:.40}"
+        msg = f"request {show(rid)}: field 'mnt' (max_new_tokens) must be an integer in 0..{top}, got {show(mnt)}"
     else:
-        msg = f"request {rid!r}: field 'reply' must be an endpoint string like ipc://... or tcp://..."
+        msg = f"request {show(rid)}: field 'reply' must be an endpoint string like ipc://... or tcp://..."
     if reply is None:
         return WireError(msg)
     return MalformedHeader(msg, reply=reply, rid=rid if type(rid) is str else None)
@@ -488,19 +503,19 @@ def decode_reply(frames: Sequence[Any]) -> Reply:
         rank = _req_int(h, "rank", "out")
         final = h.get("final")
         if type(final) is not bool:
-            msg = f"out {rid!r}: field 'final' must be a boolean, got {final!r}"
+            msg = f"out {show(rid)}: field 'final' must be a boolean, got {show(final)}"
             raise WireError(msg)
         meta = h.get("meta")
         if meta is None:
             meta = {}
         elif type(meta) is not dict:
-            msg = f"out {rid!r}: field 'meta' must be a map, got {type(meta).__name__}"
+            msg = f"out {show(rid)}: field 'meta' must be a map, got {type(meta).__name__}"
             raise WireError(msg)
         payload = bytes(frames[1]) if len(frames) == 2 else b""
         return Reply(OUT, rid, rank, final, "", "", meta, payload)
     _frames(frames, (1,), t)
     if rid is not None and type(rid) is not str:
-        msg = f"{t}: field 'rid' must be a string, got {rid!r}"
+        msg = f"{t}: field 'rid' must be a string, got {show(rid)}"
         raise WireError(msg)
     code = _str(h, "code", t)
     text = _str(h, "msg", t)
@@ -693,7 +708,7 @@ def abort_target(ctl: Control) -> tuple[str, str]:
     """The ``(rid, reply)`` an abort control message names."""
     d = ctl.data
     if type(d) is not dict or type(d.get("rid")) is not str or not valid_reply(d.get("reply")):
-        msg = f"abort: data must be a map with a string 'rid' and a reply endpoint 'reply', got {d!r:.80}"
+        msg = f"abort: data must be a map with a string 'rid' and a reply endpoint 'reply', got {show(d)}"
         raise WireError(msg)
     return d["rid"], d["reply"]
 

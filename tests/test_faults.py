@@ -89,7 +89,8 @@ class Books:
 
     def submit(self, prefix: str = "r", **fields: Any) -> str:
         rid = self.rid(prefix)
-        fields.setdefault("num_tokens", 16)
+        if "token_ids" not in fields:  # else the SDK counts them (hashes never outnumber blocks)
+            fields.setdefault("num_tokens", 16)
         self.client.submit(rid, **fields)
         return rid
 

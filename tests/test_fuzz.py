@@ -102,10 +102,19 @@ def nested(depth: int) -> bytes:
     return b"\x91" * depth + b"\xc0"
 
 
+def deep_in_map(depth: int, key: str) -> bytes:
+    """A v1 request map whose *key* holds a list nested *depth* deep: msgpack decodes it
+    (up to ~1,000 levels) and a naive ``repr`` of it in an error message would recurse out."""
+    head = {"v": 1, "t": "req", "reply": "ipc:///tmp/x", "rid": "deep", "n": 1}
+    head.pop(key, None)
+    return bytes([0x80 | (len(head) + 1)]) + _pack(head)[1:] + _pack(key) + b"\x91" * depth + b"\xc0"
+
+
 raw_frames = st.one_of(
     st.binary(max_size=64),
     values.map(_pack),
     st.integers(1, 20_000).map(nested),
+    st.builds(deep_in_map, st.integers(900, 1100), st.sampled_from(["rid", "n", "room", "mnt", "bh", "v", "t", "reply"])),
     st.binary(min_size=1, max_size=8).map(lambda b: b"\xdd\xff\xff\xff\xff" + b),  # a 4-billion-item array header
     st.just(b""),
 )
@@ -128,7 +137,7 @@ DECODERS = {
     "token_ids": lambda f: wire.unpack_token_ids(f[0]),
 }
 VALID = [
-    wire.encode_request("r1", num_tokens=5, reply="ipc:///tmp/x", block_hashes=[1, 2], routed_dp_rank=1),
+    wire.encode_request("r1", num_tokens=40, reply="ipc:///tmp/x", block_hashes=[1, 2], routed_dp_rank=1),
     wire.encode_load(0, epoch=5, seq=1, ack=3, run=1, wait=2, tok=30, kvu=10, kvc=100, done=[1, 2], lo=0),
     wire.encode_ctl("flush", {"a": 1}),
     wire.encode_out("r1", 0, True, {"prompt_tokens": 5}),
@@ -169,7 +178,12 @@ def _check_result(name: str, out: Any) -> None:
             assert type(out.op) is str and out.op
             return
         req, reply = out
-        assert type(req.rid) is str and req.rid and type(req.num_tokens) is int and req.num_tokens >= 0
+        limits = wire.DEFAULT_LIMITS
+        assert type(req.rid) is str and req.rid and type(req.num_tokens) is int
+        # Every number inside its documented range: nothing a ledger sum could overflow on.
+        assert 0 <= req.num_tokens <= limits.max_tokens
+        assert req.max_new_tokens is None or 0 <= req.max_new_tokens <= limits.max_tokens
+        assert len(req.block_hashes) <= limits.max_hashes(req.num_tokens)
         assert all(type(h) is int for h in req.block_hashes)
         if reply is not None:  # a peer must be able to connect to it (or a rank would fail to answer)
             sock = zmq.Context.instance().socket(zmq.PUSH)
@@ -179,10 +193,14 @@ def _check_result(name: str, out: Any) -> None:
                 sock.close(linger=0)
     elif name == "load":
         report, done, lo = out
-        for v in (report.rank, report.epoch, report.seq, report.num_running, report.num_waiting, report.num_tokens):
+        for v in (report.rank, report.epoch, report.seq):
             assert type(v) is int and 0 <= v <= MAX_INT
+        for v in (report.num_running, report.num_waiting):
+            assert type(v) is int and 0 <= v <= wire.MAX_REPORT_REQUESTS
+        for v in (report.num_tokens, report.kv_used, report.kv_capacity):
+            assert type(v) is int and 0 <= v <= wire.MAX_REPORT_TOKENS
         assert type(report.acked_seq) is int and report.acked_seq >= -1
-        assert all(type(x) is int for x in done) and (lo is None or (type(lo) is int and lo >= 0))
+        assert all(type(x) is int and 0 <= x <= MAX_INT for x in done) and (lo is None or (type(lo) is int and lo >= 0))
     elif name == "reply":
         assert out.kind in wire.REPLY_TYPES and type(out.rid) is str and type(out.final) is bool
     elif name == "dispatch":
@@ -381,6 +399,8 @@ def test_live_ingress_survives_everything(ingress_books: IngressBooks) -> None:
 
 REPORT_FIELDS = ("rank", "epoch", "seq", "ack", "run", "wait", "tok", "kvu", "kvc")
 BAD_FIELD = st.sampled_from([-2, -(2**63), MAX_INT + 1, 2**64 - 1, 1.5, math.nan, math.inf, True, "3", None, [1], {"a": 1}, b"1"])
+#: Inside the wire's range for some fields, past it for the counts and tokens.
+BAD_COUNT = st.sampled_from([wire.MAX_REPORT_TOKENS + 1, MAX_INT, -1])
 
 
 @st.composite
@@ -390,13 +410,15 @@ def bad_reports(draw: Any, dp_size: int, real_epoch_floor: int) -> tuple[bytes, 
     h: dict[Any, Any] = {"v": 1, "t": "load", "rank": rank, "epoch": draw(st.integers(0, real_epoch_floor - 1)),
                          "seq": draw(st.integers(0, MAX_INT)), "ack": draw(st.integers(-1, MAX_INT)),
                          "run": draw(st.integers(0, 10**6)), "wait": draw(st.integers(0, 10**6)),
-                         "tok": draw(st.integers(0, MAX_INT)), "kvu": 0, "kvc": 0,
-                         "done": draw(st.lists(ints, max_size=50)), "lo": None}  # fmt: skip
+                         "tok": draw(st.integers(0, wire.MAX_REPORT_TOKENS)), "kvu": 0, "kvc": 0,
+                         "done": draw(st.lists(st.integers(0, MAX_INT), max_size=50)), "lo": None}  # fmt: skip
     kind = draw(st.sampled_from(["stale", "field", "rank", "done", "shape", "raw", "truncated"]))
     if kind == "stale":  # well-formed, but from an older life than the rank's current one
         return _pack(h), "stale"
     if kind == "field":
         h[draw(st.sampled_from(REPORT_FIELDS))] = draw(BAD_FIELD)
+        if draw(st.booleans()):
+            h[draw(st.sampled_from(("run", "wait", "tok", "kvu", "kvc")))] = draw(BAD_COUNT)
     elif kind == "rank":
         h["rank"] = draw(st.one_of(st.integers(dp_size, MAX_INT), st.integers(-(2**63), -1)))
     elif kind == "done":
@@ -525,11 +547,17 @@ def test_http_front_answers_everything(front: Any) -> None:
         statuses[resp.status_code] += 1
         if resp.status_code == 200:
             return
-        body = resp.json()  # every error is JSON with a code and a reason
-        assert set(body) >= {"error", "detail"} and body["detail"], body
-        # 5xx only for "no rank can take it" or the engine's own verdict (e.g. an output
-        # longer than its KV cache), never the front or the controller failing.
-        ok = resp.status_code in (400, 404, 405, 413, 503) or (resp.status_code, body["error"]) == (500, "engine_error")
+        body = resp.json()  # every error is JSON with a code and a reason, in the path's dialect
+        if path.startswith("/v1/"):
+            err = body["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"], body
+            code = err["code"]
+        else:
+            assert set(body) >= {"error", "detail"} and body["detail"], body
+            code = body["error"]
+        # 5xx only for "no rank can take it" or the engine's own verdict, never the front
+        # or the controller failing.
+        ok = resp.status_code in (400, 404, 405, 413, 503) or (resp.status_code, code) == (500, "engine_error")
         assert ok, (resp.status_code, body, data[:200])
 
     one()
@@ -541,3 +569,79 @@ def test_http_front_answers_everything(front: Any) -> None:
     counters = http.get("/server_info").json()["counters"]
     assert counters["balanced"] == {"received": True, "dispatched": True} and counters["internal_errors"] == 0
     print(f"http: {COUNTS['http']} inputs; statuses {dict(sorted(statuses.items()))}")
+
+
+# --------------------------------------------------------------------------- 5. a live `dpcore serve`
+
+
+def _status_frames(draw: Any) -> list[bytes]:
+    ask = {"v": 1, "t": "status?", "id": draw(ints)}
+    kind = draw(st.sampled_from(["raw", "mutated", "good"]))
+    if kind == "raw":
+        return [draw(raw_frames) for _ in range(draw(st.integers(1, 3)))]
+    if kind == "mutated":
+        ask[draw(st.sampled_from(["v", "t", "id", "x"]))] = draw(values)
+    try:
+        return [_pack(ask)]
+    except (OverflowError, ValueError, TypeError):
+        return [draw(raw_frames)]
+
+
+@st.composite
+def serve_inputs(draw: Any) -> tuple[str, list[bytes]]:
+    """One hostile message for one of a live server's sockets."""
+    target = draw(st.sampled_from(["ingress", "report", "status"]))
+    if target == "status":
+        return target, _status_frames(draw)
+    if target == "report":
+        return target, [_mutated_valid(wire.encode_load(0, epoch=1, seq=1), draw) if draw(st.booleans())
+                        else draw(raw_frames)]  # fmt: skip
+    return target, draw(wire_inputs())
+
+
+def test_live_serve_keeps_health_and_books_under_hostile_frames(front: Any) -> None:
+    """Frames generated for the ingress, the load-report and the status sockets of a running
+    `dpcore serve` process (not an in-process controller), with /health polled throughout:
+    it must answer 200 every time, and afterwards the books balance and no background
+    thread was restarted."""
+    stack, http = front
+    ctx = zmq.Context.instance()
+    socks = {}
+    for name, kind in (("ingress", zmq.PUSH), ("report", zmq.PUSH), ("status", zmq.DEALER)):
+        s = ctx.socket(kind)
+        s.linger = 0
+        s.sndtimeo = 1000
+        s.connect(stack.endpoints[name])
+        socks[name] = s
+    health: collections.Counter[int] = collections.Counter()
+    try:
+
+        @fuzz_settings(1500)
+        @given(msg=serve_inputs())
+        def one(msg: tuple[str, list[bytes]]) -> None:
+            target, frames = msg
+            COUNTS["serve"] += 1
+            try:
+                socks[target].send_multipart(frames)
+            except zmq.Again:  # a full pipe is the server's right; never its death
+                pass
+            if COUNTS["serve"] % 25 == 0:
+                health[http.get("/health").status_code] += 1
+
+        one()
+    finally:
+        for s in socks.values():
+            s.close()
+    # The one fuzzed rank-0 epoch makes rank 0 a new life; both ranks report again at once.
+    wait_for(lambda: http.get("/health").status_code == 200, 10, "/health", poll_s=0.1)
+    assert set(health) == {200}, health
+    ok = http.post("/generate", json={"text": "after the storm", "sampling_params": {"max_new_tokens": 2}})
+    assert ok.status_code == 200, ok.text
+    info = http.get("/server_info").json()
+    counters = info["counters"]
+    assert counters["balanced"] == {"received": True, "dispatched": True} and counters["internal_errors"] == 0
+    from dpcore.runtime.local import fetch_status
+
+    threads = fetch_status(stack.endpoints["status"])["threads"]
+    assert all(t["alive"] and t["restarts"] == 0 for t in threads.values()), threads
+    print(f"serve: {COUNTS['serve']} inputs; /health {dict(health)}; bad frames {counters['bad_frames']}")

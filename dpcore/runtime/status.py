@@ -29,6 +29,7 @@ from dpcore import security
 from dpcore.errors import DpcoreError, WireError
 from dpcore.runtime.supervise import Supervised
 from dpcore.sdk import endpoints
+from dpcore.wire import show
 
 if TYPE_CHECKING:
     import zmq.asyncio
@@ -80,7 +81,7 @@ def _unpack(buf: bytes, t: str) -> dict[str, Any]:
         msg = f"status: not a msgpack frame ({type(exc).__name__})"
         raise WireError(msg) from None
     if type(obj) is not dict or obj.get("v") != VERSION or obj.get("t") != t:
-        msg = f"status: expected a v{VERSION} {t!r} map, got {obj!r:.80}"
+        msg = f"status: expected a v{VERSION} {t!r} map, got {show(obj)}"
         raise WireError(msg)
     return obj
 
@@ -259,7 +260,7 @@ class AsyncStatusClient:
                 raise StatusUnavailableError(msg) from None
             data = ans.get("data")
             if type(data) is not dict:
-                msg = f"controller status answer is not a map: {data!r:.80}"
+                msg = f"controller status answer is not a map: {show(data)}"
                 raise StatusUnavailableError(msg)
             self._cached, self._cached_at = data, loop.time()
             return data

@@ -217,7 +217,7 @@ class Worker:
                 self._control(wire.decode_ctl(frames[0]))
                 return None
             d = wire.decode_dispatch(frames)
-            req, reply = wire.request_from_header(d.header)
+            req, reply = wire.request_from_header(d.header, wire.WIDEST_LIMITS)
         except WireError:
             self.bad_frames += 1
             return None
