@@ -4,27 +4,45 @@
 private ``0700`` run directory). Binding another address without authentication is
 allowed, but :func:`warn_exposed` says so loudly on stderr.
 
-**CURVE.** One cluster key set, made by ``dpcore keys --dir DIR``:
+**CURVE.** One cluster key set, made by ``dpcore keys --dir DIR``, with a key pair per role:
 
-==========================  ================================================================
-``server.key(_secret)``     the identity of every side that *binds* a TCP socket: the
-                            controller (ingress, reports, rank sockets, status) and
-                            each sender's reply socket
-``client.key(_secret)``     the identity of every side that *connects*: ranks, senders,
-                            the controller's sockets to reply endpoints
-``authorized/*.key``        public keys allowed to connect (default: ``client.key``; add
-                            one file per extra client key pair)
-==========================  ================================================================
+===============================  ===========================================================
+``server.key(_secret)``          the identity of every side that *binds* a TCP socket: the
+                                 controller (ingress, reports, rank sockets, status) and each
+                                 sender's reply socket; the controller also connects with it
+``rank.key(_secret)``            the identity of the ranks (engine workers)
+``sender.key(_secret)``          the identity of the senders (client SDK, HTTP front)
+``authorized/ranks/*.key``       rank keys allowed on the controller's rank sockets
+``authorized/senders/*.key``     sender keys allowed on the controller's ingress and status
+===============================  ===========================================================
+
+Each bound socket declares the role it serves (a ZAP domain), and the handler admits only
+that role's keys: the ingress and the status socket take senders, the rank sockets and the
+report socket take ranks, a sender's reply socket takes ranks and the controller. So a sender
+cannot connect to a rank's socket and take its requests, nor forge load reports; a rank
+cannot inject requests. A process learns its role from the component using the keys
+(``Worker``: rank; ``Client``, the HTTP front: sender; ``dpcore serve``: controller) and
+reads its own key pair from the directory.
+
+A directory from an older ``dpcore keys`` (one ``client.key`` for everyone, ``authorized/*.key``)
+still works, without the role check; ``dpcore keys --force`` makes a role key set.
 
 A process finds the keys in ``$DPCORE_CURVE_DIR`` (that layout), or in Z85 strings:
 ``DPCORE_CURVE_SERVER_KEY``/``_SERVER_SECRET``, ``DPCORE_CURVE_CLIENT_KEY``/``_CLIENT_SECRET``
-and ``DPCORE_CURVE_AUTHORIZED`` (comma-separated public keys). The controller, the SDKs and
-the HTTP front read them when no keys are passed explicitly, so an engine on the worker SDK
-gets CURVE from its environment without a code change. Only ``tcp://`` endpoints use CURVE.
+(this process's own pair) and ``DPCORE_CURVE_AUTHORIZED`` (comma-separated public keys,
+admitted on every socket: no role check). The controller, the SDKs and the HTTP front read
+them when no keys are passed explicitly, so an engine on the worker SDK gets CURVE from its
+environment without a code change. Only ``tcp://`` endpoints use CURVE.
 
 Every binding side runs a ZAP handler (pyzmq's :class:`~zmq.auth.thread.ThreadAuthenticator`)
 that admits only authorized client keys: a peer without keys, or with keys of its own, never
 completes the handshake, so it can neither send frames nor receive a rank's requests.
+
+What CURVE does not cover: every sender and the controller hold ``server.key_secret`` (a
+sender's reply socket must present the cluster's server identity to the ranks that connect
+to it), so a sender that can also redirect a rank's TCP connection (DNS, routing, taking over
+the controller's address) could pose as the controller to that rank. Senders are trusted to
+name their own reply endpoint, and a request's payload is opaque to dpcore.
 """
 
 from __future__ import annotations
@@ -52,6 +70,17 @@ ENV_AUTHORIZED = "DPCORE_CURVE_AUTHORIZED"
 
 _Z85_KEY_LEN = 40
 
+#: Who a process is, for picking its key pair: ``dpcore serve``, an engine rank, a sender.
+CONTROLLER = "controller"
+RANK = "rank"
+SENDER = "sender"
+ROLES = (CONTROLLER, RANK, SENDER)
+#: ZAP domains: the role a bound socket serves.
+DOMAIN_RANKS = "dpcore-ranks"
+DOMAIN_SENDERS = "dpcore-senders"
+DOMAIN_REPLIES = "dpcore-replies"
+DOMAINS = (DOMAIN_RANKS, DOMAIN_SENDERS, DOMAIN_REPLIES)
+
 
 def _key(value: str | bytes, what: str) -> bytes:
     raw = value.encode() if isinstance(value, str) else value
@@ -70,7 +99,9 @@ class CurveKeys:
     :ivar client_public: This process's key when it connects.
     :ivar client_secret: Its secret.
     :ivar server_secret: Needed only by processes that bind TCP sockets.
-    :ivar authorized: Client keys allowed to connect to this process's bound sockets.
+    :ivar authorized: Client keys allowed on every bound socket (a key set without roles).
+    :ivar ranks: Rank keys (a role key set): allowed on rank sockets and reply sockets.
+    :ivar senders: Sender keys (a role key set): allowed on the ingress and status sockets.
     """
 
     server_public: bytes
@@ -78,9 +109,24 @@ class CurveKeys:
     client_secret: bytes
     server_secret: bytes | None = None
     authorized: frozenset[bytes] = field(default=frozenset())
+    ranks: frozenset[bytes] = field(default=frozenset())
+    senders: frozenset[bytes] = field(default=frozenset())
 
-    def allowed(self) -> frozenset[bytes]:
-        return self.authorized or frozenset({self.client_public})
+    @property
+    def has_roles(self) -> bool:
+        return bool(self.ranks or self.senders)
+
+    def allowed(self, domain: str = "*") -> frozenset[bytes]:
+        """Client keys admitted on a socket of ZAP *domain* (``"*"``: one that named none)."""
+        if not self.has_roles:
+            return self.authorized or frozenset({self.client_public})
+        if domain == DOMAIN_RANKS:
+            return self.ranks
+        if domain == DOMAIN_SENDERS:
+            return self.senders
+        if domain == DOMAIN_REPLIES:
+            return self.ranks | {self.server_public}
+        return self.ranks | self.senders | {self.server_public} | self.authorized
 
     def as_server(self, sock: Any) -> None:
         if self.server_secret is None:
@@ -120,27 +166,47 @@ def _read_cert(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
     return public, sec
 
 
-def load_dir(directory: str | os.PathLike[str]) -> CurveKeys:
-    """Keys from a directory written by :func:`generate` (``server.key_secret`` optional)."""
+def _public_keys(d: Path) -> frozenset[bytes]:
+    return frozenset(_read_cert(p, False)[0] for p in sorted(d.glob("*.key")))  # type: ignore[misc]
+
+
+def load_dir(directory: str | os.PathLike[str], role: str = SENDER) -> CurveKeys:
+    """The keys of a process in *role* from a directory written by :func:`generate`
+    (``server.key_secret`` optional: only processes that bind TCP need it)."""
     d = Path(directory)
     if not d.is_dir():
         msg = f"CURVE key directory {d} does not exist (make one with: dpcore keys --dir {d})"
+        raise ConfigError(msg)
+    if role not in ROLES:
+        msg = f"unknown CURVE role {role!r}; one of {', '.join(ROLES)}"
         raise ConfigError(msg)
     secret_file = d / "server.key_secret"
     if secret_file.is_file():
         server_public, server_secret = _read_cert(secret_file, True)
     else:
         server_public, server_secret = _read_cert(d / "server.key", False)[0], None
-    client_public, client_secret = _read_cert(d / "client.key_secret", True)
-    authorized = frozenset(_read_cert(p, False)[0] for p in sorted((d / "authorized").glob("*.key")))
-    return CurveKeys(server_public, client_public, client_secret, server_secret, authorized)  # type: ignore[arg-type]
+    if not (d / "rank.key").is_file():  # a key set without roles: one client key for all
+        client_public, client_secret = _read_cert(d / "client.key_secret", True)
+        return CurveKeys(server_public, client_public, client_secret, server_secret,  # type: ignore[arg-type]
+                         _public_keys(d / "authorized"))  # fmt: skip
+    if role == CONTROLLER:
+        if server_secret is None:
+            msg = f"the controller needs {secret_file}"
+            raise ConfigError(msg)
+        client_public, client_secret = server_public, server_secret
+    else:
+        client_public, client_secret = _read_cert(d / f"{role}.key_secret", True)
+    return CurveKeys(
+        server_public, client_public, client_secret, server_secret,  # type: ignore[arg-type]
+        ranks=_public_keys(d / "authorized" / "ranks"), senders=_public_keys(d / "authorized" / "senders"),
+    )  # fmt: skip
 
 
-def from_env(env: Mapping[str, str] | None = None) -> CurveKeys | None:
-    """Keys named by the environment, or ``None`` when it names none."""
+def from_env(env: Mapping[str, str] | None = None, role: str = SENDER) -> CurveKeys | None:
+    """The keys of a process in *role* named by the environment, or ``None`` when it names none."""
     env = os.environ if env is None else env
     if env.get(ENV_DIR):
-        return load_dir(env[ENV_DIR])
+        return load_dir(env[ENV_DIR], role)
     if not env.get(ENV_SERVER_KEY):
         return None
     missing = [k for k in (ENV_CLIENT_KEY, ENV_CLIENT_SECRET) if not env.get(k)]
@@ -158,13 +224,13 @@ def from_env(env: Mapping[str, str] | None = None) -> CurveKeys | None:
     )
 
 
-def resolve(curve: CurveArg) -> CurveKeys | None:
-    """``None`` → the environment's keys (if any); ``False``/``True`` → none/required."""
+def resolve(curve: CurveArg, role: str = SENDER) -> CurveKeys | None:
+    """``None`` → the environment's keys for *role* (if any); ``False``/``True`` → none/required."""
     if isinstance(curve, CurveKeys):
         return curve
     if curve is False:
         return None
-    keys = from_env()
+    keys = from_env(role=role)
     if curve is True and keys is None:
         msg = f"CURVE is required but no keys are configured (set {ENV_DIR}; make keys with: dpcore keys)"
         raise ConfigError(msg)
@@ -181,13 +247,20 @@ def generate(directory: str | os.PathLike[str], *, force: bool = False) -> Curve
         raise ConfigError(msg)
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    (d / "authorized").mkdir(exist_ok=True)
-    for name in ("server", "client"):
+    # A --force over a key set without roles: its client key must not stay authorized.
+    for old in ("client.key", "client.key_secret"):
+        (d / old).unlink(missing_ok=True)
+    if (d / "authorized").is_dir():
+        for old_key in (d / "authorized").glob("*.key"):
+            old_key.unlink()
+    for name in ("server", RANK, SENDER):
         # pyzmq's writer (keys from zmq.curve_keypair); secrets readable by the owner only.
         _, secret = zmq.auth.create_certificates(d, name)
         os.chmod(secret, 0o600)
-    shutil.copy(d / "client.key", d / "authorized" / "client.key")
-    return load_dir(d)
+    for role, folder in ((RANK, "ranks"), (SENDER, "senders")):
+        (d / "authorized" / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(d / f"{role}.key", d / "authorized" / folder / f"{role}.key")
+    return load_dir(d, CONTROLLER)
 
 
 # --------------------------------------------------------------------------- applying
@@ -197,10 +270,13 @@ def is_tcp(endpoint: str) -> bool:
     return endpoint.startswith("tcp://")
 
 
-def server(sock: Any, endpoint: str, keys: CurveKeys | None) -> None:
-    """Make *sock* (about to bind *endpoint*) a CURVE server when keys are set and it is TCP."""
+def server(sock: Any, endpoint: str, keys: CurveKeys | None, domain: str | None = None) -> None:
+    """Make *sock* (about to bind *endpoint*) a CURVE server when keys are set and it is TCP;
+    *domain* (:data:`DOMAIN_RANKS`...) names the role it serves, checked on every connection."""
     if keys is not None and is_tcp(endpoint):
         keys.as_server(sock)
+        if domain is not None:
+            sock.zap_domain = domain.encode()
 
 
 def client(sock: Any, endpoint: str, keys: CurveKeys | None) -> None:
@@ -210,14 +286,15 @@ def client(sock: Any, endpoint: str, keys: CurveKeys | None) -> None:
 
 
 class _Allow:
-    """The ZAP credentials callback: admit authorized client keys, count the others."""
+    """The ZAP credentials callback: admit the keys authorized for the socket's domain,
+    count the others."""
 
     def __init__(self) -> None:
-        self.keys: set[bytes] = set()
+        self.keys: dict[str, set[bytes]] = {d: set() for d in ("*", *DOMAINS)}
         self.denied = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key in self.keys:
+        if key in self.keys.get(domain, ()):
             return True
         self.denied += 1
         return False
@@ -259,9 +336,11 @@ class ZapGuard:
                 auth = zmq.auth.thread.ThreadAuthenticator(zmq.Context.shadow(key))
                 auth.start()
                 allow = _Allow()
-                auth.configure_curve_callback("*", credentials_provider=allow)
+                for domain in allow.keys:
+                    auth.configure_curve_callback(domain, credentials_provider=allow)
                 guard = cls._by_ctx[key] = cls(key, auth, allow)
-            guard._allow.keys.update(keys.allowed())
+            for domain, allowed in guard._allow.keys.items():
+                allowed.update(keys.allowed(domain))
             guard._refs += 1
             return guard
 
@@ -333,8 +412,9 @@ def run(args: argparse.Namespace) -> int:
     keys = generate(args.dir, force=args.force)
     d = Path(args.dir).resolve()
     print(f"wrote a CURVE key set to {d}")
-    print("  server.key / server.key_secret  controller and senders (whoever binds TCP)")
-    print("  client.key / client.key_secret  ranks and senders (whoever connects)")
-    print(f"  authorized/                     client public keys allowed to connect ({len(keys.allowed())})")
+    print("  server.key / server.key_secret  the controller, and senders' reply sockets")
+    print("  rank.key / rank.key_secret      ranks (admitted on rank and report sockets only)")
+    print("  sender.key / sender.key_secret  senders and the HTTP front (admitted on ingress and status only)")
+    print(f"  authorized/ranks/, senders/     public keys allowed per role ({len(keys.ranks)}, {len(keys.senders)})")
     print(f"use it with:  export {ENV_DIR}={d}")
     return 0

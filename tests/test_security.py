@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,7 +90,8 @@ def test_no_pickle_eval_exec_on_any_input_path() -> None:
             found += [u for u in unsafe_uses(path.read_text(), rel) if (u[0], u[2]) not in ALLOWED]
     assert not found, found
     # The one allowed use stays where it is: only dpcore bench imports the baseline.
-    importers = [p.relative_to(REPO).as_posix() for p in (REPO / "dpcore").rglob("*.py") if "bench_baseline" in p.read_text()]
+    imports = re.compile(r"^\s*(?:from|import)\s+\S*bench_baseline", re.M)  # a mention in text is no import
+    importers = [p.relative_to(REPO).as_posix() for p in (REPO / "dpcore").rglob("*.py") if imports.search(p.read_text())]
     assert importers == ["dpcore/bench.py"]
 
 
@@ -104,9 +106,17 @@ def test_keys_command_env_and_errors(tmp_path: Path) -> None:
     assert (d / "server.key_secret").stat().st_mode & 0o077 == 0  # secrets: owner only
     again = subprocess.run([*DPCORE, "keys", "--dir", str(d)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "--force" in again.stderr
-    keys = security.load_dir(d)
-    assert keys.server_secret is not None and keys.allowed() == {keys.client_public}
+    keys = security.load_dir(d, security.SENDER)
+    rank_keys = security.load_dir(d, security.RANK)
+    ctl_keys = security.load_dir(d, security.CONTROLLER)
+    # One key pair per role; the controller connects with the server's.
+    assert len({keys.client_public, rank_keys.client_public, ctl_keys.client_public}) == 3
+    assert ctl_keys.client_public == ctl_keys.server_public
+    assert keys.allowed(security.DOMAIN_SENDERS) == {keys.client_public}
+    assert keys.allowed(security.DOMAIN_RANKS) == {rank_keys.client_public}
+    assert keys.allowed(security.DOMAIN_REPLIES) == {rank_keys.client_public, keys.server_public}
     assert security.from_env({security.ENV_DIR: str(d)}) == keys
+    assert security.from_env({security.ENV_DIR: str(d)}, role=security.RANK) == rank_keys
     env = {
         security.ENV_SERVER_KEY: keys.server_public.decode(),
         security.ENV_CLIENT_KEY: keys.client_public.decode(),
@@ -123,9 +133,10 @@ def test_keys_command_env_and_errors(tmp_path: Path) -> None:
         security.load_dir(tmp_path / "nope")
     ranks_only = tmp_path / "rank-keys"  # what a rank host needs: no server secret
     ranks_only.mkdir()
-    for name in ("server.key", "client.key", "client.key_secret"):
+    for name in ("server.key", "rank.key", "rank.key_secret"):
         (ranks_only / name).write_bytes((d / name).read_bytes())
-    k = security.load_dir(ranks_only)
+    k = security.load_dir(ranks_only, security.RANK)
+    assert k.client_public == rank_keys.client_public
     assert k.server_secret is None
     with pytest.raises(ConfigError, match="server secret"):
         import zmq
@@ -266,6 +277,55 @@ def test_no_warning_with_auth(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("domain", "admitted"),
+    [(security.DOMAIN_RANKS, {"rank"}), (security.DOMAIN_SENDERS, {"sender"}),
+     (security.DOMAIN_REPLIES, {"rank", "controller"})],
+)  # fmt: skip
+def test_each_socket_admits_only_its_role(tmp_path: Path, domain: str, admitted: set[str]) -> None:
+    """A bound socket of each role, and a peer of each role (and a stranger with keys of its
+    own) sending to it over real CURVE TCP: only the role's keys get a frame through."""
+    import zmq
+
+    d = tmp_path / "keys"
+    security.generate(d)
+    ctx = zmq.Context()
+    server = security.load_dir(d, security.CONTROLLER)
+    guard = security.ZapGuard.acquire(ctx, server)
+    sink = ctx.socket(zmq.PULL)
+    sink.linger = 0
+    security.server(sink, "tcp://127.0.0.1:0", server, domain)
+    port = sink.bind_to_random_port("tcp://127.0.0.1")
+    peers = {}
+    try:
+        for role in (*security.ROLES, "stranger"):
+            s = ctx.socket(zmq.PUSH)
+            s.linger = 0
+            if role == "stranger":
+                pub, sec = zmq.curve_keypair()
+                s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server.server_public, pub, sec
+            else:
+                security.client(s, "tcp://x:1", security.load_dir(d, role))
+            s.connect(f"tcp://127.0.0.1:{port}")
+            peers[role] = s
+        for role, s in peers.items():
+            try:
+                s.send(role.encode(), zmq.NOBLOCK)
+            except zmq.Again:  # no connection completed: nothing to queue on
+                pass
+        got = set()
+        while sink.poll(1500):
+            got.add(sink.recv().decode())
+        assert got == admitted
+        assert guard.denied >= 4 - len(admitted)
+    finally:
+        for s in peers.values():
+            s.close()
+        sink.close()
+        guard.release()
+        ctx.term()
+
+
 def test_curve_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``dpcore serve --transport tcp`` with keys from the environment: mock ranks, the HTTP
     front (status channel and requests) and an SDK client all speak CURVE; a client without

@@ -138,10 +138,10 @@ def print_stats(stats: dict[str, Any], file: Any = None) -> None:
 def _curve_keys(args: argparse.Namespace) -> Any:
     """The CURVE keys of ``--curve-dir`` (exported to child processes), else the environment's."""
     if args.curve_dir:
-        keys = security.load_dir(args.curve_dir)
+        keys = security.load_dir(args.curve_dir, security.CONTROLLER)
         os.environ[security.ENV_DIR] = str(Path(args.curve_dir).resolve())  # the HTTP front child inherits it
         return keys
-    return security.from_env()
+    return security.from_env(role=security.CONTROLLER)
 
 
 def check(args: argparse.Namespace, manager: Any) -> None:

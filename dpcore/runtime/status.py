@@ -115,12 +115,12 @@ class StatusServer:
     ) -> None:
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        keys = security.resolve(curve)
+        keys = security.resolve(curve, security.CONTROLLER)
         self._zap = security.guard_for(self._ctx, keys, [endpoint])
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.linger = 0
         self.socket.maxmsgsize = MAX_ASK_BYTES
-        security.server(self.socket, endpoint, keys)
+        security.server(self.socket, endpoint, keys, security.DOMAIN_SENDERS)
         try:
             self.endpoint = endpoints.bind(self.socket, endpoint)
         except BaseException:

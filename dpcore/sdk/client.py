@@ -90,7 +90,7 @@ class _Base:
         self._rx = ctx.socket(zmq.PULL)
         self._rx.linger = 0
         self._rx.maxmsgsize = max_message_bytes
-        security.server(self._rx, reply_endpoint, self._curve)
+        security.server(self._rx, reply_endpoint, self._curve, security.DOMAIN_REPLIES)
         self._tx = ctx.socket(zmq.PUSH)
         # Requests submitted just before close() still leave (bounded: close never hangs).
         self._tx.linger = _SEND_LINGER_MS

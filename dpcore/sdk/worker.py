@@ -149,7 +149,7 @@ class Worker:
         self._rx.linger = 0
         self._tx = self._ctx.socket(zmq.PUSH)
         self._tx.linger = 0
-        self._curve = security.resolve(curve)
+        self._curve = security.resolve(curve, security.RANK)
         security.client(self._rx, dispatch_endpoint, self._curve)
         security.client(self._tx, report_endpoint, self._curve)
         self._rx.connect(dispatch_endpoint)
