@@ -24,7 +24,9 @@ from dpcore.http.launch import Stack, launch
 
 pytestmark = pytest.mark.e2e
 
-BODY_TIMEOUT_S = 3.0
+#: Long enough for four 16 MB bodies on a busy 2-core machine; the slow-body case is
+#: tested on the reading function itself, with a short timeout.
+BODY_TIMEOUT_S = 60.0
 BIG_BODY_BYTES = 16 << 20
 
 
@@ -70,20 +72,37 @@ def test_a_client_that_leaves_has_its_request_stopped_on_the_rank(client: httpx.
     assert st["balanced"] == {"received": True, "dispatched": True}
 
 
-def test_a_slow_body_gets_408_and_the_front_keeps_serving(stack: Stack, client: httpx.Client) -> None:
-    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as s:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100\r\n\r\n{\"text\": ")  # fmt: skip
+def test_a_slow_body_gets_408() -> None:
+    """A client that sent its headers and part of its body, then nothing: 408 once the body
+    timeout passes, whatever it does next."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from dpcore.http.app import read_body
+    from dpcore.http.protocol import HttpError
+
+    async def receive() -> dict:
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b'{"text": ', "more_body": True}
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    sent: list[int] = []
+    scope = {"type": "http", "method": "POST", "path": "/generate", "headers": [(b"content-length", b"100")]}
+
+    async def go() -> HttpError:
         t0 = time.monotonic()
-        answer = s.recv(4096)
-        waited = time.monotonic() - t0
-        while b"}" not in answer and (chunk := s.recv(4096)):  # the JSON body may come apart
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert b"body_timeout" in answer
-    assert BODY_TIMEOUT_S * 0.9 <= waited < BODY_TIMEOUT_S + 5
-    r = client.post("/generate", json={"text": "next", "sampling_params": {"max_new_tokens": 1}})
-    assert r.status_code == 200, r.text
+        try:
+            await read_body(Request(scope, receive), 1 << 20, 0.3)
+        except HttpError as exc:
+            assert 0.25 <= time.monotonic() - t0 < 3
+            return exc
+        raise AssertionError("no timeout")
+
+    err = asyncio.run(go())
+    assert (err.status, err.code) == (408, "body_timeout") and "9 bytes came" in str(err)
 
 
 def test_big_prompts_do_not_stall_other_requests(stack: Stack) -> None:

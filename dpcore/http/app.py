@@ -182,28 +182,36 @@ class Front:
         #: each with the input that holds it.
         self.in_flight: dict[str, GenerateInput] = {}
         self._capacity: int | None = None
-        self._capacity_at = -_CAPACITY_REFRESH_S
+        self._capacity_at = 0.0
+        self._capacity_task: asyncio.Future[None] | None = None
 
     async def _check_fits(self, inp: GenerateInput) -> None:
         """A request that needs more KV than any rank has is the client's error (400), not
         the engine's: no rank could ever serve it. Capacities are those the ranks report
-        (0: unknown, not checked), read at most every second."""
+        (ranks that reported none are not counted), read again at most every second; while
+        the controller cannot say, the last known value holds."""
         now = time.monotonic()
-        if now - self._capacity_at >= _CAPACITY_REFRESH_S:
+        task = self._capacity_task
+        if task is None or (task.done() and now - self._capacity_at >= _CAPACITY_REFRESH_S):
             self._capacity_at = now
-            try:
-                loads = (await self.status())["loads"]
-            except HttpError:  # the controller is slow: generation says so itself
-                loads = []
-            caps = [r.get("kv_capacity") or 0 for r in loads]
-            self._capacity = max(caps) if caps and all(caps) else None
+            task = self._capacity_task = asyncio.ensure_future(self._read_capacity())
+        if self._capacity is None and not task.done():
+            await asyncio.shield(task)  # the first requests wait for the first answer
+        cap = self._capacity
         need = len(inp.token_ids) + inp.max_new_tokens
-        if self._capacity is not None and need > self._capacity:
+        if cap is not None and need > cap:
             msg = (
                 f"the prompt ({len(inp.token_ids)} tokens) plus max_new_tokens ({inp.max_new_tokens}) needs {need} "
-                f"tokens of KV cache; the largest rank holds {self._capacity}"
+                f"tokens of KV cache; the largest rank holds {cap}"
             )
             raise HttpError(400, "context_length_exceeded", msg, rid=inp.rid)
+
+    async def _read_capacity(self) -> None:
+        try:
+            loads = (await self.status())["loads"]
+        except HttpError:  # the controller is slow: generation says so itself
+            return
+        self._capacity = max((r.get("kv_capacity") or 0 for r in loads), default=0) or None
 
     async def _next(self, stream: ReplyStream, deadline: float, rid: str) -> Reply:
         left = deadline - time.monotonic()
@@ -214,7 +222,7 @@ class Front:
             msg = f"no reply from the rank within {self.config.request_timeout_s:g}s"
             raise HttpError(504, "timeout", msg, rid=rid) from None
 
-    async def submit(self, inp: GenerateInput) -> tuple[ReplyStream, Reply, float]:
+    async def submit(self, inp: GenerateInput, big: bool = False) -> tuple[ReplyStream, Reply, float]:
         """Send *inp*; return its stream and its first reply (raises for rej/fail).
 
         The caller owns ``inp.rid`` in :attr:`in_flight` from here on (release it with
@@ -224,7 +232,7 @@ class Front:
             raise HttpError(400, "duplicate_rid", msg, rid=inp.rid)
         self.in_flight[inp.rid] = inp
         try:
-            stream = await self._send(inp)
+            stream = await self._send(inp, big)
             deadline = time.monotonic() + self.config.request_timeout_s
             try:
                 first = await self._next(stream, deadline, inp.rid)
@@ -239,9 +247,11 @@ class Front:
             raise reply_error(first, inp.rid)
         return stream, first, deadline
 
-    async def _send(self, inp: GenerateInput) -> ReplyStream:
+    async def _send(self, inp: GenerateInput, big: bool) -> ReplyStream:
         try:
-            return await self.link.submit(inp)
+            # A big prompt is hashed and packed on a worker thread, as it was parsed.
+            encoded = await asyncio.to_thread(self.link.encode, inp) if big else None
+            return await self.link.submit(inp, encoded)
         except UnicodeEncodeError:  # a string the wire cannot carry
             raise bad_unicode() from None
         except OverflowError:  # e.g. in sampling_params, which are passed on untouched
@@ -264,7 +274,8 @@ class Front:
         inp: GenerateInput | None = None
         try:
             raw = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
-            if len(raw) <= INLINE_PARSE_BYTES:
+            big = len(raw) > INLINE_PARSE_BYTES
+            if not big:
                 inp = self._parse(kind, raw, request.headers)
             else:
                 # A big prompt is parsed and tokenized on a worker thread, so the event loop
@@ -275,7 +286,7 @@ class Front:
                 # A PD prefill server computes the prompt's KV and the first token; decode
                 # generates the rest.
                 inp = attrs.evolve(inp, max_new_tokens=1)
-            stream, first, deadline = await self.submit(inp)
+            stream, first, deadline = await self.submit(inp, big)
             out = Output(inp, self.config.tokenizer, started)
             out.add(first)
             headers = {SERVED_RANK_HEADER: str(first.rank)}

@@ -56,24 +56,31 @@ class ControllerLink:
         """A fresh id for one request of client id *rid*."""
         return f"{rid}~{self._prefix}{next(self._ids):x}"
 
-    async def submit(self, inp: GenerateInput) -> ReplyStream:
-        """Send *inp* under a fresh id (the stream's ``rid``)."""
+    def encode(self, inp: GenerateInput) -> tuple[str, bytes, bytes]:
+        """``(wire id, header, payload)`` of *inp*: hashing and packing the prompt, CPU work
+        that grows with it (thread-safe; the front runs it off its event loop for big ones)."""
         if self.client is None:
             msg = "ControllerLink.start() was not awaited"
             raise RuntimeError(msg)
         wid = self.wire_id(inp.rid)
         payload = inp.engine_payload()
         payload["rid"] = wid
-        return await self.client.submit(
+        hdr = self.client.encode(
             wid,
             token_ids=inp.token_ids,
-            payload=msgpack.packb(payload),
             routed_dp_rank=inp.routed_dp_rank,
             data_parallel_rank=inp.data_parallel_rank,
             bootstrap_room=inp.bootstrap_room,
             disagg_prefill_dp_rank=inp.disagg_prefill_dp_rank,
             max_new_tokens=inp.max_new_tokens,
         )
+        return wid, hdr, msgpack.packb(payload)
+
+    async def submit(self, inp: GenerateInput, encoded: tuple[str, bytes, bytes] | None = None) -> ReplyStream:
+        """Send *inp* (as *encoded* by :meth:`encode`, or encoded here) under a fresh id (the
+        stream's ``rid``)."""
+        wid, hdr, payload = encoded or self.encode(inp)
+        return await self.client.submit_encoded(wid, hdr, payload)  # type: ignore[union-attr]
 
     def abandon(self, stream: ReplyStream) -> None:
         """The request of *stream* lost its client: drop its replies and stop it on its rank."""

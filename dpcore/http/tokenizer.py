@@ -32,6 +32,11 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
+#: Bytes turned into ids per C call: a call holds the GIL throughout, so a huge prompt
+#: encoded on a worker thread in one call would still stall the event loop.
+_CHUNK = 1 << 18
+
+
 class ByteTokenizer:
     """One token per UTF-8 byte: ids 0..255."""
 
@@ -39,7 +44,13 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        data = text.encode("utf-8")
+        if len(data) <= _CHUNK:
+            return list(data)
+        out: list[int] = []
+        for i in range(0, len(data), _CHUNK):
+            out.extend(data[i : i + _CHUNK])
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         # Ids outside 0..255 come from a client that used another tokenizer; show them as

@@ -119,8 +119,11 @@ class _Base:
                 msg = f"request {rid!r}: give token_ids or num_tokens"
                 raise ValueError(msg)
             num_tokens = len(token_ids)
-        if bh is None:
-            bh = block_hashes(token_ids, self.block_size) if token_ids is not None else ()
+        if bh is None and token_ids is not None:
+            # Only the leading blocks a controller accepts are hashed: placement looks at
+            # prefixes, and a longer list would be refused (wire.Limits.max_block_hashes).
+            cap = wire.DEFAULT_LIMITS.max_block_hashes * self.block_size
+            bh = block_hashes(token_ids[:cap] if len(token_ids) > cap else token_ids, self.block_size)
         return wire.encode_request(
             rid,
             num_tokens=num_tokens,
@@ -378,10 +381,37 @@ class AsyncClient(_Base):
         max_new_tokens: int | None = None,
     ) -> ReplyStream:
         """Send one request; iterate the returned stream for its replies."""
-        hdr = self._header(
+        hdr = self.encode(
+            rid, token_ids=token_ids, num_tokens=num_tokens, block_hashes=block_hashes,
+            routed_dp_rank=routed_dp_rank, data_parallel_rank=data_parallel_rank,
+            bootstrap_room=bootstrap_room, disagg_prefill_dp_rank=disagg_prefill_dp_rank,
+            max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        return await self.submit_encoded(rid, hdr, payload)
+
+    def encode(
+        self,
+        rid: str,
+        *,
+        token_ids: Sequence[int] | None = None,
+        num_tokens: int | None = None,
+        block_hashes: Sequence[int] | None = None,
+        routed_dp_rank: Any = None,
+        data_parallel_rank: Any = None,
+        bootstrap_room: int | None = None,
+        disagg_prefill_dp_rank: Any = None,
+        max_new_tokens: int | None = None,
+    ) -> bytes:
+        """The request header :meth:`submit` would send (hashing the prompt's blocks). Pure
+        CPU work and thread-safe: a caller with a big prompt can run it off its event loop,
+        then send with :meth:`submit_encoded`."""
+        return self._header(
             rid, token_ids, num_tokens, block_hashes, routed_dp_rank, data_parallel_rank,
             bootstrap_room, disagg_prefill_dp_rank, max_new_tokens,
         )  # fmt: skip
+
+    async def submit_encoded(self, rid: str, hdr: bytes, payload: bytes = b"") -> ReplyStream:
+        """Send a request whose header came from :meth:`encode`."""
         if rid in self._streams:
             msg = f"request id {rid!r} is already pending on this client"
             raise ValueError(msg)
