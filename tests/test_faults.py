@@ -435,9 +435,14 @@ def _env_without_keys() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[security.CurveKeys, dict[str, str]]:
-    """A key set, and an environment that hands it to rank processes."""
+    """The controller's keys of a role key set, and an environment that hands the set to
+    rank processes (each reads its own rank key pair)."""
     d = tmp_path_factory.mktemp("keys")
     return security.generate(d), {**_env_without_keys(), security.ENV_DIR: str(d)}
+
+
+def sender_keys(env: dict[str, str]) -> security.CurveKeys:
+    return security.load_dir(env[security.ENV_DIR], security.SENDER)
 
 
 def _thieves(ctx: zmq.Context, endpoint: str, server_key: bytes | None, kind: int = zmq.PULL) -> list[zmq.Socket]:
@@ -452,6 +457,15 @@ def _thieves(ctx: zmq.Context, endpoint: str, server_key: bytes | None, kind: in
         s.connect(endpoint)
         out.append(s)
     return out
+
+
+def _keyed(ctx: zmq.Context, endpoint: str, keys: security.CurveKeys, kind: int = zmq.PUSH) -> zmq.Socket:
+    """A socket with a real key pair of this cluster (of some role)."""
+    s = ctx.socket(kind)
+    s.linger = 0
+    security.client(s, endpoint, keys)
+    s.connect(endpoint)
+    return s
 
 
 def _drain(sock: zmq.Socket, wait_ms: int = 300) -> int:
@@ -481,16 +495,18 @@ def test_case_9_stolen_rank_socket(keys: tuple[security.CurveKeys, dict[str, str
     assert stolen_open > 0
     # With CURVE the same strangers are refused at the handshake and get nothing.
     with LocalCluster("round_robin", DP, endpoints=ControllerEndpoints.tcp(DP), curve=k, env=env,
-                      client_kw={"curve": k}, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S) as lc:  # fmt: skip
+                      client_kw={"curve": sender_keys(env)}, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S) as lc:  # fmt: skip
         c = lc.controller
         thieves = _thieves(ctx, c.endpoints.dispatch[1], k.server_public)
+        # A sender of this cluster, with its real sender key, is no rank: refused too.
+        thieves.append(_keyed(ctx, c.endpoints.dispatch[1], sender_keys(env), zmq.PULL))
         wait_for(lambda: c.transport.zap.denied >= 1, 5, "the keyed stranger to be refused")  # type: ignore[union-attr]
         books = Books(lc)
         try:
             rids = [books.submit("9") for _ in range(40)]
             finals = books.collect()
             assert collections.Counter(finals[r].rank for r in rids) == {0: 10, 1: 10, 2: 10, 3: 10}
-            assert [_drain(t) for t in thieves] == [0, 0]
+            assert [_drain(t) for t in thieves] == [0, 0, 0]
             print(f"case 9: without CURVE a stranger took {stolen_open} of rank 1's requests; with CURVE 0 "
                   f"({c.transport.zap.denied} handshakes refused)")  # type: ignore[union-attr]  # fmt: skip
             ends_well(books)
@@ -505,11 +521,14 @@ def test_case_9b_unauthenticated_sender_and_reporter(keys: tuple[security.CurveK
     k, env = keys
     ctx = zmq.Context()
     with LocalCluster("round_robin", DP, endpoints=ControllerEndpoints.tcp(DP), curve=k, env=env,
-                      client_kw={"curve": k}, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S) as lc:  # fmt: skip
+                      client_kw={"curve": sender_keys(env)}, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S) as lc:  # fmt: skip
         c = lc.controller
         books = Books(lc)
         senders = _thieves(ctx, c.endpoints.ingress, k.server_public, zmq.PUSH)
         reporters = _thieves(ctx, c.endpoints.report, k.server_public, zmq.PUSH)
+        # Keys of the wrong role: a rank cannot send requests, a sender cannot report load.
+        senders.append(_keyed(ctx, c.endpoints.ingress, security.load_dir(env[security.ENV_DIR], security.RANK)))
+        reporters.append(_keyed(ctx, c.endpoints.report, sender_keys(env)))
         try:
             epoch0 = c.ledger.epoch(0)
             received0, bad0 = c.books.received, c.books.bad_frames
@@ -519,7 +538,7 @@ def test_case_9b_unauthenticated_sender_and_reporter(keys: tuple[security.CurveK
                     s.send_multipart([books.header(f"inject{i}"), b""], zmq.NOBLOCK)
                 for s in reporters:
                     s.send(forged, zmq.NOBLOCK)
-            wait_for(lambda: c.transport.zap.denied >= 2, 5, "both keyed strangers refused")  # type: ignore[union-attr]
+            wait_for(lambda: c.transport.zap.denied >= 4, 5, "the strangers and the wrong-role peers refused")  # type: ignore[union-attr]
             ends_well(books)
             assert c.books.received == received0 + 1 and c.books.bad_frames == bad0  # only the good request
             assert c.ledger.epoch(0) == epoch0 and c.stats()["failed"] == 0
@@ -755,3 +774,117 @@ def test_restarted_rank_with_a_clock_behind_rejoins(rr: Books) -> None:
     lc.start_rank(3)
     lc.wait_ready([3])
     ends_well(rr)
+
+
+# --------------------------------------------------------------------------- stalls, floods, bounds
+
+
+def test_a_loop_stall_fails_no_request_on_a_healthy_rank(rr: Books) -> None:
+    """The controller's loop is held for four heartbeat timeouts (as a slow policy, swap or
+    CPU starvation would) while requests run and arrive: the ranks kept heartbeating, so
+    none may be declared dead and every request must be served."""
+    lc, c = rr.lc, rr.lc.controller
+    stalls0 = c.books.loop_stalls
+    before = [rr.submit("pre-stall") for _ in range(8)]
+    c.call_soon(lambda: time.sleep(4 * HEARTBEAT_TIMEOUT_S))
+    during = [rr.submit("in-stall") for _ in range(8)]
+    finals = rr.collect(30)
+    assert all(finals[r].kind == "out" for r in before + during), [finals[r] for r in before + during]
+    assert c.books.loop_stalls > stalls0
+    assert list(c.ledger.active_ranks) == list(range(DP))
+    st = ends_well(rr)
+    assert st["failed"] == 0 and "rank_died" not in st["failed_by_code"]
+
+
+def test_stale_reports_are_counted_and_an_ack_of_an_unsent_dispatch_is_refused(rr: Books) -> None:
+    c = rr.lc.controller
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(c.endpoints.report)
+    try:
+        epoch = c.ledger.epoch(2)
+        stale0, bad0 = c.books.stale_reports, c.books.bad_reports
+        push.send(wire.encode_load(2, epoch=epoch, seq=0))  # seq 0: older than what rank 2 sent
+        wait_for(lambda: c.books.stale_reports > stale0, 5, "the stale report counted")
+        sent = c.ledger.next_dispatch_seq(2)
+        push.send(wire.encode_load(2, epoch=epoch, seq=1 << 40, ack=sent + 5))
+        wait_for(lambda: c.books.bad_reports > bad0, 5, "the impossible ack refused")
+        assert c.ledger.reports[2] is None or c.ledger.reports[2].seq < 1 << 40  # never applied
+    finally:
+        push.close()
+    ends_well(rr)
+
+
+def test_a_report_flood_from_two_processes_does_not_starve_requests_or_status(rr: Books) -> None:
+    """Two processes flood the report socket (well-formed stale reports, as fast as they can)
+    for a few seconds; meanwhile each request is answered within 2 s and the status snapshot
+    within 2 s. Reports get a bounded share of each loop turn."""
+    c = rr.lc.controller
+    flood = (
+        "import sys, time, zmq\n"
+        "from dpcore import wire\n"
+        "s = zmq.Context().socket(zmq.PUSH); s.sndhwm = 100000; s.connect(sys.argv[1])\n"
+        "f = wire.encode_load(1, epoch=1, seq=1)\n"
+        "print('go', flush=True)\n"
+        "end = time.monotonic() + 5\n"
+        "while time.monotonic() < end:\n"
+        "    try: s.send(f, zmq.NOBLOCK)\n"
+        "    except zmq.Again: time.sleep(0.001)\n"
+    )
+    floods = [subprocess.Popen([sys.executable, "-c", flood, c.endpoints.report], stdout=subprocess.PIPE, text=True)
+              for _ in range(2)]  # fmt: skip
+    worst_req = worst_status = 0.0
+    counted0 = c.books.stale_reports + c.books.bad_reports
+    try:
+        for p in floods:
+            assert p.stdout is not None and p.stdout.readline().strip() == "go"
+        time.sleep(0.3)  # the flood is on
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            rid = rr.submit("flood")
+            assert reply(rr, rid).kind == "out"
+            worst_req = max(worst_req, time.monotonic() - t0)
+            t0 = time.monotonic()
+            c.consistent_stats(5)
+            worst_status = max(worst_status, time.monotonic() - t0)
+        flooded = c.books.stale_reports + c.books.bad_reports - counted0
+    finally:
+        for p in floods:
+            p.kill()
+            p.wait()
+    assert worst_req < 2.0 and worst_status < 2.0, (worst_req, worst_status)
+    assert flooded > 1000, flooded  # the flood did arrive while requests were measured
+    ends_well(rr)
+
+
+def test_policy_calls_over_budget_are_counted() -> None:
+    with LocalCluster("round_robin", 2, policy_budget_s=1e-9) as lc:
+        for i in range(10):
+            lc.client.submit(f"b{i}", num_tokens=4)  # type: ignore[union-attr]
+        assert len(lc.client.wait_all(10)) == 10  # type: ignore[union-attr]
+        assert lc.controller.consistent_stats()["policy_overruns"] == 10
+
+
+def test_one_hostile_request_cannot_delay_others_beyond_a_bound() -> None:
+    """Under cache_aware, requests carrying the most block hashes the wire allows (65,536,
+    for 1M tokens) are mixed with small ones: every small one is served within 1 s, and a
+    hostile header with more hashes is refused at the door."""
+    with LocalCluster("cache_aware", 2) as lc:
+        client = lc.client
+        big = list(range(1 << 16))
+        worst = 0.0
+        for i in range(6):
+            client.submit(f"hostile{i}", num_tokens=1 << 20, block_hashes=[h + i for h in big])  # type: ignore[union-attr]
+            t0 = time.monotonic()
+            client.submit(f"small{i}", token_ids=list(range(64)))  # type: ignore[union-attr]
+            deadline = time.monotonic() + 10
+            got: dict[str, Any] = {}
+            while f"small{i}" not in got and time.monotonic() < deadline:
+                got.update((r.rid, r) for r in client.poll(0.05) if r.final)  # type: ignore[union-attr]
+            worst = max(worst, time.monotonic() - t0)
+        assert worst < 1.0, worst
+        client.submit("too-many", num_tokens=1 << 20, block_hashes=list(range((1 << 16) + 1)))  # type: ignore[union-attr]
+        refused = [r for r in client.wait_all(10) if r.rid == "too-many"]  # type: ignore[union-attr]
+        assert refused and refused[0].kind == "rej" and refused[0].code == "malformed_request"
+        assert "65536" in refused[0].msg

@@ -50,6 +50,8 @@ class Books:
         "reports",
         "controls",
         "internal_errors",
+        "loop_stalls",
+        "policy_overruns",
         "dispatched",
         "completed",
         "failed",
@@ -77,6 +79,10 @@ class Books:
         self.reports = 0
         self.controls = 0
         self.internal_errors = 0
+        # Liveness checks that ran late because the loop itself was held up (not counted
+        # against the ranks); policy calls over their time budget.
+        self.loop_stalls = 0
+        self.policy_overruns = 0
         self.dispatched = [0] * n
         self.completed = [0] * n
         self.failed = [0] * n
@@ -149,6 +155,8 @@ class Books:
             "undeliverable_replies": self.undeliverable,
             "controls": self.controls,
             "internal_errors": self.internal_errors,
+            "loop_stalls": self.loop_stalls,
+            "policy_overruns": self.policy_overruns,
             "rejected_by_code": dict(self.rejected_by_code),
             "failed_by_code": dict(self.failed_by_code),
             "active_ranks": [r for r, a in enumerate(active) if a],

@@ -37,7 +37,7 @@ from dpcore.runtime.inflight import InFlightTable
 from dpcore.runtime.lifecycle import CODE_RANK_DIED, KV_RESYNC, KV_RESYNC_INTERVAL_S, RankLifecycle
 from dpcore.runtime.outbox import Outbox
 from dpcore.runtime.parking import PDHandler, PrefillParking, PrefillRankUnknownError
-from dpcore.runtime.placement import CODE_RANK_BUSY, CODE_SHUTDOWN, Placer, RankBusyError
+from dpcore.runtime.placement import CODE_RANK_BUSY, CODE_SHUTDOWN, POLICY_BUDGET_S, Placer, RankBusyError
 from dpcore.runtime.transport import ControllerEndpoints, Transport
 
 __all__ = [
@@ -110,6 +110,8 @@ class Controller:
         log: Any = None,
         curve: security.CurveArg = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+        policy_budget_s: float = POLICY_BUDGET_S,
     ) -> None:
         n = manager.ctx.dp_size
         self.mode = manager.ctx.disaggregation_mode
@@ -130,8 +132,9 @@ class Controller:
         self.inflight = InFlightTable(n)
         self.parking = PrefillParking(pd, prefill_dp_size)
         self.placer = Placer(
-            manager, self.transport, self.outbox, self.inflight, self.parking, self.books, pd=pd, log=self.log
-        )
+            manager, self.transport, self.outbox, self.inflight, self.parking, self.books, pd=pd, log=self.log,
+            limits=limits, policy_budget_s=policy_budget_s,
+        )  # fmt: skip
         self.lifecycle = RankLifecycle(
             manager, self.inflight, self.outbox, self.books, heartbeat_timeout_s=heartbeat_timeout_s,
             redispatch=self.placer.redispatch, fail=self.placer.fail, log=self.log,
@@ -268,7 +271,7 @@ class Controller:
             while True:
                 now = time.monotonic()
                 if now >= life.next_check:
-                    life.check(now)
+                    life.check(now, reports)  # reads what has arrived before judging silence
                 if self._stop_at is not None and self._drain_step(now):
                     break
                 if outbox.dirty:

@@ -1,8 +1,17 @@
 """Rank lifecycle: load reports in, lives and deaths of ranks, and what their requests become.
 
-**Reports** are drained completely every turn before any request is handled. Only the
-newest report per rank is applied (latest wins); the ``done`` lists of all of them are
-used, so no completion is lost by coalescing. KV event batches share the report socket and
+**Reports** are drained every turn before any request is handled, at most
+:data:`REPORTS_PER_TURN` per turn (a flood cannot starve the ingress; the rest wait for the
+next turn). Only the newest report per rank is applied (latest wins); the ``done`` lists of
+all of them are used, so no completion is lost by coalescing. A report older than the last
+one applied, or from a previous life, is counted in ``stale_reports``; one that
+acknowledges a dispatch never sent is counted bad and not applied.
+
+**Liveness** is judged only after reading what has arrived: a check first drains the report
+socket. Silence is measured on the loop's own clock: when a check runs later than it was
+due by more than :data:`STALL_FRACTION` of the heartbeat timeout, the loop itself was held up
+(CPU starvation, swap, a stopped process, a slow policy) and that time is not counted
+against any rank (``loop_stalls``). KV event batches share the report socket and
 go to the cache index (:mod:`dpcore.cacheindex`) as they come.
 
 **Lives.** A report's ``epoch`` names one life of the rank's process. The ledger is the one
@@ -46,6 +55,10 @@ KV_RESYNC_INTERVAL_S = 1.0
 #: after a deadline, so a deadline is never checked a hair too early.
 MIN_CHECK_INTERVAL_S = 0.01
 DEADLINE_SLACK_S = 0.001
+#: Reports read per loop turn at most (each socket gets a bounded share of a turn).
+REPORTS_PER_TURN = 1024
+#: A liveness check this late (a fraction of the heartbeat timeout) means the loop stalled.
+STALL_FRACTION = 0.25
 
 #: Re-dispatch one request that was on a rank that is gone: ``(entry, from_rank)``.
 Redispatch = Callable[[InFlight, int], None]
@@ -98,14 +111,16 @@ class RankLifecycle:
 
     # ------------------------------------------------------------------ reports
 
-    def drain_reports(self, sock: zmq.Socket) -> None:  # type: ignore[type-arg]
-        """Read every queued report; apply the newest per rank."""
+    def drain_reports(self, sock: zmq.Socket, limit: int = REPORTS_PER_TURN) -> bool:  # type: ignore[type-arg]
+        """Read up to *limit* queued reports; apply the newest per rank. Returns whether more
+        may be waiting."""
         recv = sock.recv
         latest: dict[int, LoadReport] = {}
         n = self.ledger.dp_size
         ledger = self.ledger
         books = self.books
-        while True:
+        more = False
+        for _ in range(limit):
             try:
                 buf = recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -125,13 +140,21 @@ class RankLifecycle:
                 self._bad_report(f"load report from rank {r}, but ranks are 0..{n - 1}")
                 continue
             known = ledger.epoch(r)
+            # A smaller epoch is a late report from a previous life, while the current life
+            # is alive. Once it went silent past its deadline, any other epoch is a new life:
+            # a restart on a host whose clock is behind must not be locked out.
+            if known is not None and report.epoch < known and ledger.is_active(r):
+                books.stale_reports += 1
+                continue
+            if report.acked_seq >= ledger.next_dispatch_seq(r):
+                # Never-sent requests cannot have been admitted; believing it would fail
+                # requests that were never started instead of re-sending them.
+                self._bad_report(
+                    f"load report from rank {r} acknowledges dispatch {report.acked_seq}, "
+                    f"but only {ledger.next_dispatch_seq(r)} were sent to it"
+                )
+                continue
             if known != report.epoch:
-                # A smaller epoch is a late report from a previous life, while the current
-                # life is alive. Once it went silent past its deadline, any other epoch is a
-                # new life: a restart on a host whose clock is behind must not be locked out.
-                if known is not None and report.epoch < known and ledger.is_active(r):
-                    books.stale_reports += 1
-                    continue
                 if known is not None:
                     self._new_life(r, report.epoch, lo)
                 ledger.begin_life(r, report.epoch)
@@ -145,8 +168,11 @@ class RankLifecycle:
             prev = latest.get(r)
             if prev is None or report.seq > prev.seq:
                 latest[r] = report
+        else:
+            more = True
         for report in latest.values():
             self._apply(report)
+        return more
 
     def _kv_batch(self, batch: KvEventBatch) -> None:
         """Apply a rank's KV events to the cache index; ask the rank for a resync when the
@@ -174,7 +200,8 @@ class RankLifecycle:
     def _apply(self, report: LoadReport) -> None:
         r = report.rank
         was_active = self.ledger.is_active(r)
-        self.manager.report(report)
+        if not self.manager.report(report):
+            self.books.stale_reports += 1  # not newer than the last one applied (still a sign of life)
         if not was_active:
             self.log.info("rank_rejoined", rank=r, epoch=report.epoch)
             self._reschedule()
@@ -185,9 +212,17 @@ class RankLifecycle:
     def _reschedule(self) -> None:
         self.next_check = min(self.next_check, time.monotonic() + self.heartbeat_timeout_s)
 
-    def check(self, now: float) -> None:
-        """Mark silent ranks inactive and settle their requests; schedule the next check."""
+    def check(self, now: float, sock: zmq.Socket | None = None) -> None:  # type: ignore[type-arg]
+        """Mark silent ranks inactive and settle their requests; schedule the next check.
+
+        *sock*: the report socket, drained first (what has arrived is read before anyone is
+        judged silent)."""
         timeout = self.heartbeat_timeout_s
+        late = now - self.next_check
+        if sock is not None:
+            self.drain_reports(sock)
+        if late > STALL_FRACTION * timeout:
+            self._forgive_stall(now, late)
         for r in self.ledger.expire(timeout, now):
             self.log.warning("rank_inactive", rank=r, silent_s=round(now - self.ledger.last_seen[r], 3))
             self._lose(r, f"rank {r} stopped reporting for more than {timeout:g}s")
@@ -198,6 +233,15 @@ class RankLifecycle:
         nxt = min((seen[r] for r in self.ledger.active_ranks), default=now) + timeout
         nxt = min([nxt, *(d for _, _, d in self._old_life.values())])
         self.next_check = max(nxt + DEADLINE_SLACK_S, now + MIN_CHECK_INTERVAL_S)
+
+    def _forgive_stall(self, now: float, late: float) -> None:
+        """The loop did not run for *late* seconds: measure silence on its clock, so the
+        ranks are not blamed for reports it could not read."""
+        self.books.loop_stalls += 1
+        self.log.warning("loop_stalled", late_s=round(late, 3), count=self.books.loop_stalls)
+        seen = self.ledger.last_seen
+        for r in self.ledger.active_ranks:
+            seen[r] = min(now, seen[r] + late)
 
     def _lose(self, r: int, why: str) -> None:
         """Rank *r* is gone: settle everything it held, including its backlog."""

@@ -105,6 +105,13 @@ class ControllerCollector(Collector):
         )
         yield CounterMetricFamily("dpcore_bad_frames", "Ingress frames that could not be decoded", value=s["bad_frames"])
         yield CounterMetricFamily("dpcore_bad_reports", "Load reports that could not be decoded", value=s["bad_reports"])
+        yield CounterMetricFamily("dpcore_stale_reports", "Load reports older than one already applied", value=s["stale_reports"])
+        yield CounterMetricFamily(
+            "dpcore_loop_stalls", "Liveness checks that ran late because the loop was held up", value=s["loop_stalls"]
+        )
+        yield CounterMetricFamily(
+            "dpcore_policy_overruns", "Policy chain calls longer than --policy-budget-ms", value=s["policy_overruns"]
+        )
 
 
 class ThreadsCollector(Collector):

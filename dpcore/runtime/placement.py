@@ -26,6 +26,11 @@ from dpcore.runtime.transport import NOBLOCK, Transport
 #: Requests handled per poller turn before reports are drained again.
 BATCH = 128
 
+#: Time budget of one policy chain call (``--policy-budget-ms``); over it is an overrun.
+#: Policies are Python: a call cannot be pre-empted, so the budget is measured and
+#: reported (``policy_overruns``, a log line naming the policy), and request sizes are
+#: bounded at the wire so a policy's work per request stays bounded.
+POLICY_BUDGET_S = 0.005
 CODE_RANK_BUSY = "rank_busy"
 CODE_SHUTDOWN = "shutting_down"
 CODE_MALFORMED = "malformed_request"
@@ -56,8 +61,14 @@ class Placer:
         *,
         pd: PDHandler | None,
         log: Any,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+        policy_budget_s: float = POLICY_BUDGET_S,
     ) -> None:
         self.manager = manager
+        #: The ranges request numbers must fall in (``--max-context-tokens``...).
+        self.limits = limits
+        #: A policy chain call longer than this is an overrun: counted and logged.
+        self.policy_budget_s = policy_budget_s
         self.transport = transport
         self.outbox = outbox
         self.inflight = inflight
@@ -76,6 +87,7 @@ class Placer:
         # the payload is never copied or decoded in this process.
         recv = self.transport.ingress.recv
         decode = wire.decode_ingress
+        limits = self.limits
         place = self.place
         books = self.books
         for _ in range(BATCH):
@@ -92,7 +104,7 @@ class Placer:
                     more = recv(copy=False).more
                     extra += 1
             try:
-                msg = decode(hdr)  # msgpack reads the frame's buffer directly
+                msg = decode(hdr, limits)  # msgpack reads the frame's buffer directly
             except wire.MalformedHeader as exc:
                 books.received += 1
                 self.reject(exc.reply, exc.rid, exc.code, str(exc))
@@ -138,8 +150,21 @@ class Placer:
         except RequestRejected as exc:
             self._refuse(exc, request, reply, moved_from)
             return
-        self.books.decided(time.perf_counter() - t0, self.manager.ctx.decision)
+        took = time.perf_counter() - t0
+        self.books.decided(took, self.manager.ctx.decision)
+        if took > self.policy_budget_s:
+            self._overrun(request, took)
         self._send(rank, request, reply, hdr, payload, pr, moved_from)
+
+    def _overrun(self, request: Request, took: float) -> None:
+        b = self.books
+        b.policy_overruns += 1
+        if rate_limited(b.policy_overruns):
+            self.log.warning(
+                "policy_over_budget", policy=self.manager.ctx.decision.policy, took_ms=round(took * 1000, 3),
+                budget_ms=self.policy_budget_s * 1000, rid=request.rid, num_tokens=request.num_tokens,
+                block_hashes=len(request.block_hashes), count=b.policy_overruns,
+            )  # fmt: skip
 
     def redispatch(self, e: InFlight, moved_from: int) -> None:
         """Place *e* again: it was on *moved_from*, which is gone, and was never admitted."""

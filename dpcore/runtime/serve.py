@@ -57,6 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve Prometheus /metrics on PORT (0: any free port; default off)")  # fmt: skip
     r.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                    help="address /metrics binds (default 127.0.0.1; 0.0.0.0 for a scraper on another host)")  # fmt: skip
+    r.add_argument("--max-context-tokens", type=int, default=wire_defaults().max_tokens, metavar="N",
+                   help="largest prompt or max_new_tokens a request may carry (default 2**24); larger: rejected")  # fmt: skip
+    r.add_argument("--min-block-size", type=int, default=wire_defaults().min_block_size, metavar="N",
+                   help="smallest block size senders hash with: at most ceil(tokens/N) block hashes per request "
+                        "(default 16)")  # fmt: skip
+    r.add_argument("--max-block-hashes", type=int, default=wire_defaults().max_block_hashes, metavar="N",
+                   help="at most N block hashes per request (default 65536)")  # fmt: skip
+    r.add_argument("--policy-budget-ms", type=float, default=5.0, metavar="MS",
+                   help="a policy chain call longer than this is counted and logged as an overrun (default 5)")  # fmt: skip
     r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
                    help="largest ingress frame; a peer sending more is disconnected (default 64 MiB)")  # fmt: skip
     s = p.add_argument_group("security")
@@ -70,6 +79,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from dpcore.http import server as http_server  # light: the HTTP stack loads in the child
 
     http_server.add_serve_arguments(p)
+
+
+def wire_defaults() -> Any:
+    from dpcore import wire
+
+    return wire.DEFAULT_LIMITS
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    """The wire limits of ``--max-context-tokens``, ``--min-block-size``, ``--max-block-hashes``."""
+    from dpcore import wire
+
+    try:
+        return wire.Limits(max_tokens=args.max_context_tokens, min_block_size=args.min_block_size,
+                           max_block_hashes=args.max_block_hashes)  # fmt: skip
+    except ValueError as exc:
+        msg = str(exc).replace("wire limit max_tokens", "--max-context-tokens").replace(
+            "wire limit min_block_size", "--min-block-size").replace("wire limit max_block_hashes", "--max-block-hashes")
+        raise ConfigError(msg) from None
 
 
 def _endpoints(args: argparse.Namespace, dp_size: int) -> tuple[Any, Any, str]:
@@ -150,11 +178,14 @@ def check(args: argparse.Namespace, manager: Any) -> None:
 
     if args.max_message_bytes < 1024:
         raise ConfigError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
+    limits_from_args(args)
+    if not 0 < args.policy_budget_ms < float("inf"):
+        raise ConfigError(f"--policy-budget-ms must be a positive number, got {args.policy_budget_ms}")
     dp_size = manager.ctx.dp_size
     if args.transport == "tcp" and not 0 <= args.port_base < 65536 - dp_size - 3:
         raise ConfigError(f"--port-base {args.port_base} leaves no room for {dp_size + 3} ports")
     if args.curve_dir:
-        security.load_dir(args.curve_dir)
+        security.load_dir(args.curve_dir, security.CONTROLLER)
     if getattr(args, "http_port", None) is not None:
         from dpcore.http import server as http_server
 
@@ -210,6 +241,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             manager, endpoints=eps, zmq_ctx=ctx, heartbeat_timeout_s=args.heartbeat_timeout,
             sndhwm=args.sndhwm, backlog=args.backlog, pd=handler, prefill_dp_size=prefill_dp,
             drain_timeout_s=args.drain_timeout, curve=keys or False, max_message_bytes=args.max_message_bytes,
+            limits=limits_from_args(args), policy_budget_s=args.policy_budget_ms / 1000,
         )  # fmt: skip
         c = controller
         if run_dir is not None:

@@ -118,7 +118,7 @@ class Transport:
         self.log = log if log is not None else structlog.get_logger("dpcore.controller")
         self._own_ctx = zmq_ctx is None
         self.ctx = zmq_ctx or zmq.Context()
-        self._curve = security.resolve(curve)
+        self._curve = security.resolve(curve, security.CONTROLLER)
         self.zap: security.ZapGuard | None = None
         self._run_dir: str | None = None
         self._replies: ep.PushCache | None = None
@@ -131,9 +131,12 @@ class Transport:
         try:
             eps = (endpoints.ingress, endpoints.report, *endpoints.dispatch)
             self.zap = security.guard_for(self.ctx, self._curve, eps)
-            self.ingress = self._bind(zmq.PULL, endpoints.ingress, maxmsgsize=max_message_bytes)
-            self.reports = self._bind(zmq.PULL, endpoints.report, maxmsgsize=wire.MAX_REPORT_BYTES)
-            self.dispatch = [self._bind(zmq.PUSH, e, sndhwm=sndhwm) for e in endpoints.dispatch]
+            # Under CURVE each socket admits only its role's keys: senders on the ingress,
+            # ranks on the report and rank sockets.
+            ranks, senders = security.DOMAIN_RANKS, security.DOMAIN_SENDERS
+            self.ingress = self._bind(zmq.PULL, endpoints.ingress, senders, maxmsgsize=max_message_bytes)
+            self.reports = self._bind(zmq.PULL, endpoints.report, ranks, maxmsgsize=wire.MAX_REPORT_BYTES)
+            self.dispatch = [self._bind(zmq.PUSH, e, ranks, sndhwm=sndhwm) for e in endpoints.dispatch]
         except BaseException:
             self.close()
             raise
@@ -157,14 +160,14 @@ class Transport:
         self.poller.register(self.reports, zmq.POLLIN)
         self.poller.register(self.ingress, zmq.POLLIN)
 
-    def _bind(self, kind: int, endpoint: str, sndhwm: int | None = None, maxmsgsize: int = -1) -> zmq.Socket:  # type: ignore[type-arg]
+    def _bind(self, kind: int, endpoint: str, domain: str, sndhwm: int | None = None, maxmsgsize: int = -1) -> zmq.Socket:  # type: ignore[type-arg]
         s = self.ctx.socket(kind)
         s.linger = 0
         if sndhwm is not None:
             s.sndhwm = sndhwm
         self._socks.append(s)
         s.maxmsgsize = maxmsgsize
-        security.server(s, endpoint, self._curve)
+        security.server(s, endpoint, self._curve, domain)
         ep.bind(s, endpoint)
         return s
 
