@@ -214,7 +214,7 @@ def _serve_add(p: argparse.ArgumentParser) -> None:
 _ECHOED = (
     "transport", "run_dir", "host", "port_base", "endpoints_file", "heartbeat_timeout", "sndhwm", "backlog",
     "drain_timeout", "max_message_bytes", "max_context_tokens", "min_block_size", "max_block_hashes",
-    "policy_budget_ms", "metrics_host", "metrics_port", "curve_dir", "http_host", "http_port",
+    "policy_budget_ms", "admission_timeout", "metrics_host", "metrics_port", "curve_dir", "http_host", "http_port",
     "bootstrap_port", "bootstrap_host", "bootstrap_url", "prefill_dp_size", "prefill_load_balance_method",
     "pd_resolve_timeout",
 )

@@ -241,6 +241,26 @@ class LoadLedger:
         self._enqueue(rank, num_tokens, 1, now)
         return seq
 
+    def oldest_unacked_at(self, rank: int) -> float | None:
+        """When the oldest dispatch to *rank* that no report acknowledged was sent."""
+        pending = self._pending[rank]
+        return pending[0][2] if pending else None
+
+    def give_up(self, rank: int, sent_before: float) -> list[int]:
+        """Stop counting the dispatches to *rank* sent before *sent_before* and still not
+        acknowledged (the rank is not admitting them); returns their seqs, oldest first."""
+        pending = self._pending[rank]
+        out = []
+        while pending and pending[0][2] < sent_before:
+            seq, tokens, _ = pending.popleft()
+            self._pending_tokens[rank] -= tokens
+            self.requests[rank] -= 1
+            self.tokens[rank] -= tokens
+            out.append(seq)
+        if out:
+            self.version += 1
+        return out
+
     def next_dispatch_seq(self, rank: int) -> int:
         """The sequence number the next dispatch to *rank* will get."""
         return self._next_seq[rank]

@@ -8,7 +8,10 @@ still names its sender, a frame that is not msgpack at all), while a chaos sched
 * SIGKILLs a rank and restarts it a moment later (a crash),
 * SIGTERMs a rank and restarts it at once (a controlled restart),
 * SIGSTOPs a rank for longer than ``--heartbeat-timeout`` and then SIGCONTs it (a stall),
-* floods the load-report channel with broken, out-of-range and stale reports.
+* SIGSTOPs the controller itself for 2.5 heartbeat timeouts (a loop stall: no healthy rank
+  may be declared dead for it),
+* floods the load-report channel with broken, out-of-range and stale reports, from this
+  process, and then from two other processes at once.
 
 At the end the driver stops sending, waits for every reply, SIGTERMs the controller and
 checks the books: every request got exactly one final reply; the controller's counters add
@@ -43,7 +46,9 @@ from dpcore.errors import ConfigError
 
 DPCORE = (sys.executable, "-m", "dpcore")
 #: Chaos cycle: one event per slot, spread evenly over the run.
-SCHEDULE = ("kill", "flood", "pause", "term", "kill", "flood", "pause", "kill")
+SCHEDULE = ("kill", "flood", "pause", "stall", "term", "kill", "flood2", "pause", "kill")
+#: Disruptions that hit no rank (their ``rank`` is -1).
+NO_RANK = ("flood", "flood2", "stall")
 #: How long a killed rank stays down before it is restarted.
 RESTART_AFTER_S = 1.5
 
@@ -118,6 +123,7 @@ class Soak:
         self.t0 = 0.0
         self._stop = threading.Event()
         self._rank_lock = threading.Lock()
+        self.controller: Any = None
 
     # ------------------------------------------------------------------ processes
 
@@ -201,7 +207,7 @@ class Soak:
                     return
             if time.monotonic() > self.t0 + end:
                 return  # too late to see this rank come back before the traffic stops
-            rank = i % cfg.dp_size
+            rank = -1 if kind in NO_RANK else i % cfg.dp_size
             d = Disruption(kind, rank, time.monotonic())
             self.disruptions.append(d)
             if kind == "kill":
@@ -219,9 +225,17 @@ class Soak:
                 self._signal(rank, signal.SIGCONT)
                 if stopped:
                     return
+            elif kind == "stall":
+                self.controller.popen.send_signal(signal.SIGSTOP)
+                stopped = self._sleep_until(time.monotonic() + 2.5 * cfg.heartbeat_timeout_s)
+                self.controller.popen.send_signal(signal.SIGCONT)
+                if stopped:
+                    return
+            elif kind == "flood2":
+                self._flood_processes(min(slot * 0.5, 3.0))
             else:
                 self._flood(min(slot * 0.5, 3.0))
-            d.back = time.monotonic() if kind != "flood" else None
+            d.back = time.monotonic() if kind not in NO_RANK else None
 
     def _all_up(self) -> bool:
         from dpcore.runtime.status import StatusUnavailableError
@@ -270,6 +284,29 @@ class Soak:
                 sent[kind] += 1
         finally:
             self.flooded.update(sent)
+
+    def _flood_processes(self, seconds: float, n: int = 2) -> None:
+        """Well-formed stale reports from *n* other processes at once, as fast as they can."""
+        import subprocess
+
+        code = (
+            "import sys, time, zmq\n"
+            "from dpcore import wire\n"
+            "s = zmq.Context().socket(zmq.PUSH); s.linger = 10000; s.connect(sys.argv[1])\n"
+            "frames = [wire.encode_load(r, epoch=1, seq=10**9, ack=10**9) for r in range(int(sys.argv[3]))]\n"
+            "sent, end = 0, time.monotonic() + float(sys.argv[2])\n"
+            "while time.monotonic() < end:\n"
+            "    try:\n"
+            "        s.send(frames[sent % len(frames)], zmq.NOBLOCK); sent += 1\n"
+            "    except zmq.Again:\n"
+            "        time.sleep(0.001)\n"
+            "s.close(); print(sent, flush=True)\n"
+        )
+        args = [self.eps["report"], str(seconds), str(self.cfg.dp_size)]
+        procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        for p in procs:
+            out, _ = p.communicate(timeout=seconds + 60)
+            self.flooded["stale"] += int(out.strip() or 0)
 
     def _watch_memory(self, pid: int) -> None:
         from dpcore.runtime.local import rss_bytes
@@ -351,7 +388,7 @@ class Soak:
         from dpcore.sdk.client import Client
 
         cfg = self.cfg
-        controller = self._start_controller()
+        controller = self.controller = self._start_controller()
         ctx = zmq.Context()
         self._flood_sock = ctx.socket(zmq.PUSH)
         self._flood_sock.linger = 0
@@ -410,7 +447,7 @@ class Soak:
             "max_mb": round(max(warm) / 2**20, 1) if warm else None,
             "samples": len(self.rss),
         }
-        disrupted = [d for d in self.disruptions if d.kind != "flood"]
+        disrupted = [d for d in self.disruptions if d.kind not in NO_RANK]
         c = counters
         figures: dict[str, Any] = {
             "config": attrs.asdict(self.cfg),
@@ -422,6 +459,7 @@ class Soak:
             "controller": {k: c.get(k) for k in ("received", "dispatched", "redispatched", "completed", "failed",
                                                  "rejected", "in_flight", "parked", "bad_frames", "reports", "bad_reports",
                                                  "stale_reports", "unknown_done", "internal_errors", "balanced",
+                                                 "loop_stalls",
                                                  "rejected_by_code", "failed_by_code")},  # fmt: skip
             "final": final,
             "disruptions": [
@@ -432,6 +470,8 @@ class Soak:
             "kills": sum(d.kind == "kill" for d in disrupted),
             "restarts": sum(d.kind in ("kill", "term") for d in disrupted),
             "pauses": sum(d.kind == "pause" for d in disrupted),
+            "controller_stalls": sum(d.kind == "stall" for d in self.disruptions),
+            "loop_stalls_counted": c.get("loop_stalls"),
             "rejoined": sum(d.rejoined_after_s is not None for d in disrupted),
             "disrupted": len(disrupted),
             "flood_frames": {"bad": self.flooded["bad"], "stale": self.flooded["stale"]},
@@ -462,7 +502,8 @@ class Soak:
         if reply.code != "rank_died":
             return False
         limit = 2 * self.cfg.heartbeat_timeout_s + RESTART_AFTER_S + 3.0
-        return any(d.rank == reply.rank and d.kind != "flood" and d.start <= at <= d.start + limit for d in self.disruptions)
+        return any(d.rank == reply.rank and d.kind not in NO_RANK and d.start <= at <= d.start + limit
+                   for d in self.disruptions)  # fmt: skip
 
 
 def _final_line(log: Path) -> dict[str, Any] | None:
@@ -500,6 +541,7 @@ def checks(f: dict[str, Any]) -> dict[str, bool]:
         "every flooded report counted, none applied": c["bad_reports"] == f["flood_frames"]["bad"]
         and c["stale_reports"] >= f["flood_frames"]["stale"],
         "every disrupted rank rejoined by itself": f["rejoined"] == f["disrupted"] > 0,
+        "a controller stall was counted as the loop's own, not the ranks'": f["controller_stalls"] == 0 or (f["loop_stalls_counted"] or 0) >= 1,
         "no internal errors": c["internal_errors"] == 0,
         # A leak grows with traffic; 16 MiB is far above the noise of a flat process.
         "controller memory flat": f["rss"]["end_mb"] is not None and f["rss"]["end_mb"] - f["rss"]["start_mb"] < 16,
@@ -528,6 +570,7 @@ def print_figures(f: dict[str, Any], file: Any = None) -> None:
         ("client finals out / fail / rej", f"{r['out']} / {r['fail']} / {r['rej']}"),
         ("late duplicate outputs dropped by the client", r["duplicates_dropped"]),
         ("ranks killed / SIGTERM-restarted / paused", f"{f['kills']} / {f['restarts'] - f['kills']} / {f['pauses']}"),
+        ("controller stalled (SIGSTOP) / loop stalls it counted", f"{f['controller_stalls']} / {f['loop_stalls_counted']}"),
         ("disrupted ranks that rejoined by themselves", f"{f['rejoined']} / {f['disrupted']}"),
         ("report flood: bad / stale frames sent", f"{f['flood_frames']['bad']} / {f['flood_frames']['stale']}"),
         ("controller counted bad / stale reports", f"{c['bad_reports']} / {c['stale_reports']}"),

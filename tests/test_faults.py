@@ -888,3 +888,23 @@ def test_one_hostile_request_cannot_delay_others_beyond_a_bound() -> None:
         refused = [r for r in client.wait_all(10) if r.rid == "too-many"]  # type: ignore[union-attr]
         assert refused and refused[0].kind == "rej" and refused[0].code == "malformed_request"
         assert "65536" in refused[0].msg
+
+
+def test_a_rank_that_reports_but_never_admits_fails_its_requests_rank_stuck() -> None:
+    """Rank 1 heartbeats but never admits (a stuck scheduler): its requests end ``rank_stuck``
+    once the admission timeout passes, instead of hanging until shutdown; rank 0 serves."""
+    with LocalCluster("round_robin", 2, rank_args={1: ("--no-admit",)}, admission_timeout_s=1.0) as lc:
+        books = Books(lc)
+        try:
+            rids = [books.submit("adm") for _ in range(8)]
+            t0 = time.monotonic()
+            finals = books.collect(15)
+            took = time.monotonic() - t0
+            kinds = collections.Counter((finals[r].kind, finals[r].code, finals[r].rank) for r in rids)
+            assert kinds == {("out", "", 0): 4, ("fail", "rank_stuck", 1): 4}, kinds
+            assert took < 1.0 + 5.0
+            assert lc.controller.ledger.is_active(1)  # it is alive, only stuck
+            st = lc.controller.consistent_stats()
+            assert st["failed_by_code"] == {"rank_stuck": 4} and st["balanced"] == {"received": True, "dispatched": True}
+        finally:
+            books.close()

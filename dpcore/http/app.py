@@ -98,7 +98,8 @@ def _rejection_statuses() -> dict[str, int]:
     from dpcore.runtime import controller  # its RequestRejected subclasses and plain codes
 
     # Codes the controller sends without a RequestRejected class; all mean "try again".
-    out: dict[str, int] = {controller.CODE_SHUTDOWN: 503, controller.CODE_RANK_DIED: 503, "controller_shutdown": 503}
+    out: dict[str, int] = {controller.CODE_SHUTDOWN: 503, controller.CODE_RANK_DIED: 503, "controller_shutdown": 503,
+                           "rank_stuck": 503}
     todo: list[type[RequestRejected]] = [RequestRejected]
     while todo:
         cls = todo.pop()

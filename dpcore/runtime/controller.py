@@ -34,7 +34,7 @@ from dpcore.errors import ConfigError
 from dpcore.manager import PolicyManager
 from dpcore.runtime.books import LATENCY_BUCKETS, MAX_REASONS, Books, rate_limited
 from dpcore.runtime.inflight import InFlightTable
-from dpcore.runtime.lifecycle import CODE_RANK_DIED, KV_RESYNC, KV_RESYNC_INTERVAL_S, RankLifecycle
+from dpcore.runtime.lifecycle import ADMISSION_TIMEOUT_S, CODE_RANK_DIED, KV_RESYNC, KV_RESYNC_INTERVAL_S, RankLifecycle
 from dpcore.runtime.outbox import Outbox
 from dpcore.runtime.parking import PDHandler, PrefillParking, PrefillRankUnknownError
 from dpcore.runtime.placement import CODE_RANK_BUSY, CODE_SHUTDOWN, POLICY_BUDGET_S, Placer, RankBusyError
@@ -112,6 +112,7 @@ class Controller:
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         policy_budget_s: float = POLICY_BUDGET_S,
+        admission_timeout_s: float = ADMISSION_TIMEOUT_S,
     ) -> None:
         n = manager.ctx.dp_size
         self.mode = manager.ctx.disaggregation_mode
@@ -137,6 +138,7 @@ class Controller:
         )  # fmt: skip
         self.lifecycle = RankLifecycle(
             manager, self.inflight, self.outbox, self.books, heartbeat_timeout_s=heartbeat_timeout_s,
+            admission_timeout_s=admission_timeout_s,
             redispatch=self.placer.redispatch, fail=self.placer.fail, log=self.log,
         )  # fmt: skip
         self._pd_sock = getattr(pd, "socket", None)

@@ -47,6 +47,10 @@ from dpcore.runtime.inflight import InFlight, InFlightTable
 from dpcore.runtime.outbox import Outbox
 
 CODE_RANK_DIED = "rank_died"
+#: A rank that heartbeats but does not admit a request within the admission timeout.
+CODE_RANK_STUCK = "rank_stuck"
+#: Default admission deadline per dispatch (``--admission-timeout``).
+ADMISSION_TIMEOUT_S = 30.0
 #: A rank whose cache the index lost track of is asked for a resync (``wire.KV_RESYNC``) at
 #: most once per this many seconds.
 KV_RESYNC = wire.KV_RESYNC
@@ -82,6 +86,7 @@ class RankLifecycle:
         books: Books,
         *,
         heartbeat_timeout_s: float,
+        admission_timeout_s: float = ADMISSION_TIMEOUT_S,
         redispatch: Redispatch,
         fail: Fail,
         log: Any,
@@ -92,6 +97,8 @@ class RankLifecycle:
         self.outbox = outbox
         self.books = books
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        #: A dispatch a live rank has not admitted after this long fails ``rank_stuck``.
+        self.admission_timeout_s = admission_timeout_s
         self._redispatch = redispatch
         self._fail = fail
         self.log = log
@@ -229,10 +236,35 @@ class RankLifecycle:
         for r, (_, _, deadline) in list(self._old_life.items()):
             if now >= deadline:
                 self._settle_old_life(r, None)
-        seen = self.ledger.last_seen
-        nxt = min((seen[r] for r in self.ledger.active_ranks), default=now) + timeout
-        nxt = min([nxt, *(d for _, _, d in self._old_life.values())])
+        admit = self.admission_timeout_s
+        ledger = self.ledger
+        for r in ledger.active_ranks:
+            oldest = ledger.oldest_unacked_at(r)
+            if oldest is not None and now - oldest > admit:
+                self._stuck(r, ledger.give_up(r, now - admit))
+        seen = ledger.last_seen
+        nxt = min((seen[r] for r in ledger.active_ranks), default=now) + timeout
+        waits = [t + admit for t in map(ledger.oldest_unacked_at, ledger.active_ranks) if t is not None]
+        nxt = min([nxt, *waits, *(d for _, _, d in self._old_life.values())])
         self.next_check = max(nxt + DEADLINE_SLACK_S, now + MIN_CHECK_INTERVAL_S)
+
+    def _stuck(self, r: int, seqs: list[int]) -> None:
+        """Rank *r* reports but has not admitted *seqs* within the admission timeout: fail
+        them ``rank_stuck`` (the sender may retry; the rank's later output for them, if any,
+        is dropped by the client SDK)."""
+        failed = 0
+        why = (
+            f"rank {r} did not admit the request within {self.admission_timeout_s:g}s "
+            "although it is reporting (a stuck scheduler, or another process on its socket)"
+        )
+        for s in seqs:
+            e = self.inflight.pop(r, s)
+            if e is None or e.admitted:
+                continue
+            failed += 1
+            self._fail(r, e.request.rid, e.reply, CODE_RANK_STUCK, why)
+        if failed:
+            self.log.error("rank_stuck", rank=r, failed=failed, admission_timeout_s=self.admission_timeout_s)
 
     def _forgive_stall(self, now: float, late: float) -> None:
         """The loop did not run for *late* seconds: measure silence on its clock, so the

@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 16)")  # fmt: skip
     r.add_argument("--max-block-hashes", type=int, default=wire_defaults().max_block_hashes, metavar="N",
                    help="at most N block hashes per request (default 65536)")  # fmt: skip
+    r.add_argument("--admission-timeout", type=float, default=30.0, metavar="S",
+                   help="a request a reporting rank has not admitted after S seconds fails rank_stuck (default 30)")  # fmt: skip
     r.add_argument("--policy-budget-ms", type=float, default=5.0, metavar="MS",
                    help="a policy chain call longer than this is counted and logged as an overrun (default 5)")  # fmt: skip
     r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
@@ -181,6 +183,8 @@ def check(args: argparse.Namespace, manager: Any) -> None:
     limits_from_args(args)
     if not 0 < args.policy_budget_ms < float("inf"):
         raise ConfigError(f"--policy-budget-ms must be a positive number, got {args.policy_budget_ms}")
+    if not 0 < args.admission_timeout < float("inf"):
+        raise ConfigError(f"--admission-timeout must be a positive number of seconds, got {args.admission_timeout}")
     dp_size = manager.ctx.dp_size
     if args.transport == "tcp" and not 0 <= args.port_base < 65536 - dp_size - 3:
         raise ConfigError(f"--port-base {args.port_base} leaves no room for {dp_size + 3} ports")
@@ -242,6 +246,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             sndhwm=args.sndhwm, backlog=args.backlog, pd=handler, prefill_dp_size=prefill_dp,
             drain_timeout_s=args.drain_timeout, curve=keys or False, max_message_bytes=args.max_message_bytes,
             limits=limits_from_args(args), policy_budget_s=args.policy_budget_ms / 1000,
+            admission_timeout_s=args.admission_timeout,
         )  # fmt: skip
         c = controller
         if run_dir is not None:
