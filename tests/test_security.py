@@ -340,12 +340,16 @@ def test_curve_end_to_end_through_the_cli(tmp_path: Path, monkeypatch: pytest.Mo
     with launch(2, log_dir=tmp_path / "logs", serve_args=("--transport", "tcp")) as stack:
         r = httpx.post(f"{stack.url}/generate", json={"text": "curve", "sampling_params": {"max_new_tokens": 2}}, timeout=10)
         assert r.status_code == 200, r.text
-        with Client(stack.endpoints["ingress"], curve=keys) as ok:
+        # A sender's own key pair gets through; the controller's keys are no sender's.
+        with Client(stack.endpoints["ingress"], curve=security.load_dir(tmp_path / "keys", security.SENDER)) as ok:
             ok.submit("with-keys", num_tokens=4)
             (reply,) = ok.wait_all(10)
             assert reply.kind == "out"
         with Client(stack.endpoints["ingress"], curve=False) as stranger:
             stranger.submit("no-keys", num_tokens=4)
             assert stranger.wait_all(1.0) == []
+        with Client(stack.endpoints["ingress"], curve=keys) as wrong_role:
+            wrong_role.submit("controller-keys", num_tokens=4)
+            assert wrong_role.wait_all(1.0) == []
         counters = httpx.get(f"{stack.url}/server_info", timeout=10).json()["counters"]
         assert counters["received"] == 2  # the stranger's request never arrived
