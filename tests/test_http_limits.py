@@ -107,7 +107,7 @@ def test_a_slow_body_gets_408() -> None:
 
 def test_big_prompts_do_not_stall_other_requests(stack: Stack) -> None:
     """Four 16 MB prompts at once; meanwhile /health must keep answering. The bound: no
-    /health answer waits longer than 2 s (parsing and tokenizing four such prompts on the
+    /health answer waits longer than 3 s (parsing and tokenizing four such prompts on the
     event loop takes several seconds on this machine, so a front that did would miss it).
     The prompts themselves are larger than the ranks' KV cache: 400, after being parsed."""
     big = b'{"text": "' + b"a" * BIG_BODY_BYTES + b'", "sampling_params": {"max_new_tokens": 1}}'
@@ -136,7 +136,7 @@ def test_big_prompts_do_not_stall_other_requests(stack: Stack) -> None:
     done.set()
     assert results == [(400, "context_length_exceeded")] * 4, results
     assert polls >= 3
-    assert worst < 2.0, f"/health waited {worst:.2f}s while big prompts were parsed"
+    assert worst < 3.0, f"/health waited {worst:.2f}s while big prompts were parsed"
 
 
 def test_two_different_rank_headers_are_refused(stack: Stack) -> None:
