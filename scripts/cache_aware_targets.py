@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-profile", default="sglang", help="what the simulated ranks report (default sglang)")
     ap.add_argument("--policy-option", action="append", default=[], metavar="POLICY.KEY=VALUE",
                     help="passed to dpcore simulate (to try an option)")  # fmt: skip
+    ap.add_argument("--plot", metavar="PATH.png", help="also draw the ratios of every run as grouped bars")
     add_cell_arguments(ap)
     args = ap.parse_args(argv)
     cells = args.cells or read_levels(args.levels, args.trace)
@@ -117,7 +118,33 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---|---:|" + "---:|" * len(COLUMNS))
     print("\n".join(rows))
     (args.out / f"{Path(args.trace).stem}_cache_aware_ratios.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.plot:
+        plot(summary, args.plot, Path(args.trace).name)
     return 0
+
+
+def plot(summary: list[dict], path: str, title: str) -> None:
+    """Grouped bars: one group per metric, one bar per run, a line at 1 (the best peer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(name, k) for name, k in COLUMNS if k != "clairvoyant_p99"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / max(len(summary), 1)
+    for i, run in enumerate(summary):
+        xs = [j + (i - (len(summary) - 1) / 2) * width for j in range(len(keys))]
+        label = f"dp {run['dp']} {run['load']} (x{run['time_scale']:g}, seed {run['seed']})"
+        ax.bar(xs, [run["ratios"][k] for _, k in keys], width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), [name for name, _ in keys], fontsize=8)
+    ax.set_ylabel("cache_aware / best peer (hits: / oracle)")
+    ax.set_title(f"cache_aware against the best peer, {title}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
