@@ -36,6 +36,8 @@ SKIP = {
     "HF_HUB_OFFLINE=1 sglang-router": "tests/test_interop_sglang_router.py",
     "curl": "a request to a running router (tests/test_interop_*.py)",
     ".venv/bin/python scripts/cache_aware_targets.py": "minutes per cell even when limited; tests/test_scripts.py runs it",
+    ".venv/bin/python scripts/load_targets.py": "minutes per run even when limited; tests/test_scripts.py runs it",
+    ".venv/bin/python scripts/load_levels.py": "a search over many full-trace runs; tests/test_scripts.py runs it",
     "python -m dpcore_sglang.launch_server": "needs SGLang: adapters/sglang/tests run it in the pinned venv",
     "dpcore bench --sglang": "builds the pinned SGLang venv (minutes); adapters/sglang/tests run its controller harness",
 }
