@@ -867,12 +867,12 @@ def test_policy_calls_over_budget_are_counted() -> None:
 
 
 def test_one_hostile_request_cannot_delay_others_beyond_a_bound() -> None:
-    """Under cache_aware, requests carrying the most block hashes the wire allows (65,536,
+    """Under cache_aware, requests carrying the most block hashes the wire allows (16,384,
     for 1M tokens) are mixed with small ones: every small one is served within 1 s, and a
     hostile header with more hashes is refused at the door."""
     with LocalCluster("cache_aware", 2) as lc:
         client = lc.client
-        big = list(range(1 << 16))
+        big = list(range(1 << 14))
         worst = 0.0
         for i in range(6):
             client.submit(f"hostile{i}", num_tokens=1 << 20, block_hashes=[h + i for h in big])  # type: ignore[union-attr]
@@ -884,10 +884,10 @@ def test_one_hostile_request_cannot_delay_others_beyond_a_bound() -> None:
                 got.update((r.rid, r) for r in client.poll(0.05) if r.final)  # type: ignore[union-attr]
             worst = max(worst, time.monotonic() - t0)
         assert worst < 1.0, worst
-        client.submit("too-many", num_tokens=1 << 20, block_hashes=list(range((1 << 16) + 1)))  # type: ignore[union-attr]
+        client.submit("too-many", num_tokens=1 << 20, block_hashes=list(range((1 << 14) + 1)))  # type: ignore[union-attr]
         refused = [r for r in client.wait_all(10) if r.rid == "too-many"]  # type: ignore[union-attr]
         assert refused and refused[0].kind == "rej" and refused[0].code == "malformed_request"
-        assert "65536" in refused[0].msg
+        assert "16384" in refused[0].msg
 
 
 def test_a_rank_that_reports_but_never_admits_fails_its_requests_rank_stuck() -> None:

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="smallest block size senders hash with: at most ceil(tokens/N) block hashes per request "
                         "(default 16)")  # fmt: skip
     r.add_argument("--max-block-hashes", type=int, default=wire_defaults().max_block_hashes, metavar="N",
-                   help="at most N block hashes per request (default 65536)")  # fmt: skip
+                   help="at most N block hashes per request (default 16384)")  # fmt: skip
     r.add_argument("--admission-timeout", type=float, default=30.0, metavar="S",
                    help="a request a reporting rank has not admitted after S seconds fails rank_stuck (default 30)")  # fmt: skip
     r.add_argument("--policy-budget-ms", type=float, default=5.0, metavar="MS",
