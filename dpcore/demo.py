@@ -533,6 +533,7 @@ def run(args: argparse.Namespace) -> int:
         s = summary(tally, trace, args, chain, ceiling, wall, _read_json(stats_file))
         print_table(s, console)
         if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(s, indent=2))
         if not ok:
             console.print(f"[red]{len(trace.requests) - tally.ended} requests got no answer; logs in {run_dir}[/]")

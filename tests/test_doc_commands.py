@@ -30,6 +30,7 @@ SKIP = {
     "pip install": "tests/test_distributions.py installs the same wheels offline",
     "pytest": "the suite itself",
     "dpcore mock-worker": "a long-running rank; the router setups run in tests/test_interop_*.py",
+    "dpcore mock-barrier": "a long-running process; tests/test_mock_barrier.py runs one with two ranks",
     "for ": "a loop starting ranks for a router setup (tests/test_interop_*.py)",
     "done": "end of that loop",
     "vllm-router": "tests/test_interop_vllm_router.py",
