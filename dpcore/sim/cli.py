@@ -95,6 +95,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         + f" (default {DEFAULT_PROFILE})",
     )
     p.add_argument(
+        "--kv-event-loss",
+        type=float,
+        metavar="P",
+        help="fraction of KV event batches lost, in [0, 1) (with --report-profile sglang-kv; default 0)",
+    )
+    p.add_argument(
         "--faults",
         metavar="SPEC",
         help="rank faults: RANK@DOWN-UP[,...] in seconds from the first arrival (e.g. 2@60-120), "
@@ -135,10 +141,16 @@ def run(args: argparse.Namespace) -> int:
             ("report_delay_s", args.report_delay),
             ("report_steps", args.report_steps),
             ("report_profile", args.report_profile),
+            ("kv_event_loss", args.kv_event_loss),
         )
         if v is not None
     }
     config = load_engine_config(args.engine_config, overrides)
+    if PROFILES[config.report_profile].kv_events:
+        if args.engine != "lockstep":
+            raise ConfigError(f"--report-profile {config.report_profile} needs --engine lockstep")
+    elif config.kv_event_loss:
+        raise ConfigError("--kv-event-loss needs a report profile with KV events (--report-profile sglang-kv)")
     names = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
     spec = RunSpec(
         trace_path=str(args.trace or bundled_trace()),
@@ -231,6 +243,7 @@ def run_metadata(spec: Any, names: list[str], trace: Any) -> dict[str, Any]:
         "engine": spec.engine,
         "engine_parameters": attrs.asdict(spec.config),
         "report_profile": spec.config.report_profile,
+        "kv_event_loss": spec.config.kv_event_loss,
         "faults": [attrs.asdict(f) for f in spec.faults],
         "policies": names,
         "policy_options": {k: dict(v) for k, v in spec.options.items()},

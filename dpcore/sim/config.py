@@ -32,6 +32,11 @@ def _non_negative(_inst: object, attr: object, value: float) -> None:
         raise ValueError(f"{attr.name} must be a number >= 0, got {value!r}")  # type: ignore[attr-defined]
 
 
+def _fraction(_inst: object, attr: Any, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{attr.name} must be in [0, 1), got {value!r}")
+
+
 def _known_profile(_inst: object, _attr: object, value: str) -> None:
     if value not in PROFILES:
         raise ValueError(f"report_profile must be one of {', '.join(PROFILES)}, got {value!r}")
@@ -51,6 +56,8 @@ class EngineConfig:
         (``0``: time only).
     :ivar report_delay_s: How late a report reaches the controller.
     :ivar report_profile: Which fields the reports carry (:mod:`dpcore.sim.profiles`).
+    :ivar kv_event_loss: Fraction of KV event batches lost on the way (``[0, 1)``; with a
+        profile that has KV events), drawn from the run's seed.
     :ivar step: The DP-attention step-time model (the ``lockstep`` engine).
     """
 
@@ -62,6 +69,7 @@ class EngineConfig:
     report_steps: int = field(default=15, validator=_non_negative)
     report_delay_s: float = field(default=0.05, validator=_non_negative)
     report_profile: str = field(default=DEFAULT_PROFILE, validator=_known_profile)
+    kv_event_loss: float = field(default=0.0, validator=_fraction)
     step: StepModel = field(factory=StepModel)
 
     def rows(self) -> list[tuple[str, str]]:

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from attrs import field, frozen
 
+from dpcore.cacheindex import KvEventBatch
 from dpcore.errors import PolicyFailedError, RequestRejected
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, Request
@@ -162,6 +163,12 @@ class PluginRouter:
 
     def finished(self, request: Request, rank: int) -> None:
         pass
+
+    def kv_events(self, batch: KvEventBatch) -> bool:
+        """A rank's KV event batch reached the controller: returns whether its cache index
+        still knows that rank exactly (``False``: it lost track and wants a resync)."""
+        index = self.manager.cache
+        return index.apply(batch) or index.known(batch.rank)
 
     def rank_alive(self, rank: int, alive: bool) -> None:
         """The controller noticed *rank* stop (its reports and heartbeats ceased)."""

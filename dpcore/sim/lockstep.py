@@ -39,11 +39,12 @@ from dpcore.model import LoadReport
 from dpcore.sim.config import EngineConfig
 from dpcore.sim.engine import SERIES_POINTS, Dispatcher, Job, Router, RunResult, build_requests, explain_sample
 from dpcore.sim.faults import Fault
+from dpcore.cacheindex import CLEARED, STORED, KvEventBatch
 from dpcore.sim.kvcache import RankKV
 from dpcore.sim.profiles import profile
 from dpcore.sim.traces import Trace
 
-_STEP_END, _REPORT_TAKE, _REPORT_DELIVER, _DOWN, _UP, _NOTICE = range(6)
+_STEP_END, _REPORT_TAKE, _REPORT_DELIVER, _DOWN, _UP, _NOTICE, _KV_DELIVER = range(7)
 _EPS = 1e-9
 #: A rank whose load has not changed still reports this often (SGLang's publisher heartbeat).
 HEARTBEAT_S = 1.0
@@ -53,7 +54,7 @@ class _Rank:
     __slots__ = (
         "idx", "kv", "waiting", "waiting_tokens", "chunked", "batch", "decode", "s", "s_sum",
         "groups", "alive", "epoch", "last_seq", "rep_seq", "rep_gen", "s_rep", "next_sample",
-        "series", "served", "last_counts", "last_sent",
+        "series", "served", "last_counts", "last_sent", "kv_seq", "kv_resync",
     )  # fmt: skip
 
     def __init__(self, idx: int, kv: RankKV) -> None:
@@ -78,6 +79,8 @@ class _Rank:
         self.served = 0
         self.last_counts: tuple[int, ...] = ()
         self.last_sent = -math.inf
+        self.kv_seq = 0  # KV event batches taken in this life
+        self.kv_resync = False  # the controller lost track of this rank's cache
 
 
 class _Outcome:
@@ -192,6 +195,8 @@ class LockstepSimulation:
                     self._take_report(self.ranks[ri], t, payload)
                 elif kind == _REPORT_DELIVER:
                     router.report(payload)
+                elif kind == _KV_DELIVER:
+                    self._kv_deliver(payload)
                 else:
                     self._fault_event(kind, self.ranks[ri], t)
             elif ai < n:
@@ -240,6 +245,12 @@ class LockstepSimulation:
             if f.up_s is not None:
                 self._push(t_begin + f.up_s, _UP, f.rank, 0)
         self._disp = Dispatcher(router, explain_sample(n, self._explain, self.seed))
+        # KV events (a profile with them, and a router that reads them: a dpcore chain).
+        self._kv_apply = getattr(router, "kv_events", None) if self._profile.kv_events else None
+        self._kv_rng = random.Random(self.seed ^ 0x6B76)  # which batches are lost
+        self._kv_lost = self._kv_batches = 0
+        for r in self.ranks:
+            r.kv.events = [] if self._kv_apply is not None else None
 
     def _push(self, t: float, kind: int, rank: int, payload: Any) -> None:
         self._counter += 1
@@ -440,6 +451,8 @@ class LockstepSimulation:
         self._push(now + cfg.report_interval_s, _REPORT_TAKE, r.idx, r.rep_gen)
         if not r.alive:
             return
+        if self._kv_apply is not None:
+            self._take_kv(r, now)
         s_now = r.s
         if self._active and not self._extending and r.decode:
             done = int((now - self._t0) / self._tau + _EPS)
@@ -480,6 +493,39 @@ class LockstepSimulation:
         else:
             self._router.report(rep)
 
+    def _take_kv(self, r: _Rank, now: float) -> None:
+        """The rank's cache changes since its last report, as one KV batch that travels with
+        the report (and is lost with probability ``kv_event_loss``)."""
+        events = r.kv.events
+        if r.kv_resync:
+            r.kv_resync = False
+            events.clear()
+            batch = ((CLEARED,), (STORED, None, tuple(r.kv.blocks())))
+        elif events:
+            batch = tuple(events)
+            events.clear()
+        else:
+            return
+        seq = r.kv_seq
+        r.kv_seq += 1
+        self._kv_batches += 1
+        if self._kv_rng.random() < self.config.kv_event_loss:
+            self._kv_lost += 1
+            return
+        # Capacity in blocks: a trace's last block of a prompt may be short, so the only sure
+        # bound is one token per block.
+        b = KvEventBatch(r.idx, r.epoch, seq, batch, self.config.kv_capacity_tokens)
+        self._push(now + self.config.report_delay_s, _KV_DELIVER, r.idx, b)
+
+    def _kv_deliver(self, batch: KvEventBatch) -> None:
+        r = self.ranks[batch.rank]
+        if batch.epoch != r.epoch:
+            return  # from a life that ended: the controller ignores it
+        if not self._kv_apply(batch):
+            # The index lost track (a gap): the controller asks the rank for a resync, which
+            # goes with the rank's next report.
+            r.kv_resync = True
+
     # ------------------------------------------------------------------ faults
 
     def _fault_event(self, kind: int, r: _Rank, t: float) -> None:
@@ -491,6 +537,8 @@ class LockstepSimulation:
                 r.alive = True
                 r.epoch += 1
                 r.rep_seq = 0
+                r.kv_seq = 0
+                r.kv_resync = False
                 r.s_rep = self._global_steps
         elif self._notify is not None and not r.alive:  # _NOTICE: its reports stopped
             self._notify(r.idx, False)

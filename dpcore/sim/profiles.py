@@ -23,11 +23,14 @@ class ReportProfile:
     :ivar summary: One line for ``--help`` and the printed run parameters.
     :ivar has_prefill_tokens: Whether ``prefill_tokens`` carries the exact prompt tokens the
         rank is still computing (otherwise ``-1``, "the engine does not say").
+    :ivar kv_events: Whether the ranks also publish KV events (stored/evicted blocks of their
+        real cache), taken with each load report and delivered with the same delay.
     """
 
     name: str
     summary: str
     has_prefill_tokens: bool = False
+    kv_events: bool = False
 
     def prefill_tokens(self, exact: int) -> int:
         return exact if self.has_prefill_tokens else -1
@@ -38,6 +41,11 @@ PROFILES: dict[str, ReportProfile] = {
     for p in (
         ReportProfile("sglang", "what the SGLang adapter sends: requests, tokens, KV; no prefill progress"),
         ReportProfile("full", "every LoadReport field, with exact prefill progress", has_prefill_tokens=True),
+        ReportProfile(
+            "sglang-kv",
+            "the sglang profile plus SGLang's KV events (--kv-events-config), delivered with the reports",
+            kv_events=True,
+        ),
     )
 }
 DEFAULT_PROFILE = "sglang"

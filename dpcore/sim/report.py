@@ -155,7 +155,8 @@ def engine_rows(engine: str, config: EngineConfig, dp_size: int) -> list[tuple[s
         (
             "load reports",
             f"every {config.report_steps} steps or {config.report_interval_s * 1e3:g} ms, "
-            f"{config.report_delay_s * 1e3:g} ms late; profile {config.report_profile}",
+            f"{config.report_delay_s * 1e3:g} ms late; profile {config.report_profile}"
+            + (f", {config.kv_event_loss:.0%} of KV event batches lost" if config.kv_event_loss else ""),
             "--report-*",
         ),
     ]

@@ -12,8 +12,10 @@ For each active rank the policy estimates, in seconds::
   to ``memory_factor`` × ``kv_capacity``, count less and less. Matches shorter than
   ``min_match`` of the prompt (a system prompt every rank holds) do not steer at all.
 * Where a rank publishes **KV events** (``ctx.cache`` knows it exactly), its cached depth
-  comes from there instead, with no uncertainty; the explanation's ``cache`` score says
-  which was used for the chosen rank (``exact`` or ``estimate``).
+  comes from there instead, with no uncertainty, extended over the blocks of requests sent
+  to it that it has not started yet (it will have stored them when this one runs); the
+  explanation's ``cache`` score says which was used for the chosen rank (``exact`` or
+  ``estimate``).
 * **Backlog** is the prefill queued on the rank: each dispatch adds its expected uncached
   work, time drains it at the prefill rate, and every load report reconciles it with what
   the rank says is waiting, what it has not acknowledged, and (when the engine reports
@@ -142,6 +144,10 @@ class CacheAwarePolicy:
         # select_rank's uncached tokens per rank, reused by on_dispatch for the same request.
         self._last_work = [0.0] * dp
         self._recent: list[deque[tuple[int, float]]] = [deque(maxlen=_RECENT) for _ in range(dp)]
+        # Ranks that publish KV events: the blocks of requests sent there and not started yet
+        # (the rank stores them once it prefills them; FIFO, so before a later request runs).
+        self._pending: list[deque[tuple[int, tuple[int, ...]]]] = [deque() for _ in range(dp)]
+        self._pending_blocks: list[dict[int, int]] = [{} for _ in range(dp)]
         self._turn = 0
         # The request select_rank last scored (its uncached tokens are in _last_work).
         self._last_rid: str | None = None
@@ -215,6 +221,41 @@ class CacheAwarePolicy:
         left = n - self._cached(rank, request.block_hashes, depth, n / blocks)
         return left if left > 1.0 else 1.0
 
+    def _add_pending(self, depth: dict[int, int], hashes: tuple[int, ...], exact: int) -> None:
+        """Extend each exact rank's depth over blocks it will hold before this request runs."""
+        n = len(hashes)
+        while exact:
+            low = exact & -exact
+            exact ^= low
+            r = low.bit_length() - 1
+            held = self._pending_blocks[r]
+            if not held:
+                continue
+            d = depth.get(r, 0)
+            while d < n and hashes[d] in held:
+                d += 1
+            if d:
+                depth[r] = d
+
+    def _hold_pending(self, rank: int, seq: int, hashes: tuple[int, ...]) -> None:
+        pending = self._pending[rank]
+        if len(pending) >= _RECENT:  # a rank that never reports: keep the newest only
+            self._release_pending(rank)
+        pending.append((seq, hashes))
+        held = self._pending_blocks[rank]
+        for h in hashes:
+            held[h] = held.get(h, 0) + 1
+
+    def _release_pending(self, rank: int) -> None:
+        _, hashes = self._pending[rank].popleft()
+        held = self._pending_blocks[rank]
+        for h in hashes:
+            c = held[h] - 1
+            if c:
+                held[h] = c
+            else:
+                del held[h]
+
     def _exact_uncached(self, request: Request, depth: int) -> float:
         """Uncached tokens on a rank that publishes KV events and holds *depth* leading blocks."""
         n = request.num_tokens
@@ -269,6 +310,7 @@ class CacheAwarePolicy:
             exact &= mask
             if exact:
                 depth.update(ctx.cache.depths(hashes, exact))
+                self._add_pending(depth, hashes, exact)
         else:
             depth = {}
         self._last_rid = request.rid
@@ -406,7 +448,10 @@ class CacheAwarePolicy:
         if self.load_bound:
             scale = self._served_scale(now)
             self._served[rank] += request.num_tokens * scale
-        self._recent[rank].append((ctx.ledger.next_dispatch_seq(rank) - 1, work))
+        seq = ctx.ledger.next_dispatch_seq(rank) - 1
+        self._recent[rank].append((seq, work))
+        if hashes and ctx.cache.known(rank):
+            self._hold_pending(rank, seq, hashes)
         if hashes:
             self._remember(rank, hashes, request.num_tokens / len(hashes), now)
 
@@ -419,6 +464,9 @@ class CacheAwarePolicy:
         r = report.rank
         recent = self._recent[r]
         first_waiting = report.acked_seq - report.num_waiting
+        pending = self._pending[r]
+        while pending and pending[0][0] < first_waiting:
+            self._release_pending(r)
         while recent and recent[0][0] < first_waiting:
             recent.popleft()
         current = ahead = 0.0
@@ -450,6 +498,8 @@ class CacheAwarePolicy:
             self._drop(rank, h)
         cache.clear()
         self._recent[rank].clear()
+        self._pending[rank].clear()
+        self._pending_blocks[rank].clear()
         self._busy_until[rank] = self._duty[rank] = self._served[rank] = self._pinned[rank] = 0.0
 
     # ------------------------------------------------------------------ prefix index
