@@ -321,7 +321,7 @@ class PolicyManager:
     def rank_state(self, rank: int, active: bool, epoch: int | None, new_life: bool) -> None:
         """Tell the policies that *rank* went inactive, came back, or restarted (the
         ledger calls this on every such change)."""
-        self.ctx.log.info("rank_state", rank=rank, active=active, epoch=epoch, new_life=new_life)
+        self.ctx.log.debug("rank_state", rank=rank, active=active, epoch=epoch, new_life=new_life)
         if not active:
             self.cache.reset(rank)
         elif new_life:
