@@ -116,7 +116,12 @@ def test_a_restarted_rank_starts_a_new_exact_life():
     ],
 )
 def test_bad_loss_and_profile_combinations_are_refused(args, says, capsys):
+    import structlog
+
     from dpcore.cli import main
 
-    assert main(["simulate", "--trace", MOONCAKE, "--limit", "5", "--policy", "cache_aware", *args]) == 2
+    try:
+        assert main(["simulate", "--trace", MOONCAKE, "--limit", "5", "--policy", "cache_aware", *args]) == 2
+    finally:
+        structlog.reset_defaults()  # the CLI pointed logging at this test's captured stream
     assert says in capsys.readouterr().err
