@@ -71,6 +71,15 @@ class Group:
         self.dispatch[rank].send_multipart(wire.dispatch_frames(rank, self.seq[rank], header, payload, None))
         self.seq[rank] += 1
 
+    def wait_report(self, rank: int, pred, timeout_s: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.reports.poll(50):
+                r = wire.decode_header(self.reports.recv(), (wire.LOAD,))
+                if r["rank"] == rank and pred(r):
+                    return r
+        raise AssertionError(f"no matching load report from rank {rank} in {timeout_s} s")
+
     def finals(self, count: int, timeout_s: float = 30.0) -> dict[str, wire.Reply]:
         out: dict[str, wire.Reply] = {}
         deadline = time.monotonic() + timeout_s
@@ -118,6 +127,7 @@ def group(tmp_path: Path) -> Iterator[type[Group]]:
 def test_one_ranks_long_prefill_slows_every_ranks_decode(group) -> None:
     g = group()
     g.send(0, "long", 40_000, out=2)  # 10 extend steps of at most 8192 // 2 = 4096 tokens
+    g.wait_report(0, lambda r: r["run"] == 1)  # rank 0 took it: its prefill is under way
     g.send(1, "short", 100, out=30)  # arrives during the first steps of that prefill
     r = g.finals(2)
     short, long = r["short"].meta, r["long"].meta
