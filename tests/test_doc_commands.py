@@ -52,6 +52,7 @@ BOUNDS = {
     "dpcore bench": {"--count": "2000", "--repeat": "1"},
     "dpcore soak": {"--duration": "5"},
     "scripts/make_agent_trace.py": {"--requests": "300"},
+    "scripts/cacheindex_memory.py": {"--blocks": "20000"},
 }
 EXTRA_FLAGS = {"dpcore demo": ["--no-live"]}
 
