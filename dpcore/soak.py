@@ -124,6 +124,7 @@ class Soak:
         self._stop = threading.Event()
         self._rank_lock = threading.Lock()
         self.controller: Any = None
+        self._flooders: list[Any] = []
 
     # ------------------------------------------------------------------ processes
 
@@ -300,13 +301,28 @@ class Soak:
             "        s.send(frames[sent % len(frames)], zmq.NOBLOCK); sent += 1\n"
             "    except zmq.Again:\n"
             "        time.sleep(0.001)\n"
-            "s.close(); print(sent, flush=True)\n"
+            "print(sent, flush=True)\n"
+            # Stay connected until told: ZMQ drops the frames a peer had queued at the
+            # controller when that peer disconnects, and the books count every one.
+            "sys.stdin.read()\n"
         )
         args = [self.eps["report"], str(seconds), str(self.cfg.dp_size)]
-        procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+        procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True) for _ in range(n)]  # fmt: skip
+        self._flooders.extend(procs)
         for p in procs:
-            out, _ = p.communicate(timeout=seconds + 60)
-            self.flooded["stale"] += int(out.strip() or 0)
+            self.flooded["stale"] += int(p.stdout.readline().strip() or 0)  # type: ignore[union-attr]
+
+    def _stop_flooders(self) -> None:
+        for p in self._flooders:
+            if p.poll() is None:
+                p.stdin.close()
+                try:
+                    p.wait(10)
+                except Exception:  # subprocess.TimeoutExpired: it must not outlive the soak
+                    p.kill()
+                    p.wait()
+        self._flooders.clear()
 
     def _watch_memory(self, pid: int) -> None:
         from dpcore.runtime.local import rss_bytes
@@ -415,11 +431,13 @@ class Soak:
                 stale = client.stale
                 bad_replies = client.bad_replies
             counters = self._settled_counters()
+            self._stop_flooders()
             t_term = time.monotonic()
             controller.popen.send_signal(signal.SIGTERM)
             exit_code = controller.popen.wait(30)
             shutdown_s = time.monotonic() - t_term
         finally:
+            self._stop_flooders()
             self._flood_sock.close()
             ctx.term()
             self.group.close()
