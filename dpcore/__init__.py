@@ -22,9 +22,10 @@ from dpcore.errors import (
 )
 from dpcore.hashing import block_hashes
 from dpcore.hookspecs import HOOK_API_VERSION, hookimpl
-from dpcore.ledger import LoadLedger
+from dpcore.ledger import LedgerView, LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, PolicyContext, Request, Resolution
+from dpcore.policy import NEEDS_BLOCK_HASHES, Option, Policy
 
 __all__ = [
     "HOOK_API_VERSION",
@@ -34,11 +35,15 @@ __all__ = [
     "DuplicatePolicyError",
     "InactiveRankError",
     "InvalidRankError",
+    "LedgerView",
     "LoadLedger",
     "LoadReport",
     "MissingBootstrapRoomError",
+    "NEEDS_BLOCK_HASHES",
     "NoActiveRankError",
     "NoRankSelectedError",
+    "Option",
+    "Policy",
     "PolicyContext",
     "PolicyDefinitionError",
     "PolicyManager",

@@ -7,30 +7,29 @@ are loaded.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from dpcore.errors import ConfigError, InvalidDisaggregationModeError, RemovedPolicyError
 from dpcore.localpolicy import is_spec
 from dpcore.model import DISAGGREGATION_MODES, Resolution
 
+#: A declared preset role: (policy name, distribution, the distribution's summary).
+Role = tuple[str, "str | None", str]
+#: How to get the first-party policies (they declare the presets' meanings).
+INSTALL_HINT = "pip install 'dpcore[policies]' for the first-party policies"
+#: Disaggregation modes in words, for reasons and errors.
+MODE_TEXT = {"null": "no PD disaggregation", "prefill": "PD prefill", "decode": "PD decode"}
+
 AUTO = "auto"
-
-#: ``auto`` resolution, one row per disaggregation mode: (policy, reason).
-AUTO_RULES: dict[str, tuple[str, str]] = {
-    "null": ("round_robin", "no PD disaggregation: plain round robin over active ranks"),
-    "prefill": (
-        "follow_bootstrap_room",
-        "PD prefill: rank = bootstrap_room % dp_size, which decode can compute without asking",
-    ),
-    "decode": ("round_robin", "PD decode: the decode rank is independent of the prefill rank"),
-}
-
 ROADMAP = "roadmap"
-
-#: The opt-in ``roadmap`` preset (SGLang #16080's guidance on defaults), one row per mode.
-#: ``auto`` stays as upstream has it; this is only used when asked for by name.
-ROADMAP_RULES: dict[str, tuple[str, str]] = {
-    "null": ("total_tokens", "roadmap preset: balance prompt tokens"),
-    "prefill": ("total_tokens", "roadmap preset, PD prefill: balance prompt tokens"),
-    "decode": ("total_requests", "roadmap preset, PD decode: balance running requests"),
+#: Presets: names that resolve to a policy per disaggregation mode. What each preset means
+#: is declared by the policy distributions (entry points ``PRESET.MODE = "POLICY"`` in the
+#: ``dpcore.roles`` group, see :func:`dpcore.discovery.roles`), so the resolver names no
+#: policy itself. ``auto`` is the default; ``roadmap`` is the opt-in preset following
+#: SGLang #16080's guidance on defaults.
+PRESETS: dict[str, str] = {
+    AUTO: "the default",
+    ROADMAP: "the opt-in preset from SGLang #16080's guidance on defaults",
 }
 
 #: Names upstream SGLang used to accept, and what to use instead.
@@ -107,10 +106,36 @@ def check_name(name: str) -> None:
         raise RemovedPolicyError(msg, name=name, replacement=new)
 
 
-def resolve(method: str, disaggregation_mode: str | None = None) -> Resolution:
+def preset_policy(preset: str, mode: str, roles: Mapping[str, Sequence[Role]]) -> tuple[str, str]:
+    """The policy *preset* means in *mode*, and the reason, from the declared *roles*."""
+    key = f"{preset}.{mode}"
+    declared = roles.get(key, ())
+    if len(declared) == 1:
+        policy, dist, summary = declared[0]
+        what = f"{summary}; " if summary else ""
+        return policy, f"{MODE_TEXT[mode]}: {what}declared as {key} by {dist or 'an installed distribution'}"
+    if not declared:
+        msg = (
+            f"--load-balance-method {preset!r} means, in {MODE_TEXT[mode]}, the policy an installed "
+            f"distribution declares for it (entry point {key!r} in the 'dpcore.roles' group), and "
+            f"none does; name a policy instead (`dpcore policies` lists them) or {INSTALL_HINT}"
+        )
+        raise ConfigError(msg)
+    both = " and ".join(f"{p!r} ({d})" for p, d, _ in declared)
+    msg = f"--load-balance-method {preset!r} is ambiguous in {MODE_TEXT[mode]}: {both} all declare {key}; name the policy instead"
+    raise ConfigError(msg)
+
+
+def resolve(
+    method: str,
+    disaggregation_mode: str | None = None,
+    roles: Mapping[str, Sequence[Role]] | None = None,
+) -> Resolution:
     """Turn a ``--load-balance-method`` value into a policy chain and the reason for it.
 
-    ``auto`` may appear anywhere in a chain and expands to the rule for the mode.
+    A preset (``auto``, ``roadmap``) may appear anywhere in a chain and expands to the
+    policy the installed distributions declare for it in this mode (*roles*: default
+    :func:`dpcore.discovery.roles`).
     """
     mode = normalize_mode(disaggregation_mode)
     names = split_method(method)
@@ -118,8 +143,12 @@ def resolve(method: str, disaggregation_mode: str | None = None) -> Resolution:
     reasons: list[str] = []
     for name in names:
         check_name(name)
-        if name in (AUTO, ROADMAP):
-            resolved, why = (AUTO_RULES if name == AUTO else ROADMAP_RULES)[mode]
+        if name in PRESETS:
+            if roles is None:
+                from dpcore.discovery import roles as declared_roles
+
+                roles = declared_roles()
+            resolved, why = preset_policy(name, mode, roles)
             chain.append(resolved)
             reasons.append(f"{name} -> {resolved} ({why})")
         else:

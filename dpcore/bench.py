@@ -13,7 +13,7 @@ ipc sockets), one sender process and one receiver process per rank:
 Throughput is ``count / (last receive - first receive)`` over all receivers, median of
 ``--repeat`` runs (the loops are interleaved, so drift on a shared machine hits all three).
 The router's CPU time per message (all its threads, from ``/proc``) is shown too: it is
-steadier than msgs/s when other work shares the cores. The benchmark also times each first-party policy's decision through the
+steadier than msgs/s when other work shares the cores. The benchmark also times each installed policy's decision through the
 hooks without sockets (``select`` + ``dispatched``, a load report every 256 decisions) and
 the controller's CPU use while idle with four heartbeating ranks.
 """
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-FIRST_PARTY = ("round_robin", "follow_bootstrap_room", "total_requests", "total_tokens", "cache_aware")
 MODES = ("dpcore", "pickle", "proxy")
 REPORT_EVERY = 256
 HEARTBEAT_S = 0.5
@@ -260,12 +259,13 @@ def forward_once(mode: str, count: int, tokens: int, dp_size: int, idle_s: float
 
 
 def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, float]:
-    """µs per decision (select + dispatched through the hooks) for each first-party policy."""
+    """µs per decision (select + dispatched through the hooks) for each installed policy."""
     from dpcore.cacheindex import STORED, KvEventBatch
-    from dpcore.discovery import available
+    from dpcore.discovery import available, load_policy_class
     from dpcore.hashing import block_hashes
     from dpcore.manager import PolicyManager
     from dpcore.model import LoadReport, Request
+    from dpcore.policy import NEEDS_BLOCK_HASHES, capabilities
 
     installed = available()
     base = _token_ids(tokens)
@@ -275,12 +275,12 @@ def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, flo
         for i in range(min(decisions, 4096))
     ]
     out: dict[str, float] = {}
-    # "<name>+kv": every rank publishes KV events (one stored batch per dispatch, applied to
-    # the controller's cache index inside the timed loop: the index update counts).
-    runs = [(n, False) for n in FIRST_PARTY] + [("cache_aware", True)]
+    # "<name>+kv", for each policy that reads block hashes: every rank publishes KV events
+    # (one stored batch per dispatch, applied to the controller's cache index inside the
+    # timed loop: the index update counts).
+    hashing = [n for n in sorted(installed) if NEEDS_BLOCK_HASHES in capabilities(load_policy_class(n))]
+    runs = [(n, False) for n in sorted(installed)] + [(n, True) for n in hashing]
     for name, kv in runs:
-        if name not in installed:
-            continue
         m = PolicyManager.from_method(name, dp_size=dp_size)
         select, dispatched, report = m.select, m.dispatched, m.report
         apply = m.cache.apply

@@ -115,25 +115,25 @@ def _policies_add(p: argparse.ArgumentParser) -> None:
 
 
 def policy_options(cls: type) -> list[dict[str, str]]:
-    """A policy's constructor options (name, type, default), from its signature."""
-    import inspect
+    """A policy's constructor options for display (:func:`dpcore.policy.options`)."""
+    from dpcore.policy import options
 
-    params = list(inspect.signature(cls).parameters.values())[1:]  # the first is ctx
-    out = []
-    for prm in params:
-        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
-            continue
-        ann = prm.annotation
-        type_name = "any" if ann is prm.empty else getattr(ann, "__name__", str(ann))
-        default = "(required)" if prm.default is prm.empty else repr(prm.default)
-        out.append({"name": prm.name, "type": str(type_name), "default": default})
-    return out
+    return [
+        {
+            "name": o.name,
+            "type": o.type or "any",
+            "default": "(required)" if o.required else repr(o.default),
+            "help": o.help,
+        }
+        for o in options(cls)
+    ]
 
 
 def _policy_detail(name: str, as_json: bool) -> int:
     import inspect
 
     from dpcore.discovery import available, load_policy_class
+    from dpcore.policy import capabilities
 
     key = name if is_spec(name) else name.lower().replace("-", "_")
     cls = load_policy_class(key)
@@ -146,6 +146,7 @@ def _policy_detail(name: str, as_json: bool) -> int:
         "version": info.version if info else None,
         "summary": doc.split("\n\n")[0].replace("\n", " "),
         "options": policy_options(cls),
+        "capabilities": sorted(capabilities(cls)),
     }
     if as_json:
         print(json.dumps(detail, indent=2))
@@ -159,11 +160,13 @@ def _policy_detail(name: str, as_json: bool) -> int:
     if detail["summary"]:
         console.print(detail["summary"])
     table = Table(title=f"options (--policy-option {key}.NAME=VALUE)")
-    for col in ("option", "type", "default"):
+    for col in ("option", "type", "default", "meaning"):
         table.add_column(col)
     for o in detail["options"]:
-        table.add_row(o["name"], o["type"], o["default"])
+        table.add_row(o["name"], o["type"], o["default"], o["help"])
     console.print(table if detail["options"] else "no options")
+    if detail["capabilities"]:
+        console.print(f"needs: {', '.join(detail['capabilities'])}")
     return 0
 
 

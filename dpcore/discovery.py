@@ -19,19 +19,19 @@ else:
     from importlib_metadata import EntryPoint, entry_points
 
 GROUP = "dpcore.policies"
-
-#: First-party policies and the distribution that provides each, for install hints.
-FIRST_PARTY = {
-    "round_robin": "dp-round-robin",
-    "follow_bootstrap_room": "dp-bootstrap-room",
-    "total_requests": "dp-load",
-    "total_tokens": "dp-load",
-    "cache_aware": "dp-cache-aware",
-}
+#: Entry points ``PRESET.MODE = "POLICY"`` by which a distribution declares that its policy
+#: POLICY is what preset PRESET (``auto``, ``roadmap``) means in disaggregation mode MODE.
+ROLES_GROUP = "dpcore.roles"
+#: How to get the first-party policies, for hints about a policy that is not installed.
+INSTALL_HINT = "pip install 'dpcore[policies]' installs the first-party policies"
 
 
 def _entry_points() -> list[EntryPoint]:
     return list(entry_points(group=GROUP))
+
+
+def _role_entry_points() -> list[EntryPoint]:
+    return list(entry_points(group=ROLES_GROUP))
 
 
 def _dist_of(ep: EntryPoint) -> tuple[str | None, str | None, str]:
@@ -70,27 +70,31 @@ def available() -> dict[str, PolicyInfo]:
 
 def unknown_policy_error(name: str, installed: list[str], context: str = "") -> UnknownPolicyError:
     """Build the message for a name nobody provides: what exists, the closest, how to fix."""
-    if name in FIRST_PARTY:  # a known name that is simply not installed: say so, no guessing
-        msg = (
-            f"load balance method {name!r}{context} is not installed: pip install "
-            f"'dpcore[policies]' (every first-party policy) or pip install {FIRST_PARTY[name]} "
-            f"(this one); installed policies: {', '.join(sorted(installed)) or '(none)'}"
-        )
-        return UnknownPolicyError(msg, name=name, available=installed)
-    close = difflib.get_close_matches(name, installed + list(FIRST_PARTY), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name, installed, n=1, cutoff=0.5)
     parts = [f"unknown load balance method {name!r}{context}"]
     parts.append(f"installed policies: {', '.join(sorted(installed)) or '(none)'}")
     if close:
         parts.append(f"did you mean {close[0]!r}?")
-    if close and close[0] in FIRST_PARTY and close[0] not in installed:
-        hint = f"pip install {FIRST_PARTY[close[0]]}"
-    else:
-        hint = "pip install the distribution that provides it"
     parts.append(
-        f"to add a policy, {hint} (it must declare an entry point in the "
-        f"{GROUP!r} group); `dpcore policies` lists what is installed"
+        f"to add a policy, pip install the distribution that provides it (it declares an entry "
+        f"point in the {GROUP!r} group; {INSTALL_HINT}); `dpcore policies` lists what is installed"
     )
     return UnknownPolicyError("; ".join(parts), name=name, available=installed)
+
+
+def roles() -> dict[str, list[tuple[str, str | None, str]]]:
+    """Declared preset roles: ``{"auto.prefill": [(policy, distribution, its summary), ...]}``.
+
+    Read from entry-point metadata only; nothing is imported.
+    """
+    out: dict[str, list[tuple[str, str | None, str]]] = {}
+    for ep in _role_entry_points():
+        dist, _, summary = _dist_of(ep)
+        entry = (ep.value.strip().lower(), dist, summary)
+        declared = out.setdefault(ep.name.strip().lower(), [])
+        if entry not in declared:
+            declared.append(entry)
+    return out
 
 
 def find(name: str, context: str = "") -> EntryPoint:

@@ -17,7 +17,8 @@ through ``ctx``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -35,6 +36,11 @@ HOOK_API_VERSION = (1, 0)
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+def specs() -> dict[str, Callable[..., Any]]:
+    """Every hook this module defines, by name, in definition order."""
+    return {n: f for n, f in globals().items() if callable(f) and hasattr(f, f"{PROJECT}_spec")}
 
 
 # --------------------------------------------------------------------------- placement
@@ -64,15 +70,21 @@ def select_rank(request: Request, ctx: PolicyContext) -> int | None:
 
 
 @hookspec
-def on_dispatch(request: Request, rank: int, ctx: PolicyContext) -> None:
+def on_dispatch(request: Request, rank: int, seq: int, ctx: PolicyContext) -> None:
     """*request* was sent to *rank*.
 
     Called once per dispatched request, after the shared ledger counted it, whoever chose
     the rank (policy, router-assigned ``routed_dp_rank``, PD rule). Keep per-policy state
-    here, e.g. a prefix index. The return value is ignored.
+    here, e.g. a prefix index. The return value is ignored; an exception is logged
+    (``on_dispatch_failed``) and the request still goes.
 
     :param request: The request that was sent; frozen.
     :param rank: The rank it went to.
+    :param seq: Its dispatch sequence number on *rank* (0, 1, 2... per rank and ledger).
+        Load reports acknowledge dispatches by this number
+        (:attr:`LoadReport.acked_seq <dpcore.model.LoadReport.acked_seq>`), so a policy can
+        tell which of its dispatches a report already includes. Implementations written
+        before this argument existed may leave it out.
     :param ctx: The policy context.
     """
 

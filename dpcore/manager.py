@@ -7,15 +7,17 @@ names, registers them so that pluggy asks them in chain order, and turns pluggy'
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pluggy
 import structlog
 
-from dpcore import discovery, hookspecs
+from dpcore import discovery, hookspecs, policy
 from dpcore.auto import normalize_mode, resolve
 from dpcore.errors import (
     InactiveRankError,
@@ -28,7 +30,7 @@ from dpcore.errors import (
     RequestRejected,
 )
 from dpcore.hookspecs import hookimpl
-from dpcore.ledger import LoadLedger
+from dpcore.ledger import LedgerView, LoadLedger
 from dpcore.model import LoadReport, PolicyContext, Request, Resolution
 
 CORE_PLUGIN_NAME = "dpcore.core"
@@ -53,8 +55,11 @@ def _direct_calls(caller: Any) -> list[Any] | None:
 
     Each takes the hook's spec arguments positionally and passes on only the ones the
     implementation asked for (pluggy's opt-in arguments). ``None`` if any implementation
-    is a wrapper, which only pluggy can run.
+    is a wrapper, which only pluggy can run, or if the installed pluggy does not work the
+    way this relies on (:func:`fast_path_ok`).
     """
+    if not fast_path_ok():
+        return None
     spec_names = tuple(caller.spec.argnames)
     calls = []
     for impl in reversed(caller.get_hookimpls()):
@@ -70,10 +75,61 @@ def _direct_calls(caller: Any) -> list[Any] | None:
     return calls
 
 
-class CoreHooks:
-    """Built-in plugin: a rank assigned from outside beats every policy.
+@functools.cache
+def fast_path_ok() -> bool:
+    """Whether the installed pluggy exposes what :func:`_direct_calls` reads, and calls
+    implementations in the order it assumes; checked once per process.
 
-    ``routed_dp_rank`` first, else the deprecated ``data_parallel_rank`` (with a warning).
+    The fast path reads ``HookCaller.spec.argnames``, ``get_hookimpls()`` and each
+    implementation's ``argnames``, ``function`` and ``hookwrapper``, and calls them in reverse
+    registration order with ``tryfirst`` first, stopping at the first non-``None`` answer
+    of a ``firstresult`` hook. A pluggy that differs gets its own (slower) call path.
+    """
+    try:
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        seen: list[str] = []
+
+        def plugin(tag: str, answer: int | None, **opts: bool) -> object:
+            class P:
+                @hookimpl(**opts)
+                def select_rank(self, ctx: Any) -> int | None:
+                    seen.append(tag)
+                    return answer
+
+            return P()
+
+        pm.register(plugin("a", 1), name="a")
+        pm.register(plugin("b", None), name="b")
+        pm.register(plugin("first", None, tryfirst=True), name="first")
+        caller = pm.hook.select_rank
+        want = caller(request=None, ctx=None)
+        pluggy_order = list(seen)
+        seen.clear()
+        spec_names = tuple(caller.spec.argnames)
+        got = None
+        for impl in reversed(caller.get_hookimpls()):
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                return False
+            if not set(impl.argnames) <= set(spec_names):
+                return False
+            got = impl.function(*[None] * len(impl.argnames))
+            if got is not None:
+                break
+        return (want, pluggy_order) == (got, seen) == (1, ["first", "b", "a"])
+    except Exception:  # any mismatch in pluggy's internals: use its own call path
+        return False
+
+
+#: A deprecated field is logged on its 1st use and then every this many uses.
+DEPRECATION_LOG_EVERY = 10_000
+
+
+class CoreHooks:
+    """Built-in plugin, asked before every policy: a rank assigned from outside beats every
+    policy (``routed_dp_rank`` first, else the deprecated ``data_parallel_rank``, with a
+    warning); otherwise, with no active rank at all, the request is rejected here, so no
+    policy is ever asked to choose among no ranks.
     """
 
     def __init__(self) -> None:
@@ -86,10 +142,14 @@ class CoreHooks:
         if value is None:
             value = request.data_parallel_rank
             if value is None:
+                # The one "no active rank" check: policies are only asked when one is.
+                if not ctx.ledger.active_ranks:
+                    msg = f"no active rank for request {request.rid!r}: all {ctx.dp_size} ranks are inactive"
+                    raise NoActiveRankError(msg, rid=request.rid)
                 return None
             field = "data_parallel_rank"
             self.deprecated_seen += 1
-            if self.deprecated_seen == 1 or self.deprecated_seen % 10_000 == 0:
+            if self.deprecated_seen == 1 or self.deprecated_seen % DEPRECATION_LOG_EVERY == 0:
                 ctx.log.warning(
                     "deprecated_field",
                     field="data_parallel_rank",
@@ -102,6 +162,7 @@ class CoreHooks:
 
 
 def _instantiate(name: str, cls: type, ctx: PolicyContext, options: Mapping[str, Any]) -> object:
+    policy.capabilities(cls)  # an unknown capability is a broken policy, said before it runs
     try:
         sig = inspect.signature(cls)
     except (TypeError, ValueError):
@@ -123,6 +184,67 @@ def _instantiate(name: str, cls: type, ctx: PolicyContext, options: Mapping[str,
         raise PolicyOptionError(msg) from exc
 
 
+def _owner(ledger: LoadLedger | LedgerView) -> LoadLedger:
+    return ledger._ledger if isinstance(ledger, LedgerView) else ledger
+
+
+def _hook_methods(obj: object) -> list[tuple[str, Callable[..., Any]]]:
+    """``(attribute name, method)`` for each attribute of *obj* marked ``@hookimpl``."""
+    out = []
+    for attr in dir(obj):
+        if attr.startswith("__"):
+            continue
+        try:
+            method = getattr(obj, attr)
+        except Exception:  # a property that fails is not a hook
+            continue
+        if callable(method) and hasattr(method, f"{hookspecs.PROJECT}_impl"):
+            out.append((attr, method))
+    return out
+
+
+def check_hooks(name: str, obj: object) -> None:
+    """One-line errors for a policy's hook implementations that dpcore cannot call.
+
+    pluggy's own messages for these span several lines and name neither dpcore's hooks nor
+    what to write instead; these name the policy, the hook and the argument.
+    """
+    specs = hookspecs.specs()
+    who = f"policy {name!r} ({type(obj).__qualname__})"
+    for attr, method in _hook_methods(obj):
+        opts = getattr(method, f"{hookspecs.PROJECT}_impl")
+        hook = opts.get("specname") or attr
+        if hook not in specs:
+            close = difflib.get_close_matches(hook, list(specs), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            msg = f"{who}: method {attr!r} is marked @hookimpl, but dpcore has no hook {hook!r} (hooks: {', '.join(specs)}){hint}"
+            raise PolicyDefinitionError(msg)
+        allowed = list(inspect.signature(specs[hook]).parameters)
+        try:
+            params = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                msg = f"{who}: hook {hook} takes *{p.name}; name the arguments it uses, from: {', '.join(allowed)}"
+                raise PolicyDefinitionError(msg)
+            if p.default is p.empty and p.name not in allowed:
+                msg = f"{who}: hook {hook} takes argument {p.name!r}, which dpcore does not pass; its arguments are: {', '.join(allowed)}"
+                raise PolicyDefinitionError(msg)
+
+
+def _trace(pm: pluggy.PluginManager, log: Any) -> None:
+    """``DPCORE_TRACE_HOOKS``: log every hook call and result at debug level."""
+
+    def before(hook_name: str, impls: object, kwargs: Mapping[str, Any]) -> None:
+        log.debug("hook_call", hook=hook_name, impls=[i.plugin_name for i in impls])  # type: ignore[attr-defined]
+
+    def after(outcome: Any, hook_name: str, impls: object, kwargs: object) -> None:
+        log.debug("hook_result", hook=hook_name, result=repr(outcome.get_result()))
+
+    pm.add_hookcall_monitoring(before, after)
+
+
 class PolicyManager:
     """Runs a policy chain through the dpcore hooks and keeps the shared ledger.
 
@@ -139,9 +261,11 @@ class PolicyManager:
         ctx: PolicyContext,
         policies: Sequence[tuple[str, object]],
         resolution: Resolution | None = None,
+        ledger: LoadLedger | None = None,
     ) -> None:
         self.ctx = ctx
-        self.ledger = ctx.ledger
+        #: The ledger itself (policies see it read-only, as ``ctx.ledger``).
+        self.ledger: LoadLedger = ledger if ledger is not None else _owner(ctx.ledger)
         #: The writable cache index behind ``ctx.cache`` (fed by the controller's KV events).
         self.cache = ctx.cache._index
         self.chain = tuple(name for name, _ in policies)
@@ -156,9 +280,10 @@ class PolicyManager:
         # pluggy calls the most recently registered implementation first, so register the
         # chain back to front: chain[0] answers first.
         for name, obj in reversed(policies):
+            check_hooks(name, obj)
             try:
                 pm.register(obj, name=f"policy:{name}")
-            except ValueError as exc:
+            except (ValueError, pluggy.PluginValidationError) as exc:
                 msg = f"policy {name!r} could not be registered: {exc}"
                 raise PolicyDefinitionError(msg) from exc
             callers = {c.name for c in (pm.get_hookcallers(obj) or [])}
@@ -173,16 +298,9 @@ class PolicyManager:
         except pluggy.PluginValidationError as exc:
             msg = f"a policy implements a hook dpcore does not define: {exc}"
             raise PolicyDefinitionError(msg) from exc
-        if os.environ.get("DPCORE_TRACE_HOOKS"):
-            log = ctx.log
-
-            def before(hook_name: str, impls: object, kwargs: Mapping[str, Any]) -> None:
-                log.debug("hook_call", hook=hook_name, impls=[i.plugin_name for i in impls])  # type: ignore[attr-defined]
-
-            def after(outcome: Any, hook_name: str, impls: object, kwargs: object) -> None:
-                log.debug("hook_result", hook=hook_name, result=repr(outcome.get_result()))
-
-            pm.add_hookcall_monitoring(before, after)
+        traced = bool(os.environ.get("DPCORE_TRACE_HOOKS"))
+        if traced:
+            _trace(pm, ctx.log)
         self.pm = pm
         # Bound callers, looked up once: this is the hot path.
         self._select = pm.hook.select_rank
@@ -192,11 +310,23 @@ class PolicyManager:
         self.ledger.on_state = self.rank_state
         # The chain is fixed once built, so the two per-request hooks can call their
         # implementations directly, in pluggy's order and with pluggy's argument binding,
-        # without its per-call machinery (about 1.5 µs a request). Hook tracing and
-        # wrappers need pluggy's own path.
-        traced = bool(os.environ.get("DPCORE_TRACE_HOOKS"))
+        # without its per-call machinery (about 1.5 µs a request). Hook tracing, wrappers
+        # and a pluggy that does not work as the fast path expects use pluggy's own path.
         self._select_calls = None if traced else _direct_calls(self._select)
         self._dispatch_calls = None if traced else _direct_calls(self._on_dispatch)
+        if not traced and not fast_path_ok():
+            ctx.log.warning("pluggy_fast_path_off", pluggy=getattr(pluggy, "__version__", "?"))
+
+    @property
+    def needs_block_hashes(self) -> bool:
+        """Whether a policy in the chain declares it reads ``Request.block_hashes``
+        (:data:`dpcore.policy.NEEDS_BLOCK_HASHES`); senders may skip hashing otherwise."""
+        return policy.needs_block_hashes(self.policies)
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether hooks are called directly (``False``: through pluggy's own call path)."""
+        return self._select_calls is not None
 
     @classmethod
     def from_method(
@@ -216,10 +346,11 @@ class PolicyManager:
         :param classes: Policy classes by name to use instead of entry points (tests).
         """
         resolution = resolve(method, disaggregation_mode)
+        owner = ledger if ledger is not None else LoadLedger(dp_size)
         ctx = PolicyContext(
             dp_size=dp_size,
             disaggregation_mode=normalize_mode(disaggregation_mode),
-            ledger=ledger if ledger is not None else LoadLedger(dp_size),
+            ledger=LedgerView(owner),
             log=log if log is not None else structlog.get_logger("dpcore"),
         )
         options = dict(options or {})
@@ -238,7 +369,7 @@ class PolicyManager:
             else:
                 policy_cls = discovery.load_policy_class(name, context if name != method else "")
             loaded.append((name, _instantiate(name, policy_cls, ctx, options.get(name, {}))))
-        return cls(ctx, loaded, resolution)
+        return cls(ctx, loaded, resolution, ledger=owner)
 
     # ------------------------------------------------------------------ hot path
 
@@ -293,11 +424,11 @@ class PolicyManager:
         if calls is None or calls:
             try:
                 if calls is None:
-                    self._on_dispatch(request=request, rank=rank, ctx=self.ctx)
+                    self._on_dispatch(request=request, rank=rank, seq=seq, ctx=self.ctx)
                 else:
                     ctx = self.ctx
                     for call in calls:
-                        call(request, rank, ctx)
+                        call(request, rank, seq, ctx)
             except Exception as exc:  # the request is already on its way; only log
                 self.ctx.log.error("on_dispatch_failed", rid=request.rid, rank=rank, error=repr(exc))
         return seq

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from dpcore.cacheindex import CacheView
-    from dpcore.ledger import LoadLedger
+    from dpcore.ledger import LedgerView
 
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 
@@ -139,7 +139,8 @@ class PolicyContext:
 
     :ivar dp_size: Number of data-parallel ranks.
     :ivar disaggregation_mode: ``"null"``, ``"prefill"`` or ``"decode"``.
-    :ivar ledger: The shared load ledger (loads and liveness of every rank).
+    :ivar ledger: The shared load ledger, read-only (:class:`~dpcore.ledger.LedgerView`):
+        loads and liveness of every rank.
     :ivar log: A structlog logger; per-request events belong at debug level.
     :ivar decision: Scratch record of the current decision (see :meth:`explain`).
     :ivar cache: What each rank's cache holds, exactly, for ranks that publish KV events
@@ -149,7 +150,7 @@ class PolicyContext:
 
     dp_size: int = field(validator=_check_dp_size)
     disaggregation_mode: str
-    ledger: LoadLedger
+    ledger: LedgerView
     log: FilteringBoundLogger
     decision: Decision = field(factory=Decision)
     cache: CacheView = field(default=attrs.Factory(lambda self: _empty_cache(self.dp_size), takes_self=True))

@@ -51,7 +51,7 @@ requests still spreads over the ranks instead of piling onto the one that looked
 
 from __future__ import annotations
 
-from dpcore import NoActiveRankError, PolicyContext, Request, hookimpl
+from dpcore import PolicyContext, Request, hookimpl
 
 
 class $cls:
@@ -69,8 +69,6 @@ class $cls:
     @hookimpl
     def select_rank(self, request: Request, ctx: PolicyContext) -> int | None:
         ranks = ctx.active_ranks
-        if not ranks:
-            raise NoActiveRankError("all ranks are inactive", rid=request.rid)
         ledger = ctx.ledger
         best = min(ranks, key=lambda r: (ledger.tokens[r], ledger.requests[r], r))
         if self.max_tokens and ledger.tokens[best] > self.max_tokens:

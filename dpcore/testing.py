@@ -172,11 +172,18 @@ class FakePolicy:
         return self.rank
 
 
-def fake_entry_points(monkeypatch: Any, mapping: Mapping[str, str]) -> None:
-    """Make discovery see exactly *mapping* (``{"name": "module:Class"}``) as installed."""
+def fake_entry_points(monkeypatch: Any, mapping: Mapping[str, str], roles: Mapping[str, str] | None = None) -> None:
+    """Make discovery see exactly *mapping* (``{"name": "module:Class"}``) as installed.
+
+    *roles* (``{"auto.null": "name"}``), when given, replaces the installed preset roles
+    too; otherwise the installed distributions' roles stay visible.
+    """
     from importlib.metadata import EntryPoint
 
     from dpcore import discovery
 
     eps = [EntryPoint(name=n, value=v, group=discovery.GROUP) for n, v in mapping.items()]
     monkeypatch.setattr(discovery, "_entry_points", lambda: list(eps))
+    if roles is not None:
+        reps = [EntryPoint(name=n, value=v, group=discovery.ROLES_GROUP) for n, v in roles.items()]
+        monkeypatch.setattr(discovery, "_role_entry_points", lambda: list(reps))

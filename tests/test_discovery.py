@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
 import pytest
 
 from dpcore import discovery
-from dpcore.errors import DuplicatePolicyError, PolicyDefinitionError, UnknownPolicyError
+from dpcore.errors import ConfigError, DuplicatePolicyError, PolicyDefinitionError, UnknownPolicyError
 from dpcore.manager import PolicyManager
 from dpcore.testing import fake_entry_points
 
@@ -86,17 +87,42 @@ def test_unknown_name_lists_installed_and_closest(monkeypatch):
     assert "pip install" in msg and "dpcore policies" in msg
 
 
-def test_unknown_first_party_name_says_which_dist_to_install(monkeypatch):
+def test_unknown_name_says_how_to_get_the_first_party_policies(monkeypatch):
     fake_entry_points(monkeypatch, {"round_robin": "dp_round_robin:RoundRobinPolicy"})
-    with pytest.raises(UnknownPolicyError, match="pip install dp-cache-aware"):
+    with pytest.raises(UnknownPolicyError, match=re.escape(discovery.INSTALL_HINT)):
         PolicyManager.from_method("cache_aware", dp_size=2)
 
 
 def test_auto_resolving_to_a_missing_policy_says_why(monkeypatch):
-    fake_entry_points(monkeypatch, {"round_robin": "dp_round_robin:RoundRobinPolicy"})
+    fake_entry_points(
+        monkeypatch, {"round_robin": "dp_round_robin:RoundRobinPolicy"}, roles={"auto.prefill": "follow_bootstrap_room"}
+    )
     with pytest.raises(UnknownPolicyError, match="PD prefill") as exc:
         PolicyManager.from_method("auto", dp_size=2, disaggregation_mode="prefill")
-    assert "pip install dp-bootstrap-room" in str(exc.value)
+    assert "auto -> follow_bootstrap_room" in str(exc.value) and discovery.INSTALL_HINT in str(exc.value)
+
+
+def test_presets_mean_what_the_distributions_declare(monkeypatch):
+    fake_entry_points(
+        monkeypatch,
+        {"fake": "dpcore.testing:FakePolicy", "other": "dpcore.testing:FakePolicy"},
+        roles={"auto.null": "fake", "auto.decode": "FAKE", "roadmap.null": "other"},
+    )
+    assert PolicyManager.from_method("auto", dp_size=2).chain == ("fake",)
+    assert PolicyManager.from_method("auto", dp_size=2, disaggregation_mode="decode").chain == ("fake",)
+    assert PolicyManager.from_method("roadmap", dp_size=2).chain == ("other",)
+    with pytest.raises(ConfigError, match="none does; name a policy instead"):
+        PolicyManager.from_method("auto", dp_size=2, disaggregation_mode="prefill")
+
+
+def test_a_preset_two_distributions_claim_is_refused(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    fake_entry_points(monkeypatch, {"fake": "dpcore.testing:FakePolicy", "other": "dpcore.testing:FakePolicy"})
+    both = [EntryPoint("auto.null", v, discovery.ROLES_GROUP) for v in ("fake", "other")]
+    monkeypatch.setattr(discovery, "_role_entry_points", lambda: both)
+    with pytest.raises(ConfigError, match="ambiguous in no PD disaggregation: 'fake' .* and 'other'"):
+        PolicyManager.from_method("auto", dp_size=2)
 
 
 def test_entry_point_that_fails_to_import(monkeypatch):

@@ -338,3 +338,116 @@ def test_hook_on_rank_state_failure_is_logged_not_raised():
     h.kill(1)
     assert not h.ctx.is_active(1)
     assert h.select(num_tokens=1) == 0
+
+
+# --------------------------------------------------------------------------- the policy contract
+
+
+class SeqRecorder(FakePolicy):
+    @hookimpl
+    def on_dispatch(self, request, rank, seq):
+        self.seen.append((request.rid, rank, seq))
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_hook_on_dispatch_receives_the_dispatch_seq(monkeypatch, traced):
+    if traced:
+        monkeypatch.setenv("DPCORE_TRACE_HOOKS", "1")
+    else:
+        monkeypatch.delenv("DPCORE_TRACE_HOOKS", raising=False)
+    h = PolicyHarness(SeqRecorder, dp_size=2, options={"rank": 1})
+    h.select(rid="a")
+    h.select(rid="b", routed_dp_rank=0)
+    h.select(rid="c")
+    dispatched = [s for s in h.policy.seen if isinstance(s, tuple)]
+    # per-rank sequences, the same numbers load reports acknowledge
+    assert dispatched == [("a", 1, 0), ("b", 0, 0), ("c", 1, 1)]
+    assert h.ledger.next_dispatch_seq(1) == 2
+
+
+def test_policies_are_asked_only_when_a_rank_is_active():
+    h = PolicyHarness(Recorder, dp_size=2, options={"rank": 0})
+    h.kill(0)
+    h.kill(1)
+    with pytest.raises(NoActiveRankError, match="all 2 ranks are inactive"):
+        h.select(rid="nobody")
+    assert h.policy.calls == []  # the manager's one guard answered; the policy was not asked
+    with pytest.raises(InactiveRankError):  # a routed request still gets the precise error
+        h.select(routed_dp_rank=1)
+
+
+def test_ctx_ledger_is_a_read_only_view():
+    h = PolicyHarness(FakePolicy, dp_size=2)
+    view = h.ctx.ledger
+    assert view.requests == (0, 0)
+    h.select()
+    assert view.requests == (1, 0) and view.tokens == (0, 0)  # a fresh copy after each change
+    with pytest.raises(TypeError):
+        view.requests[0] = 5  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        view.requests = (9, 9)  # type: ignore[misc]
+    for mutator in ("record_dispatch", "apply_report", "set_active", "forget", "heard_from", "begin_life"):
+        assert not hasattr(view, mutator)
+    assert h.manager.ledger.requests == [1, 0]  # the manager keeps the ledger itself
+
+
+def _policy(**hooks):
+    """A policy class named 'bad' with *hooks* as its @hookimpl methods."""
+    body = {"name": "bad", "__init__": lambda self, ctx: None}
+    body.update({name: hookimpl(fn) for name, fn in hooks.items()})
+    return type("Bad", (), body)
+
+
+def _answer(self, request, ctx):
+    return 0
+
+
+@pytest.mark.parametrize(
+    ("hooks", "text"),
+    [
+        (
+            {"select_rank": lambda self, req, ctx: 0},
+            "hook select_rank takes argument 'req', which dpcore does not pass; its arguments are: request, ctx",
+        ),
+        ({"select_rank": _answer, "on_dispatch": lambda self, request, rnak: None}, "hook on_dispatch takes argument 'rnak'"),
+        ({"select_rank": lambda self, *args: 0}, "hook select_rank takes *args"),
+        ({"select_rank": _answer, "select_rnk": _answer}, "dpcore has no hook 'select_rnk'"),
+    ],
+)
+def test_bad_hook_signature_is_one_line_naming_hook_and_argument(hooks, text):
+    with pytest.raises(PolicyDefinitionError) as exc:
+        PolicyHarness(_policy(**hooks))
+    msg = str(exc.value)
+    assert text in msg and "\n" not in msg and "policy 'bad'" in msg
+
+
+def test_pluggy_fast_path_is_checked_and_falls_back(monkeypatch):
+    from dpcore import manager
+
+    assert manager.fast_path_ok()  # the pinned pluggy works as the fast path assumes
+    assert PolicyHarness(SeqRecorder, dp_size=2).manager.fast_path
+    monkeypatch.setattr(manager, "fast_path_ok", lambda: False)
+    with capture_logs() as logs:
+        h = PolicyHarness(SeqRecorder, dp_size=2, options={"rank": 1})
+    assert not h.manager.fast_path
+    assert any(e["event"] == "pluggy_fast_path_off" for e in logs)
+    h.select(rid="a")
+    assert h.policy.seen[-1] == ("a", 1, 0)  # same answers through pluggy's own path
+
+
+def test_policy_declarations_options_and_capabilities():
+    from dpcore.policy import NEEDS_BLOCK_HASHES, Option, capabilities, options
+
+    assert options(FakePolicy) == (Option("rank", "int | None", 0),)
+    assert capabilities(FakePolicy) == frozenset()
+
+    class Hashes(FakePolicy):
+        capabilities = frozenset({NEEDS_BLOCK_HASHES})
+
+    class Unknown(FakePolicy):
+        capabilities = frozenset({"reads_minds"})
+
+    assert PolicyHarness(Hashes).manager.needs_block_hashes
+    assert not PolicyHarness(FakePolicy).manager.needs_block_hashes
+    with pytest.raises(PolicyDefinitionError, match="unknown capabilities \\['reads_minds'\\]"):
+        PolicyHarness(Unknown)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from dpcore import NoActiveRankError, PolicyContext, Request, hookimpl
+from dpcore import PolicyContext, Request, hookimpl
 
 __all__ = ["PowerOfTwoPolicy"]
 
@@ -18,8 +18,6 @@ class PowerOfTwoPolicy:
     @hookimpl
     def select_rank(self, request: Request, ctx: PolicyContext) -> int:
         ranks = ctx.active_ranks
-        if not ranks:
-            raise NoActiveRankError("all ranks are inactive", rid=request.rid)
         if len(ranks) == 1:
             return ranks[0]
         a, b = self._rng.sample(ranks, 2)

@@ -54,9 +54,15 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 
-from dpcore import LoadReport, NoActiveRankError, PolicyContext, Request, hookimpl
+from dpcore import NEEDS_BLOCK_HASHES, LoadReport, PolicyContext, Request, hookimpl
 
 __all__ = ["CacheAwarePolicy"]
+
+#: Duty (decayed prefill seconds) closer than this counts as equal; fewer requests breaks the tie.
+DUTY_TIE_S = 1e-9
+#: The bounded-load weights grow as exp(elapsed / load_window); past exp(MAX_EXPONENT) they
+#: are rebased to 1, long before a float could overflow (exp(709)).
+MAX_EXPONENT = 30.0
 
 #: Recent dispatches remembered per rank for reconciliation with reports.
 _RECENT = 4096
@@ -72,6 +78,7 @@ class CacheAwarePolicy:
     """Least expected time to first token, from a prefix index and a reconciled backlog."""
 
     name = "cache_aware"
+    capabilities = frozenset({NEEDS_BLOCK_HASHES})
 
     def __init__(
         self,
@@ -276,9 +283,6 @@ class CacheAwarePolicy:
     def select_rank(self, request: Request, ctx: PolicyContext) -> int:
         ranks = ctx.active_ranks
         n = len(ranks)
-        if not n:
-            msg = f"no active rank for request {request.rid!r}: all {ctx.dp_size} ranks are inactive"
-            raise NoActiveRankError(msg, rid=request.rid)
         reqs = ctx.ledger.requests
         start = self._turn % n
         self._turn = start + 1
@@ -372,7 +376,7 @@ class CacheAwarePolicy:
             if costs[r] > limit:
                 continue
             duty = self._decayed(r, now)
-            if best < 0 or duty < best_duty - 1e-9 or (duty <= best_duty + 1e-9 and reqs[r] < best_reqs):
+            if best < 0 or duty < best_duty - DUTY_TIE_S or (duty <= best_duty + DUTY_TIE_S and reqs[r] < best_reqs):
                 best, best_duty, best_reqs = r, duty, reqs[r]
         best_cost = costs[best]
         d = depth.get(best, 0)
@@ -396,7 +400,7 @@ class CacheAwarePolicy:
         if t0 is None:
             t0 = self._served_t0 = now
         x = (now - t0) / self.load_window
-        if x > 30.0:
+        if x > MAX_EXPONENT:
             shrink = math.exp(-x)
             self._served = [v * shrink for v in self._served]
             self._served_t0 = now
@@ -426,7 +430,7 @@ class CacheAwarePolicy:
         return lowest
 
     @hookimpl
-    def on_dispatch(self, request: Request, rank: int, ctx: PolicyContext) -> None:
+    def on_dispatch(self, request: Request, rank: int, seq: int, ctx: PolicyContext) -> None:
         now = ctx.now()
         hashes = request.block_hashes
         if self._last_rid == request.rid:
@@ -448,7 +452,6 @@ class CacheAwarePolicy:
         if self.load_bound:
             scale = self._served_scale(now)
             self._served[rank] += request.num_tokens * scale
-        seq = ctx.ledger.next_dispatch_seq(rank) - 1
         self._recent[rank].append((seq, work))
         if hashes and ctx.cache.known(rank):
             self._hold_pending(rank, seq, hashes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpcore import NoActiveRankError, PolicyContext, Request, hookimpl
+from dpcore import PolicyContext, Request, hookimpl
 
 __all__ = ["RoundRobinPolicy"]
 
@@ -21,12 +21,8 @@ class RoundRobinPolicy:
 
     @hookimpl
     def select_rank(self, request: Request, ctx: PolicyContext) -> int:
-        active = ctx.active_ranks
-        if not active:
-            msg = f"no active rank for request {request.rid!r}: all {ctx.dp_size} ranks are inactive"
-            raise NoActiveRankError(msg, rid=request.rid)
         dp = ctx.dp_size
-        if len(active) == dp:
+        if len(ctx.active_ranks) == dp:
             rank = self._next % dp
             self._next = rank + 1
             ctx.explain(self.name, "next")
