@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError, DpcoreError
 from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S
 from dpcore.mock.worker import add_report_profile_argument
+from dpcore.quantile import percentile
 
 DEFAULT_REQUESTS = 500
 DEFAULT_SPEEDUP = 20.0
@@ -89,17 +89,6 @@ class RankStats:
     @property
     def hit_ratio(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The *q*-quantile (0..1) with linear interpolation, as numpy's default; NaN for none."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 # --------------------------------------------------------------------------- processes

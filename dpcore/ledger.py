@@ -42,6 +42,8 @@ MAX_PENDING_PER_RANK = 1 << 16
 #: arrives; older ones enter it together. Bounds the cost of a report from a rank that
 #: stopped acknowledging.
 MAX_REPLAY = 512
+#: Dispatches the mean prompt length averages over (recent ones weigh more).
+MEAN_WINDOW = 1024
 #: Seconds over which the drain-rate estimate forgets old observations: long enough to
 #: average many busy intervals, short enough to follow a change of model or batch size.
 DRAIN_RATE_HORIZON_S = 30.0
@@ -231,8 +233,8 @@ class LoadLedger:
             self.requests[rank] -= 1
             self.tokens[rank] -= old
         n = self._dispatches = self._dispatches + 1
-        # The plain mean at first, then an average over roughly the last 1024 dispatches.
-        self.mean_prompt_tokens += (num_tokens - self.mean_prompt_tokens) / (n if n < 1024 else 1024)
+        # The plain mean at first, then an average over roughly the last MEAN_WINDOW dispatches.
+        self.mean_prompt_tokens += (num_tokens - self.mean_prompt_tokens) / (n if n < MEAN_WINDOW else MEAN_WINDOW)
         now = self._clock()
         pending.append((seq, num_tokens, now))
         self._pending_tokens[rank] += num_tokens

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import random
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -43,6 +41,7 @@ import attrs
 from attrs import define, field, frozen
 
 from dpcore.errors import ConfigError
+from dpcore.quantile import percentile
 
 DPCORE = (sys.executable, "-m", "dpcore")
 #: Chaos cycle: one event per slot, spread evenly over the run.
@@ -537,9 +536,8 @@ def _final_line(log: Path) -> dict[str, Any] | None:
 def _percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"count": 0, "p50": None, "p99": None, "max": None}
-    p99 = values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)]
-    return {"count": len(values), "p50": round(statistics.median(values), 2), "p99": round(p99, 2),
-            "max": round(values[-1], 2)}  # fmt: skip
+    return {"count": len(values), "p50": round(percentile(values, 0.5), 2), "p99": round(percentile(values, 0.99), 2),
+            "max": round(max(values), 2)}  # fmt: skip
 
 
 def checks(f: dict[str, Any]) -> dict[str, bool]:

@@ -32,6 +32,7 @@ import zmq
 from dpcore import security, wire
 from dpcore.errors import ConfigError
 from dpcore.manager import PolicyManager
+from dpcore.runtime import defaults
 from dpcore.runtime.books import LATENCY_BUCKETS, MAX_REASONS, Books, rate_limited
 from dpcore.runtime.inflight import InFlightTable
 from dpcore.runtime.lifecycle import ADMISSION_TIMEOUT_S, CODE_RANK_DIED, KV_RESYNC, KV_RESYNC_INTERVAL_S, RankLifecycle
@@ -88,12 +89,6 @@ class Controller:
         a peer that sends a bigger one (the client SDK refuses to send it).
     """
 
-    #: Defaults shared with the command line (``dpcore serve``).
-    HEARTBEAT_TIMEOUT_S = 3.0
-    SNDHWM = 1000
-    BACKLOG = 1024
-    DRAIN_TIMEOUT_S = 10.0
-
     def __init__(
         self,
         manager: PolicyManager,
@@ -101,12 +96,12 @@ class Controller:
         endpoints: ControllerEndpoints | None = None,
         run_dir: str | None = None,
         zmq_ctx: zmq.Context | None = None,  # type: ignore[type-arg]
-        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
-        sndhwm: int = SNDHWM,
-        backlog: int = BACKLOG,
+        heartbeat_timeout_s: float = defaults.HEARTBEAT_TIMEOUT_S,
+        sndhwm: int = defaults.SNDHWM,
+        backlog: int = defaults.BACKLOG,
         pd: PDHandler | None = None,
         prefill_dp_size: int | None = None,
-        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        drain_timeout_s: float = defaults.DRAIN_TIMEOUT_S,
         log: Any = None,
         curve: security.CurveArg = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,

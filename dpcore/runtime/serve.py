@@ -29,6 +29,7 @@ from typing import Any
 
 from dpcore import security
 from dpcore.errors import ConfigError
+from dpcore.runtime import defaults
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,14 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoints-file", default=None, metavar="PATH",
                    help="write the bound endpoints as JSON here once listening")  # fmt: skip
     r = p.add_argument_group("runtime")
-    r.add_argument("--heartbeat-timeout", type=float, default=3.0, metavar="S",
-                   help="a rank silent for S seconds becomes inactive (default 3)")  # fmt: skip
-    r.add_argument("--sndhwm", type=int, default=1000, metavar="N",
-                   help="messages queued per rank socket before the backlog is used (default 1000)")  # fmt: skip
-    r.add_argument("--backlog", type=int, default=1024, metavar="N",
-                   help="dispatches held per full rank before requests are rejected rank_busy (default 1024)")  # fmt: skip
-    r.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
-                   help="on SIGTERM, wait up to S seconds for in-flight requests (default 10)")  # fmt: skip
+    r.add_argument("--heartbeat-timeout", type=float, default=defaults.HEARTBEAT_TIMEOUT_S, metavar="S",
+                   help="a rank silent for S seconds becomes inactive (default %(default)g)")  # fmt: skip
+    r.add_argument("--sndhwm", type=int, default=defaults.SNDHWM, metavar="N",
+                   help="messages queued per rank socket before the backlog is used (default %(default)d)")  # fmt: skip
+    r.add_argument("--backlog", type=int, default=defaults.BACKLOG, metavar="N",
+                   help="dispatches held per full rank before requests are rejected rank_busy (default %(default)d)")  # fmt: skip
+    r.add_argument("--drain-timeout", type=float, default=defaults.DRAIN_TIMEOUT_S, metavar="S",
+                   help="on SIGTERM, wait up to S seconds for in-flight requests (default %(default)g)")  # fmt: skip
     r.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus /metrics on PORT (0: any free port; default off)")  # fmt: skip
     r.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",

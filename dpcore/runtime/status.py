@@ -25,7 +25,7 @@ import zmq
 
 import structlog
 
-from dpcore import security
+from dpcore import security, wire
 from dpcore.errors import DpcoreError, WireError
 from dpcore.runtime.supervise import Supervised
 from dpcore.sdk import endpoints
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
     from dpcore.manager import PolicyManager
 
-VERSION = 1
+#: The status messages are versioned with the rest of dpcore's wire.
+VERSION = wire.VERSION
 ASK = "status?"
 ANSWER = "status"
 #: Questions answered with one snapshot; the rest wait for the next one.

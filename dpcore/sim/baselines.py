@@ -61,11 +61,6 @@ class Baseline:
         pass
 
 
-def _argmin_lowest(values: Sequence[float]) -> int:
-    """Index of the first minimum (Python's ``list.index(min(...))``)."""
-    return min(range(len(values)), key=values.__getitem__)
-
-
 class SGLangRoundRobin(Baseline):
     """SGLang DPC ``round_robin`` (after #16110, 2025-12-30): a counter over the ranks."""
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from dpcore.quantile import percentile
 from dpcore.sim.config import EngineConfig
 from dpcore.sim.engine import RunResult
 
@@ -53,7 +54,7 @@ HIGHER_IS_BETTER = frozenset({"throughput_tok_s", "prefix_hit_ratio", "completed
 
 
 def _pct(values: np.ndarray, q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 6) if values.size else None
+    return round(percentile(values.tolist(), q / 100), 6) if values.size else None
 
 
 def latencies(result: RunResult) -> dict[str, np.ndarray]:

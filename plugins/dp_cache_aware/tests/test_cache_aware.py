@@ -70,13 +70,23 @@ def test_unrelated_prompts_spread():
     assert h.manager.last_decision.reason == "least_backlog"
 
 
-def test_imbalance_guard_spreads_past_the_thresholds():
-    h, _ = harness(dp=2, balance_abs=4, balance_rel=1.5)
-    for _ in range(12):
-        h.select(num_tokens=64, block_hashes=prefix(1))
-    counts = sorted(h.dispatched.values())
-    assert counts[0] > 0
-    assert counts[1] - counts[0] <= 6
+@pytest.mark.parametrize(("balance_abs", "guarded"), [(4, True), (10**9, False)])
+def test_imbalance_guard_spreads_past_the_thresholds(balance_abs, guarded):
+    # Every request shares a prefix and comes long after the last one finished, and the
+    # load bound is off: prefix stickiness alone keeps them all on the holder. Only the
+    # request-count guard spreads them (balance_abs=10**9: the guard never fires).
+    h, clock = harness(dp=2, balance_abs=balance_abs, balance_rel=1.5, load_bound=0)
+    reasons = []
+    for i in range(12):
+        clock.t += 5.0
+        h.select(num_tokens=4096, block_hashes=prefix(1) + (99_000 + i,))
+        reasons.append(h.manager.last_decision.reason)
+    counts = sorted(h.dispatched.get(r, 0) for r in range(2))
+    if guarded:
+        assert "imbalanced" in reasons
+        assert counts[0] > 0 and counts[1] - counts[0] <= balance_abs + 1
+    else:
+        assert counts == [0, 12] and "imbalanced" not in reasons
 
 
 @pytest.mark.parametrize(("load_bound", "spread"), [(1.2, True), (0, False)])

@@ -23,17 +23,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dpcore import NoActiveRankError, PolicyContext, Request, hookimpl
+from dpcore import LedgerView, PolicyContext, Request, hookimpl
 
 __all__ = ["QUEUE_WEIGHT", "TotalRequestsPolicy", "TotalTokensPolicy"]
 
 #: How many times queued work counts compared with held work (both policies' default).
 QUEUE_WEIGHT = 16.0
-
-
-def _no_rank(request: Request, ctx: PolicyContext) -> NoActiveRankError:
-    msg = f"no active rank for request {request.rid!r}: all {ctx.dp_size} ranks are inactive"
-    return NoActiveRankError(msg, rid=request.rid)
 
 
 def _queue_weight(value: Any) -> float:
@@ -44,76 +39,86 @@ def _queue_weight(value: Any) -> float:
     return weight
 
 
-class TotalRequestsPolicy:
-    """Fewest requests (running + waiting + unacknowledged), queued work counting
-    ``queue_weight`` times in average requests (queued prompt tokens / mean prompt), so a
-    long waiting prompt counts as several short ones. Ties rotate.
-    """
+class _LeastLoaded:
+    """The scan both policies share: the active rank with the least ``held + w * queued``,
+    ties broken by fewer requests (when the policy says so), then by a rotating start."""
 
-    name = "total_requests"
+    name = ""
+    #: ``ctx.explain`` reason.
+    reason = ""
+    #: Whether equal loads go to the rank with fewer requests.
+    tie_by_requests = False
 
     def __init__(self, ctx: PolicyContext, queue_weight: float = QUEUE_WEIGHT) -> None:
         self.queue_weight = _queue_weight(queue_weight)
         self._turn = 0
 
+    def held(self, ledger: LedgerView) -> tuple[float, ...]:
+        """What each rank holds, in this policy's unit."""
+        raise NotImplementedError
+
+    def weight(self, ledger: LedgerView) -> float:
+        """What one queued prompt token is worth in this policy's unit."""
+        raise NotImplementedError
+
     @hookimpl
     def select_rank(self, request: Request, ctx: PolicyContext) -> int:
         ranks = ctx.active_ranks
         n = len(ranks)
-        if not n:
-            raise _no_rank(request, ctx)
         ledger = ctx.ledger
+        held = self.held(ledger)
         reqs = ledger.requests
         queued, since, rate, now = ledger.queued_tokens, ledger.queued_at, ledger.drain_rate, ledger.now()
-        mean = ledger.mean_prompt_tokens
-        w = self.queue_weight / mean if mean > 0 else 0.0
+        w = self.weight(ledger)
+        ties = self.tie_by_requests
         loads: list[float | None] = [None] * ctx.dp_size
         # Start the scan at a rotating offset so ties do not always go to the lowest rank.
-        start = self._turn % n
-        self._turn = start + 1
-        best, best_load = -1, math.inf
-        for i in range(n):
-            r = ranks[(start + i) % n]
-            # ledger.queued(r, now), inlined: the queue drains at `rate` until empty.
-            q = queued[r] - rate * (now - since[r])
-            load = loads[r] = reqs[r] + w * q if q > 0.0 else reqs[r]
-            if load < best_load:
-                best, best_load = r, load
-        ctx.explain(self.name, "least_requests", {"load": loads})
-        return best
-
-
-class TotalTokensPolicy:
-    """Fewest tokens (held + waiting + unacknowledged prompts), queued prompt tokens
-    counting ``queue_weight`` times. Ties by requests, then rotate.
-    """
-
-    name = "total_tokens"
-
-    def __init__(self, ctx: PolicyContext, queue_weight: float = QUEUE_WEIGHT) -> None:
-        self.queue_weight = _queue_weight(queue_weight)
-        self._turn = 0
-
-    @hookimpl
-    def select_rank(self, request: Request, ctx: PolicyContext) -> int:
-        ranks = ctx.active_ranks
-        n = len(ranks)
-        if not n:
-            raise _no_rank(request, ctx)
-        ledger = ctx.ledger
-        toks = ledger.tokens
-        reqs = ledger.requests
-        queued, since, rate, now = ledger.queued_tokens, ledger.queued_at, ledger.drain_rate, ledger.now()
-        w = self.queue_weight
-        loads: list[float | None] = [None] * ctx.dp_size
         start = self._turn % n
         self._turn = start + 1
         best, best_load, best_reqs = -1, math.inf, 0
         for i in range(n):
             r = ranks[(start + i) % n]
+            # ledger.queued(r, now), inlined: the queue drains at `rate` until empty.
             q = queued[r] - rate * (now - since[r])
-            load = loads[r] = toks[r] + w * q if q > 0.0 else toks[r]
-            if load < best_load or (load == best_load and reqs[r] < best_reqs):
+            load = loads[r] = held[r] + w * q if q > 0.0 else held[r]
+            if load < best_load or (ties and load == best_load and reqs[r] < best_reqs):
                 best, best_load, best_reqs = r, load, reqs[r]
-        ctx.explain(self.name, "least_tokens", {"load": loads})
+        ctx.explain(self.name, self.reason, {"load": loads})
         return best
+
+
+class TotalRequestsPolicy(_LeastLoaded):
+    """Fewest requests (running + waiting + unacknowledged), queued work counting
+    ``queue_weight`` times in average requests (queued prompt tokens / mean prompt), so a
+    long waiting prompt counts as several short ones. Ties rotate.
+
+    :param queue_weight: How many times queued work counts compared with held work (>= 0).
+    """
+
+    name = "total_requests"
+    reason = "least_requests"
+
+    def held(self, ledger: LedgerView) -> tuple[float, ...]:
+        return ledger.requests
+
+    def weight(self, ledger: LedgerView) -> float:
+        mean = ledger.mean_prompt_tokens
+        return self.queue_weight / mean if mean > 0 else 0.0
+
+
+class TotalTokensPolicy(_LeastLoaded):
+    """Fewest tokens (held + waiting + unacknowledged prompts), queued prompt tokens
+    counting ``queue_weight`` times. Ties by requests, then rotate.
+
+    :param queue_weight: How many times queued work counts compared with held work (>= 0).
+    """
+
+    name = "total_tokens"
+    reason = "least_tokens"
+    tie_by_requests = True
+
+    def held(self, ledger: LedgerView) -> tuple[float, ...]:
+        return ledger.tokens
+
+    def weight(self, ledger: LedgerView) -> float:
+        return self.queue_weight
