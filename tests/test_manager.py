@@ -243,12 +243,17 @@ def test_request_is_frozen():
         req.num_tokens = 5  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("traced", [False, True])
-def test_direct_calls_keep_pluggy_order_and_opt_in_arguments(monkeypatch, traced):
-    if traced:
+@pytest.fixture(params=[False, True], ids=["direct", "traced"])
+def traced(request, monkeypatch):
+    """Hooks called directly (the fast path), or through pluggy with hook tracing on."""
+    if request.param:
         monkeypatch.setenv("DPCORE_TRACE_HOOKS", "1")
     else:
         monkeypatch.delenv("DPCORE_TRACE_HOOKS", raising=False)
+    return request.param
+
+
+def test_direct_calls_keep_pluggy_order_and_opt_in_arguments(traced):
     seen = []
 
     class First:
@@ -349,12 +354,7 @@ class SeqRecorder(FakePolicy):
         self.seen.append((request.rid, rank, seq))
 
 
-@pytest.mark.parametrize("traced", [False, True])
-def test_hook_on_dispatch_receives_the_dispatch_seq(monkeypatch, traced):
-    if traced:
-        monkeypatch.setenv("DPCORE_TRACE_HOOKS", "1")
-    else:
-        monkeypatch.delenv("DPCORE_TRACE_HOOKS", raising=False)
+def test_hook_on_dispatch_receives_the_dispatch_seq(traced):
     h = PolicyHarness(SeqRecorder, dp_size=2, options={"rank": 1})
     h.select(rid="a")
     h.select(rid="b", routed_dp_rank=0)
