@@ -83,7 +83,7 @@ def split_method(method: str) -> tuple[str, ...]:
     if not parts or any(not p for p in parts):
         msg = (
             f"--load-balance-method {method!r} has an empty name; give a policy name, 'auto', "
-            "or a comma-separated chain such as 'cache_aware,total_tokens'"
+            "or a comma-separated chain such as 'my_policy,auto'"
         )
         raise ConfigError(msg)
     if len(set(parts)) != len(parts):

@@ -397,12 +397,9 @@ class PolicyManager:
             ctx.log.error("policy_failed", policy=who, rid=request.rid, error=repr(exc))
             raise PolicyFailedError(msg, rid=request.rid) from exc
         if rank is None:
-            if not ctx.ledger.active_ranks:
-                msg = f"no active rank can take request {request.rid!r}: all {ctx.dp_size} ranks are inactive"
-                raise NoActiveRankError(msg, rid=request.rid)
             msg = (
                 f"no policy in the chain {list(self.chain)} chose a rank for request "
-                f"{request.rid!r}; end the chain with a policy that always answers, e.g. round_robin"
+                f"{request.rid!r}; end the chain with a policy that always answers, e.g. 'auto'"
             )
             raise NoRankSelectedError(msg, rid=request.rid)
         if type(rank) is not int or not ctx.ledger.is_active(rank):

@@ -24,7 +24,7 @@ def test_bench_small_count_writes_the_three_rates(dpcore_exe, tmp_path, clean_en
     data = json.loads(out.read_text())
     for key in ("dpcore_msgs_per_s", "pickle_loop_msgs_per_s", "zmq_proxy_msgs_per_s"):
         assert isinstance(data[key], float) and data[key] > 0, key
-    assert set(data["policy_decision_us"]) == {
+    assert set(data["policy_decision_us"]) >= {  # every installed policy is timed
         "round_robin", "follow_bootstrap_room", "total_requests", "total_tokens", "cache_aware", "cache_aware+kv",
     }  # fmt: skip
     assert all(us > 0 for us in data["policy_decision_us"].values())
