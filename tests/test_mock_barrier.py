@@ -148,19 +148,18 @@ def test_one_ranks_long_prefill_slows_every_ranks_decode(group) -> None:
 
 def test_a_stopped_rank_delays_a_step_by_the_timeout_only_and_rejoins(group) -> None:
     g = group(step_timeout=1.0)
-    g.send(0, "warm", 10, out=2)  # both ranks take part in a run; rank 1 idles in it
-    g.finals(1)
+    g.send(0, "warm0", 10, out=2)  # both ranks answer: both are in the lockstep
+    g.send(1, "warm1", 10, out=2)
+    g.finals(2)
     os.kill(g.ranks[1].pid, signal.SIGSTOP)
-    t0 = time.monotonic()
     g.send(0, "a", 100, out=20)
-    a = g.finals(1, timeout_s=20)["a"]
-    assert time.monotonic() - t0 >= 1.0  # the first step waited for rank 1, up to the timeout
+    a = g.finals(1, timeout_s=20)["a"]  # served, after one step waited for rank 1 (below)
     assert a.meta["completion_tokens"] == 20
     os.kill(g.ranks[1].pid, signal.SIGCONT)
     g.send(1, "b", 100, out=5)  # back in the group: it serves again
     assert g.finals(1, timeout_s=20)["b"].meta["completion_tokens"] == 5
     s = g.stop_barrier()
-    assert s["dropped"] == 1 and s["rejoined"] == 1
+    assert s["dropped"] == 1 and s["rejoined"] == 1, s
     assert s["stall_s"] >= 1.0 * 20 * 0.9  # the wait shows in model time (speed-up 20)
     assert s["members"] == [0, 1]
 
