@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from dpcore.discovery import INSTALL_HINT
 from dpcore.errors import ConfigError, InvalidDisaggregationModeError, RemovedPolicyError
 from dpcore.localpolicy import is_spec
 from dpcore.model import DISAGGREGATION_MODES, Resolution
 
 #: A declared preset role: (policy name, distribution, the distribution's summary).
 Role = tuple[str, "str | None", str]
-#: How to get the first-party policies (they declare the presets' meanings).
-INSTALL_HINT = "pip install 'dpcore[policies]' for the first-party policies"
 #: Disaggregation modes in words, for reasons and errors.
 MODE_TEXT = {"null": "no PD disaggregation", "prefill": "PD prefill", "decode": "PD decode"}
 
@@ -118,7 +117,7 @@ def preset_policy(preset: str, mode: str, roles: Mapping[str, Sequence[Role]]) -
         msg = (
             f"--load-balance-method {preset!r} means, in {MODE_TEXT[mode]}, the policy an installed "
             f"distribution declares for it (entry point {key!r} in the 'dpcore.roles' group), and "
-            f"none does; name a policy instead (`dpcore policies` lists them) or {INSTALL_HINT}"
+            f"none does; name a policy instead (`dpcore policies` lists them); {INSTALL_HINT}"
         )
         raise ConfigError(msg)
     both = " and ".join(f"{p!r} ({d})" for p, d, _ in declared)
