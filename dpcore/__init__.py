@@ -20,6 +20,7 @@ from dpcore.errors import (
     RequestRejected,
     UnknownPolicyError,
 )
+from dpcore.cacheindex import prefix_depths
 from dpcore.hashing import block_hashes
 from dpcore.hookspecs import HOOK_API_VERSION, hookimpl
 from dpcore.ledger import LedgerView, LoadLedger
@@ -55,6 +56,7 @@ __all__ = [
     "__version__",
     "block_hashes",
     "hookimpl",
+    "prefix_depths",
 ]
 
 

@@ -25,7 +25,7 @@ holds. Memory is bounded: a rank's blocks never exceed the capacity it reported 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from attrs import frozen
 
@@ -153,27 +153,7 @@ class CacheIndex:
         One dictionary lookup per block for all ranks together; ranks not in
         :attr:`known_mask` are never in the answer.
         """
-        holders = self._holders
-        mask &= self._known
-        depth: dict[int, int] = {}
-        i = 0
-        for k in keys:
-            m = mask & holders.get(k, 0)
-            dropped = mask & ~m
-            if dropped and i:
-                while dropped:
-                    low = dropped & -dropped
-                    depth[low.bit_length() - 1] = i
-                    dropped ^= low
-            mask = m
-            if not mask:
-                return depth
-            i += 1
-        while mask:
-            low = mask & -mask
-            depth[low.bit_length() - 1] = i
-            mask ^= low
-        return depth
+        return prefix_depths(self._holders, keys, mask & self._known)
 
     def __len__(self) -> int:
         """(rank, block) pairs held."""
@@ -313,3 +293,32 @@ class CacheView:
     @property
     def any_known(self) -> bool:
         return self._index.known_mask != 0
+
+
+def prefix_depths(holders: Mapping[int, int], keys: Sequence[int], mask: int) -> dict[int, int]:
+    """Per rank in *mask*, how many leading blocks of *keys* it holds (ranks at 0 left out).
+
+    *holders* maps a block key to the bitmask of ranks holding it (bit ``r`` for rank ``r``).
+    One dictionary lookup per block for all ranks together: the walk stops as soon as no
+    rank in *mask* holds the next block. Both the exact index and ``cache_aware``'s own
+    estimate answer their prefix questions with it.
+    """
+    depth: dict[int, int] = {}
+    i = 0
+    for k in keys:
+        m = mask & holders.get(k, 0)
+        dropped = mask & ~m
+        if dropped and i:
+            while dropped:
+                low = dropped & -dropped
+                depth[low.bit_length() - 1] = i
+                dropped ^= low
+        mask = m
+        if not mask:
+            return depth
+        i += 1
+    while mask:
+        low = mask & -mask
+        depth[low.bit_length() - 1] = i
+        mask ^= low
+    return depth

@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 
-from dpcore import NEEDS_BLOCK_HASHES, LoadReport, PolicyContext, Request, hookimpl
+from dpcore import NEEDS_BLOCK_HASHES, LoadReport, PolicyContext, Request, hookimpl, prefix_depths
 
 __all__ = ["CacheAwarePolicy"]
 
@@ -167,28 +167,7 @@ class CacheAwarePolicy:
 
     def _depths(self, hashes: tuple[int, ...], active_mask: int) -> dict[int, int]:
         """Per rank, how many leading blocks of *hashes* it holds (ranks with 0 omitted)."""
-        holders = self._holders
-        mask = active_mask
-        depth: dict[int, int] = {}
-        i = 0
-        for h in hashes:
-            m = mask & holders.get(h, 0)
-            dropped = mask & ~m
-            if dropped and i:
-                while dropped:
-                    low = dropped & -dropped
-                    depth[low.bit_length() - 1] = i
-                    dropped ^= low
-            mask = m
-            if not mask:
-                break
-            i += 1
-        else:
-            while mask:
-                low = mask & -mask
-                depth[low.bit_length() - 1] = i
-                mask ^= low
-        return depth
+        return prefix_depths(self._holders, hashes, active_mask)
 
     def _cached(self, rank: int, hashes: tuple[int, ...], depth: int, block_tokens: float) -> float:
         """Expected cached tokens of the first *depth* blocks on *rank*.
