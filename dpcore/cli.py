@@ -28,7 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "dpcore.demo", "run a controller and mock ranks, replay a real trace, show per-rank results"),
     ("mock-worker", "dpcore.mock.worker", "run one mock engine rank (used by the demo and tests)"),
     ("mock-barrier", "dpcore.mock.barrier", "run the step barrier that keeps mock ranks in lockstep"),
-    ("bootstrap-registry", "dpcore.runtime.bootstrap", "run a standalone PD bootstrap registry (HTTP)"),
+    ("bootstrap-registry", "dpcore.runtime.bootstrap_server", "run a standalone PD bootstrap registry (HTTP)"),
     ("simulate", "dpcore.sim.cli", "replay a trace through policies and peer baselines"),
     ("bench", "dpcore.bench", "measure forwarding throughput against a pickle loop and zmq.proxy"),
     ("http-front", "dpcore.http.server", "run an SGLang/OpenAI HTTP front for a running controller"),

@@ -11,8 +11,8 @@ from dpcore.runtime.bootstrap import (
     BootstrapRegistry,
     RegistryClient,
     RegistryError,
-    RegistryServer,
 )
+from dpcore.runtime.bootstrap_server import RegistryServer
 
 
 class FakeClock:

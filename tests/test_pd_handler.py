@@ -17,8 +17,9 @@ from dpcore.errors import (
 )
 from dpcore.manager import PolicyManager
 from dpcore.model import Request
-from dpcore.runtime import pd
-from dpcore.runtime.bootstrap import BootstrapRegistry, RegistryServer
+from dpcore.runtime import pd_setup
+from dpcore.runtime.bootstrap import BootstrapRegistry
+from dpcore.runtime.bootstrap_server import RegistryServer
 from dpcore.runtime.pd import PDHandler
 
 
@@ -222,7 +223,7 @@ def test_prefill_registers_remotely_in_batches(ctx: zmq.Context) -> None:
 
 def args(**kw: object) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    pd.add_arguments(p)
+    pd_setup.add_arguments(p)
     ns = p.parse_args([])
     for k, v in kw.items():
         setattr(ns, k, v)
@@ -231,11 +232,11 @@ def args(**kw: object) -> argparse.Namespace:
 
 def test_from_args_hosts_a_registry_and_decode_learns_prefill_from_it(ctx: zmq.Context) -> None:
     prefill_mgr = PolicyManager.from_method("total_tokens", dp_size=4, disaggregation_mode="prefill")
-    prefill = pd.from_args(args(bootstrap_port=0), prefill_mgr, ctx)
+    prefill = pd_setup.from_args(args(bootstrap_port=0), prefill_mgr, ctx)
     assert prefill is not None and prefill.server is not None
     try:
         decode_mgr = PolicyManager.from_method("auto", dp_size=2, disaggregation_mode="decode")
-        dec = pd.from_args(args(bootstrap_url=prefill.server.url), decode_mgr, ctx)
+        dec = pd_setup.from_args(args(bootstrap_url=prefill.server.url), decode_mgr, ctx)
         assert dec is not None
         try:
             assert dec.prefill_dp_size == 4 and not dec.prefill_follows_room
@@ -248,22 +249,22 @@ def test_from_args_hosts_a_registry_and_decode_learns_prefill_from_it(ctx: zmq.C
     finally:
         prefill.close()
     auto_mgr = PolicyManager.from_method("auto", dp_size=4, disaggregation_mode="prefill")
-    follow = pd.from_args(args(bootstrap_port=0), auto_mgr, ctx)
+    follow = pd_setup.from_args(args(bootstrap_port=0), auto_mgr, ctx)
     assert follow is not None and follow.prefill_follows_room
     follow.close()
     null_mgr = PolicyManager.from_method("auto", dp_size=4)
-    assert pd.from_args(args(), null_mgr, ctx) is None
+    assert pd_setup.from_args(args(), null_mgr, ctx) is None
 
 
 def test_from_args_config_errors(ctx: zmq.Context) -> None:
     mgr = PolicyManager.from_method("total_tokens", dp_size=4, disaggregation_mode="prefill")
     with pytest.raises(ConfigError, match="--bootstrap-port"):
-        pd.from_args(args(), mgr, ctx)
+        pd_setup.from_args(args(), mgr, ctx)
     with pytest.raises(ConfigError, match="not both"):
-        pd.from_args(args(bootstrap_port=0, bootstrap_url="http://127.0.0.1:1"), mgr, ctx)
+        pd_setup.from_args(args(bootstrap_port=0, bootstrap_url="http://127.0.0.1:1"), mgr, ctx)
     dec = PolicyManager.from_method("auto", dp_size=2, disaggregation_mode="decode")
     with pytest.raises(ConfigError, match="--prefill-dp-size"):
-        pd.from_args(args(), dec, ctx)
-    h = pd.from_args(args(prefill_dp_size=4, prefill_load_balance_method="auto"), dec, ctx)
+        pd_setup.from_args(args(), dec, ctx)
+    h = pd_setup.from_args(args(prefill_dp_size=4, prefill_load_balance_method="auto"), dec, ctx)
     assert h is not None and h.prefill_follows_room  # auto on prefill is follow_bootstrap_room
     h.close()

@@ -75,10 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--curve-dir", default=None, metavar="DIR",
                    help="tcp: CURVE keys from `dpcore keys` (default: $DPCORE_CURVE_DIR; none: no CURVE)")  # fmt: skip
     try:
-        from dpcore.runtime import pd
+        from dpcore.runtime import pd_setup
     except ImportError:  # pragma: no cover - PD support is part of the package
         return
-    pd.add_arguments(p)
+    pd_setup.add_arguments(p)
     from dpcore.http import server as http_server  # light: the HTTP stack loads in the child
 
     http_server.add_serve_arguments(p)
@@ -177,7 +177,7 @@ def _curve_keys(args: argparse.Namespace) -> Any:
 
 def check(args: argparse.Namespace, manager: Any) -> None:
     """Every check of ``serve``'s options that binds nothing; ``serve --dry-run`` runs exactly these."""
-    from dpcore.runtime import pd as pdmod
+    from dpcore.runtime import pd_setup
 
     if args.max_message_bytes < 1024:
         raise ConfigError(f"--max-message-bytes must be at least 1024, got {args.max_message_bytes}")
@@ -195,7 +195,7 @@ def check(args: argparse.Namespace, manager: Any) -> None:
         from dpcore.http import server as http_server
 
         http_server.check(args)
-    pdmod.check(args, manager.ctx.disaggregation_mode)
+    pd_setup.check(args, manager.ctx.disaggregation_mode)
 
 
 def run(args: argparse.Namespace, manager: Any) -> int:
@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     import zmq
 
     from dpcore.runtime import metrics, status, supervise
-    from dpcore.runtime import pd as pdmod
+    from dpcore.runtime import pd_setup
     from dpcore.runtime.controller import Controller
 
     log = structlog.get_logger("dpcore.serve")
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             http_sock = http_server.bind(args.http_host, args.http_port)
         if args.metrics_port is not None:
             metrics_server, metrics_port = metrics.bind(args.metrics_port, args.metrics_host)
-        handler = pdmod.from_args(args, manager, zmq_ctx=ctx, log=log)
+        handler = pd_setup.from_args(args, manager, zmq_ctx=ctx, log=log)
         prefill_dp = None
         if manager.ctx.disaggregation_mode == "decode":
             prefill_dp = handler.prefill_dp_size if handler is not None else args.prefill_dp_size
