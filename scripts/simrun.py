@@ -84,4 +84,4 @@ def add_cell_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], metavar="S", help="simulation seeds (default 0 1)")
     ap.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests (a quick look)")
     ap.add_argument("--jobs", type=int, metavar="N", help="worker processes per simulation")
-    ap.add_argument("--out", type=Path, default=Path("out/targets"), help="where the JSON of each run goes")
+    ap.add_argument("--out", type=Path, default=Path("out/compare"), help="where the JSON of each run goes")
