@@ -33,6 +33,7 @@ from dpcore.errors import ConfigError, DpcoreError
 from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S
 from dpcore.mock.worker import add_report_profile_argument
 from dpcore.quantile import percentile
+from dpcore.sim.config import add_engine_config_argument
 
 DEFAULT_REQUESTS = 500
 DEFAULT_SPEEDUP = 20.0
@@ -323,6 +324,7 @@ def summary(
         "load_balance_method": chain,
         "dp_size": args.dp_size,
         "speedup": args.speedup,
+        "engine_config": getattr(args, "engine_config", None),
         "trace": describe(trace, args),
         "requests": len(trace.requests),
         "completed": tally.completed,
@@ -435,10 +437,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "would overload four ranks; 1 replays it as recorded)")  # fmt: skip
     p.add_argument("--trace", default=None, metavar="PATH",
                    help="a Mooncake jsonl or Azure csv trace (default: the bundled Mooncake sample)")  # fmt: skip
-    p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS", help="per mock rank (default 500,000)")
+    p.add_argument("--kv-capacity", type=int, default=None, metavar="TOKENS",
+                   help="per mock rank (default: the --engine-config file's kv_capacity_tokens, else 500,000)")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="wall seconds to wait for the last replies after the replay (default 60)")  # fmt: skip
     add_report_profile_argument(p)
+    add_engine_config_argument(p)
     p.add_argument("--step-timeout", type=float, default=DEFAULT_STEP_TIMEOUT_S, metavar="S",
                    help="wall seconds a lockstep step waits for a silent rank before going on without it "
                         f"(default {DEFAULT_STEP_TIMEOUT_S:g})")  # fmt: skip
@@ -452,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
     from dpcore.cli import build_manager
     from dpcore.sdk import endpoints
     from dpcore.sdk.client import Client
+    from dpcore.sim.config import load_engine_config
     from dpcore.sim.oracle import ceiling_hit_ratio
     from dpcore.sim.traces import read_trace
 
@@ -467,6 +472,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--requests must be at least 1, got {args.requests}")
     if not args.step_timeout > 0 or not math.isfinite(args.step_timeout):
         raise ConfigError(f"--step-timeout must be a positive number of seconds, got {args.step_timeout!r}")
+    # The mock ranks read the same file (step-time model, KV capacity, report cadence), so a
+    # demo and `dpcore simulate --engine-config FILE` model the same engine; checked here once.
+    engine = load_engine_config(args.engine_config)
+    engine_config = [] if args.engine_config is None else ["--engine-config", str(Path(args.engine_config).resolve())]
+    report_profile = args.report_profile or engine.report_profile
     trace = read_trace(args.trace or sample_path(), time_scale=args.speedup * args.rate, limit=args.requests)
     block_size = trace.block_size or 512
     ceiling = ceiling_hit_ratio(trace)
@@ -493,12 +503,12 @@ def run(args: argparse.Namespace) -> int:
         barrier = endpoints.ipc(run_dir, "barrier")
         procs.start("barrier", _dpcore("mock-barrier", "--endpoint", barrier, "--dp-size", str(args.dp_size),
                                        "--speedup", str(args.speedup), "--step-timeout", str(args.step_timeout),
-                                       "--stats-file", str(stats_file)))  # fmt: skip
+                                       "--stats-file", str(stats_file), *engine_config))  # fmt: skip
         eps = _wait_for_file(eps_file, procs, START_TIMEOUT_S)
         for r in range(args.dp_size):
             worker = ["mock-worker", "--rank", str(r), "--dispatch", eps["dispatch"][r], "--report", eps["report"],
-                      "--barrier", barrier, "--block-size", str(block_size), "--report-profile", args.report_profile,
-                      "--exit-with-parent"]  # fmt: skip
+                      "--barrier", barrier, "--block-size", str(block_size), "--report-profile", report_profile,
+                      "--exit-with-parent", *engine_config]  # fmt: skip
             if args.kv_capacity is not None:
                 worker += ["--kv-capacity", str(args.kv_capacity)]
             procs.start(f"rank{r}", _dpcore(*worker))

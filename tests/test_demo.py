@@ -58,12 +58,25 @@ def test_demo_takes_any_installed_policy(tmp_path: Path) -> None:
     assert s["completed"] == 30 and sum(r["requests"] for r in s["ranks"]) == 30
 
 
+@pytest.mark.e2e
+def test_demo_runs_the_engine_config_file_the_simulator_reads(tmp_path: Path) -> None:
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text("[step]\nchunked_prefill_size = 4096\noverhead_s = 0.03\n")
+    proc, s = run_demo(tmp_path, "--requests", "12", "--dp-size", "2", "--engine-config", str(cfg))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert s["completed"] == 12 and s["engine_config"] == str(cfg)
+    # The barrier ran the file's step model: 4,096 // 2 tokens per rank and step.
+    assert s["lockstep"]["step_model"]["overhead_s"] == 0.03
+    assert s["lockstep"]["chunk_tokens"] == 2048
+
+
 def test_demo_refuses_bad_input_before_starting_anything(tmp_path: Path) -> None:
     for args, words in (
         (["--load-balance-method", "nope"], "unknown"),
         (["--speedup", "0"], "--speedup"),
         (["--requests", "0"], "--requests"),
         (["--trace", str(tmp_path / "missing.jsonl")], "no such file"),
+        (["--engine-config", str(tmp_path / "missing.toml")], "--engine-config"),
     ):
         proc, _ = run_demo(tmp_path, *args)
         assert proc.returncode == 2, proc.stderr

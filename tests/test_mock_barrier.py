@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -32,7 +33,8 @@ M = StepModel()
 class Group:
     """A DP group of *dp* mock ranks behind one barrier, and the controller's sockets."""
 
-    def __init__(self, tmp: Path, dp: int = 2, speedup: float = 20, step_timeout: float = 1.0) -> None:
+    def __init__(self, tmp: Path, dp: int = 2, speedup: float = 20, step_timeout: float = 1.0,
+                 engine_config: Path | None = None) -> None:  # fmt: skip
         self.tmp = tmp
         self.ctx = zmq.Context()
         self.dispatch = [self._sock(zmq.PUSH, f"ipc://{tmp}/d{r}") for r in range(dp)]
@@ -41,14 +43,15 @@ class Group:
         self.seq = [0] * dp
         self.stats_file = tmp / "lockstep.json"
         self.barrier_ep = f"ipc://{tmp}/barrier"
+        config = [] if engine_config is None else ["--engine-config", str(engine_config)]
         self.barrier = subprocess.Popen(
             [*DPCORE, "mock-barrier", "--endpoint", self.barrier_ep, "--dp-size", str(dp), "--speedup", str(speedup),
-             "--step-timeout", str(step_timeout), "--stats-file", str(self.stats_file)],
+             "--step-timeout", str(step_timeout), "--stats-file", str(self.stats_file), *config],
         )  # fmt: skip
         self.ranks = [
             subprocess.Popen(
                 [*DPCORE, "mock-worker", "--rank", str(r), "--dispatch", f"ipc://{tmp}/d{r}",
-                 "--report", f"ipc://{tmp}/rep", "--barrier", self.barrier_ep, "--block-size", "64"],
+                 "--report", f"ipc://{tmp}/rep", "--barrier", self.barrier_ep, "--block-size", "64", *config],
             )  # fmt: skip
             for r in range(dp)
         ]
@@ -114,7 +117,7 @@ class Group:
 def group(tmp_path: Path) -> Iterator[type[Group]]:
     made: list[Group] = []
 
-    def make(**kw: float) -> Group:
+    def make(**kw: Any) -> Group:
         g = Group(tmp_path, **kw)
         made.append(g)
         return g
@@ -176,3 +179,18 @@ def test_garbage_on_the_barrier_socket_is_counted_and_changes_nothing(group) -> 
     assert len(g.finals(2)) == 2
     s = g.stop_barrier()
     assert s["bad_frames"] == 4 and s["members"] == [0, 1]
+
+
+def test_the_engine_config_file_sets_the_groups_step_model_and_kv(group, tmp_path: Path) -> None:
+    # The file `dpcore simulate --engine-config` reads: a smaller chunk, a smaller KV cache.
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text("kv_capacity_tokens = 20000\n[step]\nchunked_prefill_size = 2048\n")
+    g = group(engine_config=cfg)
+    g.send(0, "long", 4_000, out=2)  # ceil(4,000 / (2,048 // 2)) = 4 extend steps (1 with the default 8,192)
+    g.send(1, "huge", 30_000, out=2)  # can never fit in 20,000 tokens of KV (it would with the default)
+    r = g.finals(2)
+    assert r["long"].meta["completion_tokens"] == 2
+    assert "error" in r["huge"].meta and r["huge"].meta["completion_tokens"] == 0
+    s = g.stop_barrier()
+    assert s["chunk_tokens"] == 1024 and s["step_model"]["chunked_prefill_size"] == 2048
+    assert s["extend_steps"] == 4

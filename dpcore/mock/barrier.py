@@ -46,6 +46,7 @@ from attrs import asdict, frozen
 
 from dpcore.errors import ConfigError, WireError
 from dpcore.mock.lockstep import Lockstep, StepWork
+from dpcore.sim.config import add_engine_config_argument, load_engine_config
 from dpcore.sim.stepmodel import StepModel
 
 HELLO, POST, WAKE, BYE = range(4)
@@ -344,7 +345,8 @@ class Barrier:
     def summary(self) -> dict[str, Any]:
         s = asdict(self.lockstep.stats)
         s.update(dp_size=self.dp_size, speedup=self.speedup, members=sorted(self.lockstep.members),
-                 bad_frames=self.bad_frames, model_s=self.now())  # fmt: skip
+                 bad_frames=self.bad_frames, model_s=self.now(), chunk_tokens=self.chunk_tokens,
+                 step_model=asdict(self.lockstep.model))  # fmt: skip
         return s
 
 
@@ -363,6 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"wall seconds a step waits for a silent rank before going on without it "
                         f"(default {DEFAULT_STEP_TIMEOUT_S:g})")  # fmt: skip
     p.add_argument("--stats-file", default=None, metavar="PATH", help="write the lockstep counters as JSON on exit")
+    add_engine_config_argument(p)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -381,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
     from dpcore.sdk import endpoints
 
     check_arguments(args)
+    model = load_engine_config(args.engine_config).step  # before binding: a bad file starts nothing
     ep = endpoints.check(args.endpoint, "--endpoint")
     if security.is_tcp(ep) and not security.is_loopback(ep[6:].rsplit(":", 1)[0]):
         raise ConfigError(f"--endpoint {ep}: the mock barrier binds loopback only (127.0.0.1 or ipc://)")
@@ -389,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     endpoints.bind(sock, ep)
-    barrier = Barrier(sock, args.dp_size, args.speedup, args.step_timeout, StepModel(), log)
+    barrier = Barrier(sock, args.dp_size, args.speedup, args.step_timeout, model, log)
 
     def _stop(*_: object) -> None:
         barrier.stop = True

@@ -42,6 +42,7 @@ from dpcore.cacheindex import REMOVED, STORED
 from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S, LocalClock, RemoteClock, Sync
 from dpcore.mock.engine import EngineParams, Job, MockEngine, Step
 from dpcore.mock.stepper import Stepper
+from dpcore.sim.config import EngineConfig, add_engine_config_argument, load_engine_config
 from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES, profile
 from dpcore.wire import KV_RESYNC, Control
 
@@ -83,18 +84,26 @@ def add_report_profile_argument(p: argparse.ArgumentParser) -> None:
     """``--report-profile``: the simulator's profiles, so a live mock rank and a simulated one
     show a policy the same fields."""
     names = "; ".join(f"{n} = {pr.summary}" for n, pr in PROFILES.items())
-    p.add_argument("--report-profile", choices=list(PROFILES), default=DEFAULT_PROFILE,
-                   help=f"load-report fields the mock ranks send: {names} (default {DEFAULT_PROFILE})")  # fmt: skip
+    p.add_argument("--report-profile", choices=list(PROFILES), default=None,
+                   help=f"load-report fields the mock ranks send: {names} "
+                        f"(default: the --engine-config file's report_profile, else {DEFAULT_PROFILE})")  # fmt: skip
 
 
-def params_from_args(args: argparse.Namespace) -> EngineParams:
+def params_from_args(args: argparse.Namespace, config: EngineConfig | None = None) -> EngineParams:
+    """The rank's numbers: a command-line flag wins, then the engine config (the simulator's
+    ``--engine-config`` file, so a live and a simulated rank can share it), then the pinned
+    defaults."""
+    config = config or EngineConfig()
+    interval_ms = args.report_interval_ms
     return EngineParams(
-        kv_capacity=args.kv_capacity,
+        kv_capacity=config.kv_capacity_tokens if args.kv_capacity is None else args.kv_capacity,
         block_size=args.block_size,
         default_output_tokens=args.default_output_tokens,
-        report_every_steps=args.report_every_steps,
-        report_interval_s=args.report_interval_ms / 1000,
-    )
+        # The simulator's 0 ("by time only") has no mock equivalent: the mock reports by steps too.
+        report_every_steps=(config.report_steps or EngineParams().report_every_steps) if args.report_every_steps is None
+        else args.report_every_steps,
+        report_interval_s=config.report_interval_s if interval_ms is None else interval_ms / 1000,
+    )  # fmt: skip
 
 
 class MockRank:
@@ -294,16 +303,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none, this rank is a DP group of one)")  # fmt: skip
     p.add_argument("--speedup", type=float, default=None,
                    help="model time runs this many times faster (default 1; with --barrier the barrier's)")  # fmt: skip
-    p.add_argument("--kv-capacity", type=int, default=d.kv_capacity, help="KV cache tokens")
+    p.add_argument("--kv-capacity", type=int, default=None,
+                   help=f"KV cache tokens (default: the --engine-config file's kv_capacity_tokens, else {d.kv_capacity:,})")  # fmt: skip
     p.add_argument("--block-size", type=int, default=d.block_size,
                    help="tokens per block hash; match the sender (client SDK 64, Mooncake traces 512)")  # fmt: skip
     p.add_argument("--default-output-tokens", type=int, default=d.default_output_tokens,
                    help="output length when a request has no max_new_tokens")  # fmt: skip
-    p.add_argument("--report-every-steps", type=int, default=d.report_every_steps,
-                   help="decode steps per load report at most")  # fmt: skip
-    p.add_argument("--report-interval-ms", type=float, default=d.report_interval_s * 1000,
-                   help="model ms between load reports at most, while busy")  # fmt: skip
+    p.add_argument("--report-every-steps", type=int, default=None,
+                   help=f"decode steps per load report at most (default: the --engine-config file's report_steps, "
+                        f"else {d.report_every_steps})")  # fmt: skip
+    p.add_argument("--report-interval-ms", type=float, default=None,
+                   help=f"model ms between load reports at most, while busy (default: the --engine-config file's "
+                        f"report_interval_s, else {d.report_interval_s * 1000:g})")  # fmt: skip
     add_report_profile_argument(p)
+    add_engine_config_argument(p)
     p.add_argument("--heartbeat-s", type=float, default=0.25, help="wall seconds between heartbeats when idle")
     p.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
     p.add_argument("--kv-events", action="store_true",
@@ -316,8 +329,6 @@ def run(args: argparse.Namespace) -> int:
     from dpcore.errors import ConfigError
     from dpcore.sdk import endpoints
     from dpcore.sdk.worker import Worker
-    from dpcore.sim.stepmodel import StepModel
-
     if args.barrier is not None and args.speedup is not None:
         raise ConfigError("--speedup: with --barrier the model clock is the barrier's; set --speedup there")
     speedup = 1.0 if args.speedup is None else args.speedup
@@ -327,8 +338,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rank must be >= 0, got {args.rank}")
     if not args.heartbeat_s > 0:
         raise ConfigError(f"--heartbeat-s must be positive, got {args.heartbeat_s!r}")
+    config = load_engine_config(args.engine_config)
+    report_profile = args.report_profile or config.report_profile
     try:
-        params = params_from_args(args)
+        params = params_from_args(args, config)
     except ValueError as exc:
         raise ConfigError(f"mock-worker: {exc}") from exc
     endpoints.check(args.dispatch, "--dispatch")
@@ -341,8 +354,8 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(args.rank, dispatch_endpoint=args.dispatch, report_endpoint=args.report, zmq_ctx=ctx,
                     heartbeat_interval_s=args.heartbeat_s)  # fmt: skip
     clock: Clock = (RemoteClock(ctx, args.barrier, args.rank) if args.barrier is not None
-                    else LocalClock(args.rank, speedup, StepModel()))  # fmt: skip
-    rank = MockRank(worker, params, clock, args.report_profile)
+                    else LocalClock(args.rank, speedup, config.step))  # fmt: skip
+    rank = MockRank(worker, params, clock, report_profile)
     if args.kv_events:
         # Publish the cache's changes with each load report (so with the report delay).
         rank.engine.kv.events = []
@@ -357,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     rlog.info("mock_worker_started", pid=os.getpid(), barrier=args.barrier, kv_capacity=params.kv_capacity,
-              report_profile=args.report_profile)  # fmt: skip
+              report_profile=report_profile)  # fmt: skip
     try:
         rank.run(parent)
     except _Stopped:

@@ -21,7 +21,7 @@ import attrs
 from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError
 from dpcore.extras import SAMPLE_TRACE as BUNDLED_SAMPLE
-from dpcore.sim.config import ENGINES
+from dpcore.sim.config import ENGINES, add_engine_config_argument
 from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES
 
 #: Compared when no --policy is given: our policies and the peers they compete with.
@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_policy_option_argument(p, "constructor option for a dpcore policy, e.g. cache_aware.balance_abs=32; repeatable")
     p.add_argument("--time-scale", type=float, default=1.0, metavar="X", help="divide inter-arrival times by X (default 1)")
     p.add_argument("--limit", type=int, metavar="N", help="replay only the first N requests")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for tick spreading, report phases, ties (default 0)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed for tick spreading, report phases, random tie-breaks, random faults and lost KV events "
+                        "(default 0)")  # fmt: skip
     p.add_argument(
         "--ticks",
         choices=("spread", "burst"),
@@ -81,12 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="engine model: lockstep = DP attention, all ranks step together (default); "
         "replicas = independent ranks, whole-prompt prefill",
     )
-    p.add_argument(
-        "--engine-config",
-        metavar="FILE.toml",
-        help="engine parameters for your own hardware (keys: see docs/reference/engine-model.md); "
-        "command-line --report-* options win",
-    )
+    add_engine_config_argument(p)
     p.add_argument(
         "--report-profile",
         choices=tuple(PROFILES),

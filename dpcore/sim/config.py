@@ -8,6 +8,7 @@ values it used, and ``--engine-config FILE`` sets them for other hardware.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -119,6 +120,17 @@ def load_engine_config(path: str | None, overrides: Mapping[str, Any] | None = N
         return EngineConfig(**{**top, **(overrides or {})}, step=StepModel(**step))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--engine-config {path}: {exc}" if path else str(exc)) from None
+
+
+def add_engine_config_argument(p: argparse.ArgumentParser) -> None:
+    """``--engine-config FILE.toml``, the same file for ``dpcore simulate``, ``dpcore demo`` and
+    the mock ranks, so a simulated and a live run can share one set of engine constants."""
+    p.add_argument(
+        "--engine-config",
+        metavar="FILE.toml",
+        help="engine parameters for your own hardware (keys: see docs/reference/engine-model.md); "
+        "command-line options win",
+    )
 
 
 def _known(path: str, given: Mapping[str, Any], names: list[str], prefix: str) -> None:
