@@ -1,7 +1,7 @@
 """Every command in README.md and docs/ runs as written (or in its --dry-run/--limit form).
 
 Commands run in page order from a scratch directory that links the repo's ``traces/``,
-``scripts/``, ``tests/`` and ``.venv/``, so a command that writes ``out/...`` cannot touch the
+``scripts/``, ``tests/``, ``docs/`` and ``.venv/``, so a command that writes ``out/...`` cannot touch the
 checkout. Long-running or external parts (a rank process, a router, an SGLang server) are
 listed in SKIP with the test that covers them; anything else unknown fails this test, so a new
 command in the docs gets a rule here.
@@ -96,7 +96,7 @@ def plan(cmd: str) -> list[str] | str:
 
 
 def _scratch(tmp_path: Path, page_text: str) -> Path:
-    for name in ("traces", "scripts", "tests", ".venv"):
+    for name in ("traces", "scripts", "tests", "docs", ".venv"):
         (tmp_path / name).symlink_to(REPO / name)
     for name in PLACEHOLDERS:
         shutil.copy(SAMPLE, tmp_path / name)
