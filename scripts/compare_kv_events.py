@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from simrun import LEVELS, add_cell_arguments, read_levels, simulate  # noqa: E402
+from simrun import add_cell_arguments, cells, simulate  # noqa: E402
 
 #: Metric -> column title; each is the run with events over the run without.
 RATIOS = {"ttft_p50_s": "TTFT p50", "ttft_p99_s": "TTFT p99", "tpot_p99_s": "TPOT p99", "throughput_tok_s": "output tok/s"}
@@ -49,28 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-event-loss", type=float, metavar="P", help="also run with this fraction of event batches lost")
     add_cell_arguments(ap)
     args = ap.parse_args(argv)
-    cells = args.cells or read_levels(args.levels, args.trace)
     stem = Path(args.trace).stem
     variants = [("events", ["--report-profile", "sglang-kv"])]
     if args.kv_event_loss:
         variants.append((f"events, {args.kv_event_loss:g} lost",
                          ["--report-profile", "sglang-kv", "--kv-event-loss", f"{args.kv_event_loss:g}"]))  # fmt: skip
     rows, summary = [], []
-    for dp, scales in cells:
-        for load, ts in zip(LEVELS, scales):
-            if load not in args.load:
-                continue
-            for seed in args.seeds:
-                cell = (args, dp, ts, seed)
-                without = run(*cell, "sglang", ["--report-profile", "sglang"])
-                for name, extra in variants:
-                    tag = "sglang-kv" if len(extra) == 2 else f"sglang-kv-loss{args.kv_event_loss:g}"
-                    r = compare(without, run(*cell, tag, extra), args.policy)
-                    cols = " | ".join(f"{r[k]:.2f}" for k in RATIOS)
-                    hits = f"{r['hits_over_oracle_without']:.3f} → {r['hits_over_oracle_with']:.3f}"
-                    rows.append(f"| {dp} | {ts:g} ({load}) | {seed} | {name} | {cols} | {hits} |")
-                    summary.append({"dp": dp, "load": load, "time_scale": ts, "seed": seed, "variant": name,
-                                    "requests": without["run"]["trace"]["requests"], "ratios": r})  # fmt: skip
+    for dp, load, ts, seed in cells(args):
+        cell = (args, dp, ts, seed)
+        without = run(*cell, "sglang", ["--report-profile", "sglang"])
+        for name, extra in variants:
+            tag = "sglang-kv" if len(extra) == 2 else f"sglang-kv-loss{args.kv_event_loss:g}"
+            r = compare(without, run(*cell, tag, extra), args.policy)
+            cols = " | ".join(f"{r[k]:.2f}" for k in RATIOS)
+            hits = f"{r['hits_over_oracle_without']:.3f} → {r['hits_over_oracle_with']:.3f}"
+            rows.append(f"| {dp} | {ts:g} ({load}) | {seed} | {name} | {cols} | {hits} |")
+            summary.append({"dp": dp, "load": load, "time_scale": ts, "seed": seed, "variant": name,
+                            "requests": without["run"]["trace"]["requests"], "ratios": r})  # fmt: skip
     print(f"{args.policy} with KV events over without them, {Path(args.trace).name}")
     print("| dp | time-scale | seed | reports | " + " | ".join(RATIOS.values()) + " | hits / oracle (without → with) |")
     print("|---:|---|---:|---|" + "---:|" * len(RATIOS) + "---|")

@@ -23,16 +23,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from simrun import LEVELS, add_cell_arguments, read_levels, simulate  # noqa: E402
+from simrun import add_cell_arguments, cells, simulate  # noqa: E402
 
-PEERS = [
-    "peer:sglang_round_robin",
-    "peer:sglang_total_requests",
-    "peer:sglang_total_tokens",
-    "peer:smg_cache_aware",
-    "peer:vllm",
-    "peer:dynamo",
-]
+from dpcore.sim.baselines import BASELINES, PREFIX  # noqa: E402
+
+#: Every peer the simulator ships: the "best peer" is the best of them, metric by metric.
+PEERS = [name for name in BASELINES if name.startswith(PREFIX)]
 CLAIRVOYANT = "ref:clairvoyant"
 #: Metric -> True when lower is better.
 LOWER = {"ttft_p50_s": True, "ttft_p99_s": True, "tpot_p99_s": True, "straggler_waste": True,
@@ -78,23 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", metavar="PATH.png", help="also draw the ratios of every run as grouped bars")
     add_cell_arguments(ap)
     args = ap.parse_args(argv)
-    cells = args.cells or read_levels(args.levels, args.trace)
     extra = ["--report-profile", args.report_profile]
     for opt in args.policy_option:
         extra += ["--policy-option", opt]
     rows, summary = [], []
-    for dp, scales in cells:
-        for load, ts in zip(LEVELS, scales):
-            if load not in args.load:
-                continue
-            for seed in args.seeds:
-                out = args.out / f"{Path(args.trace).stem}_dp{dp}_ts{ts:g}_s{seed}.json"
-                doc = simulate(args.trace, dp, ts, [args.policy, *PEERS, CLAIRVOYANT], out, seed=seed,
-                               limit=args.limit, jobs=args.jobs, extra=extra)  # fmt: skip
-                r = ratios(doc, args.policy)
-                rows.append(f"| {dp} | {ts:g} ({load}) | {seed} | " + " | ".join(f"{r[k]:.2f}" for _, k in COLUMNS) + " |")
-                summary.append({"dp": dp, "load": load, "time_scale": ts, "seed": seed, "policy": args.policy,
-                                "requests": doc["run"]["trace"]["requests"], "ratios": r})  # fmt: skip
+    for dp, load, ts, seed in cells(args):
+        out = args.out / f"{Path(args.trace).stem}_dp{dp}_ts{ts:g}_s{seed}.json"
+        doc = simulate(args.trace, dp, ts, [args.policy, *PEERS, CLAIRVOYANT], out, seed=seed,
+                       limit=args.limit, jobs=args.jobs, extra=extra)  # fmt: skip
+        r = ratios(doc, args.policy)
+        rows.append(f"| {dp} | {ts:g} ({load}) | {seed} | " + " | ".join(f"{r[k]:.2f}" for _, k in COLUMNS) + " |")
+        summary.append({"dp": dp, "load": load, "time_scale": ts, "seed": seed, "policy": args.policy,
+                        "requests": doc["run"]["trace"]["requests"], "ratios": r})  # fmt: skip
     print("| dp | time-scale | seed | " + " | ".join(name for name, _ in COLUMNS) + " |")
     print("|---:|---|---:|" + "---:|" * len(COLUMNS))
     print("\n".join(rows))
@@ -105,24 +96,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(summary: list[dict], path: str, title: str, policy: str = "cache_aware") -> None:
-    """Grouped bars: one group per metric, one bar per run, a line at 1 (the best peer)."""
+    """One panel per dp size; in each, one group of bars per metric and one bar per run (load
+    level and seed); a line at 1, the best peer (hits: the equal-capacity oracle)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [(name, k) for name, k in COLUMNS if k != "clairvoyant_p99"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / max(len(summary), 1)
-    for i, run in enumerate(summary):
-        xs = [j + (i - (len(summary) - 1) / 2) * width for j in range(len(keys))]
-        label = f"dp {run['dp']} {run['load']} (x{run['time_scale']:g}, seed {run['seed']})"
-        ax.bar(xs, [run["ratios"][k] for _, k in keys], width, label=label)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(keys)), [name for name, _ in keys], fontsize=8)
-    ax.set_ylabel(f"{policy} / best peer (hits: / oracle)")
-    ax.set_title(f"{policy} against the best peer, {title}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    sizes = sorted({run["dp"] for run in summary})
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(10, 2.6 * len(sizes) + 0.6), sharex=True, squeeze=False)
+    for ax, dp in zip(axes[:, 0], sizes):
+        runs = [run for run in summary if run["dp"] == dp]
+        width = 0.8 / max(len(runs), 1)
+        for i, run in enumerate(runs):
+            xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(keys))]
+            label = f"{run['load']} (x{run['time_scale']:g}), seed {run['seed']}"
+            ax.bar(xs, [run["ratios"][k] for _, k in keys], width, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        top = max(run["ratios"][k] for run in runs for _, k in keys)
+        ax.set_ylim(0, max(top, 1.0) * 1.3)  # room for the legend above the bars
+        ax.set_ylabel(f"dp {dp}")
+        ax.legend(fontsize=6, ncol=3, loc="upper left")
+    axes[-1, 0].set_xticks(range(len(keys)), [name for name, _ in keys], fontsize=8)
+    fig.suptitle(f"{policy} over the best peer (hits: over the equal-capacity oracle), {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

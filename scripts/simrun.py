@@ -11,6 +11,7 @@ import json
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,15 @@ def read_levels(path: Path, trace: str) -> list[tuple[int, tuple[float, float, f
         raise SystemExit(f"{path} has no load levels for {Path(trace).name} (has: {known}); "
                          f"run scripts/load_levels.py --trace {trace} --json {path}, or pass --cells")
     return [(int(dp), tuple(row[k] for k in LEVELS)) for dp, row in sorted(entry["dp"].items(), key=lambda x: int(x[0]))]
+
+
+def cells(args: argparse.Namespace) -> Iterator[tuple[int, str, float, int]]:
+    """``(dp, load, time_scale, seed)`` of every run the cell arguments ask for, in order."""
+    for dp, scales in args.cells or read_levels(args.levels, args.trace):
+        for load, ts in zip(LEVELS, scales):
+            if load in args.load:
+                for seed in args.seeds:
+                    yield dp, load, ts, seed
 
 
 def add_cell_arguments(ap: argparse.ArgumentParser) -> None:

@@ -63,9 +63,11 @@ def test_compare_policies_compares_the_policy_it_is_given(tmp_path: Path) -> Non
     done = run(
         str(SCRIPTS / "compare_policies.py"), "--trace", str(trace), "--policy", "total_tokens",
         "--cells", "2:1,2,3", "--load", "busy", "--seeds", "1", "--out", str(tmp_path / "t"),
+        "--plot", str(tmp_path / "ratios.png"),
         cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "--policy total_tokens --policy peer:" in done.stderr and "--seed 1 " in done.stderr
     doc = json.loads((tmp_path / "t" / "agent_dp2_ts2_s1.json").read_text())
     expected = doc["policies"]["total_tokens"]["ttft_p50_s"] / min(
