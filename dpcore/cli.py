@@ -25,6 +25,7 @@ from dpcore.localpolicy import is_spec
 COMMANDS: list[tuple[str, str, str]] = [
     ("policies", "dpcore.cli", "list installed policies"),
     ("serve", "dpcore.cli", "run the controller (or validate with --dry-run)"),
+    ("policy", "dpcore.policycli", "show or swap the running controller's policy chain (no restart)"),
     ("demo", "dpcore.demo", "run a controller and mock ranks, replay a real trace, show per-rank results"),
     ("mock-worker", "dpcore.mock.worker", "run one mock engine rank (used by the demo and tests)"),
     ("mock-barrier", "dpcore.mock.barrier", "run the step barrier that keeps mock ranks in lockstep"),
@@ -219,7 +220,7 @@ _ECHOED = (
     "drain_timeout", "max_message_bytes", "max_context_tokens", "min_block_size", "max_block_hashes",
     "policy_budget_ms", "admission_timeout", "metrics_host", "metrics_port", "curve_dir", "http_host", "http_port",
     "bootstrap_port", "bootstrap_host", "bootstrap_url", "prefill_dp_size", "prefill_load_balance_method",
-    "pd_resolve_timeout",
+    "pd_resolve_timeout", "admin_token_file",
 )
 
 

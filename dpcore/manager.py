@@ -245,6 +245,15 @@ def _trace(pm: pluggy.PluginManager, log: Any) -> None:
     pm.add_hookcall_monitoring(before, after)
 
 
+#: What :meth:`PolicyManager.adopt` takes from the new chain; every other attribute (the
+#: ledger, the cache index, the context) stays. A new attribute of the manager belongs here
+#: when it depends on the chain (tests/test_swap.py checks that each one is classified).
+CHAIN_STATE = (
+    "chain", "policies", "resolution", "pm", "core",
+    "_select", "_on_dispatch", "_on_load_report", "_on_rank_state", "_select_calls", "_dispatch_calls",
+)  # fmt: skip
+
+
 class PolicyManager:
     """Runs a policy chain through the dpcore hooks and keeps the shared ledger.
 
@@ -339,20 +348,24 @@ class PolicyManager:
         ledger: LoadLedger | None = None,
         log: Any = None,
         classes: Mapping[str, type] | None = None,
+        ctx: PolicyContext | None = None,
     ) -> PolicyManager:
         """Resolve *method* and load only the policies it names.
 
         :param options: Per-policy constructor options, ``{"cache_aware": {"balance_abs": 32}}``.
         :param classes: Policy classes by name to use instead of entry points (tests).
+        :param ctx: The context to build the policies with (a hot swap builds the new chain
+            with the running controller's); default: a new one on *ledger*.
         """
         resolution = resolve(method, disaggregation_mode)
         owner = ledger if ledger is not None else LoadLedger(dp_size)
-        ctx = PolicyContext(
-            dp_size=dp_size,
-            disaggregation_mode=normalize_mode(disaggregation_mode),
-            ledger=LedgerView(owner),
-            log=log if log is not None else structlog.get_logger("dpcore"),
-        )
+        if ctx is None:
+            ctx = PolicyContext(
+                dp_size=dp_size,
+                disaggregation_mode=normalize_mode(disaggregation_mode),
+                ledger=LedgerView(owner),
+                log=log if log is not None else structlog.get_logger("dpcore"),
+            )
         options = dict(options or {})
         unknown_opts = set(options) - set(resolution.chain)
         if unknown_opts:
@@ -458,6 +471,22 @@ class PolicyManager:
             self._on_rank_state(rank=rank, active=active, epoch=epoch, new_life=new_life, ctx=self.ctx)
         except Exception as exc:
             self.ctx.log.error("on_rank_state_failed", rank=rank, error=repr(exc))
+
+    # ------------------------------------------------------------------ hot swap
+
+    def adopt(self, other: PolicyManager) -> None:
+        """Serve with *other*'s chain from the next decision on (call on the loop thread).
+
+        The ledger, the cache index and the context stay this manager's, so loads, liveness
+        and rank lives carry over; *other* must have been built with this manager's context
+        (:meth:`from_method` with ``ctx=``). See :mod:`dpcore.runtime.swap`.
+        """
+        if other.ctx.dp_size != self.ctx.dp_size:
+            msg = f"a chain built for dp_size {other.ctx.dp_size} cannot serve dp_size {self.ctx.dp_size}"
+            raise PolicyDefinitionError(msg)
+        other.core.deprecated_seen = self.core.deprecated_seen
+        for name in CHAIN_STATE:
+            setattr(self, name, getattr(other, name))
 
     @property
     def last_decision(self) -> Any:

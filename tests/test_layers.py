@@ -46,6 +46,7 @@ LAYERS = {
     "dpcore.mock": 2,
     "dpcore.sim": 2,
     "dpcore.cli": 3,
+    "dpcore.policycli": 3,
     "dpcore.__main__": 3,
     "dpcore.bench": 3,
     "dpcore.bench_baseline": 3,

@@ -91,6 +91,9 @@ class FrontConfig:
     bootstrap_port: int | None = None
     log_requests: bool = False
     tokenizer: Tokenizer = field(factory=ByteTokenizer)
+    #: The address the front binds and ``--allow-remote-admin`` (see :mod:`dpcore.http.admin`).
+    host: str = "127.0.0.1"
+    allow_remote_admin: bool = False
 
 
 @functools.cache
@@ -421,6 +424,8 @@ class Front:
             # mini_lb and other tools count ranks as len(internal_states).
             "internal_states": st["loads"],
             "counters": st.get("counters"),
+            # The running chain's swaps (dpcore.runtime.swap): count, refusals, the last one.
+            "policy_swaps": st.get("policy_swaps"),
         }
         if self.config.bootstrap_port is not None:
             info["disaggregation_bootstrap_port"] = self.config.bootstrap_port
@@ -528,6 +533,11 @@ def create_app(link: ControllerLink, config: FrontConfig | None = None) -> Starl
         Route(path, _guard(front, h, open_=path.startswith(OPEN_PREFIXES)), methods=[method])
         for path, h, method in table
     ]
+    from dpcore.http import admin
+
+    # The admin token, checked by the controller, guards these; the API key does not.
+    for method, h in admin.handlers(link, config.host, config.allow_remote_admin).items():
+        routes.append(Route(admin.PATH, _guard(front, h, open_=True), methods=[method]))
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")

@@ -39,6 +39,7 @@ class ControllerLink:
         self.block_size = block_size
         self.client: AsyncClient | None = None
         self._status: AsyncStatusClient | None = None
+        self._admin: Any = None
         self._ctx: Any = None
         # Unique across fronts sharing a controller, and across restarts of this one.
         self._prefix = secrets.token_hex(4)
@@ -93,7 +94,20 @@ class ControllerLink:
             raise RuntimeError(msg)
         return await self._status.get(timeout_s)
 
+    async def admin(self, token: str, op: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An admin command to the controller (:mod:`dpcore.runtime.admin`), with the caller's token."""
+        if self._ctx is None:
+            msg = "ControllerLink.start() was not awaited"
+            raise RuntimeError(msg)
+        if self._admin is None:
+            from dpcore.runtime.admin import AsyncAdminClient
+
+            self._admin = AsyncAdminClient(self.status_endpoint, ctx=self._ctx)
+        return await self._admin.call(token, op, args)  # type: ignore[no-any-return]
+
     async def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
         if self._status is not None:
             self._status.close()
         if self.client is not None:

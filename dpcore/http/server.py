@@ -40,6 +40,8 @@ def add_front_arguments(p: argparse.ArgumentParser | Any, *, prefix: str = "--ht
                         "UTF-8 byte")  # fmt: skip
     p.add_argument("--log-requests", action="store_true",
                    help="log one line per request: rid, rank served, rank asked for, bootstrap room, status")  # fmt: skip
+    p.add_argument("--allow-remote-admin", action="store_true",
+                   help="serve /admin/policy on a non-loopback bind too (default: loopback binds only)")  # fmt: skip
 
 
 def add_serve_arguments(p: argparse.ArgumentParser | Any) -> None:
@@ -138,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         bootstrap_port=args.bootstrap_port,
         log_requests=args.log_requests,
+        host=args.http_host,
+        allow_remote_admin=args.allow_remote_admin,
     )
     link = ControllerLink(args.ingress, args.status, block_size=args.block_size)
     if args.http_fd is not None:
@@ -205,6 +209,8 @@ def spawn(
         cmd += ["--tokenizer", args.tokenizer]
     if args.log_requests:
         cmd.append("--log-requests")
+    if args.allow_remote_admin:
+        cmd.append("--allow-remote-admin")
     env = dict(os.environ)
     if args.api_key:
         env[API_KEY_ENV] = args.api_key

@@ -133,13 +133,18 @@ class ThreadsCollector(Collector):
 
 
 def make_registry(
-    controller: Controller, threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+    controller: Controller,
+    threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+    extra: Sequence[Collector] = (),
 ) -> CollectorRegistry:
-    """A registry with only the controller's metrics (no process/platform collectors)."""
+    """A registry with only the controller's metrics (no process/platform collectors), and
+    *extra* collectors (e.g. policy swaps)."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(ControllerCollector(controller))
     if threads is not None:
         reg.register(ThreadsCollector(threads))
+    for collector in extra:
+        reg.register(collector)
     return reg
 
 
@@ -178,7 +183,10 @@ def bind(port: int, host: str = "127.0.0.1") -> tuple[WSGIServer, int]:
 
 
 def attach(
-    server: WSGIServer, controller: Controller, threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+    server: WSGIServer,
+    controller: Controller,
+    threads: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
+    extra: Sequence[Collector] = (),
 ) -> None:
-    """Serve *controller*'s metrics (and *threads*' restarts) on *server*."""
-    server.set_app(make_wsgi_app(make_registry(controller, threads)))
+    """Serve *controller*'s metrics (and *threads*' restarts, and *extra*) on *server*."""
+    server.set_app(make_wsgi_app(make_registry(controller, threads, extra)))

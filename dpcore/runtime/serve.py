@@ -72,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
                    help="largest ingress frame; a peer sending more is disconnected (default 64 MiB)")  # fmt: skip
     s = p.add_argument_group("security")
+    s.add_argument("--admin-token-file", default=None, metavar="PATH",
+                   help="where to write the admin token that `dpcore policy swap` and the HTTP admin route need "
+                        "(created 0600 at start-up; default: RUN_DIR/admin.token with ipc; tcp: none, admin "
+                        "commands disabled)")  # fmt: skip
     s.add_argument("--curve-dir", default=None, metavar="DIR",
                    help="tcp: CURVE keys from `dpcore keys` (default: $DPCORE_CURVE_DIR; none: no CURVE)")  # fmt: skip
     try:
@@ -175,6 +179,20 @@ def _curve_keys(args: argparse.Namespace) -> Any:
     return security.from_env(role=security.CONTROLLER)
 
 
+def _admin(args: argparse.Namespace, controller: Any, run_dir: Any) -> tuple[Any, Any, str | None]:
+    """The policy swapper, the admin command handler and the admin token file (or ``None``:
+    admin commands disabled)."""
+    from dpcore.runtime import admin
+    from dpcore.runtime.swap import Swapper
+
+    path = args.admin_token_file
+    if path is None and run_dir is not None:
+        path = os.path.join(run_dir.path, admin.TOKEN_NAME)
+    token = admin.create_token(path) if path is not None else None
+    swapper = Swapper(controller)
+    return swapper, admin.Admin(swapper, token), path
+
+
 def check(args: argparse.Namespace, manager: Any) -> None:
     """Every check of ``serve``'s options that binds nothing; ``serve --dry-run`` runs exactly these."""
     from dpcore.runtime import pd_setup
@@ -227,6 +245,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     status_server = None
     metrics_server = None
     front: list[Any] = []
+    token_file = None
     http_sock = None
     stopping = threading.Event()
     threads: list[supervise.Supervised] = []
@@ -257,15 +276,25 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         def thread_report() -> dict[str, Any]:
             return supervise.report(threads)
 
+        swapper, admin_cmds, token_file = _admin(args, controller, run_dir)
+
+        def policy_swaps() -> dict[str, Any]:
+            return {k: v for k, v in swapper.info().items() if k != "history"}
+
         status_server = status.StatusServer(
-            status_ep, lambda: status.snapshot(manager, counters=c.stats(), threads=thread_report()),
-            call_soon=c.call_soon, ctx=ctx, curve=keys or False,
+            status_ep,
+            lambda: status.snapshot(manager, counters=c.stats(), threads=thread_report(), policy_swaps=policy_swaps()),
+            call_soon=c.call_soon, ctx=ctx, curve=keys or False, admin=admin_cmds.answer,
         )  # fmt: skip
         threads.append(status_server.thread)
         status_server.start()
         info: dict[str, Any] = {**controller.endpoints.to_dict(), "status": status_server.endpoint, "pid": os.getpid()}
+        if token_file is not None:
+            info["admin_token_file"] = token_file
         if metrics_server is not None:
-            metrics.attach(metrics_server, controller, thread_report)
+            from dpcore.runtime.swap import SwapCollector
+
+            metrics.attach(metrics_server, controller, thread_report, [SwapCollector(swapper)])
             threads.append(supervise.Supervised("dpcore-metrics", metrics_server.serve_forever, stopping).start())
             host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
             info["metrics"] = f"http://{host}:{metrics_port}/metrics"
@@ -315,5 +344,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             run_dir.release()
         if args.endpoints_file:
             Path(args.endpoints_file).unlink(missing_ok=True)
+        if token_file is not None:
+            Path(token_file).unlink(missing_ok=True)
     print_stats(stats)
     return 0

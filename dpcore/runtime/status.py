@@ -14,6 +14,7 @@ Frames: request ``[header{v, t="status?", id}]``; answer ``[header{v, t="status"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from concurrent.futures import Future
@@ -113,7 +114,10 @@ class StatusServer:
         ctx: zmq.Context | None = None,  # type: ignore[type-arg]
         timeout_s: float = 2.0,
         curve: security.CurveArg = None,
+        admin: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     ) -> None:
+        #: Answers ``admin?`` requests (:class:`dpcore.runtime.admin.Admin`); ``None``: they are bad frames.
+        self._admin = admin
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
         keys = security.resolve(curve, security.CONTROLLER)
@@ -182,6 +186,8 @@ class StatusServer:
                 try:
                     if len(frames) != 2:
                         raise WireError(f"status: expected 2 frames, got {len(frames)}")
+                    if self._admin is not None and self._answer_admin(frames):
+                        continue
                     asks.append((frames[0], _unpack(frames[1], ASK).get("id")))
                 except WireError:
                     self.bad += 1
@@ -199,6 +205,19 @@ class StatusServer:
                 except zmq.Again:
                     continue
                 self.answered += 1
+
+    def _answer_admin(self, frames: list[bytes]) -> bool:
+        """Answer *frames* if they are an admin command (:mod:`dpcore.runtime.admin`)."""
+        from dpcore.runtime import admin
+
+        try:
+            ask = admin.unpack(frames[1], admin.ASK)
+        except WireError:
+            return False
+        answer = {"v": VERSION, "t": admin.ANSWER, "id": ask.get("id"), **self._admin(ask)}  # type: ignore[misc]
+        with contextlib.suppress(zmq.Again):
+            self.socket.send_multipart((frames[0], _pack(answer)), zmq.NOBLOCK)
+        return True
 
     def close(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
