@@ -48,6 +48,7 @@ from dpcore.errors import (
 )
 from dpcore.ledger import LedgerView, LoadLedger
 from dpcore.manager import PolicyManager
+from dpcore.runtime.pd import FOLLOW
 
 if TYPE_CHECKING:
     from dpcore.runtime.controller import Controller
@@ -67,8 +68,6 @@ REASONS = (UNKNOWN_POLICY, BAD_OPTIONS, BROKEN_POLICY, CONSTRUCTOR_FAILED, INVAL
 INSTALL_TIMEOUT_S = 5.0
 #: Swaps (done and refused) kept for ``dpcore policy show`` and ``/server_info``.
 HISTORY = 16
-#: The PD prefill policy whose rooms the decode side follows without a registry.
-_FOLLOW = "follow_bootstrap_room"
 
 
 class SwapRefused(DpcoreError):
@@ -111,10 +110,10 @@ def build(live: PolicyManager, method: str, options: Mapping[str, Mapping[str, A
         )  # fmt: skip
     except Exception as exc:  # every way a chain can fail to build refuses the swap
         raise _refusal(exc, method) from exc
-    if mode == "prefill" and (live.chain[0] == _FOLLOW) != (candidate.chain[0] == _FOLLOW):
+    if mode == "prefill" and (live.chain[0] == FOLLOW) != (candidate.chain[0] == FOLLOW):
         msg = (
             f"PD prefill: the running chain {list(live.chain)} and {list(candidate.chain)} pair requests with "
-            f"decode differently ({_FOLLOW} or the bootstrap registry); that is fixed at start-up"
+            f"decode differently ({FOLLOW} or the bootstrap registry); that is fixed at start-up"
         )
         raise SwapRefused(PD_PAIRING, msg)
     return candidate
