@@ -30,7 +30,8 @@ import msgpack
 import structlog
 
 from dpcore import security, wire
-from dpcore.errors import ConfigError, DpcoreError, WireError
+from dpcore.errors import ConfigError, DpcoreError
+from dpcore.runtime.status import exchange, unpack
 from dpcore.wire import show
 
 if TYPE_CHECKING:
@@ -154,17 +155,6 @@ class Admin:
         raise AdminError(BAD_COMMAND, f"unknown admin op {show(op)}; ops: show, swap")
 
 
-def unpack(buf: bytes, t: str) -> dict[str, Any]:
-    """A v-current *t* map from *buf*, or :class:`~dpcore.errors.WireError`."""
-    try:
-        obj = msgpack.unpackb(buf, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise WireError(f"admin: not a msgpack frame ({type(exc).__name__})") from None
-    if type(obj) is not dict or obj.get("v") != wire.VERSION or obj.get("t") != t:
-        raise WireError(f"admin: expected a v{wire.VERSION} {t!r} map, got {show(obj)}")
-    return obj
-
-
 def _ask(qid: int, token: str, op: str, args: Mapping[str, Any] | None) -> bytes:
     return msgpack.packb({"v": wire.VERSION, "t": ASK, "id": qid, "token": token, "op": op, "args": dict(args or {})})  # type: ignore[no-any-return]
 
@@ -229,25 +219,12 @@ class AsyncAdminClient:
 
     async def call(self, token: str, op: str, args: Mapping[str, Any] | None = None,
                    timeout_s: float = TIMEOUT_S) -> dict[str, Any]:  # fmt: skip
-        import asyncio
-
         async with self._lock:
             qid = next(self._ids)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout_s
-            try:
-                await asyncio.wait_for(self._sock.send(_ask(qid, token, op, args)), timeout_s)
-                while True:
-                    buf = await asyncio.wait_for(self._sock.recv(), max(0.0, deadline - loop.time()))
-                    try:
-                        ans = unpack(buf, ANSWER)
-                    except WireError:
-                        continue
-                    if ans.get("id") == qid:  # older answers belong to abandoned commands
-                        return _result(ans)
-            except asyncio.TimeoutError:
-                msg = f"the controller at {self.endpoint} did not answer within {timeout_s:g}s"
-                raise AdminError("unavailable", msg) from None
+            ans = await exchange(self._sock, _ask(qid, token, op, args), qid, ANSWER, timeout_s)
+        if ans is None:
+            raise AdminError("unavailable", f"the controller at {self.endpoint} did not answer within {timeout_s:g}s")
+        return _result(ans)
 
     def close(self) -> None:
         self._sock.close(linger=0)

@@ -76,7 +76,8 @@ def _pack(obj: Mapping[str, Any]) -> bytes:
     return msgpack.packb(obj)  # type: ignore[no-any-return]
 
 
-def _unpack(buf: bytes, t: str) -> dict[str, Any]:
+def unpack(buf: bytes, t: str) -> dict[str, Any]:
+    """The v-current *t* map in *buf* (status and admin messages), or :class:`WireError`."""
     try:
         obj = msgpack.unpackb(buf, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -188,7 +189,7 @@ class StatusServer:
                         raise WireError(f"status: expected 2 frames, got {len(frames)}")
                     if self._admin is not None and self._answer_admin(frames):
                         continue
-                    asks.append((frames[0], _unpack(frames[1], ASK).get("id")))
+                    asks.append((frames[0], unpack(frames[1], ASK).get("id")))
                 except WireError:
                     self.bad += 1
             data = self._snapshot() if asks else None
@@ -211,7 +212,7 @@ class StatusServer:
         from dpcore.runtime import admin
 
         try:
-            ask = admin.unpack(frames[1], admin.ASK)
+            ask = unpack(frames[1], admin.ASK)
         except WireError:
             return False
         answer = {"v": VERSION, "t": admin.ANSWER, "id": ask.get("id"), **self._admin(ask)}  # type: ignore[misc]
@@ -234,6 +235,25 @@ class StatusServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def exchange(sock: Any, frame: bytes, qid: Any, t: str, timeout_s: float) -> dict[str, Any] | None:
+    """Send *frame* on the DEALER *sock* and return the *t* answer with id *qid*, skipping
+    late answers to abandoned questions; ``None`` when none came within *timeout_s*."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        await asyncio.wait_for(sock.send(frame), timeout_s)
+        while True:
+            buf = await asyncio.wait_for(sock.recv(), max(0.0, deadline - loop.time()))
+            try:
+                ans = unpack(buf, t)
+            except WireError:
+                continue
+            if ans.get("id") == qid:
+                return ans
+    except asyncio.TimeoutError:
+        return None
 
 
 class AsyncStatusClient:
@@ -264,20 +284,10 @@ class AsyncStatusClient:
             if self._cached is not None and loop.time() - self._cached_at <= self.max_age_s:
                 return self._cached
             qid = next(self._ids)
-            deadline = loop.time() + timeout_s
-            try:
-                await asyncio.wait_for(self._sock.send(_pack({"v": VERSION, "t": ASK, "id": qid})), timeout_s)
-                while True:
-                    buf = await asyncio.wait_for(self._sock.recv(), max(0.0, deadline - loop.time()))
-                    try:
-                        ans = _unpack(buf, ANSWER)
-                    except WireError:
-                        continue
-                    if ans.get("id") == qid:  # older answers belong to abandoned questions
-                        break
-            except asyncio.TimeoutError:
+            ans = await exchange(self._sock, _pack({"v": VERSION, "t": ASK, "id": qid}), qid, ANSWER, timeout_s)
+            if ans is None:
                 msg = f"controller status endpoint {self.endpoint} did not answer within {timeout_s:g}s"
-                raise StatusUnavailableError(msg) from None
+                raise StatusUnavailableError(msg)
             data = ans.get("data")
             if type(data) is not dict:
                 msg = f"controller status answer is not a map: {show(data)}"
