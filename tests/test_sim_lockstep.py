@@ -192,3 +192,17 @@ def test_fault_schedules_parse_and_bad_ones_are_named() -> None:
     for bad, words in [("9@1-2", "ranks are 0..3"), ("1@5-2", "down < up"), ("x", "RANK@DOWN-UP"), ("random:z", "whole number")]:
         with pytest.raises(ConfigError, match=words):
             parse_faults(bad, dp_size=4, duration_s=100, seed=0)
+
+
+def test_a_seed_changes_random_tie_breaks_but_not_a_deterministic_policy_on_exact_timestamps() -> None:
+    # Report timers start at a phase drawn from the seed, but every rank's first report by
+    # steps moves it to the end of the same global step (SGLang's DP-attention schedulers
+    # publish their load from the step loop, all ranks in the same step). Azure timestamps are
+    # exact (nothing to spread), so total_tokens decides alike for every seed; peer:dynamo's
+    # random tie-break does follow the seed.
+    azure = str(Path(__file__).resolve().parent.parent / "traces" / "AzureLLMInferenceTrace_conv.csv")
+    names = ["total_tokens", "peer:dynamo"]
+    s0, s1 = (run_all(RunSpec(trace_path=azure, dp_size=8, limit=600, time_scale=3.0, seed=s), names) for s in (0, 1))
+    assert s0["total_tokens"].rank == s1["total_tokens"].rank
+    assert s0["total_tokens"].first_token == s1["total_tokens"].first_token
+    assert s0["peer:dynamo"].rank != s1["peer:dynamo"].rank
