@@ -448,6 +448,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_STEP_TIMEOUT_S:g})")  # fmt: skip
     p.add_argument("--no-live", action="store_true", help="no live view (also the default when not on a terminal)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--record", default=None, metavar="PATH",
+                   help="record the run as a trace (dpcore serve --record; timestamps in wall time, so replay "
+                        "it with dpcore simulate --time-scale 1/SPEEDUP)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -499,6 +502,8 @@ def run(args: argparse.Namespace) -> int:
                  "--run-dir", run_dir, "--endpoints-file", str(eps_file), "--drain-timeout", "2"]  # fmt: skip
         for opt in args.policy_option:
             serve += ["--policy-option", opt]
+        if args.record:
+            serve += ["--record", str(Path(args.record).resolve()), "--record-block-size", str(block_size)]
         procs.start("controller", _dpcore(*serve))
         barrier = endpoints.ipc(run_dir, "barrier")
         procs.start("barrier", _dpcore("mock-barrier", "--endpoint", barrier, "--dp-size", str(args.dp_size),

@@ -9,6 +9,7 @@ a request that was already dispatched once (moved off a dead rank) fails instead
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -80,6 +81,8 @@ class Placer:
         self.dp_size = manager.ctx.dp_size
         self.stopping = False
         self._encode_dispatch = wire.dispatch_encoder()
+        #: Called with every well-formed request received (``dpcore serve --record``); must not block.
+        self.record: Callable[[Request], None] | None = None
 
     def on_ingress(self) -> bool:
         """Handle up to :data:`BATCH` ingress messages; ``True`` if more may be waiting."""
@@ -119,6 +122,8 @@ class Placer:
                 continue
             request, reply = msg
             books.received += 1
+            if self.record is not None:
+                self.record(request)
             if extra:
                 msg = f"request {request.rid!r}: {extra + 2} frames, expected a header and a payload"
                 self.reject(reply, request.rid, CODE_MALFORMED, msg)

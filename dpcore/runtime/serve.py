@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a policy chain call longer than this is counted and logged as an overrun (default 5)")  # fmt: skip
     r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
                    help="largest ingress frame; a peer sending more is disconnected (default 64 MiB)")  # fmt: skip
+    from dpcore.runtime import recorder
+
+    recorder.add_arguments(p)
     s = p.add_argument_group("security")
     s.add_argument("--admin-token-file", default=None, metavar="PATH",
                    help="where to write the admin token that `dpcore policy swap` and the HTTP admin route need "
@@ -209,6 +212,10 @@ def check(args: argparse.Namespace, manager: Any) -> None:
         raise ConfigError(f"--port-base {args.port_base} leaves no room for {dp_size + 3} ports")
     if args.curve_dir:
         security.load_dir(args.curve_dir, security.CONTROLLER)
+    if getattr(args, "record", None):
+        from dpcore.runtime import recorder
+
+        recorder.config_from_args(args)
     if getattr(args, "http_port", None) is not None:
         from dpcore.http import server as http_server
 
@@ -220,8 +227,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     import structlog
     import zmq
 
-    from dpcore.runtime import metrics, status, supervise
-    from dpcore.runtime import pd_setup
+    from dpcore.runtime import metrics, pd_setup, recorder, status, supervise
     from dpcore.runtime.controller import Controller
 
     log = structlog.get_logger("dpcore.serve")
@@ -249,6 +255,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
     http_sock = None
     stopping = threading.Event()
     threads: list[supervise.Supervised] = []
+    rec = recorder.from_args(args)
     try:
         if args.http_port is not None:
             from dpcore.http import server as http_server
@@ -269,6 +276,10 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             admission_timeout_s=args.admission_timeout,
         )  # fmt: skip
         c = controller
+        if rec is not None:
+            threads.append(rec.start())
+            controller.placer.record = rec.offer
+            log.info("recording", **rec.describe())
         if run_dir is not None:
             run_dir.own(controller.endpoints.to_dict()["dispatch"] + [controller.endpoints.ingress,
                         controller.endpoints.report, status_ep])  # fmt: skip
@@ -294,7 +305,8 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         if metrics_server is not None:
             from dpcore.runtime.swap import SwapCollector
 
-            metrics.attach(metrics_server, controller, thread_report, [SwapCollector(swapper)])
+            collectors = [SwapCollector(swapper)] + ([rec.collector()] if rec is not None else [])
+            metrics.attach(metrics_server, controller, thread_report, collectors)
             threads.append(supervise.Supervised("dpcore-metrics", metrics_server.serve_forever, stopping).start())
             host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host
             info["metrics"] = f"http://{host}:{metrics_port}/metrics"
@@ -332,6 +344,8 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             http_sock.close()
         if controller is not None:
             controller.close()
+        if rec is not None:
+            rec.close()
         if status_server is not None:
             status_server.close()
         if handler is not None:
@@ -347,4 +361,6 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         if token_file is not None:
             Path(token_file).unlink(missing_ok=True)
     print_stats(stats)
+    if rec is not None:
+        print(rec.summary())
     return 0

@@ -5,6 +5,9 @@ Two public formats are understood:
 * **Mooncake** (FAST'25 release): one JSON object a line, ``{"timestamp": ms,
   "input_length": tokens, "output_length": tokens, "hash_ids": [...]}``; ``hash_ids`` are
   chained hashes of 512-token prompt blocks (the same id always means the same whole prefix).
+  Optional ``"block_size"`` (the same on every line) gives another block size, as
+  ``dpcore serve --record`` writes; an empty ``hash_ids`` means no prefix information for
+  that request (it shares nothing in the simulator).
 * **Azure 2023** (Splitwise): csv with ``TIMESTAMP``, ``ContextTokens``,
   ``GeneratedTokens``; no prefix information, so every prompt token is uncached.
 
@@ -124,7 +127,8 @@ def _int_field(obj: dict, key: str, path: str, line: int, minimum: int) -> int:
     return value
 
 
-def _mooncake_rows(path: str, limit: int | None, block_size: int) -> Iterator[_Row]:
+def _mooncake_rows(path: str, limit: int | None, block_size: int, found: list[int]) -> Iterator[_Row]:
+    """The rows of a Mooncake file; *found* gets the file's ``block_size`` field, if any."""
     with open(path, encoding="utf-8") as f:
         count = 0
         for line, text in enumerate(f, 1):
@@ -146,8 +150,21 @@ def _mooncake_rows(path: str, limit: int | None, block_size: int) -> Iterator[_R
             hashes = obj.get("hash_ids")
             if not isinstance(hashes, list) or not all(type(h) is int for h in hashes):
                 raise TraceError("hash_ids must be a list of integers", path=path, line=line)
+            if "block_size" in obj:
+                bs = obj["block_size"]
+                if type(bs) is not int or not 1 <= bs <= 1 << 20:
+                    raise TraceError(f"block_size must be an integer in 1..2**20, got {bs!r}", path=path, line=line)
+                if not found:
+                    if count:
+                        raise TraceError("block_size field on this line but not on the ones before", path=path, line=line)
+                    found.append(bs)
+                    block_size = bs
+                elif bs != block_size:
+                    raise TraceError(f"block_size {bs} differs from the file's {block_size}", path=path, line=line)
+            elif found:
+                raise TraceError(f"no block_size field; earlier lines have {block_size}", path=path, line=line)
             want = -(-n_in // block_size)
-            if len(hashes) != want:
+            if hashes and len(hashes) != want:
                 raise TraceError(
                     f"{len(hashes)} hash_ids for input_length {n_in}; {block_size}-token blocks need {want}",
                     path=path,
@@ -284,9 +301,10 @@ def read_trace(
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise TraceError(f"unknown trace format {fmt!r}; expected one of {FORMATS}", path=path)
+    found: list[int] = []
     try:
         rows = list(
-            _mooncake_rows(path, limit, block_size) if fmt == "mooncake" else _azure_rows(path, limit)
+            _mooncake_rows(path, limit, block_size, found) if fmt == "mooncake" else _azure_rows(path, limit)
         )
     except FileNotFoundError:
         raise TraceError("no such file", path=path) from None
@@ -317,7 +335,7 @@ def read_trace(
     return Trace(
         path=path,
         format=fmt,
-        block_size=block_size if fmt == "mooncake" else 0,
+        block_size=(found[0] if found else block_size) if fmt == "mooncake" else 0,
         requests=requests,
         tick_s=tick,
         time_scale=time_scale,
