@@ -40,6 +40,7 @@ LAYERS = {
     "dpcore.testing": 0,
     "dpcore.wire": 1,
     "dpcore.security": 1,
+    "dpcore.tracefile": 1,
     "dpcore.sdk": 1,
     "dpcore.runtime": 2,
     "dpcore.http": 2,

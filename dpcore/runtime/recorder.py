@@ -9,20 +9,19 @@ Each request the controller receives becomes one Mooncake-style JSON line::
 * ``input_length``: the prompt's tokens; ``output_length``: the request's ``max_new_tokens``
   (the controller never sees outputs, so this is the requested budget, ``0`` when the
   sender gave none; the simulator then decodes one token).
-* ``hash_ids``: the sender's block hashes, each mapped through a keyed BLAKE2b with a salt
-  drawn when the recording starts: equal prefixes keep equal ids within one recording, but
-  the ids cannot be matched against hashes of known prompts. The partial last block (and any
-  block beyond what the sender hashed) gets an id of its own, so there are
-  ``ceil(input_length / block_size)`` ids, as the format wants. A request sent without block
-  hashes is written with ``[]``: the simulator treats it as sharing no prefix.
+* ``hash_ids``: the sender's block hashes, salted (:class:`dpcore.tracefile.Salted`, one salt
+  per recording, kept across rotations): equal prefixes keep equal ids, but the ids cannot be
+  matched against hashes of known prompts. A request sent without block hashes is written
+  with ``[]``: the simulator treats it as sharing no prefix.
 * ``block_size``: tokens per id, the senders' block size (``--record-block-size``).
 
 No prompt text or token id is ever written.
 
 The controller's loop only appends a small tuple to a bounded deque (:meth:`Recorder.offer`);
 a full deque drops the record and counts it, never blocking. A supervised writer thread
-(:mod:`dpcore.runtime.supervise`) wakes every :data:`FLUSH_S`, formats what is queued, writes
-it and rotates the file by size or age, keeping ``keep`` old files (``PATH`` stays the newest;
+(:mod:`dpcore.runtime.supervise`) wakes every :data:`FLUSH_S`, formats what is queued and
+writes it; a file that has reached ``max_bytes`` or is ``rotate_s`` old is rotated before the
+next write (an empty one never is), keeping ``keep`` old files (``PATH`` stays the newest;
 ``name.1.jsonl`` is the one before it). Sampling (``sample < 1``) keeps a request when a hash
 of its id falls under the rate, so a retried id is kept or dropped alike.
 """
@@ -30,28 +29,24 @@ of its id falls under the rate, so a retried id is kept or dropped alike.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
-from hashlib import blake2b
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 from attrs import field, frozen
 
+from dpcore import tracefile
 from dpcore.errors import ConfigError
 from dpcore.hashing import DEFAULT_BLOCK_SIZE
 from dpcore.runtime.supervise import Supervised
 
 #: How often the writer thread wakes to write what is queued (seconds).
 FLUSH_S = 0.05
-_MASK = (1 << 63) - 1
-#: Salted ids remembered, so a prefix shared by many requests is hashed once; cleared when full.
-_ID_CACHE = 1 << 20
 _SAMPLE_SPACE = 1 << 32
 
 
@@ -119,10 +114,8 @@ class Recorder:
         self.clock = clock
         self._queue: deque[tuple[float, int, tuple[int, ...], int | None]] = deque()
         self._threshold = min(int(config.sample * _SAMPLE_SPACE), _SAMPLE_SPACE)
-        self._salt = os.urandom(16)
+        self._salted = tracefile.Salted(config.block_size)
         self._t0 = clock()
-        self._ids: dict[int, str] = {}
-        self._tail = 0
         self._file: IO[str] | None = None
         self._bytes = 0
         self._opened = 0.0
@@ -180,60 +173,33 @@ class Recorder:
     def _write(self) -> None:
         q = self._queue
         n = len(q)
-        if n:
-            batch = [q.popleft() for _ in range(n)]
-            try:
-                text = "".join(self._lines(batch))
-                if self._file is None:
-                    self._open(fresh=False)
-                self._file.write(text)  # type: ignore[union-attr]
-                self._file.flush()  # type: ignore[union-attr]
-            except BaseException:
-                self.lost += n
-                self._close_file()
-                raise  # the supervisor logs it, counts it and starts the writer again
-            self.recorded += n
-            self._bytes += len(text)
-        cfg = self.config
-        if self._bytes and (
-            self._bytes >= cfg.max_bytes or (cfg.rotate_s and self.clock() - self._opened >= cfg.rotate_s)
-        ):
-            self._rotate()
+        if not n:
+            return
+        batch = [q.popleft() for _ in range(n)]
+        try:
+            text = "".join(self._lines(batch))
+            if self._file is None:
+                self._open(fresh=False)
+            cfg = self.config
+            if self._bytes and (
+                self._bytes >= cfg.max_bytes or (cfg.rotate_s and self.clock() - self._opened >= cfg.rotate_s)
+            ):
+                self._rotate()  # before writing, so PATH always holds the newest requests
+            self._file.write(text)  # type: ignore[union-attr]
+            self._file.flush()  # type: ignore[union-attr]
+        except BaseException:
+            self.lost += n
+            self._close_file()
+            raise  # the supervisor logs it, counts it and starts the writer again
+        self.recorded += n
+        self._bytes += len(text)
 
     def _lines(self, batch: list[tuple[float, int, tuple[int, ...], int | None]]) -> Iterator[str]:
         bs = self.config.block_size
         t0 = self._t0
-        salted = self._salted
+        ids = self._salted.ids
         for t, n, hashes, mnt in batch:
-            want = -(-n // bs)
-            if hashes and len(hashes) <= want:
-                ids = [salted(h) for h in hashes]
-                for _ in range(want - len(hashes)):
-                    ids.append(self._unique())
-                hash_text = ", ".join(ids)
-            else:
-                # None sent, or more than the block size allows (the senders hash with a
-                # smaller block than --record-block-size): no prefix information.
-                hash_text = ""
-            yield (
-                f'{{"timestamp": {(t - t0) * 1000:.3f}, "input_length": {n}, "output_length": {mnt or 0}, '
-                f'"hash_ids": [{hash_text}], "block_size": {bs}}}\n'
-            )
-
-    def _salted(self, h: int) -> str:
-        s = self._ids.get(h)
-        if s is None:
-            if len(self._ids) >= _ID_CACHE:
-                self._ids.clear()
-            d = blake2b(h.to_bytes(8, "little"), key=self._salt, digest_size=8).digest()
-            s = self._ids[h] = str(int.from_bytes(d, "little") & _MASK)
-        return s
-
-    def _unique(self) -> str:
-        """An id no other block of this recording has (a partial or unhashed block)."""
-        self._tail += 1
-        d = blake2b(self._tail.to_bytes(8, "little"), key=self._salt, digest_size=8, person=b"dpcore-tail").digest()
-        return str(int.from_bytes(d, "little") & _MASK)
+            yield tracefile.line((t - t0) * 1000, n, mnt or 0, ids(hashes, n), bs)
 
     # ------------------------------------------------------------------ files
 

@@ -1,0 +1,265 @@
+"""``dpcore serve --record``: what is written, rotation, sampling, drops, and a round trip
+through real processes (``dpcore demo --record`` then ``dpcore simulate``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpcore.errors import ConfigError
+from dpcore.extras import sample_trace
+from dpcore.hashing import block_hashes
+from dpcore.model import Request
+from dpcore.runtime.recorder import Recorder, RecordConfig, rotated_path
+from dpcore.sim.traces import TraceError, read_trace
+
+DPCORE = [sys.executable, "-m", "dpcore"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def recorder(tmp_path: Path, **kw: object) -> tuple[Recorder, Clock]:
+    clock = Clock()
+    return Recorder(RecordConfig(path=str(tmp_path / "rec.jsonl"), **kw), clock=clock), clock  # type: ignore[arg-type]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_arrivals_lengths_and_salted_hashes_replay(tmp_path: Path) -> None:
+    rec, clock = recorder(tmp_path, block_size=4)
+    shared = list(range(8))
+    a = block_hashes([*shared, 50, 51, 52, 53, 54], 4)  # 13 tokens: 3 whole blocks + 1 partial
+    b = block_hashes([*shared, 60, 61], 4)  # 10 tokens: 2 whole blocks + 1 partial
+    rec.offer(Request("a", num_tokens=13, block_hashes=a, max_new_tokens=7))
+    clock.t += 0.25
+    rec.offer(Request("b", num_tokens=10, block_hashes=b))
+    clock.t += 1.5
+    rec.offer(Request("c", num_tokens=9))  # no hashes sent
+    rec.close()
+    trace = read_trace(tmp_path / "rec.jsonl", ticks="burst")
+    assert trace.block_size == 4
+    assert [r.arrival for r in trace.requests] == pytest.approx([0.0, 0.25, 1.75])
+    assert [(r.input_length, r.output_length) for r in trace.requests] == [(13, 7), (10, 0), (9, 0)]
+    ra, rb, rc = (r.hash_ids for r in trace.requests)
+    assert (len(ra), len(rb), rc) == (4, 3, ())  # ceil(n / 4) ids; none when none were sent
+    assert ra[:2] == rb[:2]  # the shared 8-token prefix keeps equal ids
+    assert len(set(ra[2:]) | set(rb[2:])) == 3  # the rest, and each partial block, is its own
+    # Salted: no id is the sender's hash, and another recording maps the same prefix elsewhere.
+    assert not set(ra) & set(a)
+    (tmp_path / "x").mkdir()
+    other, _ = recorder(tmp_path / "x", block_size=4)
+    other.offer(Request("a", num_tokens=13, block_hashes=a))
+    other.close()
+    assert lines(tmp_path / "x" / "rec.jsonl")[0]["hash_ids"][0] != ra[0]
+
+
+def test_hashes_of_a_smaller_block_are_not_passed_off_as_prefixes(tmp_path: Path) -> None:
+    rec, _ = recorder(tmp_path, block_size=64)
+    tokens = list(range(256))
+    rec.offer(Request("x", num_tokens=256, block_hashes=block_hashes(tokens, 16)))  # 16 hashes, 4 allowed
+    rec.close()
+    assert lines(tmp_path / "rec.jsonl")[0]["hash_ids"] == []
+
+
+def test_no_text_or_token_ids_are_written(tmp_path: Path) -> None:
+    """What a request carries beyond lengths and hashes (its id, its payload) never reaches the file."""
+    rec, _ = recorder(tmp_path, block_size=2)
+    tokens = [314159, 271828, 161803, 141421]
+    rec.offer(Request("secret-user-42", num_tokens=4, block_hashes=block_hashes(tokens, 2)))
+    rec.close()
+    text = (tmp_path / "rec.jsonl").read_text()
+    assert "secret-user-42" not in text
+    assert not any(str(t) in text for t in tokens)
+    assert set(lines(tmp_path / "rec.jsonl")[0]) == {"timestamp", "input_length", "output_length", "hash_ids", "block_size"}
+
+
+def test_size_rotation_keeps_n_files_each_a_trace(tmp_path: Path) -> None:
+    rec, clock = recorder(tmp_path, max_bytes=4096, keep=2, block_size=16)
+    for i in range(400):
+        clock.t += 0.01
+        rec.offer(Request(f"r{i}", num_tokens=100 + i, block_hashes=block_hashes(list(range(i, i + 100)), 16)))
+        if i % 50 == 49:
+            rec._write()  # the writer's turn, without its thread
+    rec.close()
+    files = sorted(tmp_path.glob("rec*.jsonl"))
+    assert [f.name for f in files] == ["rec.1.jsonl", "rec.2.jsonl", "rec.jsonl"]
+    assert rec.rotations >= 3  # more rotations than files kept: the oldest were deleted
+    newest_first = [read_trace(f, ticks="burst") for f in (files[2], files[0], files[1])]
+    longest = max(len(x) + 1 for f in files for x in f.read_text().splitlines())
+    for f in files:
+        # Rotated before the first write after it reached the size: at most one turn's 50 lines over.
+        assert 0 < f.stat().st_size <= 4096 + 50 * longest
+    # Each file is a trace of its own, and together they are the latest requests in order.
+    lengths = [r.input_length for t in reversed(newest_first) for r in t.requests]
+    assert lengths == list(range(500 - len(lengths), 500))
+    assert rec.recorded == 400
+
+
+def test_time_rotation(tmp_path: Path) -> None:
+    rec, clock = recorder(tmp_path, rotate_s=60)
+    for i in range(4):
+        rec.offer(Request("a", num_tokens=i + 1))
+        rec._write()
+        clock.t += 40
+    # Written at 0, 40 | 80, 120: a file 60 s old is rotated before the next write.
+    assert rec.rotations == 1
+    clock.t += 500
+    rec._write()  # nothing to write: nothing rotates
+    assert rec.rotations == 1
+    rec.close()
+    assert [r["input_length"] for r in lines(rotated_path(tmp_path / "rec.jsonl", 1))] == [1, 2]
+    assert [r["input_length"] for r in lines(tmp_path / "rec.jsonl")] == [3, 4]
+
+
+def test_an_earlier_recording_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "rec.jsonl"
+    path.write_text('{"old": 1}\n')
+    rec, _ = recorder(tmp_path)
+    rec.offer(Request("a", num_tokens=5))
+    rec.start()
+    rec.close()
+    assert (tmp_path / "rec.1.jsonl").read_text() == '{"old": 1}\n'
+    assert len(lines(path)) == 1
+
+
+def test_sampling_is_by_request_id(tmp_path: Path) -> None:
+    rids = [f"req-{i}" for i in range(4000)]
+    kept = []
+    for run in range(2):
+        d = tmp_path / str(run)
+        d.mkdir()
+        rec, clock = recorder(d, sample=0.25)
+        for i, rid in enumerate(rids):
+            clock.t += 0.001
+            rec.offer(Request(rid, num_tokens=i + 1))
+        rec.close()
+        assert rec.recorded + rec.sampled_out == 4000
+        kept.append([r["input_length"] for r in lines(d / "rec.jsonl")])
+    assert 800 < len(kept[0]) < 1200
+    assert kept[0] == kept[1]  # the same ids are kept every time
+
+
+def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
+    rec, _ = recorder(tmp_path, queue=10)
+    t = time.perf_counter()
+    for i in range(25):
+        rec.offer(Request(f"r{i}", num_tokens=3))
+    assert time.perf_counter() - t < 1.0
+    assert (rec.dropped, len(rec._queue)) == (15, 10)
+    rec.close()
+    assert rec.recorded == 10 and len(lines(tmp_path / "rec.jsonl")) == 10
+
+
+def test_a_failing_write_is_counted_and_the_writer_restarts(tmp_path: Path) -> None:
+    rec, _ = recorder(tmp_path)
+    real = rec._lines
+    calls = []
+
+    def once_broken(batch):  # type: ignore[no-untyped-def]
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(batch)
+
+    rec._lines = once_broken  # type: ignore[method-assign]
+    rec.offer(Request("a", num_tokens=5))
+    thread = rec.start()
+    deadline = time.monotonic() + 10
+    while thread.restarts == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.restarts == 1 and "No space left" in thread.last_error and rec.lost == 1
+    rec.offer(Request("b", num_tokens=6))
+    rec.close()
+    assert [r["input_length"] for r in lines(tmp_path / "rec.jsonl")] == [6]
+    assert rec.stats()["recorded"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"sample": 0.0}, "--record-sample"),
+        ({"sample": 1.5}, "--record-sample"),
+        ({"block_size": 0}, "--record-block-size"),
+        ({"max_bytes": 100}, "--record-max-bytes"),
+        ({"rotate_s": 0.5}, "--record-rotate-s"),
+        ({"keep": -1}, "--record-keep"),
+        ({"queue": 0}, "--record-queue"),
+    ],
+)
+def test_bad_settings_name_the_flag_and_range(tmp_path: Path, kw: dict, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        RecordConfig(path=str(tmp_path / "r.jsonl"), **kw)
+
+
+def test_serve_refuses_bad_recording_flags_before_starting(tmp_path: Path) -> None:
+    base = [*DPCORE, "serve", "--dp-size", "2", "--dry-run"]
+    bad = subprocess.run([*base, "--record", str(tmp_path / "r.jsonl"), "--record-sample", "2"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode != 0 and "--record-sample must be a number in (0, 1], got 2.0" in bad.stderr
+    ok = subprocess.run([*base, "--record", str(tmp_path / "r.jsonl")], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nodir does not exist"):
+        RecordConfig(path=str(tmp_path / "nodir" / "r.jsonl"))
+
+
+def test_trace_reader_checks_the_block_size_field(tmp_path: Path) -> None:
+    p = tmp_path / "t.jsonl"
+    row = {"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1, 2, 3], "block_size": 2}
+    p.write_text(json.dumps(row) + "\n" + json.dumps({**row, "block_size": 4}) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: block_size 4 differs"):
+        read_trace(p)
+    p.write_text(json.dumps(row) + "\n" + json.dumps({**row, "hash_ids": [1]}) + "\n")
+    with pytest.raises(TraceError, match=r"t.jsonl:2: 1 hash_ids for input_length 5; 2-token blocks need 3"):
+        read_trace(p)
+
+
+@pytest.mark.e2e
+def test_a_recorded_demo_run_replays_in_simulate(tmp_path: Path) -> None:
+    """Real processes: ``dpcore demo`` (controller, barrier, mock ranks) recording through
+    ``serve --record``, then ``dpcore simulate`` on the file. The arrivals (in the demo's wall
+    time), the lengths and the prefix structure of what the demo sent come back."""
+    n, speedup = 40, 20
+    rec_path = tmp_path / "demo.jsonl"
+    demo = subprocess.run(
+        [*DPCORE, "demo", "--no-live", "--requests", str(n), "--speedup", str(speedup), "--record", str(rec_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    sent = read_trace(sample_trace(), time_scale=speedup * 0.25, limit=n).requests
+    got = read_trace(rec_path, ticks="burst")
+    # The demo's warm-up requests (one per rank, 1 token) come first.
+    replay = [r for r in got.requests if r.input_length > 1 or r.hash_ids]
+    assert len(replay) == n and got.block_size == 512
+    assert [(r.input_length, r.output_length) for r in replay] == [(r.input_length, r.output_length) for r in sent]
+    t0 = replay[0].arrival
+    assert max(abs((r.arrival - t0) - s.arrival) for r, s in zip(replay, sent)) < 0.5
+    ids: dict[int, int] = {}
+    for r, s in zip(replay, sent):
+        for a, b in zip(r.hash_ids, s.hash_ids, strict=True):
+            assert ids.setdefault(b, a) == a  # one recorded id per sent id, ...
+    assert len(set(ids.values())) == len(ids)  # ... and one sent id per recorded id
+    assert not set(ids) & set(ids.values())  # salted
+    sim = subprocess.run(
+        [*DPCORE, "simulate", "--trace", str(rec_path), "--time-scale", str(1 / speedup), "--dp-size", "4",
+         "--policy", "round_robin", "--format", "json"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert sim.returncode == 0, sim.stderr
+    doc = json.loads(sim.stdout)
+    assert doc["run"]["trace"]["requests"] == len(got.requests)
