@@ -31,6 +31,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("mock-barrier", "dpcore.mock.barrier", "run the step barrier that keeps mock ranks in lockstep"),
     ("bootstrap-registry", "dpcore.runtime.bootstrap_server", "run a standalone PD bootstrap registry (HTTP)"),
     ("simulate", "dpcore.sim.cli", "replay a trace through policies and peer baselines"),
+    ("trace", "dpcore.sim.convert", "convert an SGLang request log or OpenAI-style requests into a trace"),
     ("bench", "dpcore.bench", "measure forwarding throughput against a pickle loop and zmq.proxy"),
     ("http-front", "dpcore.http.server", "run an SGLang/OpenAI HTTP front for a running controller"),
     ("new-policy", "dpcore.scaffold", "create a policy plugin distribution (entry point, README, tests)"),

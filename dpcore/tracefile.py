@@ -31,12 +31,13 @@ class Salted:
         self._ids: dict[int, str] = {}
         self._tail = 0
 
-    def ids(self, hashes: Sequence[int], n_tokens: int) -> str:
+    def ids(self, hashes: Sequence[int], n_tokens: int, *, known: bool = False) -> str:
         """The comma-separated ids of a prompt of *n_tokens* whose whole blocks hash to
-        *hashes*; ``""`` (no prefix information) when there are none, or more than
+        *hashes*; ``""`` (no prefix information) when there are none and the prompt was not
+        *known* (a sender that hashed nothing), or when there are more than
         ``ceil(n_tokens / block_size)`` (they were made with a smaller block)."""
         want = -(-n_tokens // self.block_size)
-        if not hashes or len(hashes) > want:
+        if (not hashes and not known) or len(hashes) > want:
             return ""
         cache = self._ids
         out = []
