@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("dpcore", "pickle", "proxy")
+#: ``--record``: the dpcore loop again, recording every request (``dpcore serve --record``).
+RECORD = "record"
+#: Of a recorded request's 15 block hashes, how many every request shares (a system prompt);
+#: the rest are new, so the recorder salts them instead of finding them in its cache.
+SHARED_BLOCKS = 4
 REPORT_EVERY = 256
 HEARTBEAT_S = 0.5
 
@@ -53,7 +58,7 @@ def _router(mode: str, eps: dict[str, Any], ready: Any) -> None:
     import zmq
 
     _quiet()
-    if mode == "dpcore":
+    if mode in ("dpcore", RECORD):
         from dpcore.manager import PolicyManager
         from dpcore.runtime.controller import Controller, ControllerEndpoints
 
@@ -61,8 +66,17 @@ def _router(mode: str, eps: dict[str, Any], ready: Any) -> None:
         ce = ControllerEndpoints(eps["ingress"], eps["report"], tuple(eps["dispatch"]))
         c = Controller(manager, endpoints=ce, heartbeat_timeout_s=30.0)
         signal.signal(signal.SIGTERM, lambda *_: c.request_stop(0.0))
+        rec = None
+        if mode == RECORD:
+            from dpcore.runtime.recorder import Recorder, RecordConfig
+
+            rec = Recorder(RecordConfig(path=eps["record"]))
+            rec.start()
+            c.placer.record = rec.offer
         ready.set()
         c.run()
+        if rec is not None:
+            rec.close()
         return
     ctx = zmq.Context()
     ingress = ctx.socket(zmq.PULL)
@@ -108,7 +122,7 @@ def _receiver(mode: str, rank: int, eps: dict[str, Any], counts: Any, first: Any
         done.clear()
         last_report = time.monotonic()
 
-    if mode == "dpcore":
+    if mode in ("dpcore", RECORD):
         report = ctx.socket(zmq.PUSH)
         report.linger = 0
         report.connect(eps["report"])
@@ -164,8 +178,17 @@ def _sender(mode: str, ingress: str, count: int, tokens: int) -> None:
         reply = "ipc:///nonexistent/dpcore-bench-reply"  # nothing is rejected in the benchmark
         enc = wire.encode_request
         send = s.send_multipart
+        hashes = [bh] * count
+        if mode == RECORD:
+            # Made before the first send (outside the measured span): headers of the same
+            # size, with mostly new prefixes for the recorder to salt.
+            import random
+
+            rng = random.Random(0)
+            shared = bh[:SHARED_BLOCKS]
+            hashes = [(*shared, *(rng.getrandbits(63) for _ in range(len(bh) - len(shared)))) for _ in range(count)]
         for i in range(count):
-            send((enc(f"r{i}", num_tokens=tokens, reply=reply, block_hashes=bh), payload))
+            send((enc(f"r{i}", num_tokens=tokens, reply=reply, block_hashes=hashes[i]), payload))
     s.close(linger=-1)  # deliver everything before exiting
     ctx.term()
 
@@ -193,6 +216,7 @@ def forward_once(mode: str, count: int, tokens: int, dp_size: int, idle_s: float
         "ingress": ep.ipc(run_dir, "in"),
         "report": ep.ipc(run_dir, "rep"),
         "dispatch": [ep.ipc(run_dir, f"r{r}") for r in range(dp_size)],
+        "record": os.path.join(run_dir, "record.jsonl"),
     }
     counts = ctx.Array("q", dp_size, lock=False)
     first = ctx.Array("d", dp_size, lock=False)
@@ -319,6 +343,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU measurement window (default 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument(
+        "--record",
+        action="store_true",
+        help="also run the dpcore loop recording every request (dpcore serve --record; mostly new "
+        "prefixes per request) and show what recording costs",
+    )
+    p.add_argument(
         "--sglang",
         action="store_true",
         help="instead: SGLang's own controller loop without and with the dpcore-sglang adapter "
@@ -355,14 +385,15 @@ def run(args: argparse.Namespace) -> int:
         msg = "--count must be >= 100 and --repeat, --dp-size, --tokens, --decisions >= 1"
         raise ConfigError(msg)
     console = Console()
-    runs: dict[str, list[float]] = {m: [] for m in MODES}
-    cpu: dict[str, list[float]] = {m: [] for m in MODES}
+    modes = (*MODES, RECORD) if args.record else MODES
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     idle = None
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("forwarding", total=args.repeat * len(MODES))
+        task = progress.add_task("forwarding", total=args.repeat * len(modes))
         for i in range(args.repeat):
-            # Interleave the loops so drift on a shared machine hits all three alike.
-            for mode in MODES:
+            # Interleave the loops so drift on a shared machine hits all of them alike.
+            for mode in modes:
                 progress.update(task, description=f"{mode} run {i + 1}/{args.repeat}")
                 measure_idle = mode == "dpcore" and i == args.repeat - 1
                 res = forward_once(mode, args.count, args.tokens, args.dp_size, args.idle_seconds if measure_idle else 0.0)
@@ -382,8 +413,9 @@ def run(args: argparse.Namespace) -> int:
     t = Table(title=f"forwarding: {args.count:,} requests x {args.tokens} token ids, {args.dp_size} ranks, ipc")
     for col in ("loop", "msgs/s", "runs", "dpcore is", "CPU µs/msg"):
         t.add_column(col, justify="right" if col != "loop" else "left")
-    labels = {"dpcore": "dpcore (total_requests)", "pickle": "pickle loop", "proxy": "zmq.proxy (C)"}
-    for mode in MODES:
+    labels = {"dpcore": "dpcore (total_requests)", "pickle": "pickle loop", "proxy": "zmq.proxy (C)",
+              RECORD: "dpcore, recording"}  # fmt: skip
+    for mode in modes:
         ratio = "" if mode == "dpcore" else f"{med['dpcore'] / med[mode]:.2f}x"
         router_cpu = f"{med_cpu[mode]:.1f}" if mode in med_cpu else "?"
         t.add_row(labels[mode], f"{med[mode]:,.0f}", " / ".join(f"{x:,.0f}" for x in runs[mode]), ratio, router_cpu)
@@ -395,6 +427,11 @@ def run(args: argparse.Namespace) -> int:
     )
     console.print(f"dpcore / pickle loop = {vs_pickle:.2f}x msgs/s")
     console.print(f"dpcore / zmq.proxy   = {vs_proxy:.2f}x msgs/s")
+    if args.record:
+        console.print(
+            f"dpcore recording / not recording = {med[RECORD] / med['dpcore']:.3f}x msgs/s "
+            f"(recording costs {100 * (1 - med[RECORD] / med['dpcore']):.1f}% of forwarding throughput)"
+        )
     pt = Table(title="policy decision cost through the hooks (select + dispatched, no sockets)")
     pt.add_column("policy")
     pt.add_column("µs / decision", justify="right")
@@ -420,6 +457,9 @@ def run(args: argparse.Namespace) -> int:
             "repeat": args.repeat,
             "cpus": os.cpu_count(),
         }
+        if args.record:
+            result["dpcore_recording_msgs_per_s"] = med[RECORD]
+            result["recording_vs_dpcore"] = med[RECORD] / med["dpcore"]
         Path(args.json).write_text(json.dumps(result, indent=2))
         console.print(f"wrote {args.json}")
     return 0

@@ -15,7 +15,8 @@ from dpcore.errors import ConfigError
 from dpcore.extras import sample_trace
 from dpcore.hashing import block_hashes
 from dpcore.model import Request
-from dpcore.runtime.recorder import Recorder, RecordConfig, rotated_path
+from dpcore.runtime.recorder import Recorder, RecordConfig
+from dpcore.runtime.tracewriter import TraceWriter, rotated_path
 from dpcore.sim.traces import TraceError, read_trace
 
 DPCORE = [sys.executable, "-m", "dpcore"]
@@ -86,17 +87,24 @@ def test_no_text_or_token_ids_are_written(tmp_path: Path) -> None:
     assert set(lines(tmp_path / "rec.jsonl")[0]) == {"timestamp", "input_length", "output_length", "hash_ids", "block_size"}
 
 
+def writer(tmp_path: Path, clock: Clock, **kw: object) -> TraceWriter:
+    settings = {"block_size": 16, "max_bytes": 1 << 30, "rotate_s": 0.0, "keep": 10, **kw}
+    return TraceWriter(str(tmp_path / "rec.jsonl"), clock=clock, **settings)  # type: ignore[arg-type]
+
+
 def test_size_rotation_keeps_n_files_each_a_trace(tmp_path: Path) -> None:
-    rec, clock = recorder(tmp_path, max_bytes=4096, keep=2, block_size=16)
-    for i in range(400):
-        clock.t += 0.01
-        rec.offer(Request(f"r{i}", num_tokens=100 + i, block_hashes=block_hashes(list(range(i, i + 100)), 16)))
-        if i % 50 == 49:
-            rec._write()  # the writer's turn, without its thread
-    rec.close()
+    clock = Clock()
+    w = writer(tmp_path, clock, max_bytes=4096, keep=2)
+    for turn in range(8):
+        batch = []
+        for i in range(turn * 50, turn * 50 + 50):
+            clock.t += 0.01
+            batch.append((clock.t, 100 + i, block_hashes(list(range(i, i + 100)), 16), None))
+        w.write(batch)
+    w.close()
     files = sorted(tmp_path.glob("rec*.jsonl"))
     assert [f.name for f in files] == ["rec.1.jsonl", "rec.2.jsonl", "rec.jsonl"]
-    assert rec.rotations >= 3  # more rotations than files kept: the oldest were deleted
+    assert w.rotations >= 3  # more rotations than files kept: the oldest were deleted
     newest_first = [read_trace(f, ticks="burst") for f in (files[2], files[0], files[1])]
     longest = max(len(x) + 1 for f in files for x in f.read_text().splitlines())
     for f in files:
@@ -105,21 +113,22 @@ def test_size_rotation_keeps_n_files_each_a_trace(tmp_path: Path) -> None:
     # Each file is a trace of its own, and together they are the latest requests in order.
     lengths = [r.input_length for t in reversed(newest_first) for r in t.requests]
     assert lengths == list(range(500 - len(lengths), 500))
-    assert rec.recorded == 400
+    assert w.recorded == 400
 
 
 def test_time_rotation(tmp_path: Path) -> None:
-    rec, clock = recorder(tmp_path, rotate_s=60)
+    clock = Clock()
+    w = writer(tmp_path, clock, rotate_s=60)
+    w.open(fresh=True)
     for i in range(4):
-        rec.offer(Request("a", num_tokens=i + 1))
-        rec._write()
+        w.write([(clock.t, i + 1, (), None)])
         clock.t += 40
     # Written at 0, 40 | 80, 120: a file 60 s old is rotated before the next write.
-    assert rec.rotations == 1
+    assert w.rotations == 1
     clock.t += 500
-    rec._write()  # nothing to write: nothing rotates
-    assert rec.rotations == 1
-    rec.close()
+    w.write([])  # nothing to write: nothing rotates
+    assert w.rotations == 1
+    w.close()
     assert [r["input_length"] for r in lines(rotated_path(tmp_path / "rec.jsonl", 1))] == [1, 2]
     assert [r["input_length"] for r in lines(tmp_path / "rec.jsonl")] == [3, 4]
 
@@ -163,28 +172,64 @@ def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
     assert rec.recorded == 10 and len(lines(tmp_path / "rec.jsonl")) == 10
 
 
-def test_a_failing_write_is_counted_and_the_writer_restarts(tmp_path: Path) -> None:
-    rec, _ = recorder(tmp_path)
-    real = rec._lines
-    calls = []
+def wait_for(cond, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
-    def once_broken(batch):  # type: ignore[no-untyped-def]
-        calls.append(len(batch))
-        if len(calls) == 1:
-            raise OSError(28, "No space left on device")
-        return real(batch)
 
-    rec._lines = once_broken  # type: ignore[method-assign]
-    rec.offer(Request("a", num_tokens=5))
+def test_a_dead_writer_process_is_replaced_and_its_losses_counted(tmp_path: Path) -> None:
+    rec, _ = recorder(tmp_path, block_size=2, max_bytes=4096, keep=1)
+    hashes = block_hashes(list(range(200)), 2)  # 100 ids: a line of about 2 KB
     thread = rec.start()
-    deadline = time.monotonic() + 10
-    while thread.restarts == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert thread.restarts == 1 and "No space left" in thread.last_error and rec.lost == 1
-    rec.offer(Request("b", num_tokens=6))
+    rec.offer(Request("a", num_tokens=200, block_hashes=hashes))
+    rec.offer(Request("b", num_tokens=200, block_hashes=hashes))
+    wait_for(lambda: rec.recorded == 2)
+    first = rec._child
+    # The next write must rotate, and cannot: the rotated name is taken by a non-empty directory.
+    (tmp_path / "rec.1.jsonl").mkdir()
+    (tmp_path / "rec.1.jsonl" / "x").write_text("")
+    rec.offer(Request("c", num_tokens=200, block_hashes=hashes))
+    wait_for(lambda: first.poll() is not None)  # type: ignore[union-attr]
+    (tmp_path / "rec.1.jsonl" / "x").unlink()
+    (tmp_path / "rec.1.jsonl").rmdir()
+    rec.offer(Request("d", num_tokens=3))  # a new writer process takes over
+    wait_for(lambda: rec.recorded == 3)
     rec.close()
-    assert [r["input_length"] for r in lines(tmp_path / "rec.jsonl")] == [6]
-    assert rec.stats()["recorded"] == 1
+    assert rec.lost == 1 and thread.restarts == 0
+    older, newest = lines(tmp_path / "rec.1.jsonl"), lines(tmp_path / "rec.jsonl")
+    assert [r["input_length"] for r in older + newest] == [200, 200, 3]
+    assert older[0]["hash_ids"] == older[1]["hash_ids"]
+
+
+def test_a_broken_pipe_is_counted_and_the_thread_restarts(tmp_path: Path) -> None:
+    rec, _ = recorder(tmp_path)
+    thread = rec.start()
+    rec.offer(Request("a", num_tokens=4))
+    wait_for(lambda: rec.recorded == 1)
+    child = rec._child
+    child.stdin.close()  # type: ignore[union-attr]  # the pipe breaks while the process still runs
+    rec.offer(Request("b", num_tokens=5))
+    wait_for(lambda: thread.restarts == 1)
+    assert rec.lost == 1 and thread.last_error.startswith("ValueError")
+    rec.offer(Request("c", num_tokens=6))
+    wait_for(lambda: rec.recorded == 2)
+    rec.close()
+    assert [r["input_length"] for r in lines(tmp_path / "rec.jsonl")] == [4, 6]
+
+
+def test_the_writer_is_its_own_process(tmp_path: Path) -> None:
+    """Salting and formatting run outside the controller's process (and its GIL)."""
+    import os
+
+    rec, _ = recorder(tmp_path)
+    rec.start()
+    rec.offer(Request("a", num_tokens=3))
+    wait_for(lambda: rec.recorded == 1)
+    assert rec._child is not None and rec._child.pid != os.getpid()
+    rec.close()
+    assert rec._child is None
 
 
 @pytest.mark.parametrize(

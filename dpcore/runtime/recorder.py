@@ -18,9 +18,12 @@ Each request the controller receives becomes one Mooncake-style JSON line::
 No prompt text or token id is ever written.
 
 The controller's loop only appends a small tuple to a bounded deque (:meth:`Recorder.offer`);
-a full deque drops the record and counts it, never blocking. A supervised writer thread
-(:mod:`dpcore.runtime.supervise`) wakes every :data:`FLUSH_S`, formats what is queued and
-writes it; a file that has reached ``max_bytes`` or is ``rotate_s`` old is rotated before the
+a full deque drops the record and counts it, never blocking. A supervised thread
+(:mod:`dpcore.runtime.supervise`) wakes every :data:`FLUSH_S` and hands what is queued, as
+one msgpack frame, to a writer process (:mod:`dpcore.runtime.tracewriter`), which salts,
+formats, writes and rotates: that work never holds the controller's GIL. A writer process
+that dies is started again (same salt and time origin); what it had not written is counted
+as lost. A file that has reached ``max_bytes`` or is ``rotate_s`` old is rotated before the
 next write (an empty one never is), keeping ``keep`` old files (``PATH`` stays the newest;
 ``name.1.jsonl`` is the one before it). Sampling (``sample < 1``) keeps a request when a hash
 of its id falls under the rate, so a retried id is kept or dropped alike.
@@ -29,20 +32,23 @@ of its id falls under the rate, so a retried id is kept or dropped alike.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import structlog
 from attrs import field, frozen
 
-from dpcore import tracefile
 from dpcore.errors import ConfigError
 from dpcore.hashing import DEFAULT_BLOCK_SIZE
+from dpcore.runtime import tracewriter
 from dpcore.runtime.supervise import Supervised
 
 #: How often the writer thread wakes to write what is queued (seconds).
@@ -96,17 +102,12 @@ class RecordConfig:
             raise ConfigError(f"--record {self.path}: is a directory; give a file path")
 
 
-def rotated_path(path: str | Path, n: int) -> Path:
-    """The *n*-th older file of a recording at *path*: ``traffic.jsonl`` -> ``traffic.2.jsonl``."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.{n}{p.suffix}") if p.suffix else p.with_name(f"{p.name}.{n}")
-
-
 class Recorder:
-    """Records requests offered on the controller's loop to a rotating trace file.
+    """Records requests offered on the controller's loop, through a writer process.
 
-    Counters (read by metrics and the final report): ``recorded`` (written), ``sampled_out``,
-    ``dropped`` (the queue was full), ``lost`` (queued but the write failed), ``rotations``.
+    Counters (read by metrics and the final report): ``offered``, ``sampled_out``, ``dropped``
+    (the queue was full), ``recorded`` and ``rotations`` (as the writer reports them), ``lost``
+    (handed to a writer that died before writing them).
     """
 
     def __init__(self, config: RecordConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -114,22 +115,31 @@ class Recorder:
         self.clock = clock
         self._queue: deque[tuple[float, int, tuple[int, ...], int | None]] = deque()
         self._threshold = min(int(config.sample * _SAMPLE_SPACE), _SAMPLE_SPACE)
-        self._salted = tracefile.Salted(config.block_size)
+        self._salt = os.urandom(16)
         self._t0 = clock()
-        self._file: IO[str] | None = None
-        self._bytes = 0
-        self._opened = 0.0
         self._stop = threading.Event()
+        self._child: subprocess.Popen[bytes] | None = None
+        self._spawns = 0
+        self._handed = 0  # records the current writer process was given
+        self._status = b""
         self.thread: Supervised | None = None
         self.log = structlog.get_logger("dpcore.recorder")
         # Written by the loop thread only.
         self.offered = 0
         self.sampled_out = 0
         self.dropped = 0
-        # Written by the writer thread only.
-        self.recorded = 0
+        # Written by the writer thread only: totals of earlier writer processes + the current one's.
+        self._done = [0, 0]  # recorded, rotations
+        self._current = [0, 0]
         self.lost = 0
-        self.rotations = 0
+
+    @property
+    def recorded(self) -> int:
+        return self._done[0] + self._current[0]
+
+    @property
+    def rotations(self) -> int:
+        return self._done[1] + self._current[1]
 
     # ------------------------------------------------------------------ the loop's side
 
@@ -145,99 +155,107 @@ class Recorder:
             return
         q.append((self.clock(), request.num_tokens, request.block_hashes, request.max_new_tokens))
 
-    # ------------------------------------------------------------------ the writer
+    # ------------------------------------------------------------------ the writer thread
 
     def start(self) -> Supervised:
-        """Start the supervised writer thread (``dpcore-recorder``)."""
+        """Start the writer process and the supervised thread (``dpcore-recorder``) feeding it."""
         self.thread = Supervised("dpcore-recorder", self._run, self._stop).start()
         return self.thread
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what is queued, close the file and stop the writer."""
+        """Hand over what is queued, let the writer finish, and stop it."""
         self._stop.set()
         if self.thread is not None:
             self.thread.join(timeout_s)
         if self.thread is None or not self.thread.is_alive():
-            self._write()  # whatever arrived after the writer's last turn (or with no writer)
-            self._close_file()
+            try:
+                if self._queue:
+                    self._send()  # what arrived after the thread's last turn (or with no thread)
+            except OSError:
+                self.log.exception("record_write_failed", lost=self.lost)
+            self._end_child(timeout_s)
 
     def _run(self) -> None:
-        if self._file is None:
-            self._open(fresh=self.rotations == 0 and self.recorded == 0)
         while True:
             stopping = self._stop.wait(FLUSH_S)
-            self._write()
+            self._send()
             if stopping:
                 return
 
-    def _write(self) -> None:
+    def _send(self) -> None:
+        child = self._child
+        if child is None or child.poll() is not None:
+            self._spawn()
         q = self._queue
         n = len(q)
-        if not n:
-            return
-        batch = [q.popleft() for _ in range(n)]
-        try:
-            text = "".join(self._lines(batch))
-            if self._file is None:
-                self._open(fresh=False)
-            cfg = self.config
-            if self._bytes and (
-                self._bytes >= cfg.max_bytes or (cfg.rotate_s and self.clock() - self._opened >= cfg.rotate_s)
-            ):
-                self._rotate()  # before writing, so PATH always holds the newest requests
-            self._file.write(text)  # type: ignore[union-attr]
-            self._file.flush()  # type: ignore[union-attr]
-        except BaseException:
-            self.lost += n
-            self._close_file()
-            raise  # the supervisor logs it, counts it and starts the writer again
-        self.recorded += n
-        self._bytes += len(text)
-
-    def _lines(self, batch: list[tuple[float, int, tuple[int, ...], int | None]]) -> Iterator[str]:
-        bs = self.config.block_size
-        t0 = self._t0
-        ids = self._salted.ids
-        for t, n, hashes, mnt in batch:
-            yield tracefile.line((t - t0) * 1000, n, mnt or 0, ids(hashes, n), bs)
-
-    # ------------------------------------------------------------------ files
-
-    def _open(self, *, fresh: bool) -> None:
-        path = Path(self.config.path)
-        if fresh and path.exists() and path.stat().st_size:
-            # An earlier recording (another salt and time base) is moved aside, not appended to.
-            self._shift()
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by _close_file
-        self._bytes = self._file.tell()
-        self._opened = self.clock()
-
-    def _close_file(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
+        if n:
+            batch = [q.popleft() for _ in range(n)]
             try:
-                f.close()
-            except OSError:
-                self.log.warning("record_close_failed", path=self.config.path)
+                self._child.stdin.write(tracewriter.frame(batch))  # type: ignore[union-attr]
+                self._child.stdin.flush()  # type: ignore[union-attr]
+            except BaseException:
+                self.lost += n
+                self._end_child(1.0)
+                raise  # the supervisor logs it, counts it and runs us again (with a new writer)
+            self._handed += n
+        self._read_status()
 
-    def _shift(self) -> None:
-        path, keep = self.config.path, self.config.keep
-        if keep == 0:
-            Path(path).unlink(missing_ok=True)
+    def _read_status(self) -> None:
+        try:
+            data = os.read(self._child.stdout.fileno(), 1 << 16)  # type: ignore[union-attr]
+        except (BlockingIOError, OSError, ValueError):
             return
-        rotated_path(path, keep).unlink(missing_ok=True)
-        for i in range(keep - 1, 0, -1):
-            older = rotated_path(path, i)
-            if older.exists():
-                older.replace(rotated_path(path, i + 1))
-        Path(path).replace(rotated_path(path, 1))
+        self._parse_status(data)
 
-    def _rotate(self) -> None:
-        self._close_file()
-        self._shift()
-        self.rotations += 1
-        self._open(fresh=False)
-        self.log.info("record_rotated", path=self.config.path, rotations=self.rotations)
+    def _parse_status(self, data: bytes) -> None:
+        text = self._status + data
+        lines = text.split(b"\n")
+        self._status = lines[-1]
+        for line in reversed(lines[:-1]):
+            parts = line.split()
+            if len(parts) == 2:
+                self._current = [int(parts[0]), int(parts[1])]
+                return
+
+    def _spawn(self) -> None:
+        if self._child is not None:
+            self._end_child(1.0)
+        cfg = self.config
+        self._child = subprocess.Popen(  # noqa: S603 - our own module, no shell
+            [sys.executable, "-m", "dpcore.runtime.tracewriter"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        os.set_blocking(self._child.stdout.fileno(), False)  # type: ignore[union-attr]
+        settings = {"path": str(Path(cfg.path).resolve()), "block_size": cfg.block_size, "max_bytes": cfg.max_bytes,
+                    "rotate_s": cfg.rotate_s, "keep": cfg.keep, "salt": self._salt, "t0": self._t0,
+                    "fresh": self._spawns == 0}  # fmt: skip
+        self._spawns += 1
+        self._child.stdin.write(tracewriter.frame(settings))  # type: ignore[union-attr]
+        self._child.stdin.flush()  # type: ignore[union-attr]
+
+    def _end_child(self, timeout_s: float) -> None:
+        """Close the writer's input, wait for it to write everything, and settle the counts."""
+        child, self._child = self._child, None
+        if child is None:
+            return
+        try:
+            child.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        try:
+            child.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        os.set_blocking(child.stdout.fileno(), True)  # type: ignore[union-attr]
+        self._parse_status(child.stdout.read())  # type: ignore[union-attr]
+        child.stdout.close()  # type: ignore[union-attr]
+        if child.returncode:
+            self.log.error("record_writer_exited", status=child.returncode, pid=child.pid)
+        self.lost += max(self._handed - self._current[0], 0)
+        self._done = [self._done[0] + self._current[0], self._done[1] + self._current[1]]
+        self._current = [0, 0]
+        self._handed = 0
+        self._status = b""
 
     # ------------------------------------------------------------------ reporting
 
