@@ -6,11 +6,14 @@ controller sends it length-prefixed msgpack frames on its stdin: first the setti
 the recording's salt and time origin, so a restarted writer continues the same recording),
 then batches of ``[arrival, input_length, block_hashes, max_new_tokens]``. After each batch it
 prints ``recorded rotations`` on stdout. It ends when its stdin closes (also when the
-controller dies), and ignores Ctrl-C, so the controller's last batch still gets written.
+controller dies), ignores Ctrl-C, so the controller's last batch still gets written, and runs
+at a lower CPU priority (:data:`NICE`) than the controller.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import time
@@ -22,6 +25,8 @@ from dpcore import tracefile
 
 #: Bytes of a frame's length prefix (little-endian).
 PREFIX = 4
+#: How much lower than the controller's this process's CPU priority is.
+NICE = 10
 #: Largest frame the writer reads (a batch of the default 65,536 queued records fits).
 MAX_FRAME = 1 << 30
 
@@ -142,6 +147,10 @@ def read_frame(stream: BinaryIO) -> Any:
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us by closing stdin
+    # Recording yields the CPU to serving: on a host with no idle core this process falls
+    # behind, the controller's queue fills, and records are dropped (and counted) instead.
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
     stdin = sys.stdin.buffer
     cfg = read_frame(stdin)
     if cfg is None:

@@ -26,6 +26,7 @@ stalling every rank, as upstream does.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import pickle
@@ -34,12 +35,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import structlog
 import zmq
 from sglang.srt.managers.io_struct import AbortReq, sock_send
 from sglang.srt.utils.network import get_zmq_socket
 
 from dpcore.errors import MalformedRequestError, NoActiveRankError, RequestRejected
+from dpcore.hashing import block_hashes
 from dpcore.manager import PolicyManager
 from dpcore.model import Request
 from dpcore_sglang.config import AdapterConfig
@@ -143,6 +146,7 @@ class DpcoreDispatcher:
         self._retry_at = 0.0
         self.lost_peers = 0
         self._encode = frame_encoder()
+        self.recorder = _recorder(config, self.block_size or config.whole_pages(page_size))
         self._sync_active()
 
     # ------------------------------------------------------------------ dispatch
@@ -160,6 +164,8 @@ class DpcoreDispatcher:
             msg = f"request {req.rid!r} cannot be read: {exc!r}"
             self.reject(req, MalformedRequestError(msg, rid=req.rid))
             return
+        if self.recorder is not None:
+            self._record(req, request)
         if self._no_peer and time.monotonic() >= self._retry_at:
             self._retry_lost()
         try:
@@ -185,6 +191,13 @@ class DpcoreDispatcher:
         decisions[key] = decisions.get(key, 0) + 1
         self.feed.sent(rank, manager.dispatched(request, rank))
         self.dispatched[rank] += 1
+
+    def _record(self, req: Any, request: Request) -> None:
+        """Hand *request* to the recorder, with block hashes even when the chain needs none."""
+        bs = self.recorder.config.block_size  # type: ignore[union-attr]
+        if not self.block_size and req.input_ids is not None:
+            request = attrs.evolve(request, block_hashes=block_hashes(req.input_ids, bs))
+        self.recorder.offer(request)  # type: ignore[union-attr]
 
     def _send_elsewhere(self, req: Any, request: Request, frame: bytes, rank: int) -> int | None:
         """*rank*'s socket would block: wait for a first connection, or choose again."""
@@ -319,7 +332,21 @@ class DpcoreDispatcher:
             "active": list(self.ledger.active_ranks),
             "block_size": self.block_size,
             "kv_events": self.manager.cache.stats() if self.kv_events is not None else None,
+            "record": self.recorder.stats() if self.recorder is not None else None,
         }
+
+
+def _recorder(config: AdapterConfig, block_size: int) -> Any:
+    """The started recorder of ``--dpcore-record`` (written until this process exits), or ``None``."""
+    if not config.record:
+        return None
+    from dpcore.runtime.recorder import Recorder, RecordConfig
+
+    rec = Recorder(RecordConfig(path=config.record, block_size=block_size, sample=config.record_sample))
+    rec.start()
+    atexit.register(rec.close)
+    log.info("dpcore recording requests to %s (block ids every %d tokens)", config.record, block_size)
+    return rec
 
 
 def install(ctl: Any, config: AdapterConfig, manager: PolicyManager | None = None) -> DpcoreDispatcher:

@@ -62,6 +62,9 @@ class AdapterConfig:
     :ivar metrics_port: Serve the adapter's Prometheus metrics from the controller process
         on this port (0: any free port); ``None``: no metrics endpoint. Range 0-65535.
     :ivar metrics_host: Address the metrics endpoint binds (default loopback).
+    :ivar record: Record every request as a trace for ``dpcore simulate`` to this path
+        (``--dpcore-record``; see :mod:`dpcore.runtime.recorder`); ``None``: off.
+    :ivar record_sample: Fraction of requests recorded, in (0, 1].
     """
 
     method: str = "auto"
@@ -71,6 +74,8 @@ class AdapterConfig:
     poll_timeout_ms: int | None = field(default=1000, validator=_positive_or_none)
     metrics_port: int | None = field(default=None, validator=_port_or_none)
     metrics_host: str = "127.0.0.1"
+    record: str | None = None
+    record_sample: float = 1.0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -82,6 +87,8 @@ class AdapterConfig:
                 "poll_timeout_ms": self.poll_timeout_ms,
                 "metrics_port": self.metrics_port,
                 "metrics_host": self.metrics_host,
+                "record": self.record,
+                "record_sample": self.record_sample,
             }
         )
 
@@ -97,6 +104,7 @@ class AdapterConfig:
             raise ConfigError(msg)
         unknown = set(data) - {
             "method", "options", "block_size", "block_hashes", "poll_timeout_ms", "metrics_port", "metrics_host",
+            "record", "record_sample",
         }
         if unknown:
             msg = f"{ENV_VAR} has unknown keys {sorted(unknown)}"
@@ -113,6 +121,8 @@ class AdapterConfig:
             poll_timeout_ms=data.get("poll_timeout_ms", 1000),
             metrics_port=data.get("metrics_port"),
             metrics_host=str(data.get("metrics_host", "127.0.0.1")),
+            record=data.get("record"),
+            record_sample=data.get("record_sample", 1.0),
         )
 
     def hashed_block_size(self, chain: tuple[str, ...], page_size: int) -> int:
@@ -121,6 +131,11 @@ class AdapterConfig:
             self.block_hashes == "auto" and all(name in CONTENT_BLIND for name in chain)
         ):
             return 0
+        return self.whole_pages(page_size)
+
+    def whole_pages(self, page_size: int) -> int:
+        """Tokens per hashed block on pages of *page_size*, whether or not the chain hashes
+        (a recording hashes prompts for the simulator either way)."""
         page = max(1, int(page_size))
         if self.block_size is None:
             return page * math.ceil(MIN_BLOCK_TOKENS / page)

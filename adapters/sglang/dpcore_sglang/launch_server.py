@@ -16,6 +16,7 @@ import os
 import runpy
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dpcore.auto import check_removed_flags
 from dpcore.cli import add_policy_option_argument, parse_policy_options
@@ -83,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="address the dpcore metrics endpoint binds (default 127.0.0.1)",
     )
     p.add_argument(
+        "--dpcore-record",
+        default=None,
+        metavar="PATH",
+        help="record every request (arrival, lengths, salted block hashes; no text) as a trace for "
+        "dpcore simulate, rotated at 1 GiB, 10 old files kept",
+    )
+    p.add_argument(
+        "--dpcore-record-sample",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="fraction of requests recorded, in (0, 1], chosen by request id (default 1)",
+    )
+    p.add_argument(
         "--dpcore-dry-run",
         action="store_true",
         help="check and resolve everything, print what would run as JSON, start nothing",
@@ -125,7 +140,13 @@ def prepare(ours: argparse.Namespace, rest: list[str]) -> tuple[AdapterConfig, l
         block_hashes=ours.dpcore_block_hashes,
         metrics_port=ours.dpcore_metrics_port,
         metrics_host=ours.dpcore_metrics_host,
+        record=str(Path(ours.dpcore_record).resolve()) if ours.dpcore_record else None,
+        record_sample=ours.dpcore_record_sample,
     )
+    if config.record:
+        from dpcore.runtime.recorder import RecordConfig
+
+        RecordConfig(path=config.record, sample=config.record_sample)  # a bad path or rate fails now
     from sglang.srt.server_args import prepare_server_args
 
     from dpcore.manager import PolicyManager
