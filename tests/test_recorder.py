@@ -77,14 +77,23 @@ def test_hashes_of_a_smaller_block_are_not_passed_off_as_prefixes(tmp_path: Path
 
 def test_no_text_or_token_ids_are_written(tmp_path: Path) -> None:
     """What a request carries beyond lengths and hashes (its id, its payload) never reaches the file."""
+    from dpcore import wire
+
     rec, _ = recorder(tmp_path, block_size=2)
     tokens = [314159, 271828, 161803, 141421]
-    rec.offer(Request("secret-user-42", num_tokens=4, block_hashes=block_hashes(tokens, 2)))
+    bh = block_hashes(tokens, 2)
+    rec.offer(Request("secret-user-42", num_tokens=4, block_hashes=bh))
+    # As serve offers it: with the header frame the sender sent (request id, reply endpoint...).
+    header = wire.encode_request("secret-user-43", num_tokens=4, reply="ipc:///tmp/secret-reply", block_hashes=bh,
+                                 max_new_tokens=9)  # fmt: skip
+    rec.offer(Request("secret-user-43", num_tokens=4, block_hashes=bh, max_new_tokens=9), header)
     rec.close()
     text = (tmp_path / "rec.jsonl").read_text()
-    assert "secret-user-42" not in text
-    assert not any(str(t) in text for t in tokens)
-    assert set(lines(tmp_path / "rec.jsonl")[0]) == {"timestamp", "input_length", "output_length", "hash_ids", "block_size"}
+    assert "secret" not in text
+    assert not any(str(t) in text for t in (*tokens, *bh))
+    rows = lines(tmp_path / "rec.jsonl")
+    assert all(set(r) == {"timestamp", "input_length", "output_length", "hash_ids", "block_size"} for r in rows)
+    assert rows[0]["hash_ids"] == rows[1]["hash_ids"] and rows[1]["output_length"] == 9
 
 
 def writer(tmp_path: Path, clock: Clock, **kw: object) -> TraceWriter:
@@ -99,7 +108,7 @@ def test_size_rotation_keeps_n_files_each_a_trace(tmp_path: Path) -> None:
         batch = []
         for i in range(turn * 50, turn * 50 + 50):
             clock.t += 0.01
-            batch.append((clock.t, 100 + i, block_hashes(list(range(i, i + 100)), 16), None))
+            batch.append((clock.t, {"n": 100 + i, "bh": block_hashes(list(range(i, i + 100)), 16)}))
         w.write(batch)
     w.close()
     files = sorted(tmp_path.glob("rec*.jsonl"))
@@ -121,7 +130,7 @@ def test_time_rotation(tmp_path: Path) -> None:
     w = writer(tmp_path, clock, rotate_s=60)
     w.open(fresh=True)
     for i in range(4):
-        w.write([(clock.t, i + 1, (), None)])
+        w.write([(clock.t, {"n": i + 1})])
         clock.t += 40
     # Written at 0, 40 | 80, 120: a file 60 s old is rotated before the next write.
     assert w.rotations == 1
@@ -300,6 +309,7 @@ def test_a_recorded_demo_run_replays_in_simulate(tmp_path: Path) -> None:
             assert ids.setdefault(b, a) == a  # one recorded id per sent id, ...
     assert len(set(ids.values())) == len(ids)  # ... and one sent id per recorded id
     assert not set(ids) & set(ids.values())  # salted
+    assert "ipc://" not in rec_path.read_text()  # the header's reply endpoint (and rid) never get written
     sim = subprocess.run(
         [*DPCORE, "simulate", "--trace", str(rec_path), "--time-scale", str(1 / speedup), "--dp-size", "4",
          "--policy", "round_robin", "--format", "json"],

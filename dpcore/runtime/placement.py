@@ -81,8 +81,9 @@ class Placer:
         self.dp_size = manager.ctx.dp_size
         self.stopping = False
         self._encode_dispatch = wire.dispatch_encoder()
-        #: Called with every well-formed request received (``dpcore serve --record``); must not block.
-        self.record: Callable[[Request], None] | None = None
+        #: Called with every well-formed request received and its header frame (``dpcore serve
+        #: --record``); must not block.
+        self.record: Callable[[Request, Any], None] | None = None
 
     def on_ingress(self) -> bool:
         """Handle up to :data:`BATCH` ingress messages; ``True`` if more may be waiting."""
@@ -123,7 +124,7 @@ class Placer:
             request, reply = msg
             books.received += 1
             if self.record is not None:
-                self.record(request)
+                self.record(request, hdr)
             if extra:
                 msg = f"request {request.rid!r}: {extra + 2} frames, expected a header and a payload"
                 self.reject(reply, request.rid, CODE_MALFORMED, msg)

@@ -46,8 +46,11 @@ from typing import Any
 import structlog
 from attrs import field, frozen
 
+import msgpack
+
 from dpcore.errors import ConfigError
 from dpcore.hashing import DEFAULT_BLOCK_SIZE
+from dpcore.model import Request
 from dpcore.runtime import tracewriter
 from dpcore.runtime.supervise import Supervised
 
@@ -105,15 +108,16 @@ class RecordConfig:
 class Recorder:
     """Records requests offered on the controller's loop, through a writer process.
 
-    Counters (read by metrics and the final report): ``offered``, ``sampled_out``, ``dropped``
-    (the queue was full), ``recorded`` and ``rotations`` (as the writer reports them), ``lost``
-    (handed to a writer that died before writing them).
+    Counters (read by metrics and the final report): ``sampled_out``, ``dropped`` (the queue
+    was full), ``recorded`` and ``rotations`` (as the writer reports them), ``lost`` (handed to
+    a writer that died before writing them).
     """
 
     def __init__(self, config: RecordConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self._queue: deque[tuple[float, int, tuple[int, ...], int | None]] = deque()
+        self._queue: deque[tuple[float, Any]] = deque()
+        self._cap = config.queue
         self._threshold = min(int(config.sample * _SAMPLE_SPACE), _SAMPLE_SPACE)
         self._salt = os.urandom(16)
         self._t0 = clock()
@@ -125,13 +129,13 @@ class Recorder:
         self.thread: Supervised | None = None
         self.log = structlog.get_logger("dpcore.recorder")
         # Written by the loop thread only.
-        self.offered = 0
         self.sampled_out = 0
         self.dropped = 0
         # Written by the writer thread only: totals of earlier writer processes + the current one's.
         self._done = [0, 0]  # recorded, rotations
         self._current = [0, 0]
         self.lost = 0
+        self._handed_total = 0
 
     @property
     def recorded(self) -> int:
@@ -143,17 +147,21 @@ class Recorder:
 
     # ------------------------------------------------------------------ the loop's side
 
-    def offer(self, request: Any) -> None:
-        """Queue *request* (a :class:`dpcore.Request`) for the writer; never blocks."""
-        self.offered += 1
+    def offer(self, request: Any, header: Any = None) -> None:
+        """Queue *request* (a :class:`dpcore.Request`) for the writer; never blocks.
+
+        *header*: the request's wire header frame as received (bytes or a zmq frame), when
+        there is one: it is queued as it is and decoded by the writer process, so the loop
+        copies and converts nothing.
+        """
         if self._threshold < _SAMPLE_SPACE and zlib.crc32(request.rid.encode()) >= self._threshold:
             self.sampled_out += 1
             return
         q = self._queue
-        if len(q) >= self.config.queue:
+        if len(q) >= self._cap:
             self.dropped += 1
             return
-        q.append((self.clock(), request.num_tokens, request.block_hashes, request.max_new_tokens))
+        q.append((self.clock(), request if header is None else header))
 
     # ------------------------------------------------------------------ the writer thread
 
@@ -189,7 +197,8 @@ class Recorder:
         q = self._queue
         n = len(q)
         if n:
-            batch = [q.popleft() for _ in range(n)]
+            popleft = q.popleft
+            batch = [(t, _header(x)) for t, x in (popleft() for _ in range(n))]
             try:
                 self._child.stdin.write(tracewriter.frame(batch))  # type: ignore[union-attr]
                 self._child.stdin.flush()  # type: ignore[union-attr]
@@ -198,6 +207,7 @@ class Recorder:
                 self._end_child(1.0)
                 raise  # the supervisor logs it, counts it and runs us again (with a new writer)
             self._handed += n
+            self._handed_total += n
         self._read_status()
 
     def _read_status(self) -> None:
@@ -262,7 +272,7 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         return {
             "path": self.config.path,
-            "offered": self.offered,
+            "offered": self.sampled_out + self.dropped + len(self._queue) + self._handed_total,
             "recorded": self.recorded,
             "sampled_out": self.sampled_out,
             "dropped": self.dropped,
@@ -306,6 +316,14 @@ class Recorder:
                 yield GaugeMetricFamily("dpcore_record_queued", "Records waiting for the writer", value=s["queued"])
 
         return RecorderCollector()
+
+
+def _header(x: Any) -> Any:
+    """What the writer process gets for a queued item: the wire header's bytes, as received
+    or (for a :class:`~dpcore.model.Request` offered without one) encoded here."""
+    if type(x) is Request:
+        return msgpack.packb({"n": x.num_tokens, "bh": x.block_hashes, "mnt": x.max_new_tokens})
+    return memoryview(x)
 
 
 def from_args(args: Any) -> Recorder | None:

@@ -4,7 +4,9 @@
 CPU spent on salting block hashes and formatting JSON never holds the controller's GIL. The
 controller sends it length-prefixed msgpack frames on its stdin: first the settings (with
 the recording's salt and time origin, so a restarted writer continues the same recording),
-then batches of ``[arrival, input_length, block_hashes, max_new_tokens]``. After each batch it
+then batches of ``[arrival, request header]`` (the wire header as the controller received
+it: only ``n``, ``bh`` and ``mnt`` are read, never the request id or reply endpoint, and
+nothing but lengths and salted ids is written). After each batch it
 prints ``recorded rotations`` on stdout. It ends when its stdin closes (also when the
 controller dies), ignores Ctrl-C, so the controller's last batch still gets written, and runs
 at a lower CPU priority (:data:`NICE`) than the controller.
@@ -17,9 +19,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, BinaryIO
+
+import msgpack
 
 from dpcore import tracefile
 
@@ -81,10 +85,17 @@ class TraceWriter:
         self._opened = self.clock()
 
     def write(self, batch: Sequence[Sequence[Any]]) -> None:
+        """Write *batch*: ``(arrival, header)`` pairs, the header a request's msgpack wire
+        header (bytes) or its decoded mapping."""
         if not batch:
             return
         bs, t0, ids, line = self.block_size, self.t0, self.salted.ids, tracefile.line
-        text = "".join(line((t - t0) * 1000, n, mnt or 0, ids(hashes, n), bs) for t, n, hashes, mnt in batch)
+        out = []
+        for t, raw in batch:
+            h = raw if isinstance(raw, Mapping) else msgpack.unpackb(raw)
+            n = h.get("n") or 0
+            out.append(line((t - t0) * 1000, n, h.get("mnt") or 0, ids(h.get("bh") or (), n), bs))
+        text = "".join(out)
         if self._file is None:
             self.open(fresh=False)
         if self._bytes and (
@@ -122,16 +133,12 @@ class TraceWriter:
 
 def frame(obj: Any) -> bytes:
     """*obj* as one length-prefixed msgpack frame."""
-    import msgpack
-
     data = msgpack.packb(obj)
     return len(data).to_bytes(PREFIX, "little") + data
 
 
 def read_frame(stream: BinaryIO) -> Any:
     """The next frame's object, or ``None`` at the end of *stream*."""
-    import msgpack
-
     head = stream.read(PREFIX)
     if len(head) < PREFIX:
         return None
@@ -159,10 +166,15 @@ def main() -> int:
                     keep=cfg["keep"], salt=cfg["salt"], t0=cfg["t0"])  # fmt: skip
     w.open(fresh=cfg["fresh"])
     try:
+        reporting = True
         while (batch := read_frame(stdin)) is not None:
             w.write(batch)
-            sys.stdout.write(f"{w.recorded} {w.rotations}\n")
-            sys.stdout.flush()
+            if reporting:
+                try:
+                    sys.stdout.write(f"{w.recorded} {w.rotations}\n")
+                    sys.stdout.flush()
+                except OSError:  # the controller is gone; what it sent is still written
+                    reporting = False
     finally:
         w.close()
     return 0
