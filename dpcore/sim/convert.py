@@ -43,7 +43,7 @@ from attrs import frozen
 
 from dpcore.errors import ConfigError
 from dpcore.hashing import DEFAULT_BLOCK_SIZE, block_hashes
-from dpcore.sim.traces import TraceError
+from dpcore.sim.traces import TraceError, reading
 
 FORMATS = ("sglang-log", "openai-jsonl")
 #: The marker SGLang's level-2 log puts in the middle of a cut list or string
@@ -63,17 +63,10 @@ class Row:
 
 
 def _json_lines(path: str) -> Iterator[tuple[int, str]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, text in enumerate(f, 1):
-                if text.strip():
-                    yield n, text
-    except FileNotFoundError:
-        raise TraceError("no such file", path=path) from None
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"not a text file ({exc.reason})", path=path) from None
-    except OSError as exc:
-        raise TraceError(f"cannot read: {exc.strerror}", path=path) from None
+    with reading(path), open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, 1):
+            if text.strip():
+                yield n, text
 
 
 def _int(value: Any, what: str, path: str, line: int, minimum: int = 0) -> int:

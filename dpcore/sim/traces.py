@@ -32,6 +32,7 @@ import math
 import random
 import statistics
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -256,6 +257,19 @@ def _spread(times: list[float], tick: float, seed: int) -> list[float]:
     return out
 
 
+@contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Turns the errors of reading the text file *path* into :class:`TraceError`."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise TraceError("no such file", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"not a text file ({exc.reason})", path=path) from None
+    except OSError as exc:
+        raise TraceError(f"cannot read: {exc.strerror}", path=path) from None
+
+
 def detect_format(path: str) -> str:
     """``"mooncake"`` for .jsonl/.json or a file starting with ``{``; ``"azure"`` otherwise."""
     suffix = Path(path).suffix.lower()
@@ -302,16 +316,10 @@ def read_trace(
     if fmt not in FORMATS:
         raise TraceError(f"unknown trace format {fmt!r}; expected one of {FORMATS}", path=path)
     found: list[int] = []
-    try:
+    with reading(path):
         rows = list(
             _mooncake_rows(path, limit, block_size, found) if fmt == "mooncake" else _azure_rows(path, limit)
         )
-    except FileNotFoundError:
-        raise TraceError("no such file", path=path) from None
-    except UnicodeDecodeError as exc:
-        raise TraceError(f"not a text file ({exc.reason})", path=path) from None
-    except OSError as exc:
-        raise TraceError(f"cannot read: {exc.strerror}", path=path) from None
     if not rows:
         raise TraceError("no requests in the file", path=path)
     times = [r[1] for r in rows]
