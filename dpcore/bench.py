@@ -64,7 +64,12 @@ def _router(mode: str, eps: dict[str, Any], ready: Any) -> None:
 
         manager = PolicyManager.from_method("total_requests", dp_size=len(eps["dispatch"]))
         ce = ControllerEndpoints(eps["ingress"], eps["report"], tuple(eps["dispatch"]))
-        c = Controller(manager, endpoints=ce, heartbeat_timeout_s=30.0)
+        shadow = None
+        if eps.get("shadow"):
+            from dpcore.runtime.shadow import Shadow
+
+            shadow = Shadow(manager, eps["shadow"])
+        c = Controller(manager, endpoints=ce, heartbeat_timeout_s=30.0, shadow=shadow)
         signal.signal(signal.SIGTERM, lambda *_: c.request_stop(0.0))
         rec = None
         if mode == RECORD:
@@ -206,8 +211,12 @@ def _cpu_seconds(pid: int) -> float | None:
 # ----------------------------------------------------------------------------- one run
 
 
-def forward_once(mode: str, count: int, tokens: int, dp_size: int, idle_s: float = 0.0) -> dict[str, Any]:
-    """One forwarding run; returns msgs/s (and idle CPU % of the router when *idle_s*)."""
+def forward_once(
+    mode: str, count: int, tokens: int, dp_size: int, idle_s: float = 0.0, shadow: str | None = None
+) -> dict[str, Any]:
+    """One forwarding run; returns msgs/s (and idle CPU % of the router when *idle_s*).
+
+    *shadow*: a shadow chain beside dpcore's live one (:mod:`dpcore.runtime.shadow`)."""
     from dpcore.sdk import endpoints as ep
 
     ctx = mp.get_context("spawn")
@@ -217,6 +226,7 @@ def forward_once(mode: str, count: int, tokens: int, dp_size: int, idle_s: float
         "report": ep.ipc(run_dir, "rep"),
         "dispatch": [ep.ipc(run_dir, f"r{r}") for r in range(dp_size)],
         "record": os.path.join(run_dir, "record.jsonl"),
+        "shadow": shadow,
     }
     counts = ctx.Array("q", dp_size, lock=False)
     first = ctx.Array("d", dp_size, lock=False)
@@ -342,6 +352,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decisions", type=int, default=50_000, help="decisions timed per policy (default 50000)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU measurement window (default 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--shadow-policy", default=None, metavar="NAME",
+                   help="run dpcore's loop with this shadow chain beside total_requests (its cost)")  # fmt: skip
     p.add_argument(
         "--record",
         action="store_true",
@@ -396,7 +408,8 @@ def run(args: argparse.Namespace) -> int:
             for mode in modes:
                 progress.update(task, description=f"{mode} run {i + 1}/{args.repeat}")
                 measure_idle = mode == "dpcore" and i == args.repeat - 1
-                res = forward_once(mode, args.count, args.tokens, args.dp_size, args.idle_seconds if measure_idle else 0.0)
+                res = forward_once(mode, args.count, args.tokens, args.dp_size, args.idle_seconds if measure_idle else 0.0,
+                                   shadow=args.shadow_policy)  # fmt: skip
                 runs[mode].append(res["msgs_per_s"])
                 if "router_cpu_us_per_msg" in res:
                     cpu[mode].append(res["router_cpu_us_per_msg"])
@@ -410,7 +423,8 @@ def run(args: argparse.Namespace) -> int:
     vs_pickle = med["dpcore"] / med["pickle"]
     vs_proxy = med["dpcore"] / med["proxy"]
 
-    t = Table(title=f"forwarding: {args.count:,} requests x {args.tokens} token ids, {args.dp_size} ranks, ipc")
+    shadowed = f", dpcore with shadow {args.shadow_policy}" if args.shadow_policy else ""
+    t = Table(title=f"forwarding: {args.count:,} requests x {args.tokens} token ids, {args.dp_size} ranks, ipc{shadowed}")
     for col in ("loop", "msgs/s", "runs", "dpcore is", "CPU µs/msg"):
         t.add_column(col, justify="right" if col != "loop" else "left")
     labels = {"dpcore": "dpcore (total_requests)", "pickle": "pickle loop", "proxy": "zmq.proxy (C)",

@@ -26,6 +26,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("policies", "dpcore.cli", "list installed policies"),
     ("serve", "dpcore.cli", "run the controller (or validate with --dry-run)"),
     ("policy", "dpcore.policycli", "show or swap the running controller's policy chain (no restart)"),
+    ("shadow-report", "dpcore.shadowreport", "what the --shadow-policy chain of a running controller would have done"),
     ("demo", "dpcore.demo", "run a controller and mock ranks, replay a real trace, show per-rank results"),
     ("mock-worker", "dpcore.mock.worker", "run one mock engine rank (used by the demo and tests)"),
     ("mock-barrier", "dpcore.mock.barrier", "run the step barrier that keeps mock ranks in lockstep"),
@@ -222,7 +223,7 @@ _ECHOED = (
     "policy_budget_ms", "admission_timeout", "metrics_host", "metrics_port", "curve_dir", "http_host", "http_port",
     "bootstrap_port", "bootstrap_host", "bootstrap_url", "prefill_dp_size", "prefill_load_balance_method",
     "pd_resolve_timeout", "admin_token_file", "record", "record_block_size", "record_sample", "record_max_bytes",
-    "record_rotate_s", "record_keep",
+    "record_rotate_s", "record_keep", "shadow_policy", "shadow_budget_ms",
 )
 
 

@@ -433,15 +433,21 @@ class PolicyManager:
         calls = self._dispatch_calls
         if calls is None or calls:
             try:
-                if calls is None:
-                    self._on_dispatch(request=request, rank=rank, seq=seq, ctx=self.ctx)
-                else:
-                    ctx = self.ctx
-                    for call in calls:
-                        call(request, rank, seq, ctx)
+                self.notify_dispatch(request, rank, seq)
             except Exception as exc:  # the request is already on its way; only log
                 self.ctx.log.error("on_dispatch_failed", rid=request.rid, rank=rank, error=repr(exc))
         return seq
+
+    def notify_dispatch(self, request: Request, rank: int, seq: int) -> None:
+        """Call ``on_dispatch`` without counting anything in the ledger (a shadow chain is
+        told where the live chain sent a request); raises what a policy raised."""
+        calls = self._dispatch_calls
+        if calls is None:
+            self._on_dispatch(request=request, rank=rank, seq=seq, ctx=self.ctx)
+        else:
+            ctx = self.ctx
+            for call in calls:
+                call(request, rank, seq, ctx)
 
     def route(self, request: Request) -> int:
         """:meth:`select` then :meth:`dispatched`; for callers that send after choosing."""

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _where(args: argparse.Namespace) -> tuple[str, str | None]:
+def where(args: argparse.Namespace) -> tuple[str, str | None]:
     """(status endpoint, admin token file or None)."""
     from dpcore.runtime import admin
     from dpcore.sdk import endpoints
@@ -45,7 +45,7 @@ def _where(args: argparse.Namespace) -> tuple[str, str | None]:
     given = [x for x in (args.run_dir, args.endpoints_file, args.status) if x]
     if len(given) != 1:
         raise ConfigError("name the controller with one of --run-dir DIR, --endpoints-file PATH or --status EP")
-    token_file = args.admin_token_file
+    token_file = getattr(args, "admin_token_file", None)
     if args.run_dir:
         return endpoints.ipc(args.run_dir, "status"), token_file or os.path.join(args.run_dir, admin.TOKEN_NAME)
     if args.endpoints_file:
@@ -60,7 +60,7 @@ def _where(args: argparse.Namespace) -> tuple[str, str | None]:
     return endpoints.check(args.status, "--status"), token_file
 
 
-def _status(endpoint: str, timeout_s: float) -> dict[str, Any]:
+def status_of(endpoint: str, timeout_s: float) -> dict[str, Any]:
     import asyncio
 
     import zmq.asyncio
@@ -100,9 +100,9 @@ def _print_show(st: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     from dpcore.runtime import admin
 
-    endpoint, token_file = _where(args)
+    endpoint, token_file = where(args)
     if args.policy_command == "show":
-        st = _status(endpoint, args.timeout)
+        st = status_of(endpoint, args.timeout)
         if args.json:
             print(json.dumps({k: st.get(k) for k in ("load_balance_method", "requested", "reason", "policy_swaps")}, indent=2))
         else:

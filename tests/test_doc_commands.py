@@ -40,6 +40,7 @@ SKIP = {
     ".venv/bin/python scripts/compare_load_balancing.py": "minutes per run even when limited; tests/test_scripts.py runs it",
     ".venv/bin/python scripts/compare_kv_events.py": "minutes per cell even when limited; tests/test_scripts.py runs it",
     "dpcore policy": "needs a running dpcore serve; tests/test_swap.py runs show and swap against one",
+    "dpcore shadow-report": "needs a running dpcore serve --shadow-policy; tests/test_shadow.py runs it",
     ".venv/bin/python scripts/load_levels.py": "a search over many full-trace runs; tests/test_scripts.py runs it",
     "python -m dpcore_sglang.launch_server": "needs SGLang: adapters/sglang/tests run it in the pinned venv",
     "dpcore bench --sglang": "builds the pinned SGLang venv (minutes); adapters/sglang/tests run its controller harness",

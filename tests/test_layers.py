@@ -48,6 +48,7 @@ LAYERS = {
     "dpcore.sim": 2,
     "dpcore.cli": 3,
     "dpcore.policycli": 3,
+    "dpcore.shadowreport": 3,
     "dpcore.__main__": 3,
     "dpcore.bench": 3,
     "dpcore.bench_baseline": 3,

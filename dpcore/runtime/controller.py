@@ -85,6 +85,8 @@ class Controller:
     :param drain_timeout_s: On stop, how long in-flight requests may still complete.
     :param curve: CURVE keys for TCP endpoints (:mod:`dpcore.security`); default: from the
         environment, ``False``: none.
+    :param shadow: A shadow chain (:class:`~dpcore.runtime.shadow.Shadow`) decided beside the
+        live one on every request, never dispatching.
     :param max_message_bytes: Largest ingress frame; the transport drops the connection of
         a peer that sends a bigger one (the client SDK refuses to send it).
     """
@@ -108,6 +110,7 @@ class Controller:
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         policy_budget_s: float = POLICY_BUDGET_S,
         admission_timeout_s: float = ADMISSION_TIMEOUT_S,
+        shadow: Any = None,
     ) -> None:
         n = manager.ctx.dp_size
         self.mode = manager.ctx.disaggregation_mode
@@ -136,6 +139,9 @@ class Controller:
             admission_timeout_s=admission_timeout_s,
             redispatch=self.placer.redispatch, fail=self.placer.fail, log=self.log,
         )  # fmt: skip
+        if shadow is not None:
+            shadow.attach()
+            self.placer.shadow = self.lifecycle.shadow = shadow
         self._pd_sock = getattr(pd, "socket", None)
         if self._pd_sock is not None:
             self.transport.poller.register(self._pd_sock, zmq.POLLIN)

@@ -92,6 +92,8 @@ class RankLifecycle:
         log: Any,
     ) -> None:
         self.manager = manager
+        #: A shadow chain (:class:`dpcore.runtime.shadow.Shadow`), told of every applied report.
+        self.shadow: Any = None
         self.ledger = manager.ledger
         self.inflight = inflight
         self.outbox = outbox
@@ -209,6 +211,8 @@ class RankLifecycle:
         was_active = self.ledger.is_active(r)
         if not self.manager.report(report):
             self.books.stale_reports += 1  # not newer than the last one applied (still a sign of life)
+        elif self.shadow is not None:
+            self.shadow.report(report)
         if not was_active:
             self.log.info("rank_rejoined", rank=r, epoch=report.epoch)
             self._reschedule()

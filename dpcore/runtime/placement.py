@@ -84,6 +84,8 @@ class Placer:
         #: Called with every well-formed request received and its header frame (``dpcore serve
         #: --record``); must not block.
         self.record: Callable[[Request, Any], None] | None = None
+        #: A shadow chain (:class:`dpcore.runtime.shadow.Shadow`) asked after each live decision.
+        self.shadow: Any = None
 
     def on_ingress(self) -> bool:
         """Handle up to :data:`BATCH` ingress messages; ``True`` if more may be waiting."""
@@ -160,6 +162,8 @@ class Placer:
         self.books.decided(took, self.manager.ctx.decision)
         if took > self.policy_budget_s:
             self._overrun(request, took)
+        if self.shadow is not None:
+            self.shadow.decide(request, rank)  # on the state the live chain saw
         self._send(rank, request, reply, hdr, payload, pr, moved_from)
 
     def _overrun(self, request: Request, took: float) -> None:
@@ -192,6 +196,8 @@ class Placer:
             except Exception as exc:  # registration is best effort; the request still goes
                 self.log.error("pd_register_failed", rid=request.rid, rank=rank, error=repr(exc))
         seq = self.manager.dispatched(request, rank)
+        if self.shadow is not None:
+            self.shadow.dispatched(request, rank, seq)
         self.outbox.stage(rank, seq, (self._encode_dispatch(rank, seq, pr), hdr, payload))
         self.inflight.add(rank, seq, InFlight(request, reply, hdr, payload, pr))
         books = self.books

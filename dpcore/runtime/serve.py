@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpcore import security
-from dpcore.errors import ConfigError
+from dpcore.errors import ConfigError, DpcoreError
 from dpcore.runtime import defaults
 
 
@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "commands disabled)")  # fmt: skip
     s.add_argument("--curve-dir", default=None, metavar="DIR",
                    help="tcp: CURVE keys from `dpcore keys` (default: $DPCORE_CURVE_DIR; none: no CURVE)")  # fmt: skip
+    from dpcore.runtime import shadow
+
+    shadow.add_arguments(p)
     try:
         from dpcore.runtime import pd_setup
     except ImportError:  # pragma: no cover - PD support is part of the package
@@ -182,6 +185,24 @@ def _curve_keys(args: argparse.Namespace) -> Any:
     return security.from_env(role=security.CONTROLLER)
 
 
+def _shadow(args: argparse.Namespace, manager: Any) -> Any:
+    """The shadow chain of ``--shadow-policy`` (attached by the controller), or ``None``."""
+    from dpcore.cli import parse_policy_options
+    from dpcore.runtime.shadow import Shadow
+
+    if not args.shadow_policy:
+        if args.shadow_policy_option:
+            raise ConfigError("--shadow-policy-option needs --shadow-policy")
+        return None
+    try:
+        return Shadow(manager, args.shadow_policy, parse_policy_options(args.shadow_policy_option),
+                      budget_s=args.shadow_budget_ms / 1000)  # fmt: skip
+    except DpcoreError as exc:
+        raise ConfigError(f"--shadow-policy {args.shadow_policy!r}: {exc}") from None
+    except Exception as exc:  # a constructor that raises: one line, like every configuration error
+        raise ConfigError(f"--shadow-policy {args.shadow_policy!r}: building it raised {exc!r}") from None
+
+
 def _admin(args: argparse.Namespace, controller: Any, run_dir: Any) -> tuple[Any, Any, str | None]:
     """The policy swapper, the admin command handler and the admin token file (or ``None``:
     admin commands disabled)."""
@@ -216,6 +237,7 @@ def check(args: argparse.Namespace, manager: Any) -> None:
         from dpcore.runtime import recorder
 
         recorder.config_from_args(args)
+    _shadow(args, manager)  # builds it (a bad shadow fails here); the controller attaches the one run() builds
     if getattr(args, "http_port", None) is not None:
         from dpcore.http import server as http_server
 
@@ -265,6 +287,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         if args.metrics_port is not None:
             metrics_server, metrics_port = metrics.bind(args.metrics_port, args.metrics_host)
         handler = pd_setup.from_args(args, manager, zmq_ctx=ctx, log=log)
+        shadow = _shadow(args, manager)
         prefill_dp = None
         if manager.ctx.disaggregation_mode == "decode":
             prefill_dp = handler.prefill_dp_size if handler is not None else args.prefill_dp_size
@@ -273,7 +296,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             sndhwm=args.sndhwm, backlog=args.backlog, pd=handler, prefill_dp_size=prefill_dp,
             drain_timeout_s=args.drain_timeout, curve=keys or False, max_message_bytes=args.max_message_bytes,
             limits=limits_from_args(args), policy_budget_s=args.policy_budget_ms / 1000,
-            admission_timeout_s=args.admission_timeout,
+            admission_timeout_s=args.admission_timeout, shadow=shadow,
         )  # fmt: skip
         c = controller
         if rec is not None:
@@ -294,7 +317,8 @@ def run(args: argparse.Namespace, manager: Any) -> int:
 
         status_server = status.StatusServer(
             status_ep,
-            lambda: status.snapshot(manager, counters=c.stats(), threads=thread_report(), policy_swaps=policy_swaps()),
+            lambda: status.snapshot(manager, counters=c.stats(), threads=thread_report(), policy_swaps=policy_swaps(),
+                                    shadow=shadow.summary() if shadow is not None else None),
             call_soon=c.call_soon, ctx=ctx, curve=keys or False, admin=admin_cmds.answer,
         )  # fmt: skip
         threads.append(status_server.thread)
@@ -305,7 +329,11 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         if metrics_server is not None:
             from dpcore.runtime.swap import SwapCollector
 
-            collectors = [SwapCollector(swapper)] + ([rec.collector()] if rec is not None else [])
+            collectors: list[Any] = [SwapCollector(swapper)] + ([rec.collector()] if rec is not None else [])
+            if shadow is not None:
+                from dpcore.runtime.shadow import ShadowCollector
+
+                collectors.append(ShadowCollector(shadow, controller.on_loop))
             metrics.attach(metrics_server, controller, thread_report, collectors)
             threads.append(supervise.Supervised("dpcore-metrics", metrics_server.serve_forever, stopping).start())
             host = f"[{args.metrics_host}]" if ":" in args.metrics_host else args.metrics_host

@@ -130,11 +130,12 @@ def warm(candidate: PolicyManager, live: PolicyManager) -> None:
     hook = "on_rank_state"
     try:
         for r in range(ledger.dp_size):
-            candidate._on_rank_state(rank=r, active=ledger.is_active(r), epoch=ledger.epoch(r), new_life=False, ctx=ctx)
+            candidate.pm.hook.on_rank_state(rank=r, active=ledger.is_active(r), epoch=ledger.epoch(r), new_life=False,
+                                            ctx=ctx)  # fmt: skip
         hook = "on_load_report"
         for report in ledger.reports:
             if report is not None:
-                candidate._on_load_report(report=report, ctx=ctx)
+                candidate.pm.hook.on_load_report(report=report, ctx=ctx)
     except Exception as exc:
         msg = f"{hook} raised {type(exc).__name__}: {exc} while warming up {list(candidate.chain)}"
         raise SwapRefused(WARM_START_FAILED, msg) from exc
