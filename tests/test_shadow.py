@@ -179,7 +179,7 @@ def test_rank_states_and_reports_reach_the_shadow():
 )  # fmt: skip
 def test_a_failing_or_slow_shadow_is_suspended_and_stops_costing(method, says, counter):
     live = PolicyManager.from_method("round_robin", dp_size=2)
-    shadow = Shadow(live, method, classes=CLASSES)
+    shadow = Shadow(live, method, classes=CLASSES, budget_s=0.002)
     shadow.attach()
     for i in range(40):
         req = Request(f"s{i}", num_tokens=3)
@@ -207,7 +207,7 @@ def test_shadow_options_are_checked():
 @contextlib.contextmanager
 def controller_with_ranks(live_method: str, shadow_method: str, dp_size: int = 2):
     manager = PolicyManager.from_method(live_method, dp_size=dp_size)
-    shadow = Shadow(manager, shadow_method, classes=CLASSES)
+    shadow = Shadow(manager, shadow_method, classes=CLASSES, budget_s=0.002)
     c = Controller(manager, shadow=shadow)
     c.start()
     procs = []

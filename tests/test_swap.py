@@ -148,6 +148,23 @@ def test_new_chain_starts_warm():
     assert pin.reports[-1].seq == 2 and pin.states[-1] == (1, True, None, False)
 
 
+def test_what_changes_between_warm_up_and_install_reaches_the_new_chain():
+    manager = PolicyManager.from_method("round_robin", dp_size=3)
+    manager.report(LoadReport(rank=0, epoch=1, seq=1, num_tokens=5))
+
+    def on_loop(fn, timeout_s):
+        # The loop moves on while the new chain is being built and warmed off the loop.
+        manager.report(LoadReport(rank=0, epoch=1, seq=2, num_tokens=7))
+        manager.ledger.set_active(2, False)
+        return fn()
+
+    swapper = swap.Swapper(types.SimpleNamespace(manager=manager, on_loop=on_loop), classes=CLASSES)
+    swapper.swap("pin")
+    pin = manager.policies["pin"]
+    assert [r.num_tokens for r in pin.reports] == [5, 7]  # the warm-up, then the newer report
+    assert pin.states == [(0, True, 1, False), (1, True, None, False), (2, True, None, False), (2, False, None, False)]
+
+
 @pytest.mark.parametrize(
     ("method", "options", "reason", "says"),
     [

@@ -39,7 +39,7 @@ from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, Request
 
 #: Default time budget of one shadow decision (``--shadow-budget-ms``).
-BUDGET_S = 0.002
+BUDGET_S = 0.005
 #: Overruns plus errors within :data:`STRIKE_WINDOW` decisions that suspend the shadow.
 MAX_STRIKES = 10
 STRIKE_WINDOW = 1000

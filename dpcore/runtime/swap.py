@@ -8,12 +8,13 @@ A swap has two halves:
    start-up. Anything wrong (unknown policy, bad option, a constructor that raises, a hook
    with a bad signature) refuses the swap with a reason code and the message; the running
    chain never noticed.
+   Then it is warmed up, still off the loop: ``on_rank_state`` for every rank with its
+   liveness and epoch, then ``on_load_report`` with the last report applied for each rank.
 2. **Install**, on the controller's loop thread between two messages
-   (:meth:`Controller.on_loop <dpcore.runtime.controller.Controller.on_loop>`): the new chain
-   is warmed up (``on_rank_state`` for every rank with its current liveness and epoch, then
-   ``on_load_report`` with the last report applied for each rank that has one), then the
-   manager adopts it (:meth:`PolicyManager.adopt <dpcore.manager.PolicyManager.adopt>`). The
-   next request is decided by the new chain. A warm-up hook that raises refuses the swap.
+   (:meth:`Controller.on_loop <dpcore.runtime.controller.Controller.on_loop>`): what changed
+   since the warm-up (a rank lost, a newer report; usually nothing) is told to the new chain,
+   then the manager adopts it (:meth:`PolicyManager.adopt <dpcore.manager.PolicyManager.adopt>`).
+   The next request is decided by the new chain. A warm-up hook that raises refuses the swap.
 
 The ledger (loads, unacknowledged dispatches, liveness, rank lives) and the exact cache index
 built from KV events stay: they belong to the controller, not to a chain. A policy's private
@@ -23,7 +24,7 @@ approximate prefix index starts empty and fills from the requests it sees after 
 
 Requests in flight are untouched: a request is decided once, by the chain that was live at
 that moment, so no request is lost, sent twice or decided twice. The install costs the loop
-one warm-up (a few hook calls per rank), measured and reported as ``install_us``.
+a comparison per rank and the adoption, measured and reported as ``install_us``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from dpcore.errors import (
 )
 from dpcore.ledger import LedgerView, LoadLedger
 from dpcore.manager import PolicyManager
+from dpcore.model import LoadReport, PolicyContext
 from dpcore.runtime.pd import FOLLOW
 
 if TYPE_CHECKING:
@@ -119,22 +121,35 @@ def build(live: PolicyManager, method: str, options: Mapping[str, Mapping[str, A
     return candidate
 
 
-def warm(candidate: PolicyManager, live: PolicyManager) -> None:
-    """Tell *candidate*'s policies what *live*'s already know: each rank's liveness and life
-    (``on_rank_state``), then each rank's last applied load report (``on_load_report``).
+#: What the warm-up tells a new chain about one rank: (active, epoch, last applied report).
+RankState = tuple[bool, "int | None", "LoadReport | None"]
 
-    Runs on the loop thread. A hook that raises refuses the swap (:class:`SwapRefused`).
-    """
+
+def rank_states(live: PolicyManager) -> list[RankState]:
+    """Each rank's liveness, life and last applied report (items read whole, so this is
+    safe off the loop thread: at worst one rank is a step behind, and :func:`warm` on the loop
+    catches up)."""
     ledger = live.ledger
-    ctx = live.ctx
+    reports = ledger.reports
+    return [(ledger.is_active(r), ledger.epoch(r), reports[r]) for r in range(ledger.dp_size)]
+
+
+def warm(candidate: PolicyManager, ctx: PolicyContext, now: list[RankState], told: list[RankState] | None = None) -> None:
+    """Tell *candidate*'s policies each rank's state in *now* (``on_rank_state``, then
+    ``on_load_report`` with its last report), skipping what they were *told* already.
+
+    A swap warms the new chain off the loop with everything, then again on the loop with what
+    changed meanwhile (usually nothing), so the loop pays for a few comparisons. A hook that
+    raises refuses the swap (:class:`SwapRefused`).
+    """
     hook = "on_rank_state"
     try:
-        for r in range(ledger.dp_size):
-            candidate.pm.hook.on_rank_state(rank=r, active=ledger.is_active(r), epoch=ledger.epoch(r), new_life=False,
-                                            ctx=ctx)  # fmt: skip
+        for r, (active, epoch, _) in enumerate(now):
+            if told is None or told[r][:2] != (active, epoch):
+                candidate.pm.hook.on_rank_state(rank=r, active=active, epoch=epoch, new_life=False, ctx=ctx)
         hook = "on_load_report"
-        for report in ledger.reports:
-            if report is not None:
+        for r, (_, _, report) in enumerate(now):
+            if report is not None and (told is None or told[r][2] is not report):
                 candidate.pm.hook.on_load_report(report=report, ctx=ctx)
     except Exception as exc:
         msg = f"{hook} raised {type(exc).__name__}: {exc} while warming up {list(candidate.chain)}"
@@ -183,8 +198,10 @@ class Swapper:
             t0 = time.perf_counter()
             try:
                 candidate = build(self.manager, method, options, self.classes)
+                told = rank_states(self.manager)
+                warm(candidate, candidate.ctx, told)  # off the loop: everything known so far
                 entry["build_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-                entry["install_us"] = round(self._install(candidate) * 1e6, 1)
+                entry["install_us"] = round(self._install(candidate, told) * 1e6, 1)
             except SwapRefused as exc:
                 entry.update(result="refused", reason=exc.reason, error=str(exc))
                 self._record(entry)
@@ -197,8 +214,9 @@ class Swapper:
                           build_ms=entry["build_ms"], install_us=entry["install_us"], swaps=self.counts["ok"])  # fmt: skip
             return dict(entry)
 
-    def _install(self, candidate: PolicyManager) -> float:
-        """Warm *candidate* and adopt it on the loop thread; seconds the loop spent on it."""
+    def _install(self, candidate: PolicyManager, told: list[RankState]) -> float:
+        """On the loop thread: tell *candidate* what changed since *told*, then adopt it;
+        returns the seconds the loop spent on it."""
         state: dict[str, Any] = {"phase": "pending"}
         guard = threading.Lock()
 
@@ -209,7 +227,7 @@ class Swapper:
                 state["phase"] = "running"
             t = time.perf_counter()
             try:
-                warm(candidate, self.manager)
+                warm(candidate, self.manager.ctx, rank_states(self.manager), told)
                 self.manager.adopt(candidate)
             except SwapRefused as exc:  # handed to the caller, never raised in the loop
                 state["error"] = exc
