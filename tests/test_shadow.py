@@ -270,7 +270,7 @@ def test_serve_with_a_shadow_and_shadow_report(tmp_path):
     serve = subprocess.Popen(
         [sys.executable, "-m", "dpcore", "--log-json", "serve", "--dp-size", "2", "--load-balance-method", "cache_aware",
          "--shadow-policy", "cache_aware", "--run-dir", str(run_dir), "--endpoints-file", str(eps_file),
-         "--metrics-port", "0"],
+         "--metrics-port", "0", "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     procs = []
@@ -313,6 +313,12 @@ def test_serve_with_a_shadow_and_shadow_report(tmp_path):
         metrics = httpx.get(eps["metrics"]).text
         assert f"dpcore_shadow_agreements_total {s['decisions']:.1f}" in metrics
         assert 'dpcore_shadow_rank_requests_total{chain="shadow",rank="0"}' in metrics
+        for _ in range(300):  # the HTTP front's process may still be starting
+            with contextlib.suppress(httpx.TransportError):
+                info = httpx.get(f"{eps['http']}/server_info").json()
+                break
+            time.sleep(0.1)
+        assert info["shadow"]["agreement"] == 1.0 and info["shadow"]["decisions"] == s["decisions"]
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.communicate(timeout=60)

@@ -407,6 +407,7 @@ def test_swaps_under_load_keep_exact_books(tmp_path):
         info = httpx.get(f"{eps['http']}/server_info").json()
         assert info["load_balance_method"] == "round_robin,total_tokens"
         assert info["policy_swaps"]["swaps"] == 5 and info["policy_swaps"]["refused"] == 1
+        assert info["shadow"] is None  # no --shadow-policy
         metrics = httpx.get(eps["metrics"]).text
         assert 'dpcore_policy_swaps_total{result="ok"} 5.0' in metrics
         assert 'dpcore_policy_swaps_refused_total{reason="unknown_policy"} 1.0' in metrics

@@ -426,6 +426,8 @@ class Front:
             "counters": st.get("counters"),
             # The running chain's swaps (dpcore.runtime.swap): count, refusals, the last one.
             "policy_swaps": st.get("policy_swaps"),
+            # The --shadow-policy chain's agreement, load and cost (dpcore.runtime.shadow), or None.
+            "shadow": st.get("shadow"),
         }
         if self.config.bootstrap_port is not None:
             info["disaggregation_bootstrap_port"] = self.config.bootstrap_port
