@@ -52,6 +52,8 @@ class Books:
         "internal_errors",
         "loop_stalls",
         "policy_overruns",
+        "unconnected_reports",
+        "unproven_restarts",
         "dispatched",
         "completed",
         "failed",
@@ -83,6 +85,10 @@ class Books:
         # against the ranks); policy calls over their time budget.
         self.loop_stalls = 0
         self.policy_overruns = 0
+        # Reports for a rank nobody is connected as; new epochs for a live rank without a
+        # reconnection on its dispatch socket (both dropped: see runtime.lifecycle).
+        self.unconnected_reports = 0
+        self.unproven_restarts = 0
         self.dispatched = [0] * n
         self.completed = [0] * n
         self.failed = [0] * n
@@ -157,6 +163,8 @@ class Books:
             "internal_errors": self.internal_errors,
             "loop_stalls": self.loop_stalls,
             "policy_overruns": self.policy_overruns,
+            "unconnected_reports": self.unconnected_reports,
+            "unproven_restarts": self.unproven_restarts,
             "rejected_by_code": dict(self.rejected_by_code),
             "failed_by_code": dict(self.failed_by_code),
             "active_ranks": [r for r, a in enumerate(active) if a],

@@ -14,7 +14,7 @@ dispatch seq, prefill rank). The parts, one job each:
 
 This module places requests and runs the loop. Each turn, in this order: liveness
 deadlines, staged dispatches sent, one poll, then wake-ups (commands from other threads),
-reports, PD answers, requests, writable rank sockets.
+reports, PD answers, requests, writable rank sockets, connection events of rank sockets.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Controller:
         self.lifecycle = RankLifecycle(
             manager, self.inflight, self.outbox, self.books, heartbeat_timeout_s=heartbeat_timeout_s,
             admission_timeout_s=admission_timeout_s,
-            redispatch=self.placer.redispatch, fail=self.placer.fail, log=self.log,
+            redispatch=self.placer.redispatch, fail=self.placer.fail, log=self.log, conns=self.transport.conns,
         )  # fmt: skip
         if shadow is not None:
             shadow.attach()
@@ -261,6 +261,8 @@ class Controller:
         writable = outbox.writable
         life = self.lifecycle
         placer = self.placer
+        conns = t.conns
+        monitors = conns.rank_of if conns is not None else {}
         self.log.info(
             "controller_started",
             dp_size=self.dp_size,
@@ -299,6 +301,8 @@ class Controller:
                         for sock, flags in events:
                             if flags & zmq.POLLOUT and sock in writable:
                                 outbox.flush(writable[sock])
+                            elif sock in monitors:
+                                conns.read(monitors[sock])  # type: ignore[union-attr]  # who connected as a rank
                 except Exception:
                     # A bug must cost at most the messages of this turn, never the loop.
                     b = self.books

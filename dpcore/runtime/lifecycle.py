@@ -16,7 +16,14 @@ go to the cache index (:mod:`dpcore.cacheindex`) as they come.
 
 **Lives.** A report's ``epoch`` names one life of the rank's process. The ledger is the one
 record of which life a rank is in (:meth:`LoadLedger.epoch`); this module decides when a
-new life begins.
+new life begins. A report is believed only with evidence from the rank's own dispatch
+socket (:mod:`dpcore.runtime.connwatch`): while no process is connected there, a report for
+that rank is no sign of life (``unconnected_reports``; its completions still count), and a
+new epoch for an active rank is accepted only after a connection older than its current
+life closed and a new one completed its handshake, within a heartbeat timeout
+(``unproven_restarts`` otherwise: the report is dropped, nothing fails). A rank already
+inactive takes a new epoch without that proof: its previous life is settled, so believing
+the report fails nothing, and a restart whose reconnection was missed still gets in.
 
 **What happens to requests on a rank that dies** (silent past ``heartbeat_timeout_s``, or
 restarted with a new epoch): requests the rank had not admitted are re-dispatched to another
@@ -43,6 +50,7 @@ from dpcore.errors import WireError
 from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport
 from dpcore.runtime.books import Books, rate_limited
+from dpcore.runtime.connwatch import ConnectionWatch
 from dpcore.runtime.inflight import InFlight, InFlightTable
 from dpcore.runtime.outbox import Outbox
 
@@ -76,6 +84,8 @@ class RankLifecycle:
     :param heartbeat_timeout_s: A rank silent this long is inactive.
     :param redispatch: Places a request again, on another rank.
     :param fail: Fails a request towards its sender.
+    :param conns: Connections to the ranks' dispatch sockets: a report counts only while its
+        rank is connected, and a new epoch for a live rank only after a real reconnection.
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class RankLifecycle:
         redispatch: Redispatch,
         fail: Fail,
         log: Any,
+        conns: ConnectionWatch | None = None,
     ) -> None:
         self.manager = manager
         #: A shadow chain (:class:`dpcore.runtime.shadow.Shadow`), told of every applied report.
@@ -104,6 +115,8 @@ class RankLifecycle:
         self._redispatch = redispatch
         self._fail = fail
         self.log = log
+        #: Who is connected as each rank (``None``: every report is believed).
+        self.conns = conns
         # A rank that restarted before anyone noticed: the previous life's ack, the seqs that
         # may have gone to it, and when to stop waiting to learn which did (see _new_life).
         self._old_life: dict[int, tuple[int, set[int], float]] = {}
@@ -128,6 +141,7 @@ class RankLifecycle:
         n = self.ledger.dp_size
         ledger = self.ledger
         books = self.books
+        conns = self.conns
         more = False
         for _ in range(limit):
             try:
@@ -163,17 +177,29 @@ class RankLifecycle:
                     f"but only {ledger.next_dispatch_seq(r)} were sent to it"
                 )
                 continue
+            if conns is not None and not conns.connected(r):
+                # Nobody is connected as rank r: not a sign of life (a dead rank stays dead
+                # whatever a stranger sends). Completions of the current life still count.
+                self._unconnected(r, report.epoch)
+                if done and known == report.epoch:
+                    self._complete(r, done)
+                continue
             if known != report.epoch:
                 if known is not None:
+                    # A live rank's requests would all fail: only a real reconnection
+                    # proves the restart. An inactive rank's life is settled already.
+                    if conns is not None and ledger.is_active(r) and not self._reconnected(r):
+                        self._unproven_restart(r, known, report.epoch)
+                        continue
                     self._new_life(r, report.epoch, lo)
                 ledger.begin_life(r, report.epoch)
+                if conns is not None:
+                    conns.begin_life(r, time.monotonic())
                 latest.pop(r, None)
             elif lo is not None and r in self._old_life:
                 self._settle_old_life(r, lo)
             if done:
-                unknown = self.inflight.complete(r, done)
-                books.unknown_done += unknown
-                books.completed[r] += len(done) - unknown
+                self._complete(r, done)
             prev = latest.get(r)
             if prev is None or report.seq > prev.seq:
                 latest[r] = report
@@ -182,6 +208,34 @@ class RankLifecycle:
         for report in latest.values():
             self._apply(report)
         return more
+
+    def _complete(self, r: int, done: list[int]) -> None:
+        unknown = self.inflight.complete(r, done)
+        self.books.unknown_done += unknown
+        self.books.completed[r] += len(done) - unknown
+
+    def _reconnected(self, r: int) -> bool:
+        return self.conns is not None and self.conns.reconnected(r, time.monotonic(), self.heartbeat_timeout_s)
+
+    def _unconnected(self, r: int, epoch: int) -> None:
+        b = self.books
+        b.unconnected_reports += 1
+        if rate_limited(b.unconnected_reports):
+            self.log.warning(
+                "report_without_connection", rank=r, epoch=epoch, count=b.unconnected_reports,
+                why="no process is connected to this rank's dispatch socket; the report is not a sign of life",
+            )  # fmt: skip
+
+    def _unproven_restart(self, r: int, known: int, epoch: int) -> None:
+        """A report claims a new life for active rank *r*, but its dispatch socket saw no
+        reconnection: believing it would fail every request running there. Dropped."""
+        b = self.books
+        b.unproven_restarts += 1
+        if rate_limited(b.unproven_restarts):
+            self.log.error(
+                "restart_unproven", rank=r, epoch=known, claimed_epoch=epoch, count=b.unproven_restarts,
+                why="a new epoch for a live rank without a new connection on its dispatch socket; report dropped",
+            )  # fmt: skip
 
     def _kv_batch(self, batch: KvEventBatch) -> None:
         """Apply a rank's KV events to the cache index; ask the rank for a resync when the
@@ -291,9 +345,10 @@ class RankLifecycle:
     def _new_life(self, r: int, epoch: int, lo: int | None) -> None:
         """Rank *r* restarted (a new epoch) before its silence was noticed.
 
-        Requests still in its backlog were never sent and go to the new life. Of those sent,
-        the ones from ``lo`` on (the first seq the new life received) are the new life's; the
-        others were lost with the old one. Until a report says ``lo`` they cannot be told
+        Requests still in its backlog were never sent and go to the new life. Those the old
+        life admitted are lost with it and fail at once. Of the others sent, the ones from
+        ``lo`` on (the first seq the new life received) are the new life's; the others were
+        lost with the old one. Until a report says ``lo`` they cannot be told
         apart (some may still be on their way to the new life), so they wait for it, at most
         one heartbeat timeout, and are settled as lost then.
         """
@@ -306,6 +361,11 @@ class RankLifecycle:
         ack = self.inflight.take_acked(r)
         unsent = self.outbox.unsent(r)
         sent = {s for s in self.inflight.seqs(r) if s not in unsent}
+        # What the old life admitted was delivered to it, never to the new one: lost now.
+        admitted = {s for s in sent if s <= ack}
+        if admitted:
+            self._settle(r, admitted, ack, f"rank {r} restarted")
+            sent -= admitted
         if not sent:
             return
         self._old_life[r] = (ack, sent, time.monotonic() + self.heartbeat_timeout_s)

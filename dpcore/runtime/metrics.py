@@ -112,6 +112,16 @@ class ControllerCollector(Collector):
         yield CounterMetricFamily(
             "dpcore_policy_overruns", "Policy chain calls longer than --policy-budget-ms", value=s["policy_overruns"]
         )
+        yield CounterMetricFamily(
+            "dpcore_unconnected_reports",
+            "Load reports for a rank with no connection on its dispatch socket (not signs of life)",
+            value=s["unconnected_reports"],
+        )
+        yield CounterMetricFamily(
+            "dpcore_unproven_restarts",
+            "Reports claiming a new life for a live rank without a reconnection on its dispatch socket (dropped)",
+            value=s["unproven_restarts"],
+        )
 
 
 class ThreadsCollector(Collector):

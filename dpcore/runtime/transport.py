@@ -5,6 +5,7 @@ All sockets are bound here (senders and ranks connect):
 * **ingress** (PULL): ``req`` and ``ctl`` messages from any number of senders;
 * **report** (PULL): load reports from the ranks;
 * **dispatch[r]** (PUSH, one per rank, bounded ``SNDHWM``): see :mod:`dpcore.runtime.outbox`;
+* a monitor per rank socket (:mod:`dpcore.runtime.connwatch`): who is connected as that rank;
 * a socketpair that wakes the poller from other threads and from signal handlers;
 * reply PUSH sockets, one per sender endpoint (LRU), for rejections and failures.
 
@@ -23,6 +24,7 @@ from attrs import frozen
 
 from dpcore import security, wire
 from dpcore.runtime.books import Books, rate_limited
+from dpcore.runtime.connwatch import ConnectionWatch
 from dpcore.sdk import endpoints as ep
 
 #: How long rejections and failures may wait to reach a sender after the controller closes.
@@ -123,6 +125,7 @@ class Transport:
         self._run_dir: str | None = None
         self._replies: ep.PushCache | None = None
         self._wake_pair: tuple[socket.socket, ...] = ()
+        self.conns: ConnectionWatch | None = None
         if endpoints is None:
             if run_dir is None:
                 run_dir = self._run_dir = ep.make_run_dir()
@@ -137,6 +140,7 @@ class Transport:
             self.ingress = self._bind(zmq.PULL, endpoints.ingress, senders, maxmsgsize=max_message_bytes)
             self.reports = self._bind(zmq.PULL, endpoints.report, ranks, maxmsgsize=wire.MAX_REPORT_BYTES)
             self.dispatch = [self._bind(zmq.PUSH, e, ranks, sndhwm=sndhwm) for e in endpoints.dispatch]
+            watch = self.conns = ConnectionWatch(self.dispatch)
         except BaseException:
             self.close()
             raise
@@ -159,6 +163,8 @@ class Transport:
         self.poller.register(self.wake_fd, zmq.POLLIN)
         self.poller.register(self.reports, zmq.POLLIN)
         self.poller.register(self.ingress, zmq.POLLIN)
+        for m in watch.monitors:
+            self.poller.register(m, zmq.POLLIN)
 
     def _bind(self, kind: int, endpoint: str, domain: str, sndhwm: int | None = None, maxmsgsize: int = -1) -> zmq.Socket:  # type: ignore[type-arg]
         s = self.ctx.socket(kind)
@@ -198,6 +204,11 @@ class Transport:
     def close(self) -> None:
         if self._replies is not None:
             self._replies.close()
+        conns, self.conns = self.conns, None
+        if conns is not None:
+            for d in self.dispatch:
+                d.disable_monitor()
+            conns.close()
         for s in self._socks:
             s.close(linger=0)
         for w in self._wake_pair:
