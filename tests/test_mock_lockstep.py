@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from dpcore.mock.barrier import End, LocalClock, Sync
 from dpcore.mock.lockstep import IDLE, Lockstep, StepWork
 from dpcore.sim.stepmodel import StepModel
 
@@ -172,6 +173,20 @@ def test_a_restarted_rank_is_not_told_about_the_run_its_old_life_posted_for() ->
     assert g.join(1, 0.01) == 1
     ended, _ = g.tick(run.end)
     assert ended is not None and set(ended.versions) == {0}
+
+
+def test_a_rank_alone_that_rejoins_mid_run_is_not_told_of_that_run() -> None:
+    # A post for a run that is over makes a rank alone join again while a run is going; the
+    # run then ends without it (the mock rank once died here on a KeyError).
+    clock = LocalClock(0, 1e6, M)
+    clock.join()
+    clock.post(0, 1, decode(3), 0.0)
+    assert clock.lockstep.running is not None
+    clock.post(7, 1, decode(3), 0.0)  # stale: joins again
+    events: list[End | Sync] = []
+    while clock.lockstep.run_id == 0:  # until run 0 ended
+        events += clock.events()
+    assert [(type(e), e.run) for e in events] == [(Sync, 0), (Sync, 1)], events  # no End for run 0
 
 
 @pytest.mark.parametrize(

@@ -232,7 +232,9 @@ class LocalClock:
             ended, _ = self.lockstep.tick(due)
             if ended is None:
                 break
-            out.append(End(ended.run, ended.versions[self.rank], ended.steps, ended.end))
+            version = ended.versions.get(self.rank)
+            if version is not None:  # re-joined during the run: not told of it (as the barrier does)
+                out.append(End(ended.run, version, ended.steps, ended.end))
         return out
 
     def due_wall_s(self) -> float | None:
