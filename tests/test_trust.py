@@ -166,3 +166,22 @@ def test_forged_heartbeats_do_not_keep_a_dead_rank_active() -> None:
             f.kill()
             f.wait(10)
         assert all(c.consistent_stats()["balanced"].values())
+
+
+def test_ranks_that_start_late_get_the_startup_timeout() -> None:
+    # The ranks come up 2.5 heartbeat timeouts after the controller (a busy host, an engine
+    # loading its model): they were never silent, they had not spoken yet. Requests sent
+    # meanwhile wait for them instead of failing no_active_rank.
+    with LocalCluster("round_robin", 2, start_ranks=False, heartbeat_timeout_s=1.0, startup_timeout_s=30.0) as lc:
+        client = lc.client
+        assert client is not None
+        rids = {f"e{i}" for i in range(10)}
+        for rid in sorted(rids):
+            client.submit(rid, num_tokens=16)
+        time.sleep(2.5)
+        assert lc.controller.ledger.active_ranks == (0, 1)
+        for r in range(2):
+            lc.start_rank(r)
+        finals = collect(lc, rids)
+        assert {(r.rank, r.kind) for r in finals.values()} == {(0, "out"), (1, "out")}
+        assert all(lc.controller.consistent_stats()["balanced"].values())

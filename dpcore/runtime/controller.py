@@ -35,7 +35,14 @@ from dpcore.manager import PolicyManager
 from dpcore.runtime import defaults
 from dpcore.runtime.books import LATENCY_BUCKETS, MAX_REASONS, Books, rate_limited
 from dpcore.runtime.inflight import InFlightTable
-from dpcore.runtime.lifecycle import ADMISSION_TIMEOUT_S, CODE_RANK_DIED, KV_RESYNC, KV_RESYNC_INTERVAL_S, RankLifecycle
+from dpcore.runtime.lifecycle import (
+    ADMISSION_TIMEOUT_S,
+    CODE_RANK_DIED,
+    KV_RESYNC,
+    KV_RESYNC_INTERVAL_S,
+    STARTUP_TIMEOUT_S,
+    RankLifecycle,
+)
 from dpcore.runtime.outbox import Outbox
 from dpcore.runtime.parking import PDHandler, PrefillParking, PrefillRankUnknownError
 from dpcore.runtime.placement import CODE_RANK_BUSY, CODE_SHUTDOWN, POLICY_BUDGET_S, Placer, RankBusyError
@@ -76,6 +83,8 @@ class Controller:
     :param endpoints: Where to listen; default: ipc sockets under *run_dir*.
     :param run_dir: Directory for ipc sockets; default: a fresh temporary one (removed on close).
     :param heartbeat_timeout_s: A rank silent this long becomes inactive (> 0).
+    :param startup_timeout_s: How long each rank has for its first report after the loop
+        starts (a rank process, or an engine loading its model, takes a while to come up).
     :param sndhwm: Messages queued per rank socket before dispatches stay in the backlog (>= 1).
     :param backlog: Dispatches waiting per rank in the controller (staged for the next send,
         or refused by a full socket); when full, new ones for that rank are ``rank_busy`` (>= 1).
@@ -111,6 +120,7 @@ class Controller:
         policy_budget_s: float = POLICY_BUDGET_S,
         admission_timeout_s: float = ADMISSION_TIMEOUT_S,
         shadow: Any = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
     ) -> None:
         n = manager.ctx.dp_size
         self.mode = manager.ctx.disaggregation_mode
@@ -136,7 +146,7 @@ class Controller:
         )  # fmt: skip
         self.lifecycle = RankLifecycle(
             manager, self.inflight, self.outbox, self.books, heartbeat_timeout_s=heartbeat_timeout_s,
-            admission_timeout_s=admission_timeout_s,
+            admission_timeout_s=admission_timeout_s, startup_timeout_s=startup_timeout_s,
             redispatch=self.placer.redispatch, fail=self.placer.fail, log=self.log, conns=self.transport.conns,
         )  # fmt: skip
         if shadow is not None:

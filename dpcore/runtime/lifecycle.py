@@ -59,6 +59,8 @@ CODE_RANK_DIED = "rank_died"
 CODE_RANK_STUCK = "rank_stuck"
 #: Default admission deadline per dispatch (``--admission-timeout``).
 ADMISSION_TIMEOUT_S = 30.0
+#: Default time each rank has for its first report after the loop starts (``--startup-timeout``).
+STARTUP_TIMEOUT_S = 30.0
 #: A rank whose cache the index lost track of is asked for a resync (``wire.KV_RESYNC``) at
 #: most once per this many seconds.
 KV_RESYNC = wire.KV_RESYNC
@@ -97,6 +99,7 @@ class RankLifecycle:
         *,
         heartbeat_timeout_s: float,
         admission_timeout_s: float = ADMISSION_TIMEOUT_S,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
         redispatch: Redispatch,
         fail: Fail,
         log: Any,
@@ -112,6 +115,8 @@ class RankLifecycle:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         #: A dispatch a live rank has not admitted after this long fails ``rank_stuck``.
         self.admission_timeout_s = admission_timeout_s
+        #: Each rank's first report may take this long after :meth:`start`.
+        self.startup_timeout_s = max(startup_timeout_s, heartbeat_timeout_s)
         self._redispatch = redispatch
         self._fail = fail
         self.log = log
@@ -126,10 +131,16 @@ class RankLifecycle:
         self._kv_resync_at = [0.0] * manager.ctx.dp_size
 
     def start(self) -> None:
-        """Every rank gets a full heartbeat timeout from now to say hello."""
+        """Every rank gets the startup timeout from now to say hello.
+
+        A rank process (or an engine loading its model) may come up well after the
+        controller, on a busy host several heartbeat timeouts later; it has not gone
+        silent, it has not spoken yet. Requests placed on it meanwhile wait in its queue.
+        Its silence counts from ``startup_timeout - heartbeat_timeout`` from now."""
+        now = time.monotonic()
         for r in self.ledger.active_ranks:
-            self.ledger.heard_from(r)
-        self.next_check = time.monotonic() + self.heartbeat_timeout_s
+            self.ledger.heard_from(r, now + self.startup_timeout_s - self.heartbeat_timeout_s)
+        self.next_check = now + self.startup_timeout_s
 
     # ------------------------------------------------------------------ reports
 
@@ -298,11 +309,13 @@ class RankLifecycle:
         ledger = self.ledger
         for r in ledger.active_ranks:
             oldest = ledger.oldest_unacked_at(r)
-            if oldest is not None and now - oldest > admit:
+            # Only a rank that reports can be stuck; one not up yet has its startup timeout.
+            if oldest is not None and now - oldest > admit and ledger.reported[r]:
                 self._stuck(r, ledger.give_up(r, now - admit))
         seen = ledger.last_seen
         nxt = min((seen[r] for r in ledger.active_ranks), default=now) + timeout
-        waits = [t + admit for t in map(ledger.oldest_unacked_at, ledger.active_ranks) if t is not None]
+        reporting = [r for r in ledger.active_ranks if ledger.reported[r]]
+        waits = [t + admit for t in map(ledger.oldest_unacked_at, reporting) if t is not None]
         nxt = min([nxt, *waits, *(d for _, _, d in self._old_life.values())])
         self.next_check = max(nxt + DEADLINE_SLACK_S, now + MIN_CHECK_INTERVAL_S)
 
@@ -331,7 +344,7 @@ class RankLifecycle:
         self.log.warning("loop_stalled", late_s=round(late, 3), count=self.books.loop_stalls)
         seen = self.ledger.last_seen
         for r in self.ledger.active_ranks:
-            seen[r] = min(now, seen[r] + late)
+            seen[r] = max(seen[r], min(now, seen[r] + late))  # (a first deadline may lie ahead)
 
     def _lose(self, r: int, why: str) -> None:
         """Rank *r* is gone: settle everything it held, including its backlog."""

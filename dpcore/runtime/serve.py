@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at most N block hashes per request (default 16384)")  # fmt: skip
     r.add_argument("--admission-timeout", type=float, default=30.0, metavar="S",
                    help="a request a reporting rank has not admitted after S seconds fails rank_stuck (default 30)")  # fmt: skip
+    r.add_argument("--startup-timeout", type=float, default=30.0, metavar="S",
+                   help="how long each rank has for its first report after the controller starts; requests for "
+                        "it wait meanwhile (default 30; --heartbeat-timeout if that is longer)")  # fmt: skip
     r.add_argument("--policy-budget-ms", type=float, default=5.0, metavar="MS",
                    help="a policy chain call longer than this is counted and logged as an overrun (default 5)")  # fmt: skip
     r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
@@ -226,6 +229,8 @@ def check(args: argparse.Namespace, manager: Any) -> None:
     limits_from_args(args)
     if not 0 < args.policy_budget_ms < float("inf"):
         raise ConfigError(f"--policy-budget-ms must be a positive number, got {args.policy_budget_ms}")
+    if not 0 < args.startup_timeout < float("inf"):
+        raise ConfigError(f"--startup-timeout must be a positive number of seconds, got {args.startup_timeout}")
     if not 0 < args.admission_timeout < float("inf"):
         raise ConfigError(f"--admission-timeout must be a positive number of seconds, got {args.admission_timeout}")
     dp_size = manager.ctx.dp_size
@@ -296,7 +301,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
             sndhwm=args.sndhwm, backlog=args.backlog, pd=handler, prefill_dp_size=prefill_dp,
             drain_timeout_s=args.drain_timeout, curve=keys or False, max_message_bytes=args.max_message_bytes,
             limits=limits_from_args(args), policy_budget_s=args.policy_budget_ms / 1000,
-            admission_timeout_s=args.admission_timeout, shadow=shadow,
+            admission_timeout_s=args.admission_timeout, startup_timeout_s=args.startup_timeout, shadow=shadow,
         )  # fmt: skip
         c = controller
         if rec is not None:
