@@ -273,7 +273,8 @@ class RankLifecycle:
 
     def _apply(self, report: LoadReport) -> None:
         r = report.rank
-        was_active = self.ledger.is_active(r)
+        ledger = self.ledger
+        was_active, was_reported = ledger.is_active(r), ledger.reported[r]
         if not self.manager.report(report):
             self.books.stale_reports += 1  # not newer than the last one applied (still a sign of life)
         elif self.shadow is not None:
@@ -281,6 +282,8 @@ class RankLifecycle:
         if not was_active:
             self.log.info("rank_rejoined", rank=r, epoch=report.epoch)
             self._reschedule()
+        elif not was_reported:
+            self._reschedule()  # its deadline is a heartbeat timeout now, not the startup one
         self.inflight.admit(r, report.acked_seq)
 
     # ------------------------------------------------------------------ liveness
