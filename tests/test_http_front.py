@@ -374,7 +374,7 @@ def test_second_front_api_key_and_timeout(stack: Stack, tmp_path: Path) -> None:
 
 def test_inactive_and_down_ranks(tmp_path: Path) -> None:
     """dp 2 with only rank 0 running: pinning rank 1 is 503; with no rank at all, 503 too."""
-    serve = ("--heartbeat-timeout", "0.5")
+    serve = ("--heartbeat-timeout", "0.5", "--startup-timeout", "0.5")  # a rank never started
     with launch(2, log_dir=tmp_path, name="half", ranks=[0], serve_args=serve) as s, \
             httpx.Client(base_url=s.url, timeout=10) as c:  # fmt: skip
         wait_for("rank 1 to time out", lambda: c.get("/health").json()["active_ranks"] == [0], [s.serve], 10)
