@@ -240,7 +240,17 @@ class LoadLedger:
         self._pending_tokens[rank] += num_tokens
         self.requests[rank] += 1
         self.tokens[rank] += num_tokens
-        self._enqueue(rank, num_tokens, 1, now)
+        # _enqueue(rank, num_tokens, 1, now), inlined: this runs for every dispatch.
+        queue = self._queue[rank]
+        if queue:
+            self._drain(rank, now)
+        else:
+            self.queued_at[rank] = now
+        tokens = float(num_tokens)
+        queue.append([tokens, tokens, 1.0])
+        self.queued_tokens[rank] += num_tokens
+        self.queued_requests[rank] += 1
+        self._queued_ranks.add(rank)
         return seq
 
     def oldest_unacked_at(self, rank: int) -> float | None:
@@ -512,12 +522,15 @@ class LedgerView:
     changes the ledger itself.
     """
 
-    __slots__ = ("_ledger", "_seen", "_copies")
+    __slots__ = ("_ledger", "_seen", "_copies", "now")
 
     def __init__(self, ledger: LoadLedger) -> None:
         self._ledger = ledger
         self._seen = -1
         self._copies: dict[str, tuple[Any, ...]] = {}
+        #: ``now()``: the ledger's clock (simulated time in the simulator, monotonic
+        #: seconds live), called directly: policies read it on every decision.
+        self.now: Callable[[], float] = ledger._clock
 
     requests = _copied("requests", "Effective requests per rank: last report + unacknowledged dispatches.")
     tokens = _copied("tokens", "Effective tokens per rank: last report + unacknowledged prompt tokens.")
@@ -535,7 +548,7 @@ class LedgerView:
     @property
     def active_ranks(self) -> tuple[int, ...]:
         """Ranks currently alive, ascending."""
-        return self._ledger.active_ranks
+        return self._ledger._active_ranks
 
     @property
     def drain_rate(self) -> float:
@@ -549,9 +562,6 @@ class LedgerView:
 
     def is_active(self, rank: int) -> bool:
         return self._ledger.is_active(rank)
-
-    def now(self) -> float:
-        return self._ledger.now()
 
     def queued(self, rank: int, now: float | None = None) -> float:
         return self._ledger.queued(rank, now)

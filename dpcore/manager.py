@@ -323,6 +323,10 @@ class PolicyManager:
         # and a pluggy that does not work as the fast path expects use pluggy's own path.
         self._select_calls = None if traced else _direct_calls(self._select)
         self._dispatch_calls = None if traced else _direct_calls(self._on_dispatch)
+        # The policies after the core hook, when it is asked first: for a request no router
+        # placed, with an active rank, the core hook answers nothing, so it need not be asked.
+        calls = self._select_calls
+        self._policy_calls = calls[1:] if calls and calls[0] == self.core.select_rank else None
         if not traced and not fast_path_ok():
             ctx.log.warning("pluggy_fast_path_off", pluggy=getattr(pluggy, "__version__", "?"))
 
@@ -389,9 +393,19 @@ class PolicyManager:
     def select(self, request: Request) -> int:
         """The rank for *request*; raises a :class:`RequestRejected` subclass otherwise."""
         ctx = self.ctx
-        ctx.decision.clear()
+        ledger = self.ledger
+        d = ctx.decision
+        d.policy = d.reason = ""
+        d.scores = None
         try:
-            calls = self._select_calls
+            calls = self._policy_calls
+            if (
+                calls is None
+                or request.routed_dp_rank is not None
+                or request.data_parallel_rank is not None
+                or not ledger._active_ranks
+            ):
+                calls = self._select_calls
             if calls is None:
                 rank = self._select(request=request, ctx=ctx)
             else:
@@ -415,13 +429,13 @@ class PolicyManager:
                 f"{request.rid!r}; end the chain with a policy that always answers, e.g. 'auto'"
             )
             raise NoRankSelectedError(msg, rid=request.rid)
-        if type(rank) is not int or not ctx.ledger.is_active(rank):
-            who = ctx.decision.policy or "/".join(self.chain)
-            msg = f"policy {who} returned {rank!r}, not an active rank {list(ctx.active_ranks)}"
+        if type(rank) is not int or not 0 <= rank < ledger.dp_size or not ledger._active[rank]:
+            who = d.policy or "/".join(self.chain)
+            msg = f"policy {who} returned {rank!r}, not an active rank {list(ledger._active_ranks)}"
             raise PolicyFailedError(msg, rid=request.rid)
-        if not ctx.decision.policy and len(self.chain) == 1:
-            ctx.decision.policy = self.chain[0]
-            ctx.decision.reason = "selected"
+        if not d.policy and len(self.chain) == 1:
+            d.policy = self.chain[0]
+            d.reason = "selected"
         return rank
 
     def dispatched(self, request: Request, rank: int) -> int:

@@ -47,6 +47,41 @@ class Request:
     max_new_tokens: int | None = None
 
 
+def _request_maker() -> Any:
+    # attrs' __init__ for a frozen class sets each field through a bound object.__setattr__;
+    # the slots' own descriptors do the same assignment with less call overhead.
+    new = object.__new__
+    (s0, s1, s2, s3, s4, s5, s6, s7) = (getattr(Request, a.name).__set__ for a in attrs.fields(Request))
+
+    def make_request(
+        rid: str,
+        num_tokens: int,
+        block_hashes: tuple[int, ...],
+        bootstrap_room: int | None,
+        routed_dp_rank: Any,
+        data_parallel_rank: Any,
+        disagg_prefill_dp_rank: Any,
+        max_new_tokens: int | None,
+    ) -> Request:
+        """``Request(...)`` with every field given, in field order, built faster (for the
+        per-request paths of the controller and the adapters)."""
+        r = new(Request)
+        s0(r, rid)
+        s1(r, num_tokens)
+        s2(r, block_hashes)
+        s3(r, bootstrap_room)
+        s4(r, routed_dp_rank)
+        s5(r, data_parallel_rank)
+        s6(r, disagg_prefill_dp_rank)
+        s7(r, max_new_tokens)
+        return r
+
+    return make_request
+
+
+make_request = _request_maker()
+
+
 @frozen
 class LoadReport:
     """A rank's own view of its load, as of the moment it sent the report.

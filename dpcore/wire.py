@@ -60,7 +60,7 @@ from attrs import field, frozen
 
 from dpcore.cacheindex import CLEARED, REMOVED, STORED, KvEventBatch
 from dpcore.errors import MalformedRequestError, WireError
-from dpcore.model import LoadReport, Request
+from dpcore.model import LoadReport, Request, make_request
 
 VERSION = 1
 
@@ -364,7 +364,7 @@ def request_from_header(h: Mapping[str, Any], limits: Limits = DEFAULT_LIMITS) -
         and (room is None or type(room) is int)
         and (mnt is None or (type(mnt) is int and 0 <= mnt <= top))
     ):
-        return Request(rid, n, tuple(bh) if bh else (), room, get("rdr"), get("dpr"), get("pdr"), mnt), reply
+        return make_request(rid, n, tuple(bh) if bh else (), room, get("rdr"), get("dpr"), get("pdr"), mnt), reply
     raise _request_error(h, limits)
 
 

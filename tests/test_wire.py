@@ -287,3 +287,19 @@ def test_abort_round_trip_and_errors():
     for data in (None, {"rid": 1, "reply": "ipc:///tmp/x"}, {"rid": "r", "reply": "nowhere"}):
         with pytest.raises(WireError, match="abort"):
             wire.abort_target(wire.Control(wire.ABORT, data))
+
+
+def test_make_request_builds_the_same_frozen_request():
+    """The decoder's faster constructor gives what ``Request(...)`` gives, field by field,
+    and the value stays frozen and hashable like one."""
+    import attrs
+
+    from dpcore.model import make_request
+
+    values = ("r9", 70, (5, 6), 8, 1, 2, 3, 12)
+    fast = make_request(*values)
+    slow = Request(*values)
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert [getattr(fast, a.name) for a in attrs.fields(Request)] == list(values)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.rid = "x"  # type: ignore[misc]

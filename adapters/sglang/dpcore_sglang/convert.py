@@ -13,7 +13,7 @@ from typing import Any
 
 from dpcore.hashing import block_hashes
 from dpcore.ledger import MAX_PENDING_PER_RANK
-from dpcore.model import LoadReport, Request
+from dpcore.model import LoadReport, Request, make_request
 
 
 def to_request(req: Any, block_size: int = 0) -> Request:
@@ -30,8 +30,8 @@ def to_request(req: Any, block_size: int = 0) -> Request:
         embeds = getattr(req, "input_embeds", None)
         n = len(embeds) if embeds is not None else 0
     rid = req.rid
-    # Positional, in Request's field order: this runs once per request on the hot path.
-    return Request(
+    # Every field, in Request's field order: this runs once per request on the hot path.
+    return make_request(
         rid if type(rid) is str else str(rid),
         n,
         block_hashes(ids, block_size) if block_size and ids is not None else (),

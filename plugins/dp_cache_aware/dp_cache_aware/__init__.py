@@ -161,7 +161,7 @@ class CacheAwarePolicy:
 
     def __len__(self) -> int:
         """Indexed (rank, block) pairs; bounded by ``max_blocks``."""
-        return sum(len(c) for c in self._cache)
+        return sum(map(len, self._cache))
 
     # ------------------------------------------------------------------ estimates
 
@@ -350,11 +350,14 @@ class CacheAwarePolicy:
         limit = lowest + self.tolerance
         best = -1
         best_duty = best_reqs = 0.0
+        duties, duty_t, duty_window, exp = self._duty, self._duty_t, self.duty_window, math.exp
         for i in range(n):
             r = ranks[(start + i) % n]
             if costs[r] > limit:
                 continue
-            duty = self._decayed(r, now)
+            # self._decayed(r, now), inlined
+            dt = now - duty_t[r]
+            duty = duties[r] * exp(-dt / duty_window) if dt > 0 else duties[r]
             if best < 0 or duty < best_duty - DUTY_TIE_S or (duty <= best_duty + DUTY_TIE_S and reqs[r] < best_reqs):
                 best, best_duty, best_reqs = r, duty, reqs[r]
         best_cost = costs[best]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dpcore import LedgerView, PolicyContext, Request, hookimpl
+from dpcore import PolicyContext, Request, hookimpl
 
 __all__ = ["QUEUE_WEIGHT", "TotalRequestsPolicy", "TotalTokensPolicy"]
 
@@ -46,31 +46,31 @@ class _LeastLoaded:
     name = ""
     #: ``ctx.explain`` reason.
     reason = ""
-    #: Whether equal loads go to the rank with fewer requests.
-    tie_by_requests = False
+    #: What a rank holds is measured in tokens (else in requests), and so is a queued
+    #: prompt; equal loads then go to the rank with fewer requests.
+    by_tokens = False
 
     def __init__(self, ctx: PolicyContext, queue_weight: float = QUEUE_WEIGHT) -> None:
         self.queue_weight = _queue_weight(queue_weight)
         self._turn = 0
 
-    def held(self, ledger: LedgerView) -> tuple[float, ...]:
-        """What each rank holds, in this policy's unit."""
-        raise NotImplementedError
-
-    def weight(self, ledger: LedgerView) -> float:
-        """What one queued prompt token is worth in this policy's unit."""
-        raise NotImplementedError
-
     @hookimpl
     def select_rank(self, request: Request, ctx: PolicyContext) -> int:
-        ranks = ctx.active_ranks
-        n = len(ranks)
+        # Runs for every request: each ledger value is read once, nothing is called per rank.
         ledger = ctx.ledger
-        held = self.held(ledger)
+        ranks = ledger.active_ranks
+        n = len(ranks)
         reqs = ledger.requests
         queued, since, rate, now = ledger.queued_tokens, ledger.queued_at, ledger.drain_rate, ledger.now()
-        w = self.weight(ledger)
-        ties = self.tie_by_requests
+        ties = self.by_tokens
+        if ties:
+            held = ledger.tokens
+            w = self.queue_weight
+        else:
+            held = reqs
+            # A queued prompt counts as queued tokens / mean prompt requests.
+            mean = ledger.mean_prompt_tokens
+            w = self.queue_weight / mean if mean > 0 else 0.0
         loads: list[float | None] = [None] * ctx.dp_size
         # Start the scan at a rotating offset so ties do not always go to the lowest rank.
         start = self._turn % n
@@ -98,13 +98,6 @@ class TotalRequestsPolicy(_LeastLoaded):
     name = "total_requests"
     reason = "least_requests"
 
-    def held(self, ledger: LedgerView) -> tuple[float, ...]:
-        return ledger.requests
-
-    def weight(self, ledger: LedgerView) -> float:
-        mean = ledger.mean_prompt_tokens
-        return self.queue_weight / mean if mean > 0 else 0.0
-
 
 class TotalTokensPolicy(_LeastLoaded):
     """Fewest tokens (held + waiting + unacknowledged prompts), queued prompt tokens
@@ -115,10 +108,4 @@ class TotalTokensPolicy(_LeastLoaded):
 
     name = "total_tokens"
     reason = "least_tokens"
-    tie_by_requests = True
-
-    def held(self, ledger: LedgerView) -> tuple[float, ...]:
-        return ledger.tokens
-
-    def weight(self, ledger: LedgerView) -> float:
-        return self.queue_weight
+    by_tokens = True
