@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
+from operator import attrgetter
 from typing import Any
 
 from dpcore.errors import InvalidReportError
@@ -541,24 +542,16 @@ class LedgerView:
     reports = _copied("reports", "The last applied :class:`~dpcore.model.LoadReport` per rank (or ``None``).")
     last_seen = _copied("last_seen", "When each rank was last heard from (ledger clock).")
 
-    @property
-    def dp_size(self) -> int:
-        return self._ledger.dp_size
-
-    @property
-    def active_ranks(self) -> tuple[int, ...]:
-        """Ranks currently alive, ascending."""
-        return self._ledger._active_ranks
-
-    @property
-    def drain_rate(self) -> float:
-        """Prompt tokens per second a busy rank starts (see :class:`LoadLedger`)."""
-        return self._ledger.drain_rate
-
-    @property
-    def mean_prompt_tokens(self) -> float:
-        """Mean prompt tokens per dispatch, recent ones weighing more."""
-        return self._ledger.mean_prompt_tokens
+    # Read on every decision: C-level getters (no Python frame per read).
+    dp_size = property(attrgetter("_ledger.dp_size"), doc="Number of ranks.")
+    active_ranks = property(attrgetter("_ledger._active_ranks"), doc="Ranks currently alive, ascending.")
+    drain_rate = property(
+        attrgetter("_ledger.drain_rate"),
+        doc="Prompt tokens per second a busy rank starts (see :class:`LoadLedger`).",
+    )
+    mean_prompt_tokens = property(
+        attrgetter("_ledger.mean_prompt_tokens"), doc="Mean prompt tokens per dispatch, recent ones weighing more."
+    )
 
     def is_active(self, rank: int) -> bool:
         return self._ledger.is_active(rank)

@@ -8,6 +8,7 @@ liveness) lives in :class:`dpcore.ledger.LoadLedger`, reached through
 from __future__ import annotations
 
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -190,10 +191,9 @@ class PolicyContext:
     decision: Decision = field(factory=Decision)
     cache: CacheView = field(default=attrs.Factory(lambda self: _empty_cache(self.dp_size), takes_self=True))
 
-    @property
-    def active_ranks(self) -> tuple[int, ...]:
-        """Ranks currently alive, ascending. Every policy must choose among these."""
-        return self.ledger.active_ranks
+    #: Ranks currently alive, ascending. Every policy must choose among these. (A C-level
+    #: getter: policies read it on every decision.)
+    active_ranks = property(attrgetter("ledger.active_ranks"), doc="Ranks currently alive, ascending.")
 
     def is_active(self, rank: int) -> bool:
         return self.ledger.is_active(rank)
