@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import structlog
@@ -359,25 +359,13 @@ class Worker:
     def kv_stored(self, keys: Iterable[int], parent: int | None = None) -> None:
         """The cache stored *keys* (dpcore block hashes) as a chain under *parent* (``None``:
         from the root). Queued; sent by :meth:`kv_flush`, or at once when a batch is full."""
-        keys = list(keys)
-        while keys:
-            room = wire.MAX_KV_KEYS - self._kv_keys
-            if room <= 0:
-                self.kv_flush()
-                continue
-            part, keys = keys[:room], keys[room:]
+        for part in self._kv_parts(keys):
             self._kv_event([STORED, parent, part], len(part))
             parent = part[-1]
 
     def kv_removed(self, keys: Iterable[int]) -> None:
         """The cache evicted *keys*."""
-        keys = list(keys)
-        while keys:
-            room = wire.MAX_KV_KEYS - self._kv_keys
-            if room <= 0:
-                self.kv_flush()
-                continue
-            part, keys = keys[:room], keys[room:]
+        for part in self._kv_parts(keys):
             self._kv_event([REMOVED, part], len(part))
 
     def kv_cleared(self) -> None:
@@ -413,6 +401,17 @@ class Worker:
             self.kv_dropped_batches += 1
             return False
         return True
+
+    def _kv_parts(self, keys: Iterable[int]) -> Iterator[list[int]]:
+        """*keys* in parts that each fit the batch being filled (a full batch is sent first)."""
+        keys = list(keys)
+        while keys:
+            room = wire.MAX_KV_KEYS - self._kv_keys
+            if room <= 0:
+                self.kv_flush()
+                continue
+            part, keys = keys[:room], keys[room:]
+            yield part
 
     def _kv_event(self, event: list[Any], keys: int) -> None:
         self._kv.append(event)
