@@ -267,12 +267,24 @@ def _expect(obj: dict[str, Any], types: Sequence[str], what: str) -> str:
     return t  # type: ignore[no-any-return]
 
 
+def int_problem(x: Any, minimum: int, maximum: int) -> str | None:
+    """Why *x* is not an integer in ``minimum..maximum`` (``None``: it is one), for an error
+    message that starts with the field's name. A bool is not an integer here (msgpack and
+    JSON both keep them apart); a huge integer is shown shortened."""
+    if type(x) is not int:
+        return f"must be an integer, got {show(x)}"
+    if not minimum <= x <= maximum:
+        return f"must be an integer in {minimum}..{maximum}, got {show(x)}"
+    return None
+
+
 def _opt_int(obj: Mapping[str, Any], key: str, what: str, *, minimum: int = 0) -> int | None:
     x = obj.get(key)
     if x is None:
         return None
-    if type(x) is not int or not minimum <= x <= _MAX_INT:
-        msg = f"{what}: field {key!r} must be an integer in {minimum}..2**63-1 or absent, got {show(x)}"
+    problem = int_problem(x, minimum, _MAX_INT)
+    if problem is not None:
+        msg = f"{what}: field {key!r} {problem} (or absent)"
         raise WireError(msg)
     return x
 

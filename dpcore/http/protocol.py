@@ -24,6 +24,7 @@ from attrs import field, frozen
 
 from dpcore.errors import DpcoreError
 from dpcore.http.tokenizer import Tokenizer
+from dpcore.wire import int_problem
 
 #: The header a router uses to pin a rank; it overrides the body (any letter case).
 RANK_HEADER = "x-data-parallel-rank"
@@ -148,18 +149,12 @@ def _opt_int(body: Mapping[str, Any], key: str, *, code: str, minimum: int | Non
     value = body.get(key)
     if value is None:
         return None
-    if type(value) is not int:  # bool is an int subclass and is refused too
-        msg = f"{key} must be an integer, got {value!r:.60}"
-        raise bad(code, msg)
-    if value not in _WIRE_INT:
-        msg = f"{key} is out of range (an integer of {value.bit_length()} bits)"
-        raise bad(code, msg)
-    if minimum is not None and value < minimum:
-        msg = f"{key} must be >= {minimum}, got {value}"
-        raise bad(code, msg)
-    if limit is not None and value >= limit:
-        msg = f"{key} must be < {limit}, got {value}"
-        raise bad(code, msg)
+    # The wire carries int64 and uint64: that range, narrowed by minimum and limit.
+    low = _WIRE_INT.start if minimum is None else max(minimum, _WIRE_INT.start)
+    high = _WIRE_INT.stop - 1 if limit is None else min(limit, _WIRE_INT.stop) - 1
+    problem = int_problem(value, low, high)
+    if problem is not None:
+        raise bad(code, f"{key} {problem}")
     return value
 
 
