@@ -128,7 +128,7 @@ class DpcoreDispatcher:
             )
         self.manager = manager
         self.ledger = manager.ledger
-        self.block_size = config.hashed_block_size(manager.chain, page_size)
+        self.block_size = config.hashed_block_size(manager.needs_block_hashes, page_size)
         self.feed = SnapshotFeed(dp_size)
         # SGLang's own KV events (--kv-events-config), when it publishes them: ctx.cache.
         self.kv_events = SglangKvEvents.from_server_args(ctl.server_args, manager.cache, dp_size, self.block_size)

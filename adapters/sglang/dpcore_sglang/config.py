@@ -24,9 +24,6 @@ BLOCK_HASH_MODES = ("auto", "on", "off")
 #: would cost more than the rest of a dispatch, so blocks are whole pages of at least this.
 MIN_BLOCK_TOKENS = 64
 
-#: dpcore policies that are defined without prompt contents (see the choosing-a-policy guide): a chain of
-#: only these never reads ``block_hashes``, so ``auto`` skips hashing for it.
-CONTENT_BLIND = frozenset({"round_robin", "follow_bootstrap_room", "total_requests", "total_tokens"})
 
 
 def _positive_or_none(_inst: object, attr: Any, value: int | None) -> None:
@@ -55,8 +52,8 @@ class AdapterConfig:
     :ivar options: Per-policy constructor options (``--policy-option``).
     :ivar block_size: Tokens per hashed block; ``None``: the smallest whole number of SGLang
         pages that is at least :data:`MIN_BLOCK_TOKENS`. Must be a multiple of the page size.
-    :ivar block_hashes: ``on``/``off``, or ``auto``: hash prompts unless every policy in the
-        chain is one of :data:`CONTENT_BLIND`.
+    :ivar block_hashes: ``on``/``off``, or ``auto``: hash prompts when a policy in the chain
+        declares it reads them (:data:`dpcore.policy.NEEDS_BLOCK_HASHES`).
     :ivar poll_timeout_ms: Longest the idle controller sleeps in ``poll`` before SGLang's
         loop feeds its watchdog again.
     :ivar metrics_port: Serve the adapter's Prometheus metrics from the controller process
@@ -125,11 +122,10 @@ class AdapterConfig:
             record_sample=data.get("record_sample", 1.0),
         )
 
-    def hashed_block_size(self, chain: tuple[str, ...], page_size: int) -> int:
-        """Tokens per hashed block for *chain* on pages of *page_size*; ``0``: do not hash."""
-        if self.block_hashes == "off" or (
-            self.block_hashes == "auto" and all(name in CONTENT_BLIND for name in chain)
-        ):
+    def hashed_block_size(self, needs_block_hashes: bool, page_size: int) -> int:
+        """Tokens per hashed block on pages of *page_size* for a chain that does (or does not)
+        declare it reads block hashes (``PolicyManager.needs_block_hashes``); ``0``: do not hash."""
+        if self.block_hashes == "off" or (self.block_hashes == "auto" and not needs_block_hashes):
             return 0
         return self.whole_pages(page_size)
 

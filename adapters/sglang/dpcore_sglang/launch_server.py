@@ -156,7 +156,7 @@ def prepare(ours: argparse.Namespace, rest: list[str]) -> tuple[AdapterConfig, l
     mode = args.disaggregation_mode
     manager = PolicyManager.from_method(config.method, dp_size=dp_size, disaggregation_mode=mode, options=config.options)
     if getattr(args, "page_size", None):
-        config.hashed_block_size(manager.chain, int(args.page_size))  # --dpcore-block-size fits the pages
+        config.hashed_block_size(manager.needs_block_hashes, int(args.page_size))  # --dpcore-block-size fits the pages
     told = sglang_method(manager.chain)
     if dp_size == 1:
         print(

@@ -76,22 +76,32 @@ def test_bad_config_is_a_config_error(raw, message):
 
 def test_block_size_is_whole_pages_of_at_least_64_tokens():
     auto = AdapterConfig()
-    assert auto.hashed_block_size(("cache_aware",), page_size=1) == 64
-    assert auto.hashed_block_size(("cache_aware",), page_size=16) == 64
-    assert auto.hashed_block_size(("cache_aware",), page_size=48) == 96
-    assert auto.hashed_block_size(("cache_aware",), page_size=256) == 256
-    assert AdapterConfig(block_size=256).hashed_block_size(("cache_aware",), page_size=64) == 256
+    assert auto.hashed_block_size(True, page_size=1) == 64
+    assert auto.hashed_block_size(True, page_size=16) == 64
+    assert auto.hashed_block_size(True, page_size=48) == 96
+    assert auto.hashed_block_size(True, page_size=256) == 256
+    assert AdapterConfig(block_size=256).hashed_block_size(True, page_size=64) == 256
     with pytest.raises(ConfigError, match="not a multiple of SGLang's page size 64"):
-        AdapterConfig(block_size=100).hashed_block_size(("cache_aware",), page_size=64)
+        AdapterConfig(block_size=100).hashed_block_size(True, page_size=64)
 
 
-def test_auto_hashes_only_for_chains_that_can_read_prompt_contents():
-    auto = AdapterConfig()
-    assert auto.hashed_block_size(("total_requests",), 1) == 0
-    assert auto.hashed_block_size(("follow_bootstrap_room", "total_tokens"), 1) == 0
-    assert auto.hashed_block_size(("power_of_two",), 1) == 64  # unknown policies may read them
-    assert AdapterConfig(block_hashes="on").hashed_block_size(("round_robin",), 1) == 64
-    assert AdapterConfig(block_hashes="off").hashed_block_size(("cache_aware",), 1) == 0
+@pytest.mark.parametrize(
+    ("method", "mode", "hashes"),
+    [
+        ("total_requests", None, False),
+        ("follow_bootstrap_room,total_tokens", "prefill", False),
+        ("cache_aware", None, True),
+        ("round_robin,cache_aware", None, True),
+    ],
+)
+def test_auto_hashes_only_for_chains_that_declare_they_read_prompt_contents(method, mode, hashes):
+    from dpcore.manager import PolicyManager
+
+    manager = PolicyManager.from_method(method, dp_size=2, disaggregation_mode=mode)
+    assert manager.needs_block_hashes is hashes  # declared by the policies, not known by name
+    assert AdapterConfig().hashed_block_size(manager.needs_block_hashes, 1) == (64 if hashes else 0)
+    assert AdapterConfig(block_hashes="on").hashed_block_size(manager.needs_block_hashes, 1) == 64
+    assert AdapterConfig(block_hashes="off").hashed_block_size(manager.needs_block_hashes, 1) == 0
 
 
 # ----------------------------------------------------------------------------- requests
