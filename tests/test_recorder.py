@@ -318,3 +318,50 @@ def test_a_recorded_demo_run_replays_in_simulate(tmp_path: Path) -> None:
     assert sim.returncode == 0, sim.stderr
     doc = json.loads(sim.stdout)
     assert doc["run"]["trace"]["requests"] == len(got.requests)
+
+
+@pytest.mark.e2e
+def test_serve_records_http_traffic_without_its_text(tmp_path: Path) -> None:
+    """``dpcore serve --record`` with the HTTP front and a mock rank, real processes: the
+    chats' text appears nowhere in the recording, their shared system prompt does as equal ids,
+    and serve's last line counts what it recorded."""
+    import signal
+
+    import httpx
+
+    eps_file, rec_path = tmp_path / "eps.json", tmp_path / "traffic.jsonl"
+    serve = subprocess.Popen(
+        [*DPCORE, "serve", "--dp-size", "1", "--http-port", "0", "--endpoints-file", str(eps_file),
+         "--record", str(rec_path), "--drain-timeout", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    rank = None
+    try:
+        wait_for(eps_file.exists, 30)
+        eps = json.loads(eps_file.read_text())
+        rank = subprocess.Popen([*DPCORE, "mock-worker", "--rank", "0", "--dispatch", eps["dispatch"][0], "--report",
+                                 eps["report"], "--exit-with-parent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        system = {"role": "system", "content": "You answer questions about the Zanzibar archive. " * 4}
+        with httpx.Client(base_url=eps["http"], timeout=30) as client:
+
+            def answered(body: dict) -> bool:
+                try:
+                    return client.post("/v1/chat/completions", json=body).status_code == 200
+                except httpx.TransportError:  # the front is still starting
+                    return False
+
+            for question in ("Who catalogued the blue folios?", "When was the vault opened?"):
+                body = {"messages": [system, {"role": "user", "content": question}], "max_tokens": 5}
+                wait_for(lambda b=body: answered(b), 30)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, _ = serve.communicate(timeout=30)
+        if rank is not None:
+            rank.kill()
+            rank.wait()
+    text = rec_path.read_text()
+    assert "Zanzibar" not in text and "folios" not in text and "vault" not in text
+    rows = [r for r in lines(rec_path) if r["output_length"] == 5]
+    assert len(rows) >= 2
+    assert rows[0]["hash_ids"][:3] == rows[-1]["hash_ids"][:3] and rows[0]["hash_ids"] != rows[-1]["hash_ids"]
+    assert f"recorded {len(lines(rec_path))} of {len(lines(rec_path))} requests to {rec_path}" in out
