@@ -17,13 +17,14 @@ Each request the controller receives becomes one Mooncake-style JSON line::
 
 No prompt text or token id is ever written.
 
-The controller's loop only appends a small tuple to a bounded deque (:meth:`Recorder.offer`);
-a full deque drops the record and counts it, never blocking. A supervised thread
-(:mod:`dpcore.runtime.supervise`) wakes every :data:`FLUSH_S` and hands what is queued, as
-one msgpack frame, to a writer process (:mod:`dpcore.runtime.tracewriter`), which salts,
-formats, writes and rotates: that work never holds the controller's GIL. A writer process
-that dies is started again (same salt and time origin); what it had not written is counted
-as lost. A file that has reached ``max_bytes`` or is ``rotate_s`` old is rotated before the
+The controller's loop only appends a small tuple (arrival time, the request's header frame
+as received) to a bounded deque (:meth:`Recorder.offer`); a full deque drops the record and
+counts it, never blocking. Batches are packed on the loop's thread and written by a
+supervised thread (:mod:`dpcore.runtime.supervise`) to a writer process
+(:mod:`dpcore.runtime.tracewriter`), which decodes, salts, formats, writes and rotates: that
+work never holds the controller's interpreter lock. A writer process that dies is started
+again (same salt and time origin); what it had not written is counted as lost.
+A file that has reached ``max_bytes`` or is ``rotate_s`` old is rotated before the
 next write (an empty one never is), keeping ``keep`` old files (``PATH`` stays the newest;
 ``name.1.jsonl`` is the one before it). Sampling (``sample < 1``) keeps a request when a hash
 of its id falls under the rate, so a retried id is kept or dropped alike.
@@ -54,8 +55,10 @@ from dpcore.model import Request
 from dpcore.runtime import tracewriter
 from dpcore.runtime.supervise import Supervised
 
-#: How often the writer thread wakes to write what is queued (seconds).
+#: Longest a queued request waits before it is handed to the writer process (seconds).
 FLUSH_S = 0.05
+#: Requests packed into one frame for the writer process.
+PACK_EVERY = 256
 _SAMPLE_SPACE = 1 << 32
 
 
@@ -108,6 +111,13 @@ class RecordConfig:
 class Recorder:
     """Records requests offered on the controller's loop, through a writer process.
 
+    The loop appends to a deque; every :data:`PACK_EVERY` requests (and, when the loop is
+    idle, once every :data:`FLUSH_S` through :meth:`attach`'s ``call_soon``) the queued
+    requests are packed into one msgpack frame on the loop's own thread. A supervised thread
+    only moves those frames into the writer process's pipe (a blocking write, which releases
+    the interpreter lock) and starts the writer again if it died. So no second thread competes
+    with the loop for the interpreter lock.
+
     Counters (read by metrics and the final report): ``sampled_out``, ``dropped`` (the queue
     was full), ``recorded`` and ``rotations`` (as the writer reports them), ``lost`` (handed to
     a writer that died before writing them).
@@ -122,6 +132,13 @@ class Recorder:
         self._salt = os.urandom(16)
         self._t0 = clock()
         self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._pack_lock = threading.Lock()
+        self._frames: deque[tuple[bytes, int]] = deque()
+        self._call_soon: Callable[[Callable[[], None]], None] | None = None
+        self._packed = 0  # records packed into frames (the packing thread's count)
+        self._written = 0  # records whose frame went to a writer process (the writer thread's)
+        self._pack_asked = False
         self._child: subprocess.Popen[bytes] | None = None
         self._spawns = 0
         self._handed = 0  # records the current writer process was given
@@ -135,7 +152,6 @@ class Recorder:
         self._done = [0, 0]  # recorded, rotations
         self._current = [0, 0]
         self.lost = 0
-        self._handed_total = 0
 
     @property
     def recorded(self) -> int:
@@ -146,6 +162,10 @@ class Recorder:
         return self._done[1] + self._current[1]
 
     # ------------------------------------------------------------------ the loop's side
+
+    def attach(self, call_soon: Callable[[Callable[[], None]], None]) -> None:
+        """Pack on the controller's loop: *call_soon* runs a function there (``Controller.call_soon``)."""
+        self._call_soon = call_soon
 
     def offer(self, request: Any, header: Any = None) -> None:
         """Queue *request* (a :class:`dpcore.Request`) for the writer; never blocks.
@@ -158,10 +178,26 @@ class Recorder:
             self.sampled_out += 1
             return
         q = self._queue
-        if len(q) >= self._cap:
+        if len(q) + self._packed - self._written >= self._cap:
             self.dropped += 1
             return
         q.append((self.clock(), request if header is None else header))
+        if len(q) >= PACK_EVERY:
+            self.pack()
+
+    def pack(self) -> None:
+        """Pack what is queued into one frame for the writer thread (on the loop's thread)."""
+        self._pack_asked = False
+        with self._pack_lock:
+            q = self._queue
+            n = len(q)
+            if not n:
+                return
+            popleft = q.popleft
+            data = tracewriter.frame([(t, _header(x)) for t, x in (popleft() for _ in range(n))])
+            self._frames.append((data, n))
+            self._packed += n
+        self._ready.set()
 
     # ------------------------------------------------------------------ the writer thread
 
@@ -171,21 +207,33 @@ class Recorder:
         return self.thread
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Hand over what is queued, let the writer finish, and stop it."""
+        """Hand over what is queued, let the writer finish, and stop it (after the loop ended)."""
+        self._call_soon = None
+        self.pack()
         self._stop.set()
+        self._ready.set()
         if self.thread is not None:
             self.thread.join(timeout_s)
         if self.thread is None or not self.thread.is_alive():
             try:
-                if self._queue:
-                    self._send()  # what arrived after the thread's last turn (or with no thread)
-            except OSError:
+                self._send()  # what was packed after the thread's last turn (or with no thread)
+            except (OSError, ValueError):
                 self.log.exception("record_write_failed", lost=self.lost)
             self._end_child(timeout_s)
 
     def _run(self) -> None:
         while True:
-            stopping = self._stop.wait(FLUSH_S)
+            self._ready.wait(FLUSH_S)
+            self._ready.clear()
+            stopping = self._stop.is_set()
+            if self._queue and not self._frames and not stopping:
+                # Quiet traffic: fewer than PACK_EVERY requests since the last frame.
+                call_soon = self._call_soon
+                if call_soon is None:
+                    self.pack()
+                elif not self._pack_asked:
+                    self._pack_asked = True
+                    call_soon(self.pack)
             self._send()
             if stopping:
                 return
@@ -194,20 +242,21 @@ class Recorder:
         child = self._child
         if child is None or child.poll() is not None:
             self._spawn()
-        q = self._queue
-        n = len(q)
-        if n:
-            popleft = q.popleft
-            batch = [(t, _header(x)) for t, x in (popleft() for _ in range(n))]
+        frames = self._frames
+        while frames:
+            data, n = frames[0]
             try:
-                self._child.stdin.write(tracewriter.frame(batch))  # type: ignore[union-attr]
+                self._child.stdin.write(data)  # type: ignore[union-attr]
                 self._child.stdin.flush()  # type: ignore[union-attr]
             except BaseException:
+                frames.popleft()
+                self._written += n
                 self.lost += n
                 self._end_child(1.0)
                 raise  # the supervisor logs it, counts it and runs us again (with a new writer)
+            frames.popleft()
+            self._written += n
             self._handed += n
-            self._handed_total += n
         self._read_status()
 
     def _read_status(self) -> None:
@@ -272,12 +321,12 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         return {
             "path": self.config.path,
-            "offered": self.sampled_out + self.dropped + len(self._queue) + self._handed_total,
+            "offered": self.sampled_out + self.dropped + len(self._queue) + self._packed,
             "recorded": self.recorded,
             "sampled_out": self.sampled_out,
             "dropped": self.dropped,
             "lost": self.lost,
-            "queued": len(self._queue),
+            "queued": len(self._queue) + self._packed - self._written,
             "rotations": self.rotations,
         }
 

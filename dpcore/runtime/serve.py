@@ -306,6 +306,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         c = controller
         if rec is not None:
             threads.append(rec.start())
+            rec.attach(controller.call_soon)
             controller.placer.record = rec.offer
             log.info("recording", **rec.describe())
         if run_dir is not None:
