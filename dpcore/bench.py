@@ -454,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
         pt.add_row(name, f"{us:.2f}")
     console.print(pt)
     if idle is not None:
-        console.print(f"idle controller CPU: {idle:.2f}% of a core over {args.idle_seconds:g}s (goal <= 2%)")
+        console.print(f"idle controller CPU: {idle:.2f}% of a core over {args.idle_seconds:g}s")
     if args.json:
         result = {
             "dpcore_msgs_per_s": med["dpcore"],
