@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from dpcore.http.routers import _locked, cache_dir
+from dpcore.venvcache import cache_dir, locked
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def wheelhouse(dist: Path) -> Path:
     reqs = [r for r in reqs if not r.startswith("dp")]
     key = hashlib.sha256("\n".join([*reqs, sys.version]).encode()).hexdigest()[:12]
     house = cache_dir() / f"wheelhouse-{key}"
-    with _locked(house.with_name(house.name + ".lock")):
+    with locked(house):
         if not (house / ".complete").exists():
             proc = _run([sys.executable, "-m", "pip", "download", "-q", "-d", str(house), *reqs],
                         dict(os.environ), timeout=900)

@@ -46,6 +46,7 @@ LAYERS = {
     "dpcore.http": 2,
     "dpcore.mock": 2,
     "dpcore.sim": 2,
+    "dpcore.venvcache": 2,
     "dpcore.cli": 3,
     "dpcore.policycli": 3,
     "dpcore.shadowreport": 3,

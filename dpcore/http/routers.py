@@ -3,7 +3,7 @@
 ``sglang-router`` and ``vllm-router`` are installed from PyPI, at pinned versions, into a venv
 outside the repository (``$DPCORE_CACHE``, default ``~/.cache/dpcore``), named after a hash
 of the pins and the Python version, so a fresh machine builds it once and later runs reuse
-it. A file lock makes concurrent test runs wait for one build instead of racing.
+it (:mod:`dpcore.venvcache`: one build at a time, an interrupted one built again).
 
 :func:`router_env` is the environment to run them in: Hugging Face offline and every proxy
 variable pointing at a closed loopback port, so a router that tries to fetch a tokenizer
@@ -14,29 +14,23 @@ for the model name it discovers cannot reach anything but 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+
+from dpcore.venvcache import build_once, cache_dir
 
 #: Exact versions the interop tests were written against (checked on PyPI).
 PINS = ("sglang-router==0.3.2", "vllm-router==0.1.17")
 #: A loopback port nothing listens on: proxies and the HF endpoint go nowhere.
 DEAD_END = "http://127.0.0.1:9"
-_DONE = ".dpcore-complete"
 
 
 class RouterVenvError(RuntimeError):
     """The router venv could not be built; the message holds pip's last output lines."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DPCORE_CACHE") or Path.home() / ".cache" / "dpcore")
 
 
 def venv_path(pins: tuple[str, ...] = PINS) -> Path:
@@ -44,28 +38,10 @@ def venv_path(pins: tuple[str, ...] = PINS) -> Path:
     return cache_dir() / f"venv-interop-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_venv(pins: tuple[str, ...] = PINS, *, timeout_s: float = 900.0) -> Path:
     """The venv with *pins* installed, building it on first use; returns its directory."""
-    venv = venv_path(pins)
-    if (venv / _DONE).exists():
-        return venv
-    with _locked(venv.with_name(venv.name + ".lock")):
-        if (venv / _DONE).exists():  # another process built it while we waited
-            return venv
-        # A half-built venv (an interrupted run) is thrown away; venvs cannot be moved, so
-        # it is built in place and marked complete last.
-        shutil.rmtree(venv, ignore_errors=True)
+
+    def build(venv: Path) -> str:
         steps = (
             [sys.executable, "-m", "venv", str(venv)],
             [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins],
@@ -76,8 +52,9 @@ def ensure_venv(pins: tuple[str, ...] = PINS, *, timeout_s: float = 900.0) -> Pa
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
                 msg = f"building {venv} failed at {' '.join(cmd[:4])}...:\n{tail}"
                 raise RouterVenvError(msg)
-        (venv / _DONE).write_text("\n".join(pins) + "\n")
-    return venv
+        return "\n".join(pins) + "\n"
+
+    return build_once(venv_path(pins), build)
 
 
 def executable(name: str, pins: tuple[str, ...] = PINS) -> str:

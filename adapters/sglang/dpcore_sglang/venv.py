@@ -12,22 +12,19 @@ This module imports nothing from SGLang; it runs in the outer environment.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
+from dpcore.venvcache import build_once, cache_dir
 from dpcore_sglang.versions import DEFAULT_SGLANG
 
 PINNED_DIR = Path(__file__).with_name("pinned")
-MARKER = ".dpcore-complete"
 
 
 class VenvBuildError(RuntimeError):
@@ -43,10 +40,6 @@ def pinned_file(sglang_version: str = DEFAULT_SGLANG) -> Path:
     return path
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("DPCORE_CACHE") or Path.home() / ".cache" / "dpcore")
-
-
 def venv_key(pinned_text: str) -> str:
     """Hash of the pinned set and the interpreter it is built for."""
     h = hashlib.sha256(pinned_text.encode())
@@ -55,23 +48,11 @@ def venv_key(pinned_text: str) -> str:
 
 
 def venv_path(sglang_version: str = DEFAULT_SGLANG) -> Path:
-    return cache_root() / f"venv-sglang-{venv_key(pinned_file(sglang_version).read_text())}"
+    return cache_dir() / f"venv-sglang-{venv_key(pinned_file(sglang_version).read_text())}"
 
 
 def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
-
-
-@contextmanager
-def _locked(path: Path):
-    # Several test runs (other developers' sessions, CI) may ask at once; one builds.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _run(cmd: list[str], what: str, env: Mapping[str, str] | None = None) -> None:
@@ -87,12 +68,8 @@ def ensure_venv(
 ) -> Path:
     """Return the cached venv for *sglang_version*, building it first if needed."""
     pins = pinned_file(sglang_version)
-    venv = venv_path(sglang_version)
-    with _locked(venv.with_suffix(".lock")):
-        if (venv / MARKER).is_file():
-            return venv
-        if venv.exists():  # an interrupted build
-            shutil.rmtree(venv)
+
+    def build(venv: Path) -> str:
         log(f"building the pinned SGLang venv at {venv} (once; 1 to 3 minutes)")
         t0 = time.monotonic()
         _run([sys.executable, "-m", "venv", str(venv)], "creating the venv")
@@ -102,9 +79,10 @@ def ensure_venv(
             f"installing {pins.name}",
         )
         took = time.monotonic() - t0
-        (venv / MARKER).write_text(f"{pins.name} built in {took:.0f} s\n")
         log(f"built {venv} in {took:.0f} s")
-    return venv
+        return f"{pins.name} built in {took:.0f} s\n"
+
+    return build_once(venv_path(sglang_version), build)
 
 
 def install_overlay(venv: Path, target: Path, projects: Iterable[Path]) -> None:
