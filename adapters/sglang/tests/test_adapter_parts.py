@@ -53,7 +53,8 @@ def tokenized(**fields) -> SimpleNamespace:
 
 def test_config_round_trips_through_the_environment_variable():
     c = AdapterConfig(
-        method="cache_aware,total_tokens", options={"cache_aware": {"balance_abs": 32}}, block_size=128, metrics_port=9464
+        method="cache_aware,total_tokens", options={"cache_aware": {"balance_abs": 32}}, block_size=128, metrics_port=9464,
+        record="/var/log/dpcore/traffic.jsonl", record_sample=0.25,
     )
     assert AdapterConfig.from_json(c.to_json()) == c
 
