@@ -11,14 +11,23 @@ still names its sender, a frame that is not msgpack at all), while a chaos sched
 * SIGSTOPs the controller itself for 2.5 heartbeat timeouts (a loop stall: no healthy rank
   may be declared dead for it),
 * floods the load-report channel with broken, out-of-range and stale reports, from this
-  process, and then from two other processes at once.
+  process, and then from two other processes at once,
+* replaces a rank for a while by a stuck one (it heartbeats but never admits a request:
+  what it is sent fails ``rank_stuck`` after ``--admission-timeout``).
+
+``dpcore serve`` also runs its HTTP front. Meanwhile an HTTP client opens streams and
+leaves each after its first chunk (the front aborts the request on its rank), then asks
+again under the same request id until it is answered, and checks that the answer is the new
+request's own; and ``/health`` is polled throughout.
 
 At the end the driver stops sending, waits for every reply, SIGTERMs the controller and
 checks the books: every request got exactly one final reply; the controller's counters add
 up (received = completed + failed + rejected, dispatched = completed + failed +
 redispatched); rejections are exactly the bad requests; failures are ``rank_died`` on a
 rank that was being disrupted at the time; every disrupted rank served again without anyone
-doing anything; the controller exits 0. It prints latency percentiles of the good requests
+doing anything; every HTTP request that was left got its own answer when asked again;
+``/health`` answered every poll, 200 whenever the controller was not stopped; the
+controller exits 0. It prints latency percentiles of the good requests
 and the controller's memory over time (the checks are about the books, not speed).
 """
 
@@ -45,11 +54,29 @@ from dpcore.quantile import percentile
 
 DPCORE = (sys.executable, "-m", "dpcore")
 #: Chaos cycle: one event per slot, spread evenly over the run.
-SCHEDULE = ("kill", "flood", "pause", "stall", "term", "kill", "flood2", "pause", "kill")
+SCHEDULE = ("kill", "flood", "pause", "stuck", "stall", "term", "kill", "flood2", "pause", "kill")
 #: Disruptions that hit no rank (their ``rank`` is -1).
 NO_RANK = ("flood", "flood2", "stall")
 #: How long a killed rank stays down before it is restarted.
 RESTART_AFTER_S = 1.5
+#: The controller's ``--admission-timeout`` in the soak, and how long a stuck rank stays.
+ADMISSION_TIMEOUT_S = 2.0
+STUCK_FOR_S = 2.5 * ADMISSION_TIMEOUT_S
+#: The HTTP client: pause between two requests, answers awaited per request, request timeout.
+HTTP_EVERY_S = 0.3
+HTTP_ATTEMPTS = 10
+#: Pause before asking again: the front frees a request id once it has seen the client that
+#: held it leave (until then the id is ``400 duplicate_rid``, answered by the front alone).
+HTTP_RETRY_AFTER_S = 0.1
+HTTP_TIMEOUT_S = 30.0
+#: /health polls: how often, and how long one may take to be answered.
+HEALTH_EVERY_S = 0.25
+HEALTH_TIMEOUT_S = 10.0
+#: A /health poll this soon after the controller resumed may still see the stall.
+HEALTH_STALL_MARGIN_S = 1.0
+#: Error codes of the HTTP front that the controller counts as rejected, and as failed.
+REJ_CODES = frozenset({"no_active_rank", "rank_inactive", "rank_busy", "shutting_down"})
+FAIL_CODES = frozenset({"rank_died", "rank_stuck", "controller_shutdown"})
 
 
 @frozen
@@ -89,6 +116,22 @@ class Disruption:
 
 
 @define
+class HttpBooks:
+    """What the HTTP client did: requests (each left once, then asked until answered) and
+    the outcome of every attempt."""
+
+    requests: int = 0
+    left: int = 0  # streams left after their first chunk
+    ok: int = 0
+    wrong_output: int = 0  # an answer that was not the request's own
+    gave_up: int = 0
+    rejected: int = 0  # answered with a controller rejection code (asked again)
+    rid_in_use: int = 0  # 400 duplicate_rid: the front had not seen the client leave yet
+    failed: int = 0  # answered with a controller failure code (asked again)
+    other: dict[str, int] = field(factory=dict)  # any other status or error
+
+
+@define
 class Books:
     """What the driver sent and got back."""
 
@@ -124,6 +167,11 @@ class Soak:
         self._rank_lock = threading.Lock()
         self.controller: Any = None
         self._flooders: list[Any] = []
+        self.http = HttpBooks()
+        #: /health polls: (sent, answered, status; 0: no answer).
+        self.health: list[tuple[float, float, int]] = []
+        #: When the controller was stopped (SIGSTOP .. SIGCONT).
+        self._stalls: list[tuple[float, float]] = []
 
     # ------------------------------------------------------------------ processes
 
@@ -135,7 +183,7 @@ class Soak:
         proc = self.group.start("controller", [
             *DPCORE, "--log-json", "serve", "--dp-size", str(cfg.dp_size), "--load-balance-method", cfg.method,
             "--heartbeat-timeout", str(cfg.heartbeat_timeout_s), "--drain-timeout", "5",
-            "--endpoints-file", str(eps_file),
+            "--admission-timeout", str(ADMISSION_TIMEOUT_S), "--endpoints-file", str(eps_file), "--http-port", "0",
         ])  # fmt: skip
 
         def read() -> dict[str, Any] | None:
@@ -147,12 +195,14 @@ class Soak:
         self.eps = wait_for("the controller's endpoints", read, [proc], 30)
         return proc
 
-    def _start_rank(self, rank: int) -> None:
-        proc = self.group.start(f"rank{rank}-{len(self.group.procs)}", [
-            *DPCORE, "--log-json", "mock-worker", "--rank", str(rank), "--dispatch", self.eps["dispatch"][rank],
-            "--report", self.eps["report"], "--speedup", str(self.cfg.speedup), "--heartbeat-s", "0.1",
-            "--exit-with-parent",
-        ])  # fmt: skip
+    def _start_rank(self, rank: int, stuck: bool = False) -> None:
+        where = ["--rank", str(rank), "--dispatch", self.eps["dispatch"][rank], "--report", self.eps["report"],
+                 "--heartbeat-s", "0.1"]  # fmt: skip
+        if stuck:  # heartbeats, never admits
+            cmd = [sys.executable, "-m", "dpcore.sdk.echo", *where, "--no-admit"]
+        else:
+            cmd = [*DPCORE, "--log-json", "mock-worker", *where, "--speedup", str(self.cfg.speedup), "--exit-with-parent"]
+        proc = self.group.start(f"rank{rank}-{len(self.group.procs)}", cmd)
         with self._rank_lock:
             self.ranks[rank] = proc
 
@@ -172,9 +222,16 @@ class Soak:
     def _settled_counters(self, timeout_s: float = 15.0) -> dict[str, Any]:
         """The controller's counters once the last completions have been reported (a rank
         answers its sender before its next load report tells the controller)."""
+        from dpcore.runtime.status import StatusUnavailableError
+
         deadline = time.monotonic() + timeout_s
         while True:
-            counters: dict[str, Any] = self.status()["counters"]
+            try:
+                counters: dict[str, Any] = self.status()["counters"]
+            except StatusUnavailableError:  # busy (a loaded host): ask again until the deadline
+                if time.monotonic() > deadline:
+                    raise
+                continue
             if counters["in_flight"] == 0 and counters["parked"] == 0 or time.monotonic() > deadline:
                 return counters
             time.sleep(0.1)
@@ -182,8 +239,7 @@ class Soak:
     def _wait_all_reported(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            loads = self.status()["loads"]
-            if all(x["reported"] and x["active"] for x in loads):
+            if self._all_up():
                 return
             time.sleep(0.1)
         raise RuntimeError(f"ranks did not all report within {timeout_s:g}s; logs in {self.workdir}")
@@ -225,10 +281,19 @@ class Soak:
                 self._signal(rank, signal.SIGCONT)
                 if stopped:
                     return
+            elif kind == "stuck":
+                self._signal(rank, signal.SIGTERM).popen.wait(10)
+                self._start_rank(rank, stuck=True)
+                stopped = self._sleep_until(time.monotonic() + STUCK_FOR_S)
+                self._signal(rank, signal.SIGTERM).popen.wait(10)
+                self._start_rank(rank)
+                if stopped:
+                    return
             elif kind == "stall":
                 self.controller.popen.send_signal(signal.SIGSTOP)
                 stopped = self._sleep_until(time.monotonic() + 2.5 * cfg.heartbeat_timeout_s)
                 self.controller.popen.send_signal(signal.SIGCONT)
+                self._stalls.append((d.start, time.monotonic()))
                 if stopped:
                     return
             elif kind == "flood2":
@@ -322,6 +387,74 @@ class Soak:
                     p.kill()
                     p.wait()
         self._flooders.clear()
+
+    def _http_client(self) -> None:
+        """Streams left after their first chunk, each asked again under the same id until
+        answered: the answer must be the new request's own (4 tokens, not the 100,000 of the
+        request that was left)."""
+        import httpx
+
+        h = self.http
+        with httpx.Client(base_url=self.eps["http"], timeout=HTTP_TIMEOUT_S) as c:
+            for i in itertools.count():
+                if self._stop.wait(HTTP_EVERY_S):
+                    return
+                rid = f"h{i}"
+                h.requests += 1
+                leave = {"text": "soak", "rid": rid, "stream": True, "sampling_params": {"max_new_tokens": 100_000}}
+                try:
+                    with c.stream("POST", "/generate", json=leave) as r:
+                        if r.status_code == 200:
+                            next(r.iter_lines())
+                            h.left += 1
+                        else:
+                            r.read()
+                            self._http_outcome(r.status_code, r.json())
+                except (httpx.HTTPError, StopIteration, ValueError) as exc:
+                    h.other[type(exc).__name__] = h.other.get(type(exc).__name__, 0) + 1
+                for _ in range(HTTP_ATTEMPTS):
+                    ask = {"text": "soak again", "rid": rid, "sampling_params": {"max_new_tokens": 4}}
+                    try:
+                        r = c.post("/generate", json=ask)
+                        body = r.json()
+                    except (httpx.HTTPError, ValueError) as exc:
+                        h.other[type(exc).__name__] = h.other.get(type(exc).__name__, 0) + 1
+                        continue
+                    if r.status_code == 200:
+                        h.ok += 1
+                        meta = body.get("meta_info", {}) if isinstance(body, dict) else {}
+                        if meta.get("id", rid) != rid or meta.get("completion_tokens") != 4:
+                            h.wrong_output += 1
+                        break
+                    self._http_outcome(r.status_code, body)
+                    time.sleep(HTTP_RETRY_AFTER_S)
+                else:
+                    h.gave_up += 1
+
+    def _http_outcome(self, status: int, body: Any) -> None:
+        h = self.http
+        code = body.get("error") if isinstance(body, dict) else None
+        if status == 400 and code == "duplicate_rid":
+            h.rid_in_use += 1
+        elif status == 503 and code in REJ_CODES:
+            h.rejected += 1
+        elif status == 503 and code in FAIL_CODES:
+            h.failed += 1
+        else:
+            key = f"{status} {code}"
+            h.other[key] = h.other.get(key, 0) + 1
+
+    def _poll_health(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.eps["http"], timeout=HEALTH_TIMEOUT_S) as c:
+            while not self._stop.wait(HEALTH_EVERY_S):
+                sent = time.monotonic()
+                try:
+                    status = c.get("/health").status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.health.append((sent, time.monotonic(), status))
 
     def _watch_memory(self, pid: int) -> None:
         from dpcore.runtime.local import rss_bytes
@@ -417,6 +550,8 @@ class Soak:
                 threads = [
                     threading.Thread(target=self._chaos, name="soak-chaos", daemon=True),
                     threading.Thread(target=self._watch_memory, args=(controller.popen.pid,), daemon=True),
+                    threading.Thread(target=self._http_client, name="soak-http", daemon=True),
+                    threading.Thread(target=self._poll_health, name="soak-health", daemon=True),
                 ]
                 for t in threads:
                     t.start()
@@ -492,12 +627,30 @@ class Soak:
             "rejoined": sum(d.rejoined_after_s is not None for d in disrupted),
             "disrupted": len(disrupted),
             "flood_frames": {"bad": self.flooded["bad"], "stale": self.flooded["stale"]},
+            "stuck": sum(d.kind == "stuck" for d in disrupted),
+            "http": attrs.asdict(self.http),
+            "health": self._health_figures(),
             "latency_ms": _percentiles(latencies),
             "rss": rss,
             "shutdown": {"exit_code": exit_code, "seconds": round(shutdown_s, 2)},
         }
         figures["checks"] = checks(figures)
         return figures
+
+    def _health_figures(self) -> dict[str, Any]:
+        """/health polls: answered at all, and 200 whenever the controller was not stopped."""
+        polls = self.health
+        margin = HEALTH_STALL_MARGIN_S
+
+        def in_stall(sent: float, answered: float) -> bool:
+            return any(sent <= end + margin and answered >= start for start, end in self._stalls)
+
+        free = [code for sent, answered, code in polls if not in_stall(sent, answered)]
+        slowest = max((answered - sent for sent, answered, _ in polls), default=None)
+        return {"polls": len(polls), "unanswered": sum(code == 0 for _, _, code in polls),
+                "outside_stalls": len(free), "outside_stalls_not_200": sum(code != 200 for code in free),
+                "codes": dict(Counter(str(code) for _, _, code in polls)),
+                "slowest_s": None if slowest is None else round(slowest, 2)}  # fmt: skip
 
     def _rejoins(self) -> None:
         """For each disruption: how soon the rank served a request sent after it was back."""
@@ -516,6 +669,10 @@ class Soak:
     def _explained(self, reply: Any, at: float) -> bool:
         """A failure is explained by a disruption of its rank that began before it (and
         that the controller noticed within a heartbeat timeout or so)."""
+        if reply.code == "rank_stuck":  # only the stuck rank, while it stood in
+            limit = STUCK_FOR_S + ADMISSION_TIMEOUT_S + 3.0
+            return any(d.rank == reply.rank and d.kind == "stuck" and d.start <= at <= d.start + limit
+                       for d in self.disruptions)  # fmt: skip
         if reply.code != "rank_died":
             return False
         limit = 2 * self.cfg.heartbeat_timeout_s + RESTART_AFTER_S + 3.0
@@ -542,17 +699,26 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
 
 def checks(f: dict[str, Any]) -> dict[str, bool]:
     """The soak's verdicts: the books, not the speed."""
-    s, r, c, fin = f["sent"], f["replies"], f["controller"], f["final"] or {}
+    s, r, c, fin, h, hl = f["sent"], f["replies"], f["controller"], f["final"] or {}, f["http"], f["health"]
     answered = s["good"] + s["bad_answered"]
+    # Every HTTP attempt reached the controller and ended there: left (aborted on its rank,
+    # counted completed), answered, rejected or failed.
+    http_ended = h["left"] + h["ok"] + h["failed"]
+    http_sent = http_ended + h["rejected"]
     return {
         "every request got exactly one final reply": r["pending"] == 0 and r["out"] + r["fail"] + r["rej"] == answered,
         "controller: received = completed + failed + rejected": c["in_flight"] == 0 and c["parked"] == 0
-        and c["received"] == c["completed"] + c["failed"] + c["rejected"] == answered,
+        and c["received"] == c["completed"] + c["failed"] + c["rejected"] == answered + http_sent,
         "controller: dispatched = completed + failed + redispatched": c["dispatched"]
         == c["completed"] + c["failed"] + c["redispatched"] and c["balanced"] == {"received": True, "dispatched": True},
-        "controller and client agree": c["rejected"] == r["rej"] and c["completed"] + c["failed"] == r["out"] + r["fail"],
+        "controller and clients agree": c["rejected"] == r["rej"] + h["rejected"]
+        and c["completed"] + c["failed"] == r["out"] + r["fail"] + http_ended,
+        "HTTP: each request left after its first chunk got its own answer when asked again": h["requests"] > 0
+        and h["ok"] == h["requests"] and h["left"] > 0 and not h["wrong_output"] and not h["gave_up"] and not h["other"],
+        "/health answered every poll, 200 while the controller ran": hl["polls"] > 0 and hl["unanswered"] == 0
+        and hl["outside_stalls"] > 0 and hl["outside_stalls_not_200"] == 0,
         "rejections are exactly the bad requests": r["bad_rejected_as_expected"] == s["bad_answered"] and not r["good_rejected"],
-        "failures only rank_died on a disrupted rank": r["fails_unexplained"] == 0,
+        "failures only rank_died on a disrupted rank, rank_stuck on the stuck one": r["fails_unexplained"] == 0,
         "bad frames all counted": c["bad_frames"] == s["bad_unanswered"],
         "every flooded report counted, none applied": c["bad_reports"] == f["flood_frames"]["bad"]
         and c["stale_reports"] >= f["flood_frames"]["stale"],
@@ -589,6 +755,12 @@ def print_figures(f: dict[str, Any], file: Any = None) -> None:
         ("controller stalled (SIGSTOP) / loop stalls it counted", f"{f['controller_stalls']} / {f['loop_stalls_counted']}"),
         ("disrupted ranks that rejoined by themselves", f"{f['rejoined']} / {f['disrupted']}"),
         ("report flood: bad / stale frames sent", f"{f['flood_frames']['bad']} / {f['flood_frames']['stale']}"),
+        ("stuck rank stood in (times)", f["stuck"]),
+        ("HTTP requests left after one chunk / answered when asked again", f"{f['http']['left']} / {f['http']['ok']}"),
+        ("HTTP attempts rejected / failed on the way (asked again)", f"{f['http']['rejected']} / {f['http']['failed']}"),
+        ("HTTP attempts while the id was still in use (400, asked again)", f["http"]["rid_in_use"]),
+        ("/health polls / unanswered / not 200 while the controller ran",
+         f"{f['health']['polls']} / {f['health']['unanswered']} / {f['health']['outside_stalls_not_200']}"),
         ("controller counted bad / stale reports", f"{c['bad_reports']} / {c['stale_reports']}"),
         ("latency of good requests p50 / p99 / max (ms)", f"{lat['p50']} / {lat['p99']} / {lat['max']}"),
         ("controller RSS from 25% of the run: start / end / max (MB)", f"{rss['start_mb']} / {rss['end_mb']} / {rss['max_mb']}"),

@@ -2,8 +2,9 @@
 
 A real ``dpcore serve`` and four ``dpcore mock-worker`` processes take 100 requests/s for
 60 s while ranks are SIGKILLed and restarted, SIGTERMed and restarted, SIGSTOPped past their
-heartbeat deadline and resumed, the report channel is flooded, and 5% of the requests are
-bad. The assertions are about the books (see :func:`dpcore.soak.checks`), never speed.
+heartbeat deadline and resumed, replaced by a stuck rank for a while, the report channel is
+flooded, and 5% of the requests are bad; an HTTP client leaves streams and asks again, and
+/health is polled throughout. The assertions are about the books (see :func:`dpcore.soak.checks`), never speed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def test_soak_keeps_exact_books(tmp_path: Path) -> None:
     assert f["flood_frames"]["bad"] > 0 and f["flood_frames"]["stale"] > 0
     s, c = f["sent"], f["controller"]
     assert s["good"] > 5000 and s["bad_answered"] > 100 and s["bad_unanswered"] > 0
-    assert c["received"] == s["good"] + s["bad_answered"]
-    assert set(f["replies"]["fail_codes"]) <= {"rank_died"}
+    h = f["http"]
+    assert c["received"] == s["good"] + s["bad_answered"] + h["left"] + h["ok"] + h["failed"] + h["rejected"]
+    assert set(f["replies"]["fail_codes"]) <= {"rank_died", "rank_stuck"}
+    assert f["stuck"] == 1 and f["http"]["left"] > 0 and f["health"]["polls"] > 0
     assert f["latency_ms"]["count"] == f["replies"]["out"]
