@@ -607,7 +607,9 @@ class Soak:
             "replies": {"out": kinds["out"], "fail": kinds["fail"], "rej": kinds["rej"], "pending": len(pending),
                         "duplicates_dropped": stale, "undecodable": bad_replies,
                         "good_rejected": dict(good_rej), "bad_rejected_as_expected": bad_ok,
-                        "fail_codes": dict(Counter(r.code for _, r in fails)), "fails_unexplained": len(unexplained)},  # fmt: skip
+                        "fail_codes": dict(Counter(r.code for _, r in fails)), "fails_unexplained": len(unexplained),
+                        "unexplained": [(r.code, r.rank, round(b.ended_at[rid] - self.t0, 2))
+                                        for rid, r in fails if rid in unexplained][:10]},  # fmt: skip
             "controller": {k: c.get(k) for k in ("received", "dispatched", "redispatched", "completed", "failed",
                                                  "rejected", "in_flight", "parked", "bad_frames", "reports", "bad_reports",
                                                  "stale_reports", "unknown_done", "internal_errors", "balanced",
@@ -669,9 +671,11 @@ class Soak:
     def _explained(self, reply: Any, at: float) -> bool:
         """A failure is explained by a disruption of its rank that began before it (and
         that the controller noticed within a heartbeat timeout or so)."""
-        if reply.code == "rank_stuck":  # only the stuck rank, while it stood in
-            limit = STUCK_FOR_S + ADMISSION_TIMEOUT_S + 3.0
-            return any(d.rank == reply.rank and d.kind == "stuck" and d.start <= at <= d.start + limit
+        if reply.code == "rank_stuck":
+            # Only the stuck rank: what it was sent until it was replaced fails an admission
+            # timeout later (a controller stall may come in between).
+            slack = ADMISSION_TIMEOUT_S + 2.5 * self.cfg.heartbeat_timeout_s + 3.0
+            return any(d.rank == reply.rank and d.kind == "stuck" and d.start <= at <= (d.back or at) + slack
                        for d in self.disruptions)  # fmt: skip
         if reply.code != "rank_died":
             return False
