@@ -250,7 +250,7 @@ def _trace(pm: pluggy.PluginManager, log: Any) -> None:
 #: when it depends on the chain (tests/test_swap.py checks that each one is classified).
 CHAIN_STATE = (
     "chain", "policies", "resolution", "pm", "core",
-    "_select", "_on_dispatch", "_on_load_report", "_on_rank_state", "_select_calls", "_dispatch_calls",
+    "_select", "_on_dispatch", "_on_load_report", "_on_rank_state", "_select_calls", "_dispatch_calls", "_policy_calls",
 )  # fmt: skip
 
 
