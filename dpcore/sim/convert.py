@@ -43,7 +43,7 @@ from attrs import frozen
 
 from dpcore.errors import ConfigError
 from dpcore.hashing import DEFAULT_BLOCK_SIZE, block_hashes
-from dpcore.sim.traces import TraceError, reading
+from dpcore.sim.traces import TraceError, json_object, reading
 
 FORMATS = ("sglang-log", "openai-jsonl")
 #: The marker SGLang's level-2 log puts in the middle of a cut list or string
@@ -160,12 +160,7 @@ def openai_rows(path: str, tokenizer: Any, rate: float) -> Iterator[Row]:
     t = 0.0
     first = True
     for n, text in _json_lines(path):
-        try:
-            obj = json.loads(text)
-        except ValueError as exc:
-            raise TraceError(f"not valid JSON ({exc})", path=path, line=n) from None
-        if not isinstance(obj, dict):
-            raise TraceError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=n)
+        obj = json_object(text, path, n)
         body = obj.get("body") if isinstance(obj.get("body"), dict) else obj
         if "messages" in body:
             kind = "chat"

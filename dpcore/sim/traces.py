@@ -119,6 +119,17 @@ class Trace:
 _Row = tuple[int, float, int, int, tuple[int, ...]]
 
 
+def json_object(text: str, path: str, line: int) -> dict:
+    """One line of a JSON-lines file as an object, or a :class:`TraceError` naming the line."""
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise TraceError(f"not valid JSON ({exc})", path=path, line=line) from None
+    if not isinstance(obj, dict):
+        raise TraceError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
+    return obj
+
+
 def _int_field(obj: dict, key: str, path: str, line: int, minimum: int) -> int:
     if key not in obj:
         raise TraceError(f"missing field {key!r}", path=path, line=line)
@@ -137,12 +148,7 @@ def _mooncake_rows(path: str, limit: int | None, block_size: int, found: list[in
                 continue
             if limit is not None and count >= limit:
                 return
-            try:
-                obj = json.loads(text)
-            except ValueError as exc:
-                raise TraceError(f"not valid JSON ({exc})", path=path, line=line) from None
-            if not isinstance(obj, dict):
-                raise TraceError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line)
+            obj = json_object(text, path, line)
             ts = obj.get("timestamp")
             if type(ts) not in (int, float) or not math.isfinite(ts) or ts < 0:
                 raise TraceError(f"timestamp must be a number of ms >= 0, got {ts!r}", path=path, line=line)
