@@ -6,7 +6,8 @@ from array import array
 
 import pytest
 
-from dpcore.hashing import block_hashes
+from dpcore import hashing
+from dpcore.hashing import KEY_BYTES, block_hashes, block_key_bytes, keys_of_bytes
 
 # Pinned values: block hashes are compared across processes, hosts and releases (client SDK,
 # adapters, KV events), so a change of output is a breaking change, not a refactor.
@@ -45,3 +46,24 @@ def test_only_whole_blocks_and_chaining():
 def test_bad_block_size():
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         block_hashes([1, 2, 3], 0)
+
+
+@pytest.mark.parametrize("little_endian", [True, False])
+def test_key_bytes_carry_the_same_hashes(monkeypatch, little_endian):
+    # The form block hashes travel in between processes (SGLang's tokenizer -> controller).
+    monkeypatch.setattr(hashing, "_LITTLE_ENDIAN", little_endian)
+    for (ids, size), expected in PINNED:
+        raw = block_key_bytes(ids, size)
+        assert len(raw) == KEY_BYTES * len(expected)
+        assert raw == b"".join(k.to_bytes(KEY_BYTES, "little") for k in expected)
+        assert keys_of_bytes(raw) == expected
+        assert block_hashes(ids, size) == expected
+    assert block_key_bytes([1, 2, 3], 64) == b""
+    assert keys_of_bytes(b"") == ()
+
+
+def test_key_bytes_refused_when_not_block_hashes():
+    with pytest.raises(ValueError, match="8 bytes each, got 12 bytes"):
+        keys_of_bytes(bytes(12))
+    with pytest.raises(ValueError, match="bit 63 set"):
+        keys_of_bytes((1 << 63).to_bytes(8, "little"))
