@@ -14,7 +14,8 @@ running unchanged:
 * ``dp_budget`` (what ``refresh_load_budget`` hands every new load-snapshot batch): each
   snapshot becomes a :class:`dpcore.LoadReport` through ``manager.report``.
 * ``recv_from_tokenizer``: wrapped so that SGLang's loop blocks in ``poll`` when idle
-  instead of spinning (:mod:`dpcore_sglang.recv`).
+  instead of spinning, and so that block hashes the tokenizer process computed reach the
+  dispatch (:mod:`dpcore_sglang.recv`, :mod:`dpcore_sglang.tokenizer_hashes`).
 * ``dispatch_health_check``: SGLang's own, but a failure (no active rank) answers the
   health check instead of ending the server.
 
@@ -50,6 +51,7 @@ from dpcore_sglang.convert import SnapshotFeed, to_request
 from dpcore_sglang.kv_events import SglangKvEvents
 from dpcore_sglang.metrics import serve as serve_metrics
 from dpcore_sglang.recv import BlockingReceiver
+from dpcore_sglang.tokenizer_hashes import Carried
 
 log = logging.getLogger("dpcore_sglang")
 
@@ -129,6 +131,8 @@ class DpcoreDispatcher:
         self.manager = manager
         self.ledger = manager.ledger
         self.block_size = config.hashed_block_size(manager.needs_block_hashes, page_size)
+        #: Block hashes that came from the tokenizer process with the request being dispatched.
+        self.carried = Carried(self.block_size)
         self.feed = SnapshotFeed(dp_size)
         # SGLang's own KV events (--kv-events-config), when it publishes them: ctx.cache.
         self.kv_events = SglangKvEvents.from_server_args(ctl.server_args, manager.cache, dp_size, self.block_size)
@@ -159,7 +163,9 @@ class DpcoreDispatcher:
         if self.kv_events is not None:
             self.kv_events.poll()
         try:
-            request = to_request(req, self.block_size)
+            ids = req.input_ids
+            keys = self.carried.take(req.rid, len(ids)) if self.block_size and ids is not None else None
+            request = to_request(req, self.block_size, keys)
         except Exception as exc:
             msg = f"request {req.rid!r} cannot be read: {exc!r}"
             self.reject(req, MalformedRequestError(msg, rid=req.rid))
@@ -331,6 +337,7 @@ class DpcoreDispatcher:
             "lost_peers": self.lost_peers,
             "active": list(self.ledger.active_ranks),
             "block_size": self.block_size,
+            "block_hashes": self.carried.stats() if self.block_size else None,
             "kv_events": self.manager.cache.stats() if self.kv_events is not None else None,
             "record": self.recorder.stats() if self.recorder is not None else None,
         }
@@ -357,12 +364,12 @@ def install(ctl: Any, config: AdapterConfig, manager: PolicyManager | None = Non
     # Feed every policy the load snapshots, not only SGLang's load-aware methods.
     ctl.refresh_load_budget_on_dispatch = True
     ctl.dispatch_health_check = adapter.dispatch_health_check
-    if config.poll_timeout_ms is not None and not isinstance(ctl.recv_from_tokenizer, BlockingReceiver):
+    if not isinstance(ctl.recv_from_tokenizer, BlockingReceiver):
         timeout_ms = config.poll_timeout_ms
         watchdog_s = _soft_watchdog_timeout()
-        if watchdog_s:  # wake often enough that SGLang's loop feeds its watchdog in time
+        if timeout_ms is not None and watchdog_s:  # wake often enough that SGLang's loop feeds its watchdog in time
             timeout_ms = max(1, min(timeout_ms, int(watchdog_s * 250)))
-        ctl.recv_from_tokenizer = BlockingReceiver(ctl.recv_from_tokenizer, timeout_ms)
+        ctl.recv_from_tokenizer = BlockingReceiver(ctl.recv_from_tokenizer, timeout_ms, adapter.carried)
     ctl.dpcore = adapter
     if config.metrics_port is not None:
         try:

@@ -14,6 +14,10 @@ process with the adapter switched on, once per dpcore policy in ``--policies`` (
   and the ratio of each dpcore policy to SGLang;
 * the dispatch path alone, in-process, with the sockets replaced by ones that only encode
   (so pickling is counted as it is in production, IPC is not);
+* for a chain that reads block hashes: what computing them costs SGLang's tokenizer process
+  per request, where the adapter has them computed (:mod:`dpcore_sglang.tokenizer_hashes`;
+  the producer sends the frames that process would send, so the controller's figures do not
+  include it); ``--hash-in controller`` measures the controller hashing instead;
 * idle CPU: the controller process's CPU time over ``--idle-seconds`` with no traffic.
 
 Outside an environment with SGLang it builds (or reuses) the pinned venv of
@@ -55,6 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=",".join(DEFAULT_POLICIES),
         help=f"dpcore policies (or chains, separated by '+') to measure against SGLang's own loop "
         f"(default {','.join(DEFAULT_POLICIES)})",
+    )
+    p.add_argument(
+        "--hash-in",
+        choices=("tokenizer", "controller"),
+        default="tokenizer",
+        help="where prompts are hashed for chains that read block hashes: SGLang's tokenizer process, as "
+        "dpcore_sglang.launch_server does, or the controller (default tokenizer)",
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
@@ -99,13 +110,13 @@ def _adapter(variant: str) -> Any:
     return None if variant == "sglang" else AdapterConfig(method=variant.replace("+", ","))
 
 
-def make_frames(tokens: int) -> list[bytes]:
-    """The benchmark's requests, pickled once as SGLang's IPC does (the producer is not measured)."""
+def make_requests(tokens: int) -> list[Any]:
+    """The benchmark's requests, as SGLang's TokenizerManager builds them."""
     from array import array
 
     from dpcore_sglang.testing import make_request
 
-    frames = []
+    reqs = []
     half = tokens // 2
     for f in range(PROMPT_FAMILIES):
         for m in range(PROMPT_FAMILY_SIZE):
@@ -113,8 +124,55 @@ def make_frames(tokens: int) -> list[bytes]:
             req = make_request(f"bench-{f}-{m}", tokens)
             # Shared first half per family, a distinct second half per member.
             req.input_ids = array("q", [f * tokens + t for t in range(half)] + [base + t for t in range(half, tokens)])
-            frames.append(pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL))
+            reqs.append(req)
+    return reqs
+
+
+def make_frames(reqs: list[Any], block_size: int = 0) -> list[bytes]:
+    """*reqs* encoded once as SGLang's IPC does (the producer is not measured), with their
+    block hashes in front as SGLang's tokenizer process sends them when *block_size* > 0."""
+    from dpcore_sglang.tokenizer_hashes import carry, entries_for
+
+    frames = []
+    for req in reqs:
+        frame = pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
+        frames.append(carry(frame, block_size, entries_for(req, block_size)) if block_size else frame)
     return frames
+
+
+def tokenizer_block_size(variant: str, hash_in: str) -> int:
+    """Tokens per block SGLang's tokenizer process hashes for *variant* (0: none), on the
+    harness's one-token pages."""
+    if variant == "sglang" or hash_in != "tokenizer":
+        return 0
+    from dpcore.manager import PolicyManager
+
+    config = _adapter(variant)
+    manager = PolicyManager.from_method(config.method, dp_size=2)
+    return config.hashed_block_size(manager.needs_block_hashes, 1)
+
+
+def tokenizer_cost(reqs: list[Any], block_size: int, count: int, repeat: int) -> dict[str, float]:
+    """CPU µs per request in SGLang's tokenizer process: its own encoding of a request, and
+    what the block-hash hook adds to it (hashing, the header, the longer frame)."""
+    from dpcore_sglang.tokenizer_hashes import carry, entries_for
+
+    def own(req: Any) -> bytes:
+        return pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def hooked(req: Any) -> bytes:
+        return carry(own(req), block_size, entries_for(req, block_size))
+
+    best = {}
+    for name, fn in (("encode", own), ("hooked", hooked)):
+        runs = []
+        for _ in range(repeat):
+            t0 = time.process_time()
+            for i in range(count):
+                fn(reqs[i % len(reqs)])
+            runs.append(1e6 * (time.process_time() - t0) / count)
+        best[name] = min(runs)
+    return {"sglang_encode_us": best["encode"], "added_us": best["hooked"] - best["encode"]}
 
 
 def throughput(variant: str, frames: list[bytes], requests: int, dp_size: int) -> dict[str, Any]:
@@ -162,7 +220,9 @@ class _EncodeOnlySocket:
         pass
 
 
-def dispatch_cost(frames: list[bytes], dp_size: int, count: int, repeat: int, variants: list[str]) -> dict[str, list[float]]:
+def dispatch_cost(
+    frames: dict[str, list[bytes]], dp_size: int, count: int, repeat: int, variants: list[str]
+) -> dict[str, list[float]]:
     """CPU microseconds per request through SGLang's ``_request_dispatcher``, without IPC.
 
     One real controller per variant, built by SGLang's own ``__init__`` (in a child process:
@@ -185,7 +245,9 @@ def dispatch_cost(frames: list[bytes], dp_size: int, count: int, repeat: int, va
             child.kill()
 
 
-def _dispatch_cost_child(writer: Any, frames: list[bytes], dp_size: int, count: int, repeat: int, variants: list[str]) -> None:
+def _dispatch_cost_child(
+    writer: Any, frames: dict[str, list[bytes]], dp_size: int, count: int, repeat: int, variants: list[str]
+) -> None:
     import os
 
     import psutil
@@ -219,20 +281,23 @@ def _dispatch_cost_child(writer: Any, frames: list[bytes], dp_size: int, count: 
                 install(ctl, _adapter(v))
             ctls[v] = ctl
 
-        def once(ctl: Any) -> float:
+        def once(v: str) -> float:
+            ctl = ctls[v]
             dispatch = ctl._request_dispatcher
-            loads = pickle.loads
-            m = len(frames)
+            # What the controller's receive does: SGLang's unpickling, or the adapter's receiver.
+            loads = pickle.loads if v == "sglang" else ctl.recv_from_tokenizer.decode
+            todo = frames[v]
+            m = len(todo)
             t0 = time.thread_time()
             for i in range(count):
-                dispatch(loads(frames[i % m]))
+                dispatch(loads(todo[i % m]))
             return 1e6 * (time.thread_time() - t0) / count
 
         for v in variants:
-            once(ctls[v])  # warm-up
+            once(v)  # warm-up
         for _ in range(repeat):  # interleaved, as the throughput runs
             for v in variants:
-                out[v].append(once(ctls[v]))
+                out[v].append(once(v))
         writer.send(out)
     finally:
         for p in psutil.Process().children(recursive=True):
@@ -253,18 +318,24 @@ def run_inside(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     variants = ["sglang", *policies]
-    frames = make_frames(args.tokens)
+    reqs = make_requests(args.tokens)
+    hashed = {v: tokenizer_block_size(v, args.hash_in) for v in variants}
+    frames = {v: make_frames(reqs, hashed[v]) for v in variants}
+    prompts = len(reqs)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for i in range(args.repeat):
         for variant in variants:  # interleaved, so drift on a shared machine hits all alike
             console.log(f"{variant}: throughput run {i + 1}/{args.repeat}")
-            runs[variant].append(throughput(variant, frames, args.requests, args.dp_size))
+            runs[variant].append(throughput(variant, frames[variant], args.requests, args.dp_size))
     idle = {}
     for variant in ("sglang", policies[0]):  # the idle loop does not depend on the policy
         console.log(f"{variant}: idle CPU over {args.idle_seconds:g} s")
-        idle[variant] = idle_cpu(variant, frames[0], args.dp_size, args.idle_seconds)
+        idle[variant] = idle_cpu(variant, frames[variant][0], args.dp_size, args.idle_seconds)
     console.log("dispatch path without IPC, in-process")
     cost = dispatch_cost(frames, args.dp_size, 10_000, max(3, args.repeat), variants)
+    tokenizer = {
+        v: tokenizer_cost(reqs, hashed[v], 5_000, max(3, args.repeat)) for v in variants if hashed[v]
+    }
     med = {v: statistics.median(r["req_per_s"] for r in runs[v]) for v in variants}
     cpu = {v: statistics.median(r["cpu_us_per_req"] for r in runs[v]) for v in variants}
     path = {v: statistics.median(cost[v]) for v in variants}
@@ -272,7 +343,7 @@ def run_inside(args: argparse.Namespace) -> int:
 
     table = Table(
         title=f"SGLang {installed_sglang_version()} controller: {args.requests:,} requests x {args.tokens} token ids "
-        f"({len(frames)} prompts in {PROMPT_FAMILIES} prefix families), {args.dp_size} ranks"
+        f"({prompts} prompts in {PROMPT_FAMILIES} prefix families), {args.dp_size} ranks"
     )
     for col in (
         "dispatch",
@@ -281,6 +352,7 @@ def run_inside(args: argparse.Namespace) -> int:
         "runs",
         "controller CPU µs/req",
         "dispatch path CPU µs/req (no IPC)",
+        "tokenizer process CPU µs/req added",
         f"idle CPU, {args.idle_seconds:g} s",
     ):
         table.add_column(col, justify="right")
@@ -293,6 +365,7 @@ def run_inside(args: argparse.Namespace) -> int:
             " / ".join(f"{r['req_per_s']:,.0f}" for r in runs[v]),
             f"{cpu[v]:.0f}",
             f"{path[v]:.1f}",
+            f"{tokenizer[v]['added_us']:.1f}" if v in tokenizer else "0",
             f"{idle[v]:.1f} %" if v in idle else "",
         )
     Console(width=160).print(table)
@@ -301,6 +374,14 @@ def run_inside(args: argparse.Namespace) -> int:
         + ", ".join(f"{v} [bold]{ratio[v]:.3f}[/]" for v in policies)
         + f"; idle CPU {idle['sglang']:.1f} % -> {idle[policies[0]]:.1f} % of a core"
     )
+    for v, t in tokenizer.items():
+        Console().print(
+            f"{v}: block hashes computed in SGLang's tokenizer process (not the controller's): "
+            f"+{t['added_us']:.1f} CPU µs per request there, beside its own encoding of the request "
+            f"({t['sglang_encode_us']:.1f} µs) and its tokenizing"
+        )
+    if args.hash_in == "controller":
+        Console().print("block hashes computed in the controller (--hash-in controller)")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -308,7 +389,9 @@ def run_inside(args: argparse.Namespace) -> int:
                     "sglang": installed_sglang_version(),
                     "requests": args.requests,
                     "tokens": args.tokens,
-                    "prompts": len(frames),
+                    "prompts": prompts,
+                    "hash_in": args.hash_in,
+                    "tokenizer_cpu_us_per_req": tokenizer,
                     "dp_size": args.dp_size,
                     "policies": policies,
                     "runs": runs,

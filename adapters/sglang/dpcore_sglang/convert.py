@@ -16,12 +16,12 @@ from dpcore.ledger import MAX_PENDING_PER_RANK
 from dpcore.model import LoadReport, Request, make_request
 
 
-def to_request(req: Any, block_size: int = 0) -> Request:
+def to_request(req: Any, block_size: int = 0, keys: tuple[int, ...] | None = None) -> Request:
     """What a policy sees of SGLang's tokenized request *req*.
 
     ``num_tokens`` is the prompt length (``input_ids``, else ``input_embeds`` rows; upstream
-    crashes on ``len(None)`` for embeddings-only requests). ``block_hashes`` are computed
-    only when *block_size* is positive.
+    crashes on ``len(None)`` for embeddings-only requests). ``block_hashes`` are *keys* when
+    given (computed in the tokenizer process), else computed here when *block_size* is positive.
     """
     ids = req.input_ids
     if ids is not None:
@@ -34,7 +34,7 @@ def to_request(req: Any, block_size: int = 0) -> Request:
     return make_request(
         rid if type(rid) is str else str(rid),
         n,
-        block_hashes(ids, block_size) if block_size and ids is not None else (),
+        keys if keys is not None else block_hashes(ids, block_size) if block_size and ids is not None else (),
         getattr(req, "bootstrap_room", None),
         getattr(req, "routed_dp_rank", None),
         # data_parallel_rank left the tokenized message in 0.5.x (TokenizerManager migrates

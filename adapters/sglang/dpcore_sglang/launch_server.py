@@ -21,7 +21,7 @@ from pathlib import Path
 from dpcore.auto import check_removed_flags
 from dpcore.cli import add_policy_option_argument, parse_policy_options
 from dpcore.errors import DpcoreError
-from dpcore_sglang import server_info
+from dpcore_sglang import server_info, tokenizer_hashes
 from dpcore_sglang.config import BLOCK_HASH_MODES, ENV_VAR, AdapterConfig
 from dpcore_sglang.versions import check_sglang_version
 
@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     os.environ[ENV_VAR] = config.to_json()
     server_info.install(plan)
+    # This process runs SGLang's TokenizerManager: hash prompts here, not in the controller.
+    needs = bool(plan["needs_block_hashes"])
+    tokenizer_hashes.register(lambda page_size: config.hashed_block_size(needs, page_size))
     # SGLang's own entry point, as `python -m sglang.launch_server` runs it; every SGLang
     # process inherits the environment, and the controller's turns the adapter on.
     sys.argv = ["sglang.launch_server", *sglang_argv]
@@ -168,6 +171,7 @@ def prepare(ours: argparse.Namespace, rest: list[str]) -> tuple[AdapterConfig, l
         "sglang": version,
         **manager.describe(),
         "sglang_load_balance_method": told,
+        "needs_block_hashes": manager.needs_block_hashes,
         ENV_VAR: json.loads(config.to_json()),
     }
     return config, [*rest, "--load-balance-method", told], plan

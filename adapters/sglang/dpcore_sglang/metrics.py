@@ -8,7 +8,9 @@ the GIL, and counters only grow, so a scrape sees a consistent-enough moment.
 Names and labels are the standalone controller's (:mod:`dpcore.runtime.metrics`), so one
 dashboard serves both: ``dpcore_decisions_total{policy,reason}``,
 ``dpcore_rejected_total{code}``, ``dpcore_rank_dispatched_total{rank}``,
-``dpcore_bad_frames_total``, plus ``dpcore_lost_peers_total`` and ``dpcore_chain_info``.
+``dpcore_bad_frames_total``, plus ``dpcore_lost_peers_total``, ``dpcore_chain_info``, and
+``dpcore_block_hashes_total{source}`` (``tokenizer``: computed in SGLang's tokenizer process;
+``controller``: computed here) with ``dpcore_block_hashes_refused_total{reason}``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ class AdapterCollector:
         yield CounterMetricFamily(
             "dpcore_bad_frames", "Frames from the tokenizer that could not be decoded", value=getattr(recv, "bad_frames", 0)
         )
+        carried = a.carried
+        src = CounterMetricFamily("dpcore_block_hashes", "Requests whose block hashes were computed where", labels=["source"])
+        src.add_metric(["tokenizer"], carried.used)
+        src.add_metric(["controller"], carried.hashed_here)
+        yield src
+        refused = CounterMetricFamily(
+            "dpcore_block_hashes_refused", "Block hashes from the tokenizer refused (then hashed here), by reason", labels=["reason"]
+        )
+        for reason, n in sorted(carried.refused.copy().items()):
+            refused.add_metric([reason], n)
+        yield refused
         yield CounterMetricFamily(
             "dpcore_lost_peers", "Sends that found no scheduler connected (rank left rotation)", value=a.lost_peers
         )

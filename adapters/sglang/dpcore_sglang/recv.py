@@ -7,6 +7,10 @@ code: a ``NOBLOCK`` receive that finds nothing waits in ``poll`` until a message
 until *timeout_ms* passes (then it reports "nothing" as before, so the loop feeds its
 watchdog). While requests flow, the first ``NOBLOCK`` receive succeeds and nothing waits.
 
+A frame that carries block hashes from the tokenizer
+(:mod:`dpcore_sglang.tokenizer_hashes`) is split here: the hashes go to the adapter, SGLang
+decodes the rest as usual.
+
 With SGLang's default pickle IPC it also keeps an undecodable frame from killing the server
 (upstream lets the exception end the loop and the process): the frame is logged, counted
 and dropped. Deserialising is still pickle, SGLang's own format, so whoever can write to
@@ -21,6 +25,8 @@ from typing import Any
 
 import zmq
 
+from dpcore_sglang.tokenizer_hashes import MAGIC, Carried
+
 log = logging.getLogger("dpcore_sglang")
 
 
@@ -28,44 +34,66 @@ class BlockingReceiver:
     """Wraps a zmq socket; everything but ``recv``/``recv_pyobj`` passes through.
 
     :param sock: The controller's PULL socket.
-    :param timeout_ms: Longest wait per idle receive.
+    :param timeout_ms: Longest wait per idle receive; ``None``: do not wait (SGLang's own spin).
+    :param carried: Where block hashes that come with a request go (default: a
+        :class:`~dpcore_sglang.tokenizer_hashes.Carried` that refuses them all).
     """
 
-    def __init__(self, sock: zmq.Socket, timeout_ms: int = 1000) -> None:
+    def __init__(self, sock: zmq.Socket, timeout_ms: int | None = 1000, carried: Carried | None = None) -> None:
         self._sock = sock
         self._timeout_ms = timeout_ms
+        self.carried = Carried(0) if carried is None else carried
         self.bad_frames = 0
         self.idle_waits = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
-    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+    def _wait(self, flags: int, copy: bool = True, track: bool = False) -> Any:
         sock = self._sock
-        if not flags & zmq.NOBLOCK:
-            return sock.recv(flags, copy=copy, track=track)
         try:
             return sock.recv(flags, copy=copy, track=track)
         except zmq.Again:
+            if not flags & zmq.NOBLOCK or self._timeout_ms is None:
+                raise
             self.idle_waits += 1
             if not sock.poll(self._timeout_ms, zmq.POLLIN):
                 raise
             return sock.recv(flags, copy=copy, track=track)
 
+    def recv(self, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+        """What SGLang's msgpack IPC reads (``io_struct.sock_recv``): the message's bytes."""
+        frame = self._wait(flags, copy, track)
+        if type(frame) is bytes and frame.startswith(MAGIC):
+            try:
+                return self.carried.split(frame)
+            except ValueError as exc:
+                self._bad(len(frame), exc)
+        return frame
+
     def recv_pyobj(self, flags: int = 0) -> Any:
         try:  # the busy path, inlined: a message is already waiting
             frame = self._sock.recv(flags)
         except zmq.Again:
-            frame = self.recv(flags)
+            frame = self._wait(flags)
+        return self.decode(frame)
+
+    def decode(self, frame: bytes) -> Any:
+        """The message in a pickle-IPC *frame* (SGLang's default), its block hashes kept."""
         try:
+            if frame.startswith(MAGIC):
+                return pickle.loads(self.carried.split(frame))
             return pickle.loads(frame)  # SGLang's own IPC format, as recv_pyobj does
         except Exception as exc:
-            self.bad_frames += 1
-            log.error(
-                "dpcore: dropped an undecodable message from the tokenizer (%d so far, %d bytes): %r",
-                self.bad_frames,
-                len(frame),
-                exc,
-            )
-            # SGLang's loop treats a ZMQError as "no message now" and goes round again.
-            raise zmq.Again() from exc
+            self._bad(len(frame), exc)
+
+    def _bad(self, size: int, exc: Exception) -> None:
+        self.bad_frames += 1
+        log.error(
+            "dpcore: dropped an undecodable message from the tokenizer (%d so far, %d bytes): %r",
+            self.bad_frames,
+            size,
+            exc,
+        )
+        # SGLang's loop treats a ZMQError as "no message now" and goes round again.
+        raise zmq.Again() from exc

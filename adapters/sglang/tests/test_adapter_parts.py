@@ -13,11 +13,13 @@ import pytest
 import zmq
 
 from dpcore.errors import ConfigError
+from dpcore.hashing import block_hashes, block_key_bytes
 from dpcore.ledger import LoadLedger
 from dpcore_sglang import launch_server, versions
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.convert import SnapshotFeed, to_request
 from dpcore_sglang.recv import BlockingReceiver
+from dpcore_sglang.tokenizer_hashes import MAGIC, Carried, carry, entries_for
 from dpcore_sglang.venv import pinned_file, venv_key
 
 
@@ -224,6 +226,66 @@ def test_undecodable_frames_are_dropped_as_no_message(pair):
     assert recv.recv_pyobj(zmq.NOBLOCK) == "ok"
     assert recv.bad_frames == 1
     assert recv.closed is False  # everything else is the socket's
+
+
+# ----------------------------------------------------------------------------- block hashes from the tokenizer
+
+
+def carried_frame(reqs, block_size=64, payload=b"sglang's own frame"):
+    batch = SimpleNamespace(batch=reqs) if len(reqs) > 1 else reqs[0]
+    return carry(payload, block_size, entries_for(batch, block_size))
+
+
+def test_keys_from_the_tokenizer_are_the_controllers_own():
+    a, b = tokenized(rid="a"), tokenized(rid="b", input_ids=list(range(7, 400)))
+    frame = carried_frame([a, b])
+    assert frame.startswith(MAGIC)
+    c = Carried(64)
+    assert bytes(c.split(frame)) == b"sglang's own frame"
+    assert c.take("b", 393) == block_hashes(b.input_ids, 64)
+    assert c.take("a", 200) == block_hashes(a.input_ids, 64)
+    assert c.take("a", 200) is None  # taken once
+    assert (c.used, c.hashed_here, dict(c.refused)) == (2, 1, {})
+    assert to_request(b, 64, (1, 2)).block_hashes == (1, 2)  # the keys that came are the request's
+    assert to_request(b, 64).block_hashes == block_hashes(b.input_ids, 64)
+
+
+def test_keys_that_do_not_fit_are_refused_by_reason_and_the_request_goes_on():
+    req = tokenized(rid="r")
+    c = Carried(64)
+    # another block size
+    assert bytes(c.split(carried_frame([req], block_size=32))) == b"sglang's own frame"
+    assert c.take("r", 200) is None
+    # keys for a prompt of another length, and a value that is no block hash
+    for raw, reason in ((block_key_bytes(range(64), 64), "count"), (b"\xff" * 24, "value")):
+        c.split(carry(b"x", 64, ["r", raw]))
+        assert c.take("r", 200) is None, reason
+    # an unreadable header: the request behind it is still found
+    header = b"\xc1\xc1\xc1"
+    assert bytes(c.split(MAGIC + len(header).to_bytes(4, "little") + header + b"req")) == b"req"
+    assert dict(c.refused) == {"block_size": 1, "count": 1, "value": 1, "header": 1}
+    assert (c.used, c.hashed_here) == (0, 3)
+    with pytest.raises(ValueError, match="cut short"):
+        c.split(MAGIC)
+    with pytest.raises(ValueError, match="claims 99 bytes"):
+        c.split(MAGIC + (99).to_bytes(4, "little") + b"abc")
+
+
+def test_the_receiver_hands_keys_to_the_adapter_and_the_request_to_sglang(pair):
+    push, pull = pair
+    carried = Carried(64)
+    recv = BlockingReceiver(pull, timeout_ms=1000, carried=carried)
+    req = tokenized(rid="r")
+    push.send(carry(pickle.dumps({"rid": "r"}), 64, entries_for(req, 64)))
+    assert recv.recv_pyobj(zmq.NOBLOCK) == {"rid": "r"}
+    assert carried.take("r", 200) == block_hashes(req.input_ids, 64)
+    # SGLang's msgpack IPC reads raw bytes through recv(): it gets the request's bytes only.
+    push.send(carry(b"msgpack bytes", 64, entries_for(req, 64)))
+    assert bytes(recv.recv(zmq.NOBLOCK)) == b"msgpack bytes"
+    push.send(MAGIC + b"\x00")  # cut short: the request cannot be found; dropped and counted
+    with pytest.raises(zmq.Again):
+        recv.recv_pyobj(zmq.NOBLOCK)
+    assert recv.bad_frames == 1
 
 
 # ----------------------------------------------------------------------------- versions and launcher

@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import time
+import urllib.request
 from array import array
 from collections.abc import Sequence
 from typing import Any
@@ -319,3 +321,23 @@ class ControllerHarness:
         """CPU time the controller process (not its schedulers) has used."""
         t = psutil.Process(self.pid).cpu_times()
         return t.user + t.system
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The adapter's Prometheus samples on *port*: ``(name, sorted labels) -> value``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import importlib
-import socket
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sglang.srt.server_args import ServerArgs
 
 from dpcore_sglang import server_info
 from dpcore_sglang.config import AdapterConfig
-from dpcore_sglang.testing import make_request
+from dpcore_sglang.testing import free_port, make_request, scrape
 
 pytestmark = pytest.mark.sglang
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
 
 
 def test_metrics_count_decisions_rejections_and_name_the_chain(controller):
