@@ -73,13 +73,13 @@ def _keys(token_ids: Sequence[int], block_size: int) -> bytearray:
     return keys
 
 
-def _unpack(raw: bytes | bytearray | memoryview) -> tuple[int, ...]:
+def _unpack(raw: bytes | bytearray) -> tuple[int, ...]:
     if _LITTLE_ENDIAN:
-        return tuple(memoryview(raw).cast("B").cast("q"))
+        return tuple(memoryview(raw).cast("q"))
     return tuple(int.from_bytes(raw[i : i + KEY_BYTES], "little", signed=True) for i in range(0, len(raw), KEY_BYTES))
 
 
-def keys_of_bytes(raw: bytes | bytearray | memoryview) -> tuple[int, ...]:
+def keys_of_bytes(raw: bytes | bytearray) -> tuple[int, ...]:
     """The block hashes packed in *raw* by :func:`block_key_bytes`.
 
     :raises ValueError: *raw* is not a whole number of keys, or holds a value that is not a
@@ -88,7 +88,7 @@ def keys_of_bytes(raw: bytes | bytearray | memoryview) -> tuple[int, ...]:
     if len(raw) % KEY_BYTES:
         msg = f"block hashes take {KEY_BYTES} bytes each, got {len(raw)} bytes"
         raise ValueError(msg)
-    keys = _unpack(raw)
+    keys = tuple(memoryview(raw).cast("q")) if _LITTLE_ENDIAN else _unpack(raw)
     if keys and min(keys) < 0:
         msg = "a block hash has bit 63 set; block hashes are 63-bit"
         raise ValueError(msg)
