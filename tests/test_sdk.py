@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+import typing
 
 import msgpack
 import pytest
@@ -12,7 +14,7 @@ import zmq.asyncio
 
 from dpcore import wire
 from dpcore.hashing import block_hashes
-from dpcore.sdk import AsyncClient, Client, ControllerUnavailableError, Worker
+from dpcore.sdk import AsyncClient, Client, ControllerUnavailableError, RequestFields, Worker
 from dpcore.sdk import endpoints
 
 TIMEOUT_MS = 5000
@@ -111,6 +113,18 @@ def test_client_counts_and_hashes_without_token_ids(ctx, fake):
         assert (req.num_tokens, req.block_hashes, req.routed_dp_rank, req.data_parallel_rank) == (77, (5, 6), 2, 1)
         with pytest.raises(ValueError, match="token_ids or num_tokens"):
             client.submit("x")
+        with pytest.raises(TypeError, match="max_new_token"):
+            client.submit("typo", num_tokens=1, max_new_token=4)  # type: ignore[call-arg]
+        assert client.pending == {"n"}
+
+
+def test_request_fields_are_the_wire_request_fields():
+    """One definition of submit's keywords: every request field the wire encodes, plus the
+    token ids the client hashes (and not the reply address, which the client owns)."""
+    wire_fields = set(inspect.signature(wire.encode_request).parameters) - {"rid", "reply"}
+    assert set(RequestFields.__annotations__) == wire_fields | {"token_ids"}
+    hints = typing.get_type_hints(Client.submit, include_extras=True)
+    assert hints["fields"] == typing.Unpack[RequestFields]
 
 
 def test_client_rejection_fail_stale_and_garbage(ctx, fake):

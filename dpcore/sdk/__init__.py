@@ -9,7 +9,7 @@ Importing this package imports pyzmq; the core (``import dpcore``) does not.
 
 from __future__ import annotations
 
-from dpcore.sdk.client import AsyncClient, Client, ControllerUnavailableError, ReplyStream
+from dpcore.sdk.client import AsyncClient, Client, ControllerUnavailableError, ReplyStream, RequestFields
 from dpcore.sdk.worker import Work, Worker
 from dpcore.wire import Control, Reply
 
@@ -20,6 +20,7 @@ __all__ = [
     "ControllerUnavailableError",
     "Reply",
     "ReplyStream",
+    "RequestFields",
     "Work",
     "Worker",
 ]

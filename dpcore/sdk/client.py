@@ -28,7 +28,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import zmq
 import zmq.asyncio
@@ -39,7 +39,10 @@ from dpcore.hashing import DEFAULT_BLOCK_SIZE, block_hashes
 from dpcore.sdk import endpoints
 from dpcore.wire import Reply
 
-__all__ = ["AsyncClient", "Client", "ControllerUnavailableError", "MessageTooLargeError", "Reply", "ReplyStream"]
+__all__ = [
+    "AsyncClient", "Client", "ControllerUnavailableError", "MessageTooLargeError", "Reply", "ReplyStream",
+    "RequestFields",
+]  # fmt: skip
 
 #: How long requests queued at close() may still take to reach the controller.
 _SEND_LINGER_MS = 1000
@@ -53,6 +56,28 @@ class ControllerUnavailableError(DpcoreError):
 
 class MessageTooLargeError(DpcoreError):
     """A request frame is over the ingress frame limit (the controller would drop it)."""
+
+
+class RequestFields(TypedDict, total=False):
+    """The keywords of a request, for :meth:`Client.submit`, :meth:`AsyncClient.submit` and
+    :meth:`AsyncClient.encode` (ranges and meanings: :func:`dpcore.wire.encode_request`)."""
+
+    #: The prompt's tokens: only counted and hashed here (the engine's input goes in the payload).
+    token_ids: Sequence[int] | None
+    #: Prompt length when no *token_ids* are given.
+    num_tokens: int | None
+    #: Hashes of the prompt's leading blocks; default: hashed from *token_ids*.
+    block_hashes: Sequence[int] | None
+    #: A rank the caller already chose (SGLang's ``routed_dp_rank``).
+    routed_dp_rank: Any
+    #: SGLang's ``data_parallel_rank`` request field.
+    data_parallel_rank: Any
+    #: The PD bootstrap room that pairs a decode request with its prefill.
+    bootstrap_room: int | None
+    #: The prefill rank of a PD decode request.
+    disagg_prefill_dp_rank: Any
+    #: Output length cap, when the caller knows it.
+    max_new_tokens: int | None
 
 
 class _Base:
@@ -102,18 +127,13 @@ class _Base:
             self._close_sockets()
             raise
 
-    def _header(
-        self,
-        rid: str,
-        token_ids: Sequence[int] | None,
-        num_tokens: int | None,
-        bh: Sequence[int] | None,
-        routed_dp_rank: Any,
-        data_parallel_rank: Any,
-        bootstrap_room: int | None,
-        disagg_prefill_dp_rank: Any,
-        max_new_tokens: int | None,
-    ) -> bytes:
+    def encode(self, rid: str, **fields: Unpack[RequestFields]) -> bytes:
+        """The request header :meth:`submit` sends (hashing the prompt's blocks). Pure CPU work
+        and thread-safe: a caller with a big prompt can run it off its event loop, then send
+        it with :meth:`Client.send_raw` or :meth:`AsyncClient.submit_encoded`."""
+        token_ids = fields.pop("token_ids", None)
+        num_tokens = fields.pop("num_tokens", None)
+        bh = fields.pop("block_hashes", None)
         if num_tokens is None:
             if token_ids is None:
                 msg = f"request {rid!r}: give token_ids or num_tokens"
@@ -124,17 +144,8 @@ class _Base:
             # prefixes, and a longer list would be refused (wire.Limits.max_block_hashes).
             cap = wire.DEFAULT_LIMITS.max_block_hashes * self.block_size
             bh = block_hashes(token_ids[:cap] if len(token_ids) > cap else token_ids, self.block_size)
-        return wire.encode_request(
-            rid,
-            num_tokens=num_tokens,
-            reply=self.reply_endpoint,
-            block_hashes=bh,
-            bootstrap_room=bootstrap_room,
-            routed_dp_rank=routed_dp_rank,
-            data_parallel_rank=data_parallel_rank,
-            disagg_prefill_dp_rank=disagg_prefill_dp_rank,
-            max_new_tokens=max_new_tokens,
-        )
+        # The other fields go through as they are: an unknown keyword is a TypeError there.
+        return wire.encode_request(rid, num_tokens=num_tokens, reply=self.reply_endpoint, block_hashes=bh, **fields)
 
     def _check_size(self, rid: str, header: bytes, payload: bytes) -> None:
         big = max(len(header), len(payload))
@@ -203,27 +214,10 @@ class Client(_Base):
         #: Requests submitted and not ended yet.
         self.pending: set[str] = set()
 
-    def submit(
-        self,
-        rid: str,
-        *,
-        token_ids: Sequence[int] | None = None,
-        num_tokens: int | None = None,
-        block_hashes: Sequence[int] | None = None,
-        payload: bytes = b"",
-        routed_dp_rank: Any = None,
-        data_parallel_rank: Any = None,
-        bootstrap_room: int | None = None,
-        disagg_prefill_dp_rank: Any = None,
-        max_new_tokens: int | None = None,
-    ) -> None:
-        """Send one request. *token_ids* are only used to count and hash the prompt; put
-        whatever the engine needs in *payload*."""
-        hdr = self._header(
-            rid, token_ids, num_tokens, block_hashes, routed_dp_rank, data_parallel_rank,
-            bootstrap_room, disagg_prefill_dp_rank, max_new_tokens,
-        )  # fmt: skip
-        self.send_raw(rid, hdr, payload)
+    def submit(self, rid: str, *, payload: bytes = b"", **fields: Unpack[RequestFields]) -> None:
+        """Send one request (its keywords: :class:`RequestFields`). *token_ids* are only used
+        to count and hash the prompt; put whatever the engine needs in *payload*."""
+        self.send_raw(rid, self.encode(rid, **fields), payload)
 
     def send_raw(self, rid: str, header: bytes, payload: bytes = b"") -> None:
         """Send an already encoded request header (see :func:`dpcore.wire.encode_request`)."""
@@ -366,49 +360,10 @@ class AsyncClient(_Base):
     def pending(self) -> set[str]:
         return set(self._streams)
 
-    async def submit(
-        self,
-        rid: str,
-        *,
-        token_ids: Sequence[int] | None = None,
-        num_tokens: int | None = None,
-        block_hashes: Sequence[int] | None = None,
-        payload: bytes = b"",
-        routed_dp_rank: Any = None,
-        data_parallel_rank: Any = None,
-        bootstrap_room: int | None = None,
-        disagg_prefill_dp_rank: Any = None,
-        max_new_tokens: int | None = None,
-    ) -> ReplyStream:
-        """Send one request; iterate the returned stream for its replies."""
-        hdr = self.encode(
-            rid, token_ids=token_ids, num_tokens=num_tokens, block_hashes=block_hashes,
-            routed_dp_rank=routed_dp_rank, data_parallel_rank=data_parallel_rank,
-            bootstrap_room=bootstrap_room, disagg_prefill_dp_rank=disagg_prefill_dp_rank,
-            max_new_tokens=max_new_tokens,
-        )  # fmt: skip
-        return await self.submit_encoded(rid, hdr, payload)
-
-    def encode(
-        self,
-        rid: str,
-        *,
-        token_ids: Sequence[int] | None = None,
-        num_tokens: int | None = None,
-        block_hashes: Sequence[int] | None = None,
-        routed_dp_rank: Any = None,
-        data_parallel_rank: Any = None,
-        bootstrap_room: int | None = None,
-        disagg_prefill_dp_rank: Any = None,
-        max_new_tokens: int | None = None,
-    ) -> bytes:
-        """The request header :meth:`submit` would send (hashing the prompt's blocks). Pure
-        CPU work and thread-safe: a caller with a big prompt can run it off its event loop,
-        then send with :meth:`submit_encoded`."""
-        return self._header(
-            rid, token_ids, num_tokens, block_hashes, routed_dp_rank, data_parallel_rank,
-            bootstrap_room, disagg_prefill_dp_rank, max_new_tokens,
-        )  # fmt: skip
+    async def submit(self, rid: str, *, payload: bytes = b"", **fields: Unpack[RequestFields]) -> ReplyStream:
+        """Send one request (its keywords: :class:`RequestFields`); iterate the returned
+        stream for its replies."""
+        return await self.submit_encoded(rid, self.encode(rid, **fields), payload)
 
     async def submit_encoded(self, rid: str, hdr: bytes, payload: bytes = b"") -> ReplyStream:
         """Send a request whose header came from :meth:`encode`."""
