@@ -28,7 +28,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypedDict, Unpack
+from typing import Any, ClassVar, Generic, TypedDict, TypeVar, Unpack
 
 import zmq
 import zmq.asyncio
@@ -59,8 +59,8 @@ class MessageTooLargeError(DpcoreError):
 
 
 class RequestFields(TypedDict, total=False):
-    """The keywords of a request, for :meth:`Client.submit`, :meth:`AsyncClient.submit` and
-    :meth:`AsyncClient.encode` (ranges and meanings: :func:`dpcore.wire.encode_request`)."""
+    """The keywords of a request, for the clients' ``submit`` and ``encode`` (ranges and
+    meanings: :func:`dpcore.wire.encode_request`)."""
 
     #: The prompt's tokens: only counted and hashed here (the engine's input goes in the payload).
     token_ids: Sequence[int] | None
@@ -80,20 +80,30 @@ class RequestFields(TypedDict, total=False):
     max_new_tokens: int | None
 
 
-class _Base:
-    """Socket setup and request encoding shared by :class:`Client` and :class:`AsyncClient`."""
+#: The ZMQ context type of a client: ``zmq.Context`` or ``zmq.asyncio.Context``.
+_Ctx = TypeVar("_Ctx", bound="zmq.Context[Any]")
+
+
+class _Base(Generic[_Ctx]):
+    """Socket setup and request encoding shared by :class:`Client` and :class:`AsyncClient`
+    (the parameters: :class:`Client`)."""
+
+    #: The context a client makes (and terminates) when it is given none.
+    _context_class: ClassVar[type[zmq.Context[Any]]]
 
     def __init__(
         self,
         ingress: str,
-        ctx: zmq.Context,  # type: ignore[type-arg]
-        own_ctx: bool,
-        block_size: int,
-        reply_endpoint: str | None,
-        send_timeout_s: float,
+        *,
+        zmq_ctx: _Ctx | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        reply_endpoint: str | None = None,
+        send_timeout_s: float = 5.0,
         curve: security.CurveArg = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
     ) -> None:
+        own_ctx = zmq_ctx is None
+        ctx = self._context_class() if zmq_ctx is None else zmq_ctx
         endpoints.check(ingress, "ingress")
         self.ingress = ingress
         self.block_size = block_size
@@ -126,6 +136,11 @@ class _Base:
         except BaseException:
             self._close_sockets()
             raise
+        self._open()
+
+    def _open(self) -> None:
+        """The client's own state, once its sockets are up."""
+        raise NotImplementedError
 
     def encode(self, rid: str, **fields: Unpack[RequestFields]) -> bytes:
         """The request header :meth:`submit` sends (hashing the prompt's blocks). Pure CPU work
@@ -175,7 +190,7 @@ class _Base:
         self._run_dir = None
 
 
-class Client(_Base):
+class Client(_Base["zmq.Context[Any]"]):
     """Blocking client.
 
     :param ingress: The controller's ingress endpoint.
@@ -192,23 +207,10 @@ class Client(_Base):
         :class:`MessageTooLargeError` (match the controller's ``--max-message-bytes``).
     """
 
-    def __init__(
-        self,
-        ingress: str,
-        *,
-        zmq_ctx: zmq.Context | None = None,  # type: ignore[type-arg]
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        reply_endpoint: str | None = None,
-        send_timeout_s: float = 5.0,
-        curve: security.CurveArg = None,
-        max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
-    ) -> None:
-        own = zmq_ctx is None
-        super().__init__(
-            ingress, zmq_ctx or zmq.Context(), own, block_size, reply_endpoint, send_timeout_s,
-            curve, max_message_bytes,
-        )  # fmt: skip
-        self._tx.sndtimeo = int(send_timeout_s * 1000)
+    _context_class = zmq.Context
+
+    def _open(self) -> None:
+        self._tx.sndtimeo = int(self.send_timeout_s * 1000)
         self._poller = zmq.Poller()
         self._poller.register(self._rx, zmq.POLLIN)
         #: Requests submitted and not ended yet.
@@ -328,29 +330,16 @@ class ReplyStream:
         return await self.next()
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Base[zmq.asyncio.Context]):
     """The same client on ``zmq.asyncio``; :meth:`submit` returns a :class:`ReplyStream`.
 
     A background task (started by the first :meth:`submit`) reads replies and hands each
     to its request's stream. Call :meth:`close` (or use ``async with``) to stop it.
     """
 
-    def __init__(
-        self,
-        ingress: str,
-        *,
-        zmq_ctx: zmq.asyncio.Context | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        reply_endpoint: str | None = None,
-        send_timeout_s: float = 5.0,
-        curve: security.CurveArg = None,
-        max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
-    ) -> None:
-        own = zmq_ctx is None
-        super().__init__(
-            ingress, zmq_ctx or zmq.asyncio.Context(), own, block_size, reply_endpoint, send_timeout_s,
-            curve, max_message_bytes,
-        )  # fmt: skip
+    _context_class = zmq.asyncio.Context
+
+    def _open(self) -> None:
         self._streams: dict[str, ReplyStream] = {}
         self._unclaimed: deque[Reply] = deque(maxlen=_UNCLAIMED_MAX)
         self._unclaimed_event = asyncio.Event()
