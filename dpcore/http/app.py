@@ -98,11 +98,14 @@ class FrontConfig:
 
 @functools.cache
 def _rejection_statuses() -> dict[str, int]:
-    from dpcore.runtime import controller  # its RequestRejected subclasses and plain codes
+    # The controller's modules define RequestRejected subclasses: import them before the walk.
+    from dpcore.runtime.controller import CODE_CONTROLLER_SHUTDOWN
+    from dpcore.runtime.lifecycle import CODE_RANK_DIED, CODE_RANK_STUCK
+    from dpcore.runtime.placement import CODE_SHUTDOWN
 
     # Codes the controller sends without a RequestRejected class; all mean "try again".
-    out: dict[str, int] = {controller.CODE_SHUTDOWN: 503, controller.CODE_RANK_DIED: 503, "controller_shutdown": 503,
-                           "rank_stuck": 503}
+    plain = (CODE_SHUTDOWN, CODE_RANK_DIED, CODE_CONTROLLER_SHUTDOWN, CODE_RANK_STUCK)
+    out: dict[str, int] = dict.fromkeys(plain, 503)
     todo: list[type[RequestRejected]] = [RequestRejected]
     while todo:
         cls = todo.pop()

@@ -33,35 +33,15 @@ from dpcore import security, wire
 from dpcore.errors import ConfigError
 from dpcore.manager import PolicyManager
 from dpcore.runtime import defaults
-from dpcore.runtime.books import LATENCY_BUCKETS, MAX_REASONS, Books, rate_limited
+from dpcore.runtime.books import Books, rate_limited
 from dpcore.runtime.inflight import InFlightTable
-from dpcore.runtime.lifecycle import (
-    ADMISSION_TIMEOUT_S,
-    CODE_RANK_DIED,
-    KV_RESYNC,
-    KV_RESYNC_INTERVAL_S,
-    STARTUP_TIMEOUT_S,
-    RankLifecycle,
-)
+from dpcore.runtime.lifecycle import ADMISSION_TIMEOUT_S, STARTUP_TIMEOUT_S, RankLifecycle
 from dpcore.runtime.outbox import Outbox
-from dpcore.runtime.parking import PDHandler, PrefillParking, PrefillRankUnknownError
-from dpcore.runtime.placement import CODE_RANK_BUSY, CODE_SHUTDOWN, POLICY_BUDGET_S, Placer, RankBusyError
+from dpcore.runtime.parking import PDHandler, PrefillParking
+from dpcore.runtime.placement import POLICY_BUDGET_S, Placer
 from dpcore.runtime.transport import ControllerEndpoints, Transport
 
-__all__ = [
-    "CODE_RANK_BUSY",
-    "CODE_RANK_DIED",
-    "CODE_SHUTDOWN",
-    "KV_RESYNC",
-    "KV_RESYNC_INTERVAL_S",
-    "LATENCY_BUCKETS",
-    "MAX_REASONS",
-    "Controller",
-    "ControllerEndpoints",
-    "PDHandler",
-    "PrefillRankUnknownError",
-    "RankBusyError",
-]
+__all__ = ["Controller", "ControllerEndpoints", "PDHandler"]
 
 #: Longest poll while stopping, so the drain deadline is checked often enough.
 STOP_POLL_S = 0.05

@@ -12,7 +12,7 @@ socket. Silence is measured on the loop's own clock: when a check runs later tha
 due by more than :data:`STALL_FRACTION` of the heartbeat timeout, the loop itself was held up
 (CPU starvation, swap, a stopped process, a slow policy) and that time is not counted
 against any rank (``loop_stalls``). KV event batches share the report socket and
-go to the cache index (:mod:`dpcore.cacheindex`) as they come.
+go to :mod:`dpcore.runtime.kvsync` as they come.
 
 **Lives.** A report's ``epoch`` names one life of the rank's process. The ledger is the one
 record of which life a rank is in (:meth:`LoadLedger.epoch`); this module decides when a
@@ -52,6 +52,7 @@ from dpcore.model import LoadReport
 from dpcore.runtime.books import Books, rate_limited
 from dpcore.runtime.connwatch import ConnectionWatch
 from dpcore.runtime.inflight import InFlight, InFlightTable
+from dpcore.runtime.kvsync import KvSync
 from dpcore.runtime.outbox import Outbox
 
 CODE_RANK_DIED = "rank_died"
@@ -61,10 +62,6 @@ CODE_RANK_STUCK = "rank_stuck"
 ADMISSION_TIMEOUT_S = 30.0
 #: Default time each rank has for its first report after the loop starts (``--startup-timeout``).
 STARTUP_TIMEOUT_S = 30.0
-#: A rank whose cache the index lost track of is asked for a resync (``wire.KV_RESYNC``) at
-#: most once per this many seconds.
-KV_RESYNC = wire.KV_RESYNC
-KV_RESYNC_INTERVAL_S = 1.0
 #: The loop never wakes for liveness sooner than this after a check, and wakes this much
 #: after a deadline, so a deadline is never checked a hair too early.
 MIN_CHECK_INTERVAL_S = 0.01
@@ -127,8 +124,7 @@ class RankLifecycle:
         self._old_life: dict[int, tuple[int, set[int], float]] = {}
         #: When :meth:`check` should run next (monotonic seconds).
         self.next_check = 0.0
-        # Per rank: when it may be asked for a KV resync again.
-        self._kv_resync_at = [0.0] * manager.ctx.dp_size
+        self.kv = KvSync(manager, outbox, books)
 
     def start(self) -> None:
         """Every rank gets the startup timeout from now to say hello.
@@ -166,7 +162,7 @@ class RankLifecycle:
                 self._bad_report(str(exc))
                 continue
             if type(msg) is KvEventBatch:
-                self._kv_batch(msg)
+                self.kv.batch(msg)
                 continue
             report, done, lo = msg
             r = report.rank
@@ -247,23 +243,6 @@ class RankLifecycle:
                 "restart_unproven", rank=r, epoch=known, claimed_epoch=epoch, count=b.unproven_restarts,
                 why="a new epoch for a live rank without a new connection on its dispatch socket; report dropped",
             )  # fmt: skip
-
-    def _kv_batch(self, batch: KvEventBatch) -> None:
-        """Apply a rank's KV events to the cache index; ask the rank for a resync when the
-        index lost track of it (a gap, a restart mid-stream, a stretch of inactivity)."""
-        r = batch.rank
-        books = self.books
-        if r >= self.ledger.dp_size or batch.epoch != self.ledger.epoch(r):
-            books.kv_stale_batches += 1  # from a previous life, or before this life's hello
-            return
-        index = self.manager.cache
-        if index.apply(batch) or index.known(r):
-            return
-        now = time.monotonic()
-        if now >= self._kv_resync_at[r] and self.outbox.has_room(r):
-            self._kv_resync_at[r] = now + KV_RESYNC_INTERVAL_S
-            books.kv_resyncs += 1
-            self.outbox.stage(r, None, (wire.encode_ctl(KV_RESYNC, {"rank": r}),))
 
     def _bad_report(self, why: str) -> None:
         b = self.books
