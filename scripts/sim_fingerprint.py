@@ -41,9 +41,22 @@ def cases() -> list[tuple[str, str, int, str, float, str]]:
             out.append((trace, "lockstep", dp, "sglang", 0.0, ""))
             out.append((trace, "lockstep", dp, "full", 0.0, ""))
             out.append((trace, "lockstep", dp, "sglang-kv", 0.0, ""))
-        out.append((trace, "lockstep", 8, "sglang-kv", 0.2, "1@20-60,5@30"))
+        # Fault times are fractions of the replayed span (filled in by main).
+        out.append((trace, "lockstep", 8, "sglang-kv", 0.2, "1@0.2-0.5,5@0.3"))
         out.append((trace, "lockstep", 4, "sglang", 0.0, "random:2"))
     return out
+
+
+def _scaled(faults: str, span: float) -> str | None:
+    """``RANK@DOWN-UP`` with DOWN and UP as fractions of *span*, in seconds."""
+    if not faults or faults.startswith("random:"):
+        return faults or None
+    out = []
+    for part in faults.split(","):
+        rank, _, when = part.partition("@")
+        times = [f"{float(x) * span:.3f}" for x in when.split("-")]
+        out.append(f"{rank}@{'-'.join(times)}")
+    return ",".join(out)
 
 
 def digest(result: object) -> str:
@@ -55,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=2000, help="requests per trace (default 2000)")
     args = p.parse_args(argv)
     for trace, engine, dp, prof, loss, faults in cases():
+        span = 1.0
+        if faults:
+            arrivals = [r.arrival for r in RunSpec(trace_path=trace, dp_size=dp, limit=args.limit).load_trace().requests]
+            span = arrivals[-1] - arrivals[0]
         spec = RunSpec(
             trace_path=trace,
             dp_size=dp,
@@ -62,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
             explain=5,
             engine=engine,
-            faults=parse_faults(faults or None, dp_size=dp, duration_s=300.0, seed=0),
+            faults=parse_faults(_scaled(faults, span), dp_size=dp, duration_s=span, seed=0),
         )
         for policy in POLICIES:
             t0 = time.perf_counter()

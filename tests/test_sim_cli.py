@@ -17,7 +17,7 @@ from dpcore import hookimpl
 from dpcore.cli import main
 from dpcore.ledger import LoadLedger
 from dpcore.manager import PolicyManager
-from dpcore.sim.engine import PluginRouter
+from dpcore.sim.routing import PluginRouter
 from dpcore.sim.lockstep import LockstepSimulation
 from dpcore.sim.report import METRIC_KEYS, print_errors
 from dpcore.sim.runner import QUIET_LOG, RunSpec

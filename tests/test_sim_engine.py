@@ -12,7 +12,8 @@ from dpcore.ledger import LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.sim.baselines import BASELINES
 from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import PluginRouter, Simulation
+from dpcore.sim.engine import Simulation
+from dpcore.sim.routing import PluginRouter
 from dpcore.sim.report import build_json
 from dpcore.sim.runner import RunSpec, run_all
 from dpcore.sim.traces import Trace, TraceRequest

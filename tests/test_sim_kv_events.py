@@ -11,7 +11,7 @@ from dpcore.cacheindex import CLEARED, REMOVED, STORED
 from dpcore.ledger import LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import PluginRouter
+from dpcore.sim.routing import PluginRouter
 from dpcore.sim.faults import Fault
 from dpcore.sim.kvcache import RankKV
 from dpcore.sim.lockstep import LockstepSimulation

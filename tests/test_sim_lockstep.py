@@ -10,7 +10,7 @@ import pytest
 from dpcore.ledger import LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import PluginRouter
+from dpcore.sim.routing import PluginRouter
 from dpcore.sim.faults import Fault, parse_faults
 from dpcore.sim.lockstep import LockstepSimulation
 from dpcore.sim.report import summarize

@@ -2,7 +2,7 @@
 
 Each class follows one published version, cited in its docstring (facts from
 the peers' own sources and documentation; no peer code is copied). They
-implement the simulator's router interface (:class:`dpcore.sim.engine.Router`), so the engine
+implement the simulator's router interface (:class:`dpcore.sim.routing.Router`), so the engine
 drives them exactly like a dpcore policy chain, with the same arrivals and the same load
 reports. Unlike dpcore's controller, a router in front of the engine proxies the responses,
 so it sees first tokens and completions (``first_token`` / ``finished``); the peers that use

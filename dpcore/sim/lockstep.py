@@ -28,129 +28,53 @@ each mechanism). This module runs the steps over a trace:
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from dpcore.model import LoadReport
-from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import SERIES_POINTS, Dispatcher, Job, Router, RunResult, build_requests, explain_sample
-from dpcore.sim.faults import Fault
 from dpcore.cacheindex import CLEARED, STORED, KvEventBatch
 from dpcore.sim.kvcache import RankKV
-from dpcore.sim.profiles import profile
-from dpcore.sim.traces import Trace
+from dpcore.sim.replay import OWN_KINDS, REPORT_DELIVER, REPORT_TAKE, Job, RankState, Replay
+from dpcore.sim.routing import Router
 
-_STEP_END, _REPORT_TAKE, _REPORT_DELIVER, _DOWN, _UP, _NOTICE, _KV_DELIVER = range(7)
+_STEP_END, _DOWN, _UP, _NOTICE, _KV_DELIVER = range(OWN_KINDS, OWN_KINDS + 5)
 _EPS = 1e-9
 #: A rank whose load has not changed still reports this often (SGLang's publisher heartbeat).
 HEARTBEAT_S = 1.0
 
 
-class _Rank:
-    __slots__ = (
-        "idx", "kv", "waiting", "waiting_tokens", "chunked", "batch", "decode", "s", "s_sum",
-        "groups", "alive", "epoch", "last_seq", "rep_seq", "rep_gen", "s_rep", "next_sample",
-        "series", "served", "last_counts", "last_sent", "kv_seq", "kv_resync",
-    )  # fmt: skip
+class _Rank(RankState):
+    __slots__ = ("chunked", "batch", "groups", "last_counts", "last_sent", "kv_seq", "kv_resync")
 
     def __init__(self, idx: int, kv: RankKV) -> None:
-        self.idx = idx
-        self.kv = kv
-        self.waiting: deque[Job] = deque()  # dispatched, not admitted yet
-        self.waiting_tokens = 0
+        super().__init__(idx, kv)
         self.chunked: Job | None = None  # admitted, prompt partly extended
         self.batch: list[tuple[Job, int]] = []  # the extend batch of the step in flight
-        self.decode: list[tuple[int, int, Job]] = []  # heap by the decode step it finishes at
-        self.s = 0  # decode steps this rank ran
-        self.s_sum = 0  # sum of s_start over the decode set
         self.groups: dict[float, int] = {}  # time of last token -> running requests (for ITL)
-        self.alive = True
-        self.epoch = 0
-        self.last_seq = -1
-        self.rep_seq = 0
-        self.rep_gen = 0
-        self.s_rep = 0  # global step of the last report
-        self.next_sample = 0.0
-        self.series: list[tuple[float, int, int]] = []
-        self.served = 0
         self.last_counts: tuple[int, ...] = ()
         self.last_sent = -math.inf
         self.kv_seq = 0  # KV event batches taken in this life
         self.kv_resync = False  # the controller lost track of this rank's cache
 
 
-class _Outcome:
-    """What a run records per request and in total, for its :class:`RunResult`."""
-
-    __slots__ = (
-        "start", "first", "finish", "rank_of", "out_tokens", "completed", "failed", "fail_reasons",
-        "itl", "busy_s", "waste_s", "rank_time_s", "admitted_in", "hit_total",
-    )  # fmt: skip
-
-    def __init__(self, n: int) -> None:
-        nan = math.nan
-        self.start = [nan] * n  # admitted into an extend batch
-        self.first = [nan] * n  # first token
-        self.finish = [nan] * n
-        self.rank_of = [-1] * n
-        self.out_tokens = [0] * n
-        self.completed = self.failed = 0
-        self.fail_reasons: Counter[str] = Counter()
-        self.itl: list[tuple[float, int]] = []  # (gap between two tokens, how many tokens)
-        self.busy_s = self.waste_s = self.rank_time_s = 0.0  # rank-seconds
-        self.admitted_in = self.hit_total = 0  # prompt tokens admitted, and of them cached
-
-
-class LockstepSimulation:
+class LockstepSimulation(Replay):
     """One replay of *trace* through a DP-attention group of ``dp_size`` ranks; call
-    :meth:`run` once. Same arguments as :class:`~dpcore.sim.engine.Simulation`, plus
-    *faults*."""
+    :meth:`run` once (arguments: :class:`~dpcore.sim.replay.Replay`)."""
 
-    def __init__(
-        self,
-        trace: Trace,
-        dp_size: int,
-        config: EngineConfig | None = None,
-        *,
-        seed: int = 0,
-        explain: int = 0,
-        progress: Callable[[float], None] | None = None,
-        faults: Sequence[Fault] = (),
-    ) -> None:
-        self.trace = trace
-        self.dp_size = dp_size
-        self.config = config or EngineConfig()
-        self.seed = seed
-        self.now = trace.requests[0].arrival if trace.requests else 0.0
-        self.block_size = trace.block_size or 1
-        cap = self.config.kv_capacity_tokens
-        self.ranks = [_Rank(i, RankKV(cap, self.block_size)) for i in range(dp_size)]
-        self.requests = build_requests(trace)
-        self.faults = tuple(faults)
-        for f in self.faults:
-            f.check(dp_size)
+    rank_class = _Rank
+
+    def _configure(self) -> None:
         sm = self.config.step
-        self.budget = sm.chunk_budget(dp_size)
+        dp = self.dp_size
+        self.budget = sm.chunk_budget(dp)
         # What one full extend step costs when every rank extends: the prefill pace the
         # clairvoyant reference plans with.
-        self.extend_step_s = sm.step_time_s([self.budget] * dp_size, [0] * dp_size)
-        self._explain = explain
-        self._progress = progress
+        self.extend_step_s = sm.step_time_s([self.budget] * dp, [0] * dp)
 
     @property
     def prefill_tokens_per_s(self) -> float:
         """One rank's prefill pace while every rank extends full chunks."""
         return self.budget / self.extend_step_s
-
-    def clock(self) -> float:
-        return self.now
-
-    def cached_blocks(self, rank: int, hashes: Sequence[int]) -> int:
-        return self.ranks[rank].kv.cached_blocks(hashes)
 
     def running(self, rank: int) -> int:
         """Requests *rank* holds now, decoding or prefilling (a reference's view)."""
@@ -164,130 +88,60 @@ class LockstepSimulation:
         r = self.ranks[rank]
         if not r.alive:
             return math.inf
-        bs = self.block_size
         tokens = sum(j.left for j, _ in r.batch) or (r.chunked.left if r.chunked else 0)
-        for job in r.waiting:
-            hit = min(r.kv.cached_blocks(job.hashes) * bs, job.n_in) if job.hashes else 0
-            tokens += max(job.n_in - hit, 1)
+        for t in self._uncached(r):
+            tokens += t
         return tokens / self.budget * self.extend_step_s
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, router: Router, name: str = "") -> RunResult:
-        self._setup(router)
-        n = len(self.requests)
-        arrivals = self._arrivals
-        heap = self._heap
-        pop = heapq.heappop
-        progress = self._progress
-        every = max(n // 50, 1)
-        ai = 0
-        while True:
-            next_arrival = arrivals[ai] if ai < n else math.inf
-            if heap and heap[0][0] <= next_arrival:
-                t, _, kind, ri, payload = pop(heap)
-                self.now = t
-                self._events += 1
-                if kind == _STEP_END:
-                    if payload == self._version:
-                        self._end_step(t)
-                elif kind == _REPORT_TAKE:
-                    self._take_report(self.ranks[ri], t, payload)
-                elif kind == _REPORT_DELIVER:
-                    router.report(payload)
-                elif kind == _KV_DELIVER:
-                    self._kv_deliver(payload)
-                else:
-                    self._fault_event(kind, self.ranks[ri], t)
-            elif ai < n:
-                self.now = next_arrival
-                self._arrive(ai, next_arrival)
-                ai += 1
-                if progress is not None and ai % every == 0:
-                    progress(ai / n)
-            else:
-                break
-            if ai >= n and not self._outstanding and not self._active:
-                break
-        if progress is not None:
-            progress(1.0)
-        return self._result(name)
+    def _event(self, kind: int, ri: int, payload: Any, t: float) -> bool:
+        if kind == _STEP_END:
+            if payload == self._version:
+                self._end_step(t)
+        elif kind == REPORT_TAKE:
+            self._take_report(self.ranks[ri], t, payload)
+        elif kind == REPORT_DELIVER:
+            self._router.report(payload)
+        elif kind == _KV_DELIVER:
+            self._kv_deliver(payload)
+        else:
+            self._fault_event(kind, self.ranks[ri], t)
+        return True
 
-    def _setup(self, router: Router) -> None:
-        cfg = self.config
-        n = len(self.requests)
-        self._router = router
+    def _idle(self) -> bool:
+        return not self._outstanding and not self._active
+
+    def _begin(self, router: Router) -> float:
+        t_begin = super()._begin(router)
         self._notify = getattr(router, "rank_alive", None)
-        self._profile = profile(cfg.report_profile)
-        self._arrivals = [r.arrival for r in self.trace.requests]
-        self._heap: list[tuple[float, int, int, int, Any]] = []
-        self._counter = 0
         self._version = 0
         self._active = False
         self._extending = False
         self._t0 = self._tau = 0.0
         self._k = 0
         self._work: list[float] = []
-        self._global_steps = 0
-        self._outstanding = 0
-        self._events = 0
-        self._out = _Outcome(n)
-        t_begin = self._arrivals[0] if n else 0.0
-        span = (self._arrivals[-1] - t_begin) if n else 0.0
-        self._sample_dt = max(span, 1.0) / SERIES_POINTS
-        rng = random.Random(self.seed)
-        for r in self.ranks:
-            # Ranks are not synchronized in their reports: each timer gets its own phase.
-            self._push(t_begin + rng.random() * cfg.report_interval_s, _REPORT_TAKE, r.idx, 0)
-            r.next_sample = t_begin
         for f in self.faults:
             self._push(t_begin + f.down_s, _DOWN, f.rank, 0)
             if f.up_s is not None:
                 self._push(t_begin + f.up_s, _UP, f.rank, 0)
-        self._disp = Dispatcher(router, explain_sample(n, self._explain, self.seed))
         # KV events (a profile with them, and a router that reads them: a dpcore chain).
         self._kv_apply = getattr(router, "kv_events", None) if self._profile.kv_events else None
         self._kv_rng = random.Random(self.seed ^ 0x6B76)  # which batches are lost
         self._kv_lost = self._kv_batches = 0
         for r in self.ranks:
             r.kv.events = [] if self._kv_apply is not None else None
-
-    def _push(self, t: float, kind: int, rank: int, payload: Any) -> None:
-        self._counter += 1
-        heapq.heappush(self._heap, (t, self._counter, kind, rank, payload))
+        return t_begin
 
     # ------------------------------------------------------------------ arrivals
 
-    def _arrive(self, i: int, now: float) -> None:
-        req = self.requests[i]
-        routed = self._disp.route(i, req, now)
-        if routed is None:
-            return
-        rank, seq = routed
-        r = self.ranks[rank]
-        r.last_seq = seq
-        self._out.rank_of[i] = rank
-        tr = self.trace.requests[i]
-        n_out = tr.output_length if tr.output_length > 0 else 1
-        if not r.alive:
-            self._out.failed += 1
-            self._out.fail_reasons["rank_down"] += 1
-            self._router.finished(req, rank)
-            return
-        if tr.input_length + n_out > self.config.kv_capacity_tokens:
-            # The engine refuses a request that could never fit in its KV cache.
-            self._disp.refuse(req, rank, "engine_too_long")
-            return
-        job = Job(i, req, tr.input_length, n_out, tr.hash_ids)
-        self._out.out_tokens[i] = n_out
-        r.served += tr.input_length
-        r.waiting.append(job)
-        r.waiting_tokens += tr.input_length
-        self._outstanding += 1
-        if not self._active:
-            self._start_step(now)
-        else:
-            self._cut_run(now)
+    def _arrive(self, i: int, now: float) -> bool:
+        if self._queue(i, now) is not None:
+            if not self._active:
+                self._start_step(now)
+            else:
+                self._cut_run(now)
+        return True
 
     def _cut_run(self, now: float) -> None:
         """End a run of identical decode steps after the step in flight at *now*."""
@@ -321,9 +175,7 @@ class LockstepSimulation:
                 break  # first come, first served: the head waits for KV, and so does the queue
             waiting.popleft()
             r.waiting_tokens -= job.n_in
-            self._out.start[job.i] = now
-            self._out.admitted_in += job.n_in
-            self._out.hit_total += hit
+            self._admitted(job, hit, now)
             job.left = job.n_in - hit if job.n_in > hit else 1
             take = job.left if job.left < budget else budget
             batch.append((job, take))
@@ -363,7 +215,7 @@ class LockstepSimulation:
             k = min(r.decode[0][0] - r.s for r in self.ranks if r.decode)
             rep_steps = self.config.report_steps
             if rep_steps:
-                due = min(r.s_rep + rep_steps for r in self.ranks if r.alive) - self._global_steps
+                due = min(r.s_rep + rep_steps for r in self.ranks if r.alive) - self._steps
                 k = min(k, max(due, 1))
         self._active = True
         self._extending = extending
@@ -375,7 +227,7 @@ class LockstepSimulation:
 
     def _end_step(self, t: float) -> None:
         k, tau = self._k, self._tau
-        self._global_steps += k
+        self._steps += k
         work = self._work
         top = max(work)
         self._out.busy_s += k * sum(work)
@@ -393,7 +245,7 @@ class LockstepSimulation:
         rep_steps = self.config.report_steps
         if rep_steps:
             for r in self.ranks:
-                if r.alive and self._global_steps - r.s_rep >= rep_steps:
+                if r.alive and self._steps - r.s_rep >= rep_steps:
                     self._take_report(r, t, -1)
         self._start_step(t)
 
@@ -405,14 +257,7 @@ class LockstepSimulation:
                 continue
             if r.chunked is job:
                 r.chunked = None
-            self._out.first[job.i] = t
-            self._router.first_token(job.req, r.idx)
-            if job.n_out <= 1:
-                self._release(r, job, t)
-            else:
-                job.s_start = r.s
-                r.s_sum += r.s
-                heapq.heappush(r.decode, (r.s + job.n_out - 1, job.i, job))
+            if self._first_token(r, job, t):
                 groups[t] = groups.get(t, 0) + 1
         r.batch.clear()
 
@@ -425,21 +270,8 @@ class LockstepSimulation:
         if k > 1:
             itl.append((tau, b * (k - 1)))
         r.s += k
-        dec = r.decode
-        done = 0
-        while dec and dec[0][0] <= r.s:
-            job = heapq.heappop(dec)[2]
-            r.s_sum -= job.s_start
-            self._release(r, job, t)
-            done += 1
+        done = self._finish_decodes(r, t)
         r.groups = {t: b - done} if b > done else {}
-
-    def _release(self, r: _Rank, job: Job, t: float) -> None:
-        self._out.finish[job.i] = t
-        self._out.completed += 1
-        self._outstanding -= 1
-        r.kv.release(job.hashes, job.n_in, job.n_out)
-        self._router.finished(job.req, r.idx)
 
     # ------------------------------------------------------------------ reports
 
@@ -448,7 +280,7 @@ class LockstepSimulation:
         if gen >= 0 and gen != r.rep_gen:
             return  # a timer made stale by a later report: every report restarts the timer
         r.rep_gen += 1
-        self._push(now + cfg.report_interval_s, _REPORT_TAKE, r.idx, r.rep_gen)
+        self._push(now + cfg.report_interval_s, REPORT_TAKE, r.idx, r.rep_gen)
         if not r.alive:
             return
         if self._kv_apply is not None:
@@ -462,9 +294,7 @@ class LockstepSimulation:
         prefilling = len(r.batch) or (1 if r.chunked is not None else 0)
         running = k + prefilling
         waiting = len(r.waiting)
-        if now >= r.next_sample:
-            r.series.append((now, running + waiting, kv_used + r.waiting_tokens))
-            r.next_sample = now + self._sample_dt
+        self._sample(r, now, running + waiting, kv_used + r.waiting_tokens)
         # SGLang publishes a snapshot only when its counts changed or a heartbeat is due
         # (load_publisher.py: publish_load_stat, LOAD_PUBLISH_HEARTBEAT_S = 1 s).
         counts = (running, waiting, kv_used, r.waiting_tokens, r.last_seq, r.epoch)
@@ -472,26 +302,10 @@ class LockstepSimulation:
             return
         r.last_counts = counts
         r.last_sent = now
-        rep = LoadReport(
-            rank=r.idx,
-            epoch=r.epoch,
-            seq=r.rep_seq,
-            acked_seq=r.last_seq,
-            num_running=running,
-            num_waiting=waiting,
-            num_tokens=kv_used + r.waiting_tokens,
-            kv_used=kv_used,
-            kv_capacity=cfg.kv_capacity_tokens,
-            prefill_tokens=self._profile.prefill_tokens(
-                sum(j.left for j, _ in r.batch) or (r.chunked.left if r.chunked else 0)
-            ),
-        )
-        r.rep_seq += 1
-        r.s_rep = self._global_steps
-        if cfg.report_delay_s > 0:
-            self._push(now + cfg.report_delay_s, _REPORT_DELIVER, r.idx, rep)
-        else:
-            self._router.report(rep)
+        prefill_left = sum(j.left for j, _ in r.batch) or (r.chunked.left if r.chunked else 0)
+        rep = self._load_report(r, running, waiting, kv_used, prefill_left)
+        r.s_rep = self._steps
+        self._send(rep, now)
 
     def _take_kv(self, r: _Rank, now: float) -> None:
         """The rank's cache changes since its last report, as one KV batch that travels with
@@ -539,7 +353,7 @@ class LockstepSimulation:
                 r.rep_seq = 0
                 r.kv_seq = 0
                 r.kv_resync = False
-                r.s_rep = self._global_steps
+                r.s_rep = self._steps
         elif self._notify is not None and not r.alive:  # _NOTICE: its reports stopped
             self._notify(r.idx, False)
 
@@ -566,34 +380,3 @@ class LockstepSimulation:
         self._push(t + self.config.report_interval_s, _NOTICE, r.idx, 0)
         if self._active:
             self._cut_run(t)
-
-    # ------------------------------------------------------------------ result
-
-    def _result(self, name: str) -> RunResult:
-        return RunResult(
-            policy=name,
-            dp_size=self.dp_size,
-            arrival=self._arrivals,
-            start=self._out.start,
-            first_token=self._out.first,
-            finish=self._out.finish,
-            rank=self._out.rank_of,
-            output_tokens=self._out.out_tokens,
-            input_tokens_admitted=self._out.admitted_in,
-            hit_tokens=self._out.hit_total,
-            served_tokens=[r.served for r in self.ranks],
-            completed=self._out.completed,
-            rejected=self._disp.rejected,
-            reject_reasons=dict(self._disp.reasons),
-            series=[r.series for r in self.ranks],
-            explained=self._disp.explained,
-            events=self._events,
-            failed=self._out.failed,
-            fail_reasons=dict(self._out.fail_reasons),
-            itl=self._out.itl,
-            steps=self._global_steps,
-            busy_s=self._out.busy_s,
-            waste_s=self._out.waste_s,
-            rank_time_s=self._out.rank_time_s,
-            errors=dict(self._disp.errors),
-        )

@@ -28,7 +28,7 @@ import numpy as np
 
 from dpcore.quantile import percentile
 from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import RunResult
+from dpcore.sim.result import RunResult
 
 METRIC_KEYS = (
     "ttft_p50_s",

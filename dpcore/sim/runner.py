@@ -17,14 +17,16 @@ from typing import Any
 import structlog
 from attrs import field, frozen
 
-from dpcore.errors import ConfigError, UnknownPolicyError
+from dpcore.errors import UnknownPolicyError
 from dpcore.ledger import LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.sim.baselines import BASELINES, is_baseline
 from dpcore.sim.config import EngineConfig
-from dpcore.sim.engine import PluginRouter, Router, RunResult, Simulation
+from dpcore.sim.engine import Simulation
 from dpcore.sim.faults import Fault
 from dpcore.sim.lockstep import LockstepSimulation
+from dpcore.sim.result import RunResult
+from dpcore.sim.routing import PluginRouter, Router
 from dpcore.sim.traces import Trace, read_trace
 
 
@@ -126,21 +128,10 @@ def run_one(spec: RunSpec, name: str, progress: Callable[[float], None] | None =
     if trace is None:
         _TRACES.clear()  # one trace at a time is enough; do not grow without bound
         trace = _TRACES[key] = spec.load_trace()
-    sim: Simulation | LockstepSimulation
-    if spec.engine == "replicas":
-        if spec.faults:
-            raise ConfigError("--faults needs the lockstep engine")
-        sim = Simulation(trace, spec.dp_size, spec.config, seed=spec.seed, explain=spec.explain, progress=progress)
-    else:
-        sim = LockstepSimulation(
-            trace,
-            spec.dp_size,
-            spec.config,
-            seed=spec.seed,
-            explain=spec.explain,
-            progress=progress,
-            faults=spec.faults,
-        )
+    engine = Simulation if spec.engine == "replicas" else LockstepSimulation
+    sim = engine(
+        trace, spec.dp_size, spec.config, seed=spec.seed, explain=spec.explain, progress=progress, faults=spec.faults
+    )
     return sim.run(make_router(name, sim, spec), name)
 
 
