@@ -210,11 +210,22 @@ class RankLifecycle:
             prev = latest.get(r)
             if prev is None or report.seq > prev.seq:
                 latest[r] = report
+                if prev is not None:
+                    self._superseded(prev)
+            else:
+                self._superseded(report)
         else:
             more = True
         for report in latest.values():
             self._apply(report)
         return more
+
+    def _superseded(self, report: LoadReport) -> None:
+        """A newer report of the same drain replaces *report*: it is stale when it is not
+        newer than the one applied last (as it would be if it had come in a turn of its own)."""
+        last = self.ledger.reports[report.rank]
+        if last is not None and last.epoch == report.epoch and report.seq <= last.seq:
+            self.books.stale_reports += 1
 
     def _complete(self, r: int, done: list[int]) -> None:
         unknown = self.inflight.complete(r, done)
