@@ -783,10 +783,21 @@ def test_a_loop_stall_fails_no_request_on_a_healthy_rank(rr: Books) -> None:
     """The controller's loop is held for four heartbeat timeouts (as a slow policy, swap or
     CPU starvation would) while requests run and arrive: the ranks kept heartbeating, so
     none may be declared dead and every request must be served."""
+    import threading
+
     lc, c = rr.lc, rr.lc.controller
     stalls0 = c.books.loop_stalls
+    stalled = threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        time.sleep(4 * HEARTBEAT_TIMEOUT_S)
+
     before = [rr.submit("pre-stall") for _ in range(8)]
-    c.call_soon(lambda: time.sleep(4 * HEARTBEAT_TIMEOUT_S))
+    c.call_soon(stall)
+    # The loop may take the requests already queued before the command: send the next ones
+    # once it is certainly held, so that they wait out the stall.
+    assert stalled.wait(30), "the loop never ran the stall"
     during = [rr.submit("in-stall") for _ in range(8)]
     finals = rr.collect(30)
     assert all(finals[r].kind == "out" for r in before + during), [finals[r] for r in before + during]
