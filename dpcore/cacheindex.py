@@ -25,7 +25,10 @@ holds. Memory is bounded: a rank's blocks never exceed the capacity it reported 
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import accumulate, repeat
+from operator import and_, neg
 
 from attrs import frozen
 
@@ -227,6 +230,8 @@ class CacheIndex:
                 parent, keys = ev[1], ev[2]
                 if parent is not None and parent not in mine:
                     self.orphans += 1
+                if mine.issuperset(keys):  # all re-announced (one C-level pass)
+                    continue
                 for k in keys:
                     if k not in mine:
                         mine.add(k)
@@ -299,26 +304,44 @@ def prefix_depths(holders: Mapping[int, int], keys: Sequence[int], mask: int) ->
     """Per rank in *mask*, how many leading blocks of *keys* it holds (ranks at 0 left out).
 
     *holders* maps a block key to the bitmask of ranks holding it (bit ``r`` for rank ``r``).
-    One dictionary lookup per block for all ranks together: the walk stops as soon as no
-    rank in *mask* holds the next block. Both the exact index and ``cache_aware``'s own
-    estimate answer their prefix questions with it.
+    The lookups are one C-level pass; the ranks still matching after each block only ever
+    lose members, so a running AND and a binary search per step where ranks drop out give
+    every depth (a prompt held whole by the same ranks needs neither). Both the exact index and
+    ``cache_aware``'s own estimate answer their prefix questions with it.
     """
     depth: dict[int, int] = {}
-    i = 0
-    for k in keys:
-        m = mask & holders.get(k, 0)
-        dropped = mask & ~m
-        if dropped and i:
-            while dropped:
-                low = dropped & -dropped
-                depth[low.bit_length() - 1] = i
-                dropped ^= low
-        mask = m
-        if not mask:
-            return depth
-        i += 1
+    if not keys:
+        while mask:
+            low = mask & -mask
+            depth[low.bit_length() - 1] = 0
+            mask ^= low
+        return depth
+    get = holders.get
+    first = get(keys[0], 0)
+    mask &= first
+    if not mask:  # a prompt no rank starts with (the common miss): one lookup
+        return depth
+    held = list(map(get, keys, repeat(0)))
+    n = len(keys)
+    if held.count(first) == n:  # every block held by the same ranks (a whole-prompt hit)
+        while mask:
+            low = mask & -mask
+            depth[low.bit_length() - 1] = n
+            mask ^= low
+        return depth
+    # after[i]: the ranks holding the first i blocks (i >= 1); a subset of after[i - 1], so
+    # as integers the list never increases, and bisect (on the negated values) finds where
+    # a set of ranks ends.
+    after = list(accumulate(held, and_, initial=mask))
+    i = 1
     while mask:
-        low = mask & -mask
-        depth[low.bit_length() - 1] = i
-        mask ^= low
+        # The last block all of *mask* holds; the ranks that drop out after it stop there.
+        end = bisect_right(after, -mask, i, n + 1, key=neg)
+        rest = after[end] if end <= n else 0
+        dropped = mask & ~rest
+        while dropped:
+            low = dropped & -dropped
+            depth[low.bit_length() - 1] = end - 1
+            dropped ^= low
+        mask, i = rest, end
     return depth

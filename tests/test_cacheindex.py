@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpcore.cacheindex import CLEARED, REMOVED, STORED, CacheIndex, KvEventBatch
+from dpcore.cacheindex import CLEARED, REMOVED, STORED, CacheIndex, KvEventBatch, prefix_depths
 from dpcore.testing import PolicyHarness
 
 
@@ -122,3 +122,44 @@ def test_policies_see_a_read_only_view_reset_by_the_lifecycle():
     h.report(1, epoch=1)
     h.report(1, epoch=9)  # the ledger sees the new life after the index did
     assert view.match(1, [5]) == 1
+
+
+def _walk(holders, keys, mask):
+    """prefix_depths by the plain definition: each rank's depth, walking block by block."""
+    depth = {}
+    i = 0
+    for k in keys:
+        m = mask & holders.get(k, 0)
+        dropped = mask & ~m
+        if dropped and i:
+            for r in range(dropped.bit_length()):
+                if dropped >> r & 1:
+                    depth[r] = i
+        mask = m
+        if not mask:
+            return depth
+        i += 1
+    for r in range(mask.bit_length()):
+        if mask >> r & 1:
+            depth[r] = i
+    return depth
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.integers(0, 20), st.integers(0, (1 << 6) - 1), max_size=20),
+    st.lists(st.integers(0, 20), max_size=12),
+    st.integers(0, (1 << 6) - 1),
+)
+def test_prefix_depths_is_the_block_by_block_walk(holders, keys, mask):
+    # Same depths, same ranks left out, same order (shallowest first).
+    assert list(prefix_depths(holders, keys, mask).items()) == list(_walk(holders, keys, mask).items())
+
+
+def test_prefix_depths_of_a_long_prompt_with_ranks_dropping_out():
+    keys = list(range(64))
+    holders = {k: 0b1111 if k < 10 else 0b0110 if k < 40 else 0b0100 for k in keys}
+    assert prefix_depths(holders, keys, 0b1111) == {0: 10, 3: 10, 1: 40, 2: 64}
+    assert prefix_depths(holders, keys, 0b1001) == {0: 10, 3: 10}
+    assert prefix_depths(holders, keys, 0b10000) == {}
+    assert prefix_depths(holders, [], 0b101) == {0: 0, 2: 0}
