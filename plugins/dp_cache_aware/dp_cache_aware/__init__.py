@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from itertools import repeat
 
 from dpcore import NEEDS_BLOCK_HASHES, LoadReport, PolicyContext, Request, hookimpl, prefix_depths
 
@@ -66,6 +67,8 @@ MAX_EXPONENT = 30.0
 
 #: Recent dispatches remembered per rank for reconciliation with reports.
 _RECENT = 4096
+#: Pending-block entries per rank past which those of released requests are dropped.
+_STALE_PENDING = 1 << 16
 #: Smoothing of the mean request's prefill time (about the last 50 dispatches).
 _JOB_ALPHA = 0.02
 #: Load-bound floor, as a fraction of the tokens a rank can prefill in ``load_window``.
@@ -151,11 +154,22 @@ class CacheAwarePolicy:
         # select_rank's uncached tokens per rank, reused by on_dispatch for the same request.
         self._last_work = [0.0] * dp
         self._recent: list[deque[tuple[int, float]]] = [deque(maxlen=_RECENT) for _ in range(dp)]
-        # Ranks that publish KV events: the blocks of requests sent there and not started yet
-        # (the rank stores them once it prefills them; FIFO, so before a later request runs).
-        self._pending: list[deque[tuple[int, tuple[int, ...]]]] = [deque() for _ in range(dp)]
+        # Ranks that publish KV events: the requests sent there and not started yet, as
+        # (dispatch seq, ticket, block hashes), oldest first (the rank stores their blocks once
+        # it prefills them; FIFO, so before a later request runs). Tickets count up per rank.
+        self._pending: list[deque[tuple[int, int, tuple[int, ...]]]] = [deque() for _ in range(dp)]
+        # Per rank: block hash -> ticket of the newest pending request with it. Requests leave
+        # in ticket order, so a block is pending iff its ticket >= the oldest pending one's:
+        # holding is one C-level dict update, releasing is one popleft.
         self._pending_blocks: list[dict[int, int]] = [{} for _ in range(dp)]
+        self._stale_limit = [_STALE_PENDING] * dp
+        self._ticket = 0
         self._turn = 0
+        # A lower bound on every entry's last use (while the clock never goes back), so that
+        # _age need not look at each rank's oldest entry on every dispatch.
+        self._oldest_use = math.inf
+        self._last_use = -math.inf
+        self._clock_steady = True
         # The request select_rank last scored (its uncached tokens are in _last_work).
         self._last_rid: str | None = None
 
@@ -214,11 +228,13 @@ class CacheAwarePolicy:
             low = exact & -exact
             exact ^= low
             r = low.bit_length() - 1
-            held = self._pending_blocks[r]
-            if not held:
+            pending = self._pending[r]
+            if not pending:
                 continue
+            oldest = pending[0][1]
+            get = self._pending_blocks[r].get
             d = depth.get(r, 0)
-            while d < n and hashes[d] in held:
+            while d < n and get(hashes[d], -1) >= oldest:
                 d += 1
             if d:
                 depth[r] = d
@@ -226,21 +242,19 @@ class CacheAwarePolicy:
     def _hold_pending(self, rank: int, seq: int, hashes: tuple[int, ...]) -> None:
         pending = self._pending[rank]
         if len(pending) >= _RECENT:  # a rank that never reports: keep the newest only
-            self._release_pending(rank)
-        pending.append((seq, hashes))
+            pending.popleft()
         held = self._pending_blocks[rank]
-        for h in hashes:
-            held[h] = held.get(h, 0) + 1
-
-    def _release_pending(self, rank: int) -> None:
-        _, hashes = self._pending[rank].popleft()
-        held = self._pending_blocks[rank]
-        for h in hashes:
-            c = held[h] - 1
-            if c:
-                held[h] = c
-            else:
-                del held[h]
+        if not pending:
+            held.clear()  # nothing pending: every entry is stale
+        elif len(held) > self._stale_limit[rank]:
+            # A rank that always has a request waiting: drop the entries of released ones
+            # (amortized: the next sweep waits until as many entries again were added).
+            oldest = pending[0][1]
+            self._pending_blocks[rank] = held = {h: t for h, t in held.items() if t >= oldest}
+            self._stale_limit[rank] = max(_STALE_PENDING, 2 * len(held))
+        self._ticket = ticket = self._ticket + 1
+        pending.append((seq, ticket, hashes))
+        held.update(zip(hashes, repeat(ticket)))
 
     def _exact_uncached(self, request: Request, depth: int) -> float:
         """Uncached tokens on a rank that publishes KV events and holds *depth* leading blocks."""
@@ -451,7 +465,7 @@ class CacheAwarePolicy:
         first_waiting = report.acked_seq - report.num_waiting
         pending = self._pending[r]
         while pending and pending[0][0] < first_waiting:
-            self._release_pending(r)
+            pending.popleft()
         while recent and recent[0][0] < first_waiting:
             recent.popleft()
         current = ahead = 0.0
@@ -497,17 +511,26 @@ class CacheAwarePolicy:
         # Deepest block first, so that a prefix is always at least as recent as what
         # extends it: evicting from the LRU end then cuts prompts from their tails, as a
         # radix-tree cache does, and a shared root outlives the conversations under it.
+        get, move = cache.get, cache.move_to_end
         for h in reversed(hashes):
             clock += block_tokens
-            e = cache.get(h)
+            e = get(h)
             if e is None:
                 cache[h] = [clock, now]
                 holders[h] = holders.get(h, 0) | bit
             else:
                 e[0] = clock
                 e[1] = now
-                cache.move_to_end(h)
+                move(h)
         self._touched[rank] = clock
+        if now < self._last_use:
+            # A clock that went back: use order is no longer time order; always look.
+            self._clock_steady = False
+            self._oldest_use = -math.inf
+        elif self._clock_steady:
+            self._last_use = now
+            if now < self._oldest_use:
+                self._oldest_use = now
         self._trim(rank)
         self._age(now)
 
@@ -533,6 +556,8 @@ class CacheAwarePolicy:
         """Bound memory: drop entries unused for ``eviction_interval`` or past ``max_blocks``."""
         horizon = now - self.eviction_interval
         total = len(self)
+        if total <= self.max_blocks and self._oldest_use >= horizon:
+            return  # nothing is old enough: no need to look at each rank's oldest entry
         for rank, cache in enumerate(self._cache):
             while cache:
                 h, e = next(iter(cache.items()))
@@ -541,3 +566,6 @@ class CacheAwarePolicy:
                 del cache[h]
                 self._drop(rank, h)
                 total -= 1
+        if self._clock_steady:
+            # Entries are in order of use, so each rank's first is its oldest.
+            self._oldest_use = min((next(iter(c.values()))[1] for c in self._cache if c), default=math.inf)
