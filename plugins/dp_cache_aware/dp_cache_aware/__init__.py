@@ -52,10 +52,12 @@ thresholds), the least loaded rank is chosen.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from itertools import repeat
 
 from dpcore import NEEDS_BLOCK_HASHES, LoadReport, PolicyContext, Request, hookimpl, prefix_depths
+
+from dp_cache_aware.estimate import PrefixEstimate
 
 __all__ = ["CacheAwarePolicy"]
 
@@ -130,14 +132,13 @@ class CacheAwarePolicy:
         if self.max_blocks < 1 or self.eviction_interval <= 0:
             raise ValueError("max_blocks and eviction_interval must be positive")
         dp = ctx.dp_size
-        # Per rank: block hash -> [touch stamp, last use time]; LRU = insertion order.
-        self._cache: list[OrderedDict[int, list]] = [OrderedDict() for _ in range(dp)]
-        # Per rank: tokens touched so far; an entry's age is this minus its stamp.
-        self._touched = [0.0] * dp
+        # Per rank: the blocks sent there, in LRU order, with touch stamps (tokens touched so
+        # far on the rank when touched: a block's age is the rank's count now minus it).
+        self._est = PrefixEstimate(dp)
         self._capacity = [float("inf")] * dp
         self._pinned = [0.0] * dp
         # Block hash -> bitmask of ranks holding it (the union of the per-rank LRUs).
-        self._holders: dict[int, int] = {}
+        self._holders = self._est.holders
         self._busy_until = [0.0] * dp
         # Per rank: exponentially decayed prefill seconds dispatched, and when last decayed.
         self._duty = [0.0] * dp
@@ -175,13 +176,13 @@ class CacheAwarePolicy:
 
     def __len__(self) -> int:
         """Indexed (rank, block) pairs; bounded by ``max_blocks``."""
-        return sum(map(len, self._cache))
+        return len(self._est)
 
     # ------------------------------------------------------------------ estimates
 
     def _depths(self, hashes: tuple[int, ...], active_mask: int) -> dict[int, int]:
         """Per rank, how many leading blocks of *hashes* it holds (ranks with 0 omitted)."""
-        return prefix_depths(self._holders, hashes, active_mask)
+        return prefix_depths(self._est.holders, hashes, active_mask)
 
     def _cached(self, rank: int, hashes: tuple[int, ...], depth: int, block_tokens: float) -> float:
         """Expected cached tokens of the first *depth* blocks on *rank*.
@@ -195,15 +196,7 @@ class CacheAwarePolicy:
         # Running requests pin their KV, and some were admitted before the blocks we ask
         # about: only the unpinned part of the cache is sure to hold them.
         cap -= self._pinned[rank]
-        clock = self._touched[rank]
-        cache = self._cache[rank]
-        total = uncertain = 0.0
-        for i in range(depth):
-            age = clock - cache[hashes[i]][0]
-            if age <= cap:
-                total += block_tokens
-            elif age < horizon:
-                uncertain += block_tokens * (horizon - age) / (horizon - cap)
+        total, uncertain = self._est.cached(rank, hashes, depth, block_tokens, cap, horizon)
         self._uncertain = uncertain
         return total + uncertain
 
@@ -279,13 +272,17 @@ class CacheAwarePolicy:
         reqs = ctx.ledger.requests
         start = self._turn % n
         self._turn = start + 1
-        lo = hi = reqs[ranks[0]]
-        for r in ranks:
-            v = reqs[r]
-            if v < lo:
-                lo = v
-            elif v > hi:
-                hi = v
+        every = n == len(reqs)  # every rank active (ranks are distinct and in range)
+        if every:
+            lo, hi = min(reqs), max(reqs)
+        else:
+            lo = hi = reqs[ranks[0]]
+            for r in ranks:
+                v = reqs[r]
+                if v < lo:
+                    lo = v
+                elif v > hi:
+                    hi = v
         if hi - lo > self.balance_abs and hi > self.balance_rel * lo:
             best = ranks[start]
             for i in range(1, n):
@@ -300,9 +297,12 @@ class CacheAwarePolicy:
         # Ranks that publish KV events: their cached depth is known exactly (ctx.cache).
         exact = ctx.cache.known_mask
         if hashes:
-            mask = 0
-            for r in ranks:
-                mask |= 1 << r
+            if every:
+                mask = (1 << n) - 1
+            else:
+                mask = 0
+                for r in ranks:
+                    mask |= 1 << r
             depth = self._depths(hashes, mask & ~exact)
             exact &= mask
             if exact:
@@ -335,17 +335,28 @@ class CacheAwarePolicy:
         work = self._last_work
         lowest = math.inf
         cheapest = ranks[start]
+        # (_exact_uncached and _uncached, inlined: this loop runs for every rank.)
+        tokens = request.num_tokens
+        blocks = len(hashes)
+        steers = self.min_match * blocks  # the least depth that steers (see _steers)
+        block_tokens = tokens / blocks if blocks else 0.0
+        horizon_factor = self.memory_factor
+        est_cached = self._est.cached
         for i in range(n):
             r = ranks[(start + i) % n]
             wait = busy[r] - now
             d = depth.get(r, 0)
-            if not d:
-                new, uncertain = full, 0.0
-            elif exact >> r & 1:
-                new, uncertain = self._exact_uncached(request, d), 0.0
+            uncertain = 0.0
+            if not d or not d >= steers:
+                new = full
             else:
-                new = self._uncached(request, r, d)
-                uncertain = self._uncertain
+                if exact >> r & 1:
+                    left = tokens - d * tokens / blocks
+                else:
+                    cap = capacity[r]
+                    sure, uncertain = est_cached(r, hashes, d, block_tokens, cap - pinned[r], cap * horizon_factor)
+                    left = tokens - (sure + uncertain)
+                new = left if left > 1.0 else 1.0
             work[r] = new
             cost = (wait if wait > 0.0 else 0.0) + new / rate + uncertain * discount
             # No room in the rank's KV now: its head of line waits for decodes to free some.
@@ -379,11 +390,11 @@ class CacheAwarePolicy:
         short = pinned[best] + work[best] + out - capacity[best]
         ctx.explain(
             self.name,
-            "load_bound" if bounded else "prefix_hit" if self._steers(d, len(hashes)) else "least_backlog",
+            "load_bound" if bounded else "prefix_hit" if d and d >= steers else "least_backlog",
             {
                 "expected_ttft_s": round(best_cost, 4),
                 "matched_blocks": d,
-                "blocks": len(hashes),
+                "blocks": blocks,
                 "kv_short_tokens": round(short) if short > 0.0 else 0,
                 "cache": "exact" if exact >> best & 1 else "estimate",
             },
@@ -492,10 +503,7 @@ class CacheAwarePolicy:
     def on_rank_state(self, rank: int, ctx: PolicyContext) -> None:
         # Gone, back, or restarted: what the rank cached or queued may be gone (a restart
         # empties it), so forget it all; no decision may claim a hit on blocks it held before.
-        cache = self._cache[rank]
-        for h in cache:
-            self._drop(rank, h)
-        cache.clear()
+        self._est.forget(rank)
         self._recent[rank].clear()
         self._pending[rank].clear()
         self._pending_blocks[rank].clear()
@@ -504,25 +512,10 @@ class CacheAwarePolicy:
     # ------------------------------------------------------------------ prefix index
 
     def _remember(self, rank: int, hashes: tuple[int, ...], block_tokens: float, now: float) -> None:
-        cache = self._cache[rank]
-        holders = self._holders
-        bit = 1 << rank
-        clock = self._touched[rank]
         # Deepest block first, so that a prefix is always at least as recent as what
         # extends it: evicting from the LRU end then cuts prompts from their tails, as a
         # radix-tree cache does, and a shared root outlives the conversations under it.
-        get, move = cache.get, cache.move_to_end
-        for h in reversed(hashes):
-            clock += block_tokens
-            e = get(h)
-            if e is None:
-                cache[h] = [clock, now]
-                holders[h] = holders.get(h, 0) | bit
-            else:
-                e[0] = clock
-                e[1] = now
-                move(h)
-        self._touched[rank] = clock
+        self._est.touch(rank, hashes, block_tokens, now)
         if now < self._last_use:
             # A clock that went back: use order is no longer time order; always look.
             self._clock_steady = False
@@ -534,38 +527,16 @@ class CacheAwarePolicy:
         self._trim(rank)
         self._age(now)
 
-    def _drop(self, rank: int, h: int) -> None:
-        m = self._holders.get(h, 0) & ~(1 << rank)
-        if m:
-            self._holders[h] = m
-        else:
-            self._holders.pop(h, None)
-
     def _trim(self, rank: int) -> None:
         """Forget blocks older than the memory horizon (they cannot still be cached)."""
-        cache = self._cache[rank]
-        oldest = self._touched[rank] - self._capacity[rank] * self.memory_factor
-        while cache:
-            h, e = next(iter(cache.items()))
-            if e[0] >= oldest:
-                break
-            del cache[h]
-            self._drop(rank, h)
+        self._est.trim(rank, self._est.touched[rank] - self._capacity[rank] * self.memory_factor)
 
     def _age(self, now: float) -> None:
         """Bound memory: drop entries unused for ``eviction_interval`` or past ``max_blocks``."""
         horizon = now - self.eviction_interval
-        total = len(self)
-        if total <= self.max_blocks and self._oldest_use >= horizon:
+        if len(self._est) <= self.max_blocks and self._oldest_use >= horizon:
             return  # nothing is old enough: no need to look at each rank's oldest entry
-        for rank, cache in enumerate(self._cache):
-            while cache:
-                h, e = next(iter(cache.items()))
-                if e[1] >= horizon and total <= self.max_blocks:
-                    break
-                del cache[h]
-                self._drop(rank, h)
-                total -= 1
+        self._est.age(horizon, self.max_blocks)
         if self._clock_steady:
             # Entries are in order of use, so each rank's first is its oldest.
-            self._oldest_use = min((next(iter(c.values()))[1] for c in self._cache if c), default=math.inf)
+            self._oldest_use = self._est.oldest_use()

@@ -1,0 +1,299 @@
+"""``cache_aware``'s own estimate of each rank's prefix cache, from the requests sent there.
+
+Per rank, every block of a dispatched prompt is *touched*, deepest block first, and gets a
+stamp from the rank's running count of touched tokens (so a prefix is always at least as
+recent as what extends it, as in a radix cache) and the time. The blocks form one LRU order
+per rank; forgetting cuts from its old end. Its answers are those of a per-block LRU map.
+
+It is stored in *runs*: blocks that one touch left next to each other in the LRU order,
+listed root first, with their stamps (which never increase along a run) and the touch time.
+A prompt that extends an earlier one is the earlier one's runs plus new blocks, so a touch
+re-stamps and moves a few runs instead of every block, and a lookup checks one stamp per run:
+the deepest block of a run is its oldest. Prompts whose block hashes are not chained (a key
+in two places) take a block-by-block path with the same result.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections import OrderedDict
+from itertools import accumulate, repeat
+from operator import neg
+
+__all__ = ["PrefixEstimate"]
+
+#: Block-token values whose running sums are kept (cleared past this many).
+_SUMS_KEPT = 1024
+
+
+class _Run:
+    """Blocks one touch left together: keys root first, their stamps, the touch's time."""
+
+    __slots__ = ("keys", "stamps", "used")
+
+    def __init__(self, keys: tuple[int, ...], stamps: list[float], used: float) -> None:
+        self.keys = keys
+        self.stamps = stamps
+        self.used = used
+
+
+class PrefixEstimate:
+    """Per rank, the blocks believed cached, in LRU order, with touch stamps and times.
+
+    :ivar holders: Block hash -> bitmask of the ranks holding it (for
+        :func:`dpcore.prefix_depths`).
+    :ivar touched: Per rank, tokens touched so far (the stamp clock).
+    """
+
+    __slots__ = ("holders", "touched", "_where", "_runs", "_sums")
+
+    def __init__(self, dp_size: int) -> None:
+        self.holders: dict[int, int] = {}
+        self.touched = [0.0] * dp_size
+        # Per rank: block hash -> the run holding it; the runs, oldest first.
+        self._where: list[dict[int, _Run]] = [{} for _ in range(dp_size)]
+        self._runs: list[OrderedDict[_Run, None]] = [OrderedDict() for _ in range(dp_size)]
+        # Block tokens -> running sums of it (the sure tokens of 1, 2, ... blocks, added
+        # one block at a time exactly as a block-by-block loop would).
+        self._sums: dict[float, list[float]] = {}
+
+    def __len__(self) -> int:
+        """(rank, block) pairs held."""
+        return sum(map(len, self._where))
+
+    def entries(self, rank: int) -> list[tuple[int, float, float]]:
+        """``(block hash, stamp, time)`` of *rank*'s blocks, least recently used first."""
+        return [(k, s, run.used) for run in self._runs[rank] for k, s in reversed(list(zip(run.keys, run.stamps)))]
+
+    # ------------------------------------------------------------------ reading
+
+    def cached(
+        self, rank: int, hashes: tuple[int, ...], depth: int, block_tokens: float, sure_age: float, horizon: float
+    ) -> tuple[float, float]:
+        """Sure and uncertain cached tokens of the first *depth* blocks (all held by *rank*).
+
+        A block touched at most *sure_age* tokens ago counts *block_tokens*; an older one
+        counts less and less up to *horizon* tokens ago.
+        """
+        where = self._where[rank]
+        clock = self.touched[rank]
+        sure = 0
+        uncertain = 0.0
+        i = 0
+        while i < depth:
+            run = where[hashes[i]]
+            keys = run.keys
+            m = len(keys)
+            if m > depth - i:
+                m = depth - i
+                aligned = keys[:m] == hashes[i : i + m]
+            else:
+                aligned = keys == hashes[i : i + m]
+            if not aligned:  # not a chained prompt: this block alone
+                stamps = (run.stamps[keys.index(hashes[i])],)
+                m = 1
+            else:
+                stamps = run.stamps
+                if clock - stamps[m - 1] <= sure_age:  # the oldest of them is sure: all are
+                    sure += m
+                    i += m
+                    continue
+                stamps = stamps[:m]
+            for s in stamps:
+                age = clock - s
+                if age <= sure_age:
+                    sure += 1
+                elif age < horizon:
+                    uncertain += block_tokens * (horizon - age) / (horizon - sure_age)
+            i += m
+        if not sure:
+            return 0.0, uncertain
+        sums = self._sums.get(block_tokens)
+        if sums is None or len(sums) < sure:
+            if len(self._sums) >= _SUMS_KEPT:
+                self._sums.clear()
+            sums = self._sums[block_tokens] = list(accumulate(repeat(block_tokens, max(sure, 64))))
+        return sums[sure - 1], uncertain
+
+    def oldest_use(self) -> float:
+        """The earliest time among each rank's least recently used block (inf: none)."""
+        return min((next(iter(runs)).used for runs in self._runs if runs), default=float("inf"))
+
+    # ------------------------------------------------------------------ writing
+
+    def touch(self, rank: int, hashes: tuple[int, ...], block_tokens: float, now: float) -> None:
+        """Touch *hashes* (a prompt's chained block hashes) on *rank*, deepest first."""
+        n = len(hashes)
+        if not n:
+            return
+        if type(hashes) is not tuple:
+            hashes = tuple(hashes)
+        # The k-th block touched (deepest first) gets clock + k * block_tokens, summed one
+        # block at a time; stamps[i] is block i's (root first).
+        st = list(accumulate(repeat(block_tokens, n), initial=self.touched[rank]))
+        self.touched[rank] = st[n]
+        stamps = st[n:0:-1]
+        where = self._where[rank]
+        # (Stamps only decrease along a run while blocks carry tokens; otherwise, and for a
+        # prompt that is not a simple extension, block by block.)
+        plan = self._plan(where, hashes) if block_tokens >= 0.0 else None
+        if plan is None:
+            self._touch_blocks(rank, hashes, stamps, now, block_tokens >= 0.0)
+            return
+        segments, tail = plan
+        runs = self._runs[rank]
+        if tail < n:  # new blocks (the deepest): a new run, first into the LRU order
+            run = _Run(hashes[tail:], stamps[tail:], now)
+            keys = run.keys
+            where.update(zip(keys, repeat(run)))
+            holders = self.holders
+            bit = 1 << rank
+            for h in keys:
+                holders[h] = holders.get(h, 0) | bit
+            runs[run] = None
+        # Then the existing blocks, deepest run first, so the root ends most recent.
+        for run, a, b in reversed(segments):
+            if b - a < len(run.keys):  # the prompt covers the head of the run: split it
+                keys = run.keys
+                head = _Run(keys[: b - a], stamps[a:b], now)
+                run.keys = keys[b - a :]
+                run.stamps = run.stamps[b - a :]
+                where.update(zip(head.keys, repeat(head)))
+                runs[head] = None
+            else:
+                run.stamps = stamps[a:b]
+                run.used = now
+                runs.move_to_end(run)
+
+    @staticmethod
+    def _plan(where: dict[int, _Run], hashes: tuple[int, ...]) -> tuple[list[tuple[_Run, int, int]], int] | None:
+        """The prompt as runs it covers from their heads, ``(run, start, end)`` root first,
+        and where its new blocks start; ``None`` if it is not that simple."""
+        n = len(hashes)
+        segments = []
+        seen = set()
+        get = where.get
+        i = 0
+        while i < n:
+            run = get(hashes[i])
+            if run is None:
+                break
+            if run in seen:
+                return None
+            seen.add(run)
+            keys = run.keys
+            m = len(keys)
+            if hashes[i : i + m] == keys:
+                segments.append((run, i, i + m))
+                i += m
+                continue
+            if keys[0] != hashes[i]:
+                return None
+            # The prompt leaves the run (or ends) inside it: it covers the run's first p blocks.
+            p = 1
+            end = min(m, n - i)
+            while p < end and keys[p] == hashes[i + p]:
+                p += 1
+            segments.append((run, i, i + p))
+            i += p
+        if i < n:
+            new = hashes[i:]
+            if not where.keys().isdisjoint(new) or len(set(new)) != len(new):
+                return None
+        return segments, i
+
+    def _touch_blocks(self, rank: int, hashes: tuple[int, ...], stamps: list[float], now: float, joined: bool) -> None:
+        """Any prompt, block by block: its blocks leave their runs and form a new one (or,
+        unless *joined*, one run each)."""
+        where = self._where[rank]
+        runs = self._runs[rank]
+        # A key repeated in the prompt keeps its last touch: the one nearest the root.
+        first: dict[int, float] = {}
+        for h, s in zip(hashes, stamps):
+            if h not in first:
+                first[h] = s
+        touched = {where[h] for h in first if h in where}
+        for run in touched:
+            kept = [(k, s) for k, s in zip(run.keys, run.stamps) if k not in first]
+            if kept:
+                run.keys = tuple(k for k, _ in kept)
+                run.stamps = [s for _, s in kept]
+            else:
+                del runs[run]
+        holders = self.holders
+        bit = 1 << rank
+        for h in first:
+            if h not in where:
+                holders[h] = holders.get(h, 0) | bit
+        if joined:
+            run = _Run(tuple(first), list(first.values()), now)
+            where.update(zip(run.keys, repeat(run)))
+            runs[run] = None
+            return
+        for h, s in reversed(first.items()):
+            run = where[h] = _Run((h,), [s], now)
+            runs[run] = None
+
+    def _drop(self, rank: int, keys: tuple[int, ...]) -> None:
+        where = self._where[rank]
+        holders = self.holders
+        keep = ~(1 << rank)
+        for h in keys:
+            del where[h]
+            m = holders.get(h, 0) & keep
+            if m:
+                holders[h] = m
+            else:
+                holders.pop(h, None)
+
+    def trim(self, rank: int, oldest: float) -> None:
+        """Forget *rank*'s blocks stamped before *oldest*."""
+        runs = self._runs[rank]
+        while runs:
+            run = next(iter(runs))
+            stamps = run.stamps
+            if stamps[-1] >= oldest:
+                return
+            cut = bisect_right(stamps, -oldest, key=neg)  # the first stamp below oldest
+            self._drop(rank, run.keys[cut:])
+            if cut:
+                run.keys = run.keys[:cut]
+                run.stamps = stamps[:cut]
+                return
+            del runs[run]
+
+    def age(self, horizon: float, max_blocks: int) -> None:
+        """Forget blocks last used before *horizon*, then the least recently used past
+        *max_blocks* in all, rank by rank."""
+        total = len(self)
+        for rank, runs in enumerate(self._runs):
+            while runs:
+                run = next(iter(runs))
+                n = len(run.keys)
+                if run.used >= horizon:
+                    over = total - max_blocks
+                    if over <= 0:
+                        break
+                    if over < n:  # the run's oldest (deepest) blocks
+                        self._drop(rank, run.keys[n - over :])
+                        run.keys = run.keys[: n - over]
+                        run.stamps = run.stamps[: n - over]
+                        total -= over
+                        break
+                self._drop(rank, run.keys)
+                del runs[run]
+                total -= n
+
+    def forget(self, rank: int) -> None:
+        """Forget everything about *rank* (its stamp clock goes on)."""
+        where = self._where[rank]
+        holders = self.holders
+        keep = ~(1 << rank)
+        for h in where:
+            m = holders.get(h, 0) & keep
+            if m:
+                holders[h] = m
+            else:
+                holders.pop(h, None)
+        where.clear()
+        self._runs[rank].clear()
