@@ -9,8 +9,9 @@ It is stored in *runs*: blocks that one touch left next to each other in the LRU
 listed root first, with their stamps (which never increase along a run) and the touch time.
 A prompt that extends an earlier one is the earlier one's runs plus new blocks, so a touch
 re-stamps and moves a few runs instead of every block, and a lookup checks one stamp per run:
-the deepest block of a run is its oldest. Prompts whose block hashes are not chained (a key
-in two places) take a block-by-block path with the same result.
+the deepest block of a run is its oldest. Once a rank gets a prompt whose block hashes are
+not chained (a key in two places), it keeps a run per block: the same answers, at about the
+cost of a block-by-block map, and linear in the prompt whatever its keys.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class PrefixEstimate:
     :ivar touched: Per rank, tokens touched so far (the stamp clock).
     """
 
-    __slots__ = ("holders", "touched", "_where", "_runs", "_sums")
+    __slots__ = ("holders", "touched", "_where", "_runs", "_loose", "_sums")
 
     def __init__(self, dp_size: int) -> None:
         self.holders: dict[int, int] = {}
@@ -53,6 +54,8 @@ class PrefixEstimate:
         # Per rank: block hash -> the run holding it; the runs, oldest first.
         self._where: list[dict[int, _Run]] = [{} for _ in range(dp_size)]
         self._runs: list[OrderedDict[_Run, None]] = [OrderedDict() for _ in range(dp_size)]
+        # Per rank: whether it got prompts that are not chained (then a run per block).
+        self._loose = [False] * dp_size
         # Block tokens -> running sums of it (the sure tokens of 1, 2, ... blocks, added
         # one block at a time exactly as a block-by-block loop would).
         self._sums: dict[float, list[float]] = {}
@@ -81,25 +84,24 @@ class PrefixEstimate:
         uncertain = 0.0
         i = 0
         while i < depth:
-            run = where[hashes[i]]
+            h = hashes[i]
+            run = where[h]
             keys = run.keys
             m = len(keys)
             if m > depth - i:
                 m = depth - i
-                aligned = keys[:m] == hashes[i : i + m]
+                aligned = keys[0] == h and keys[:m] == hashes[i : i + m]
             else:
-                aligned = keys == hashes[i : i + m]
-            if not aligned:  # not a chained prompt: this block alone
-                stamps = (run.stamps[keys.index(hashes[i])],)
-                m = 1
-            else:
-                stamps = run.stamps
-                if clock - stamps[m - 1] <= sure_age:  # the oldest of them is sure: all are
-                    sure += m
-                    i += m
-                    continue
-                stamps = stamps[:m]
-            for s in stamps:
+                aligned = keys[0] == h and keys == hashes[i : i + m]
+            if not aligned:  # not a chained prompt: from now on, a run per block
+                self._loosen(rank)
+                continue
+            stamps = run.stamps
+            if clock - stamps[m - 1] <= sure_age:  # the oldest of them is sure: all are
+                sure += m
+                i += m
+                continue
+            for s in stamps[:m]:
                 age = clock - s
                 if age <= sure_age:
                     sure += 1
@@ -134,11 +136,11 @@ class PrefixEstimate:
         self.touched[rank] = st[n]
         stamps = st[n:0:-1]
         where = self._where[rank]
-        # (Stamps only decrease along a run while blocks carry tokens; otherwise, and for a
-        # prompt that is not a simple extension, block by block.)
-        plan = self._plan(where, hashes) if block_tokens >= 0.0 else None
+        # (Stamps only decrease along a run while blocks carry tokens.)
+        plan = None if self._loose[rank] or not block_tokens >= 0.0 else self._plan(where, hashes)
         if plan is None:
-            self._touch_blocks(rank, hashes, stamps, now, block_tokens >= 0.0)
+            self._loosen(rank)
+            self._touch_blocks(rank, hashes, stamps, now)
             return
         segments, tail = plan
         runs = self._runs[rank]
@@ -202,9 +204,23 @@ class PrefixEstimate:
                 return None
         return segments, i
 
-    def _touch_blocks(self, rank: int, hashes: tuple[int, ...], stamps: list[float], now: float, joined: bool) -> None:
-        """Any prompt, block by block: its blocks leave their runs and form a new one (or,
-        unless *joined*, one run each)."""
+    def _loosen(self, rank: int) -> None:
+        """From now on (until :meth:`forget`), keep a run per block on *rank*: its prompts
+        are not chained, so a run says nothing about the next prompt, and per block every
+        touch and lookup stays linear in the prompt, whatever its keys."""
+        if self._loose[rank]:
+            return
+        self._loose[rank] = True
+        where = self._where[rank]
+        singles: OrderedDict[_Run, None] = OrderedDict()
+        for run in self._runs[rank]:
+            for k, s in reversed(list(zip(run.keys, run.stamps))):
+                single = where[k] = _Run((k,), [s], run.used)
+                singles[single] = None
+        self._runs[rank] = singles
+
+    def _touch_blocks(self, rank: int, hashes: tuple[int, ...], stamps: list[float], now: float) -> None:
+        """Any prompt on a loose rank, block by block: a new run for each block, deepest first."""
         where = self._where[rank]
         runs = self._runs[rank]
         # A key repeated in the prompt keeps its last touch: the one nearest the root.
@@ -212,24 +228,14 @@ class PrefixEstimate:
         for h, s in zip(hashes, stamps):
             if h not in first:
                 first[h] = s
-        touched = {where[h] for h in first if h in where}
-        for run in touched:
-            kept = [(k, s) for k, s in zip(run.keys, run.stamps) if k not in first]
-            if kept:
-                run.keys = tuple(k for k, _ in kept)
-                run.stamps = [s for _, s in kept]
-            else:
-                del runs[run]
         holders = self.holders
         bit = 1 << rank
         for h in first:
-            if h not in where:
+            old = where.get(h)
+            if old is None:
                 holders[h] = holders.get(h, 0) | bit
-        if joined:
-            run = _Run(tuple(first), list(first.values()), now)
-            where.update(zip(run.keys, repeat(run)))
-            runs[run] = None
-            return
+            else:
+                del runs[old]
         for h, s in reversed(first.items()):
             run = where[h] = _Run((h,), [s], now)
             runs[run] = None
@@ -297,3 +303,4 @@ class PrefixEstimate:
                 holders.pop(h, None)
         where.clear()
         self._runs[rank].clear()
+        self._loose[rank] = False
