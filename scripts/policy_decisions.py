@@ -164,27 +164,22 @@ def check(path: Path, tmp: Path, *, as_digests: bool) -> int:
         scenario = dict(header)
         policy = scenario.pop("policy")
         if as_digests:
+            want = json.loads(want[0]) if want else []
             got = digests(policy, scenario, tmp)
-            want_digests = json.loads(want[0]) if want else []
-            for i, (a, b) in enumerate(zip(want_digests, got)):
-                if a != b:
-                    print(f"{header}: decisions {i * CHUNK}..{(i + 1) * CHUNK - 1} differ")
-                    return 1
-            if len(want_digests) != len(got):
-                print(f"{header}: {len(want_digests)} digests recorded, {len(got)} now")
-                return 1
-            total += scenario["limit"]
-            continue
-        now = [json.dumps(d) for d in decisions(policy, scenario, tmp)]
-        for i, (a, b) in enumerate(zip(want, now)):
-            if a != b:
-                print(f"{header}: decision {i} differs\n  recorded: {a}\n  now:      {b}")
-                return 1
-        if len(want) != len(now):
-            print(f"{header}: {len(want)} decisions recorded, {len(now)} now")
+        else:
+            got = [json.dumps(d) for d in decisions(policy, scenario, tmp)]
+        i = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        if i is not None:
+            where = f"decisions {i * CHUNK}..{(i + 1) * CHUNK - 1}" if as_digests else f"decision {i}"
+            print(f"{header}: {where} differ")
+            if not as_digests:
+                print(f"  recorded: {want[i]}\n  now:      {got[i]}")
             return 1
-        total += len(now)
-        print(f"{header}: {len(now)} decisions, all the same", file=sys.stderr)
+        if len(want) != len(got):
+            print(f"{header}: {len(want)} {'digests' if as_digests else 'decisions'} recorded, {len(got)} now")
+            return 1
+        total += scenario["limit"] if as_digests else len(got)
+        print(f"{header}: the same", file=sys.stderr)
     print(f"{len(runs)} runs ({total} requests): every decision the same")
     return 0
 
