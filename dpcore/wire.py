@@ -12,7 +12,7 @@ dispatch  controller → one rank       [header(rank, seq, pr), the req header b
 rej       controller → sender         [header(rid, code, msg)]
 fail      controller → sender         [header(rid, rank, code, msg)]
 out       rank → sender               [header(rid, rank, final, meta), payload]
-load      rank → controller reports   [header(rank, epoch, seq, ack, run, wait, tok, kvu, kvc, done, lo)]
+load      rank → controller reports   [header(rank, epoch, seq, ack, run, wait, tok, kvu, kvc, done, out, lo)]
 kv        rank → controller reports   [header(rank, epoch, seq, cap, ev)]: a batch of KV cache events
 ctl       sender → ingress, and       [header(op, data)]
           controller → every rank
@@ -42,6 +42,8 @@ load ``run``, ``wait``                 0 .. 2**32
 load ``tok``, ``kvu``, ``kvc``, ``pf`` 0 .. 2**40 tokens (``pf``: also -1, unknown)
 load ``epoch``, ``seq``, ``lo``,       0 .. 2**63-1 (``ack`` also -1)
 ``done`` items, ``ack``
+load ``out`` items                     -1 (not counted) .. ``MAX_OUTPUT_TOKENS`` (2**32);
+                                       optional, one per ``done`` item
 dispatch ``rank``, ``seq``, ``pr``     0 .. 2**63-1
 =====================================  =============================================
 """
@@ -84,6 +86,8 @@ MAX_REPORT_REQUESTS = 1 << 32
 MAX_REPORT_TOKENS = 1 << 40
 
 _MAX_DONE = 1 << 16
+#: Largest output token count a load report's ``out`` carries for one finished request.
+MAX_OUTPUT_TOKENS = 1 << 32
 
 #: Largest frame a controller's ingress or a sender's reply socket accepts by default (the
 #: transport drops the connection of a peer that sends more; the client SDK refuses first).
@@ -553,38 +557,44 @@ def encode_load(
     pf: int = -1,
     done: Iterable[int] = (),
     lo: int | None = None,
+    out: Iterable[int] | None = None,
 ) -> bytes:
     """A load report. ``pf``: prefill tokens left in progress (``-1``: unknown); ``done``:
     dispatch seqs finished since the last report; ``lo``: the first dispatch seq this life
-    of the rank received (``None``: none yet)."""
-    return msgpack.packb(
-        {
-            "v": VERSION,
-            "t": LOAD,
-            "rank": rank,
-            "epoch": epoch,
-            "seq": seq,
-            "ack": ack,
-            "run": run,
-            "wait": wait,
-            "tok": tok,
-            "kvu": kvu,
-            "kvc": kvc,
-            "pf": pf,
-            "done": list(done),
-            "lo": lo,
-        }
-    )
+    of the rank received (``None``: none yet); ``out``: the output tokens each ``done``
+    request generated (``-1``: not counted), or ``None`` to leave the field out."""
+    h = {
+        "v": VERSION,
+        "t": LOAD,
+        "rank": rank,
+        "epoch": epoch,
+        "seq": seq,
+        "ack": ack,
+        "run": run,
+        "wait": wait,
+        "tok": tok,
+        "kvu": kvu,
+        "kvc": kvc,
+        "pf": pf,
+        "done": list(done),
+        "lo": lo,
+    }
+    if out is not None:
+        h["out"] = list(out)
+    return msgpack.packb(h)
 
 
-def decode_load(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None]:
-    """Decode a load report: the :class:`LoadReport`, the finished dispatch seqs, ``lo``."""
+def decode_load(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None, tuple[int, ...] | None]:
+    """Decode a load report: the :class:`LoadReport`, the finished dispatch seqs, ``lo``, and
+    the output tokens of each finished request (``None`` when the rank did not send them)."""
     h = _unpack(buf, "load")
     _expect(h, (LOAD,), "load")
     return _load_from_header(h)
 
 
-def decode_rank_message(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | None] | KvEventBatch:
+def decode_rank_message(
+    buf: Any,
+) -> tuple[LoadReport, tuple[int, ...], int | None, tuple[int, ...] | None] | KvEventBatch:
     """Decode a frame from the report socket: a load report (as :func:`decode_load`) or a
     :class:`~dpcore.cacheindex.KvEventBatch`."""
     h = _unpack(buf, "report")
@@ -593,7 +603,9 @@ def decode_rank_message(buf: Any) -> tuple[LoadReport, tuple[int, ...], int | No
     return _load_from_header(h)
 
 
-def _load_from_header(h: Mapping[str, Any]) -> tuple[LoadReport, tuple[int, ...], int | None]:
+def _load_from_header(
+    h: Mapping[str, Any],
+) -> tuple[LoadReport, tuple[int, ...], int | None, tuple[int, ...] | None]:
     w = "load"
     rank = _req_int(h, "rank", w)
     epoch = _req_int(h, "epoch", w)
@@ -622,7 +634,20 @@ def _load_from_header(h: Mapping[str, Any]) -> tuple[LoadReport, tuple[int, ...]
     ):
         msg = f"load from rank {rank}: field 'done' must be a list of at most {_MAX_DONE} integers in 0..2**63-1"
         raise WireError(msg)
-    return report, tuple(done), _opt_int(h, "lo", w)
+    out = h.get("out")
+    if out is not None:
+        if (
+            type(out) is not list
+            or len(out) != len(done)
+            or not all(type(x) is int and -1 <= x <= MAX_OUTPUT_TOKENS for x in out)
+        ):
+            msg = (
+                f"load from rank {rank}: field 'out' must be a list of one integer in -1..2**32 per "
+                f"'done' item ({len(done)})"
+            )
+            raise WireError(msg)
+        out = tuple(out)
+    return report, tuple(done), _opt_int(h, "lo", w), out
 
 
 # --------------------------------------------------------------------------- kv

@@ -138,7 +138,7 @@ DECODERS = {
 }
 VALID = [
     wire.encode_request("r1", num_tokens=40, reply="ipc:///tmp/x", block_hashes=[1, 2], routed_dp_rank=1),
-    wire.encode_load(0, epoch=5, seq=1, ack=3, run=1, wait=2, tok=30, kvu=10, kvc=100, done=[1, 2], lo=0),
+    wire.encode_load(0, epoch=5, seq=1, ack=3, run=1, wait=2, tok=30, kvu=10, kvc=100, done=[1, 2], lo=0, out=[7, -1]),
     wire.encode_ctl("flush", {"a": 1}),
     wire.encode_out("r1", 0, True, {"prompt_tokens": 5}),
     wire.encode_rej("r1", "invalid_rank", "no"),
@@ -192,7 +192,7 @@ def _check_result(name: str, out: Any) -> None:
             finally:
                 sock.close(linger=0)
     elif name == "load":
-        report, done, lo = out
+        report, done, lo, counts = out
         for v in (report.rank, report.epoch, report.seq):
             assert type(v) is int and 0 <= v <= MAX_INT
         for v in (report.num_running, report.num_waiting):
@@ -201,6 +201,9 @@ def _check_result(name: str, out: Any) -> None:
             assert type(v) is int and 0 <= v <= wire.MAX_REPORT_TOKENS
         assert type(report.acked_seq) is int and report.acked_seq >= -1
         assert all(type(x) is int and 0 <= x <= MAX_INT for x in done) and (lo is None or (type(lo) is int and lo >= 0))
+        assert counts is None or (
+            len(counts) == len(done) and all(type(x) is int and -1 <= x <= wire.MAX_OUTPUT_TOKENS for x in counts)
+        )
     elif name == "reply":
         assert out.kind in wire.REPLY_TYPES and type(out.rid) is str and type(out.final) is bool
     elif name == "dispatch":

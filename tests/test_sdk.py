@@ -69,7 +69,7 @@ def test_request_reaches_worker_and_output_reaches_client(ctx, fake):
     with Client(fake.ingress_ep, zmq_ctx=ctx, block_size=64) as client, Worker(
         1, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx, epoch=42
     ) as worker:
-        hello, done, lo = fake.report()
+        hello, done, lo, _ = fake.report()
         assert (hello.rank, hello.epoch, hello.acked_seq, done, lo) == (1, 42, -1, (), None)
 
         client.submit("a", token_ids=ids, payload=b"P", bootstrap_room=5, max_new_tokens=8)
@@ -89,8 +89,8 @@ def test_request_reaches_worker_and_output_reaches_client(ctx, fake):
 
         worker.admit(work)
         assert worker.report(1, 0, 200)
-        rep, done, lo = fake.report()
-        assert (rep.acked_seq, rep.num_running, rep.num_tokens, done, lo) == (17, 1, 200, (), 17)
+        rep, done, lo, out = fake.report()
+        assert (rep.acked_seq, rep.num_running, rep.num_tokens, done, lo, out) == (17, 1, 200, (), 17, None)
 
         assert worker.send(work, {"completion_tokens": 2}, b"partial", final=False)
         assert worker.send(work, {"completion_tokens": 4}, b"done")
@@ -102,8 +102,36 @@ def test_request_reaches_worker_and_output_reaches_client(ctx, fake):
         assert client.pending == set()
 
         worker.heartbeat()
-        rep, done, _ = fake.report()
+        rep, done, _, out = fake.report()
         assert done == (17,) and rep.num_running == 1  # heartbeat repeats the last load
+        assert out is None  # the engine did not count its output
+
+
+def test_worker_reports_the_output_tokens_of_finished_requests(ctx, fake):
+    """``send(..., output_tokens=N)`` and ``finish(work, N)`` travel beside ``done``; a request
+    whose count the engine did not give is ``-1``, and a report with no count leaves the field out."""
+    with Client(fake.ingress_ep, zmq_ctx=ctx) as client, Worker(
+        0, dispatch_endpoint=fake.dispatch_ep, report_endpoint=fake.report_ep, zmq_ctx=ctx
+    ) as worker:
+        fake.report()  # the hello
+        for i, rid in enumerate("abc"):
+            client.submit(rid, num_tokens=10, max_new_tokens=50)
+            fake.forward(0, i)
+        items: list = []
+        deadline = time.monotonic() + 5
+        while len(items) < 3 and time.monotonic() < deadline:
+            items += worker.recv(0.5)
+        a, b, c = items
+        worker.send(a, {}, b"x", output_tokens=17)
+        worker.finish(b)
+        worker.send(c, {}, b"y", output_tokens=1 << 40)  # past the wire's range: clamped, never refused
+        worker.report(0, 0, 0)
+        _, done, _, out = fake.report()
+        assert done == (0, 1, 2) and out == (17, -1, wire.MAX_OUTPUT_TOKENS)
+        worker.finish(a)  # done again, nothing counted
+        worker.report(0, 0, 0)
+        _, done, _, out = fake.report()
+        assert done == (0,) and out is None
 
 
 def test_client_counts_and_hashes_without_token_ids(ctx, fake):
@@ -244,7 +272,7 @@ def _drain_reports(fake, worker, until):
     while time.monotonic() < deadline:
         worker.recv(0.05)
         try:
-            report, done, _ = wire.decode_load(fake.reports.recv(zmq.NOBLOCK))
+            report, done, *_ = wire.decode_load(fake.reports.recv(zmq.NOBLOCK))
         except zmq.Again:
             continue
         if until(report, done):
@@ -300,7 +328,7 @@ def test_worker_reports_stay_inside_the_wire_ranges(ctx, fake):
         fake.report()  # the hello
         # An engine whose token sum went past 2**64 must not take the worker (or the rank) down.
         assert worker.report(3, 1, 1 << 70, kv_used=-5, kv_capacity=float("nan"))
-        report, _, _ = fake.report()
+        report, *_ = fake.report()
         assert (report.num_running, report.num_waiting) == (3, 1)
         assert (report.num_tokens, report.kv_used) == (wire.MAX_REPORT_TOKENS, 0)
         assert report.kv_capacity == 0

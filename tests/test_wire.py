@@ -152,11 +152,31 @@ def test_bad_reply(frames):
 
 def test_load_round_trip():
     buf = wire.encode_load(3, epoch=7, seq=12, ack=40, run=2, wait=1, tok=900, kvu=800, kvc=10_000, done=[38, 39], lo=30)
-    report, done, lo = wire.decode_load(buf)
+    report, done, lo, out = wire.decode_load(buf)
     assert report == LoadReport(3, 7, 12, 40, 2, 1, 900, 800, 10_000)
     assert done == (38, 39) and lo == 30
-    report, done, lo = wire.decode_load(wire.encode_load(0, epoch=1, seq=1))
-    assert report.acked_seq == -1 and done == () and lo is None
+    report, done, lo, out = wire.decode_load(wire.encode_load(0, epoch=1, seq=1))
+    assert report.acked_seq == -1 and done == () and lo is None and out is None
+
+
+def test_load_carries_output_tokens_per_done_request_optionally():
+    _, done, _, out = wire.decode_load(wire.encode_load(1, epoch=1, seq=2, done=[5, 6, 7], out=[93, -1, 0]))
+    assert done == (5, 6, 7) and out == (93, -1, 0)
+    # A sender that never heard of the field: its reports decode as before.
+    old = msgpack.unpackb(wire.encode_load(1, epoch=1, seq=2, done=[5]))
+    assert "out" not in old
+    assert wire.decode_load(msgpack.packb(old))[3] is None
+
+
+@pytest.mark.parametrize(
+    "out",
+    [[1], [1, 2, 3], [1, -2], [1, wire.MAX_OUTPUT_TOKENS + 1], [1, "2"], [1, 2.0], 5, {"a": 1}],
+)
+def test_bad_output_tokens_are_refused_with_the_field_named(out):
+    h = msgpack.unpackb(wire.encode_load(0, epoch=1, seq=1, done=[3, 4]))
+    h["out"] = out
+    with pytest.raises(WireError, match="'out'"):
+        wire.decode_load(msgpack.packb(h))
 
 
 @pytest.mark.parametrize(
@@ -199,9 +219,9 @@ def test_token_ids_payload():
 def test_load_report_carries_prefill_tokens_and_defaults_to_unknown():
     from dpcore import wire as w
 
-    rep, _, _ = w.decode_load(w.encode_load(1, epoch=1, seq=2, pf=4096))
+    rep, *_ = w.decode_load(w.encode_load(1, epoch=1, seq=2, pf=4096))
     assert rep.prefill_tokens == 4096
-    rep, _, _ = w.decode_load(w.encode_load(1, epoch=1, seq=2))
+    rep, *_ = w.decode_load(w.encode_load(1, epoch=1, seq=2))
     assert rep.prefill_tokens == -1
 
 

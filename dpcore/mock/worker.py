@@ -68,16 +68,26 @@ def generated_text(rid: str, start: int, end: int) -> bytes:
     return "".join(" " + _WORDS[(seed + 7 * i) % n] for i in range(start, end)).encode()
 
 
-def wants_stream(header: Any, payload: bytes) -> bool:
-    if header.get("stream") is True:
-        return True
+def _payload_map(payload: bytes) -> dict[str, Any]:
+    """The payload as a msgpack map, or ``{}`` (an opaque payload is not ours to judge)."""
     if payload[:1] and (0x80 <= payload[0] <= 0x8F or payload[0] in (0xDE, 0xDF)):  # a msgpack map
         try:
             body = msgpack.unpackb(payload, raw=False)
-        except Exception:  # not ours to judge: an opaque payload that happens to look like a map
-            return False
-        return isinstance(body, dict) and body.get("stream") is True
-    return False
+        except Exception:  # an opaque payload that happens to look like a map
+            return {}
+        return body if isinstance(body, dict) else {}
+    return {}
+
+
+def wants_stream(header: Any, payload: bytes) -> bool:
+    return header.get("stream") is True or _payload_map(payload).get("stream") is True
+
+
+def eos_after(payload: bytes) -> int | None:
+    """The payload's ``eos_after``: after this many tokens the mock's output ends, as a real
+    model's does at an end-of-sequence token before ``max_new_tokens`` (a count >= 0, else ``None``)."""
+    n = _payload_map(payload).get("eos_after")
+    return n if type(n) is int and n >= 0 else None
 
 
 def add_report_profile_argument(p: argparse.ArgumentParser) -> None:
@@ -206,6 +216,9 @@ class MockRank:
         for work in items:
             req = work.request
             out = req.max_new_tokens if req.max_new_tokens is not None else default_out
+            eos = eos_after(work.payload)
+            if eos is not None:
+                out = min(out, eos)
             job = Job(work, work.rid, req.num_tokens, req.block_hashes, out, now)
             if wants_stream(work.header, work.payload):
                 self._stream.add(id(job))
@@ -256,7 +269,7 @@ class MockRank:
             if id(job) in self._aborted:
                 if final:
                     self._aborted.discard(id(job))
-                    self.worker.finish(work)
+                    self.worker.finish(work, job.generated)
                 continue
             if not final and not stream:
                 continue
@@ -279,7 +292,7 @@ class MockRank:
             else:
                 payload = generated_text(job.rid, job.emitted, job.generated)
             job.emitted = job.generated
-            send(work, meta, payload, final=final)
+            send(work, meta, payload, final=final, output_tokens=job.generated if final else None)
             if final:
                 self._stream.discard(id(job))
                 self.completed += 1

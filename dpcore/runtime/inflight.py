@@ -7,7 +7,7 @@ can be re-dispatched; after it, the rank owns it and only its identity is kept.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -44,11 +44,13 @@ class InFlight:
 class InFlightTable:
     """Per rank: ``seq → InFlight``, and the last seq the rank acknowledged as admitted."""
 
-    __slots__ = ("_ranks", "_acked")
+    __slots__ = ("_ranks", "_acked", "ended")
 
     def __init__(self, dp_size: int) -> None:
         self._ranks: list[dict[int, InFlight]] = [{} for _ in range(dp_size)]
         self._acked = [-1] * dp_size
+        #: Told ``(rid, output tokens or -1)`` of each request a rank reports done (``--record``).
+        self.ended: Callable[[str, int], None] | None = None
 
     def add(self, rank: int, seq: int, entry: InFlight) -> None:
         self._ranks[rank][seq] = entry
@@ -83,13 +85,23 @@ class InFlightTable:
         self._acked[rank] = -1
         return ack
 
-    def complete(self, rank: int, done: Sequence[int]) -> int:
-        """Remove finished seqs; returns how many of *done* were not in flight."""
+    def complete(self, rank: int, done: Sequence[int], out: Sequence[int] | None = None) -> int:
+        """Remove finished seqs; returns how many of *done* were not in flight. *out*: the
+        output tokens of each (``-1``: not counted), passed on to :attr:`ended`."""
         inflight = self._ranks[rank]
         unknown = 0
-        for s in done:
-            if inflight.pop(s, None) is None:
+        ended = self.ended
+        if ended is None:
+            for s in done:
+                if inflight.pop(s, None) is None:
+                    unknown += 1
+            return unknown
+        for i, s in enumerate(done):
+            e = inflight.pop(s, None)
+            if e is None:
                 unknown += 1
+            else:
+                ended(e.request.rid, -1 if out is None else out[i])
         return unknown
 
     def drain(self) -> Iterator[tuple[int, InFlight]]:

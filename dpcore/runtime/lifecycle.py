@@ -39,7 +39,7 @@ life's requests from the lost ones.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -164,7 +164,7 @@ class RankLifecycle:
             if type(msg) is KvEventBatch:
                 self.kv.batch(msg)
                 continue
-            report, done, lo = msg
+            report, done, lo, out = msg
             r = report.rank
             if r >= n:
                 self._bad_report(f"load report from rank {r}, but ranks are 0..{n - 1}")
@@ -189,7 +189,7 @@ class RankLifecycle:
                 # whatever a stranger sends). Completions of the current life still count.
                 self._unconnected(r, report.epoch)
                 if done and known == report.epoch:
-                    self._complete(r, done)
+                    self._complete(r, done, out)
                 continue
             if known != report.epoch:
                 if known is not None:
@@ -206,7 +206,7 @@ class RankLifecycle:
             elif lo is not None and r in self._old_life:
                 self._settle_old_life(r, lo)
             if done:
-                self._complete(r, done)
+                self._complete(r, done, out)
             prev = latest.get(r)
             if prev is None or report.seq > prev.seq:
                 latest[r] = report
@@ -227,8 +227,8 @@ class RankLifecycle:
         if last is not None and last.epoch == report.epoch and report.seq <= last.seq:
             self.books.stale_reports += 1
 
-    def _complete(self, r: int, done: list[int]) -> None:
-        unknown = self.inflight.complete(r, done)
+    def _complete(self, r: int, done: Sequence[int], out: Sequence[int] | None = None) -> None:
+        unknown = self.inflight.complete(r, done, out)
         self.books.unknown_done += unknown
         self.books.completed[r] += len(done) - unknown
 

@@ -84,6 +84,8 @@ class Placer:
         #: Called with every well-formed request received and its header frame (``dpcore serve
         #: --record``); must not block.
         self.record: Callable[[Request, Any], None] | None = None
+        #: Told the id of every request rejected or failed here (``--record``'s output length).
+        self.record_end: Callable[[str, int], None] | None = None
         #: A shadow chain (:class:`dpcore.runtime.shadow.Shadow`) asked after each live decision.
         self.shadow: Any = None
 
@@ -220,11 +222,15 @@ class Placer:
     def reject(self, reply: str, rid: str | None, code: str, msg: str, rank: int | None = None) -> None:
         """Answer a request that was never dispatched: ``rej`` with *code* and *msg*."""
         self.books.reject(code, rank)
+        if self.record_end is not None and rid is not None:
+            self.record_end(rid, -1)
         self.transport.reply(reply, wire.encode_rej(rid, code, msg))
 
     def fail(self, rank: int, rid: str, reply: str, code: str, msg: str) -> None:
         """Answer a request that was dispatched to *rank* and will not finish: ``fail``."""
         self.books.fail(code, rank)
+        if self.record_end is not None:
+            self.record_end(rid, -1)
         self.transport.reply(reply, wire.encode_fail(rid, rank, code, msg))
 
     def broadcast(self, frame: bytes) -> None:

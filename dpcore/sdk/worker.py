@@ -164,6 +164,8 @@ class Worker:
         self._ack = -1
         self._lo: int | None = None
         self._done: list[int] = []
+        # Output tokens of each _done seq (-1: not counted); sent only when one is counted.
+        self._out: list[int] = []
         self._load = (0, 0, 0, 0, 0, -1)
         self._last_sent = 0.0
         # KV events waiting for kv_flush(), their block keys, and the next batch's seq.
@@ -284,20 +286,33 @@ class Worker:
         if work.seq > self._ack:
             self._ack = work.seq
 
-    def finish(self, work: Work) -> None:
-        """*work* ended without a final :meth:`send` (e.g. the engine aborted it)."""
+    def finish(self, work: Work, output_tokens: int | None = None) -> None:
+        """*work* ended without a final :meth:`send` (e.g. the engine aborted it).
+
+        *output_tokens*: how many tokens it generated, when the engine counts them: the next
+        load report carries it (``dpcore serve --record`` writes it as the output length).
+        """
         self.admit(work)
         self._done.append(work.seq)
+        self._out.append(-1 if output_tokens is None else _clamp(output_tokens, 0, wire.MAX_OUTPUT_TOKENS))
         self._handed.pop((work.rid, work.reply), None)
 
-    def send(self, work: Work, meta: Mapping[str, Any] | None = None, payload: bytes = b"", final: bool = True) -> bool:
-        """Send an output for *work* to its sender; ``final`` marks it finished.
+    def send(
+        self,
+        work: Work,
+        meta: Mapping[str, Any] | None = None,
+        payload: bytes = b"",
+        final: bool = True,
+        output_tokens: int | None = None,
+    ) -> bool:
+        """Send an output for *work* to its sender; ``final`` marks it finished (with
+        *output_tokens* generated in all, if counted: see :meth:`finish`).
 
         Never blocks: if the sender's socket is full or gone the output is dropped and
         counted in :attr:`dropped_outputs`. Returns whether it was sent.
         """
         if final:
-            self.finish(work)
+            self.finish(work, output_tokens)
         try:
             sock = self._replies.get(work.reply)
             sock.send_multipart((wire.encode_out(work.rid, self.rank, final, meta), payload), zmq.NOBLOCK)
@@ -324,7 +339,9 @@ class Worker:
         backlog-aware policies see a long prefill the moment it starts. Returns whether it
         was sent."""
         self._load = (num_running, num_waiting, num_tokens, kv_used, kv_capacity, prefill_tokens)
+        added = len(self._done)
         self._done.extend(done_seqs)
+        self._out.extend([-1] * (len(self._done) - added))
         return self._send_report()
 
     def heartbeat(self) -> bool:
@@ -341,10 +358,11 @@ class Worker:
             self._load = load
         run, wait, tok, kvu, kvc, pf = load
         done = self._done[:_DONE_PER_REPORT]
+        out = self._out[: len(done)]
         self._report_seq += 1
         frame = wire.encode_load(
-            self.rank, epoch=self.epoch, seq=self._report_seq, ack=self._ack,
-            run=run, wait=wait, tok=tok, kvu=kvu, kvc=kvc, pf=pf, done=done, lo=self._lo,
+            self.rank, epoch=self.epoch, seq=self._report_seq, ack=self._ack, run=run, wait=wait, tok=tok,
+            kvu=kvu, kvc=kvc, pf=pf, done=done, lo=self._lo, out=out if max(out, default=-1) >= 0 else None,
         )  # fmt: skip
         self._last_sent = time.monotonic()
         try:
@@ -352,6 +370,7 @@ class Worker:
         except zmq.Again:
             return False  # the controller is not reading; keep `done` for the next report
         del self._done[: len(done)]
+        del self._out[: len(done)]
         return True
 
     # ------------------------------------------------------------------ KV events
