@@ -77,8 +77,7 @@ def _router(mode: str, eps: dict[str, Any], ready: Any) -> None:
 
             rec = Recorder(RecordConfig(path=eps["record"]))
             rec.start()
-            rec.attach(c.call_soon)
-            c.placer.record = rec.offer
+            rec.install(c)
         ready.set()
         c.run()
         if rec is not None:

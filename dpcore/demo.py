@@ -214,11 +214,18 @@ def _warm_up(client: Any, dp_size: int, procs: Processes, timeout_s: float) -> N
                 client.submit(reply.rid, num_tokens=1, routed_dp_rank=r, max_new_tokens=1)
 
 
-def _replay(client: Any, trace: Any, tally: Tally, procs: Processes, on_tick: Any, drain_timeout_s: float) -> bool:
+def _replay(
+    client: Any, trace: Any, tally: Tally, procs: Processes, on_tick: Any, drain_timeout_s: float,
+    max_new_tokens: int | None = None,
+) -> bool:
     """Send every request at its arrival time (wall = trace time / speed-up); collect replies.
 
+    *max_new_tokens*: every request's budget; its output still ends at the trace's length
+    (the mock ranks' ``eos_after``). ``None``: the budget is the trace's length.
     Returns whether every request ended (out, rej or fail) before the drain timeout.
     """
+    import msgpack
+
     requests = trace.requests
     n = len(requests)
     t0 = time.monotonic()
@@ -230,9 +237,12 @@ def _replay(client: Any, trace: Any, tally: Tally, procs: Processes, on_tick: An
         now = time.monotonic()
         while i < n and requests[i].arrival <= now - t0:
             r = requests[i]
-            client.submit(
-                f"t{r.index}", num_tokens=r.input_length, block_hashes=r.hash_ids, max_new_tokens=r.output_length
-            )
+            if max_new_tokens is None:
+                client.submit(f"t{r.index}", num_tokens=r.input_length, block_hashes=r.hash_ids,
+                              max_new_tokens=r.output_length)  # fmt: skip
+            else:
+                client.submit(f"t{r.index}", num_tokens=r.input_length, block_hashes=r.hash_ids,
+                              max_new_tokens=max_new_tokens, payload=msgpack.packb({"eos_after": r.output_length}))  # fmt: skip
             i += 1
             tally.sent = i
         if i == n and drain_deadline is None:
@@ -451,6 +461,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", default=None, metavar="PATH",
                    help="record the run as a trace (dpcore serve --record; timestamps in wall time, so replay "
                         "it with dpcore simulate --time-scale 1/SPEEDUP)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="ask for N new tokens at most, as a client's max_tokens; each output still ends at "
+                        "its trace length, as at an end-of-sequence token, 1..2**24 (default: the trace length)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -473,6 +486,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rate must be a positive number, got {args.rate!r}")
     if args.requests < 1:
         raise ConfigError(f"--requests must be at least 1, got {args.requests}")
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= 1 << 24:
+        raise ConfigError(f"--max-new-tokens must be an integer in 1..2**24, got {args.max_new_tokens}")
     if not args.step_timeout > 0 or not math.isfinite(args.step_timeout):
         raise ConfigError(f"--step-timeout must be a positive number of seconds, got {args.step_timeout!r}")
     # The mock ranks read the same file (step-time model, KV capacity, report cadence), so a
@@ -529,9 +544,9 @@ def run(args: argparse.Namespace) -> int:
             if live_ok:
                 live, refresh = _live_view(tally, len(trace.requests), args.dp_size, args.speedup)
                 with live:
-                    ok = _replay(client, trace, tally, procs, refresh, args.drain_timeout)
+                    ok = _replay(client, trace, tally, procs, refresh, args.drain_timeout, args.max_new_tokens)
             else:
-                ok = _replay(client, trace, tally, procs, lambda: None, args.drain_timeout)
+                ok = _replay(client, trace, tally, procs, lambda: None, args.drain_timeout, args.max_new_tokens)
             wall = time.monotonic() - t0
         procs.stop()  # the barrier writes its counters as it stops
         s = summary(tally, trace, args, chain, ceiling, wall, _read_json(stats_file))

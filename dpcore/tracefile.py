@@ -5,40 +5,78 @@ Both ``dpcore serve --record`` and ``dpcore trace convert`` write Mooncake-style
     {"timestamp": ms, "input_length": n, "output_length": m, "hash_ids": [...], "block_size": bs}
 
 :class:`Salted` turns dpcore block hashes (:func:`dpcore.hashing.block_hashes`) into the ids
-written: a keyed BLAKE2b with a salt drawn per recording, so equal prefixes keep equal ids
-within one file set while nobody can hash a known prompt and look for it. A prompt gets
-``ceil(n / block_size)`` ids, as the format wants: the partial last block, and any block past
-what the sender hashed, get ids of their own that match nothing.
+written: a keyed pseudo-random function with a key drawn per recording, so equal prefixes
+keep equal ids within one file set while nobody can hash a known prompt and look for it. A
+prompt gets ``ceil(n / block_size)`` ids, as the format wants: the partial last block, and
+any block past what the sender hashed, get ids of their own that match nothing.
+
+The function is SipHash-2-4 (a keyed hash made for short inputs such as one 64-bit block
+hash), computed for a whole batch at once with numpy when it is installed; without numpy it
+is keyed BLAKE2b, one call per distinct block. Ids are only ever compared within one
+recording, and a recording keeps one function (:attr:`Salted.kind`, chosen when it starts).
+Every id has exactly :data:`ID_DIGITS` decimal digits, so a batch's ids are formatted as one
+block of fixed-width text (:meth:`Salted.salt_text`) and cut per line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from hashlib import blake2b
+from typing import Any
 
-_MASK = (1 << 63) - 1
-#: Salted ids remembered, so a prefix shared by many requests is hashed once; cleared when full.
+#: Decimal digits of every id: ids are in [10**17, 10**18), below 2**63 like the hashes.
+ID_DIGITS = 18
+#: Bytes per id in :meth:`Salted.salt_text`: its digits and ``", "``.
+ID_TEXT = ID_DIGITS + 2
+_ID_LOW = 10 ** (ID_DIGITS - 1)
+_ID_SPAN = 9 * _ID_LOW
+#: Salted ids remembered by the BLAKE2b function, so a shared prefix is hashed once; cleared when full.
 _CACHE = 1 << 20
+#: Block hashes salted per numpy call.
+_CHUNK = 8192
+#: The two ways of salting (:attr:`Salted.kind`).
+SIPHASH, BLAKE2B = "siphash", "blake2b"
+#: Tweak of the key for the ids of blocks the sender did not hash, so they match no block's id.
+_TAIL_TWEAK = 0x7461696C2D696473
+
+
+def default_kind() -> str:
+    """:data:`SIPHASH` when numpy is installed, else :data:`BLAKE2B`."""
+    return SIPHASH if importlib.util.find_spec("numpy") is not None else BLAKE2B
 
 
 class Salted:
-    """Salted ids of block hashes, as the decimal text written to a trace line."""
+    """Salted ids of block hashes: ``salt(hashes)`` for many at once, ``ids(...)`` for one prompt.
 
-    def __init__(self, block_size: int, salt: bytes | None = None) -> None:
+    :param kind: :data:`SIPHASH` (needs numpy) or :data:`BLAKE2B`; default :func:`default_kind`.
+    """
+
+    def __init__(self, block_size: int, salt: bytes | None = None, kind: str | None = None) -> None:
         self.block_size = block_size
         self._salt = os.urandom(16) if salt is None else salt
-        self._ids: dict[int, str] = {}
+        self.kind = default_kind() if kind is None else kind
         self._tail = 0
+        self._ids: dict[int, int] = {}
+        if self.kind == SIPHASH:
+            import numpy as np
 
-    def ids(self, hashes: Sequence[int], n_tokens: int, *, known: bool = False) -> str:
-        """The comma-separated ids of a prompt of *n_tokens* whose whole blocks hash to
-        *hashes*; ``""`` (no prefix information) when there are none and the prompt was not
-        *known* (a sender that hashed nothing), or when there are more than
-        ``ceil(n_tokens / block_size)`` (they were made with a smaller block)."""
-        want = -(-n_tokens // self.block_size)
-        if (not hashes and not known) or len(hashes) > want:
-            return ""
+            self._np = np
+            k0 = int.from_bytes(self._salt[:8], "little")
+            k1 = int.from_bytes(self._salt[8:16], "little")
+            self._keys = (k0, k1)
+            self._tail_keys = (k0, k1 ^ _TAIL_TWEAK)
+        elif self.kind != BLAKE2B:
+            msg = f"salting must be {SIPHASH!r} or {BLAKE2B!r}, got {self.kind!r}"
+            raise ValueError(msg)
+
+    def salt(self, hashes: Sequence[int]) -> list[int]:
+        """The id of each block hash in *hashes* (63-bit integers)."""
+        if not hashes:
+            return []
+        if self.kind == SIPHASH:
+            return self._sip(self._keys, hashes).tolist()  # type: ignore[no-any-return]
         cache = self._ids
         out = []
         for h in hashes:
@@ -46,22 +84,156 @@ class Salted:
             if s is None:
                 if len(cache) >= _CACHE:
                     cache.clear()
-                s = cache[h] = _text(blake2b(h.to_bytes(8, "little"), key=self._salt, digest_size=8).digest())
+                s = cache[h] = _int(blake2b(h.to_bytes(8, "little"), key=self._salt, digest_size=8).digest())
             out.append(s)
-        for _ in range(want - len(hashes)):
-            self._tail += 1
-            tail = blake2b(self._tail.to_bytes(8, "little"), key=self._salt, digest_size=8, person=b"dpcore-tail")
-            out.append(_text(tail.digest()))
-        return ", ".join(out)
+        return out
+
+    def tails(self, n: int) -> list[int]:
+        """*n* ids that match no block and no other tail id (blocks the sender did not hash)."""
+        if n <= 0:
+            return []
+        first, self._tail = self._tail + 1, self._tail + n
+        if self.kind == SIPHASH:
+            return self._sip(self._tail_keys, range(first, first + n)).tolist()  # type: ignore[no-any-return]
+        return [
+            _int(blake2b(i.to_bytes(8, "little"), key=self._salt, digest_size=8, person=b"dpcore-tail").digest())
+            for i in range(first, first + n)
+        ]
+
+    def salt_text(self, hashes: Sequence[int]) -> bytes:
+        """The ids of *hashes* as text, :data:`ID_TEXT` bytes each (``"<18 digits>, "``)."""
+        if self.kind == SIPHASH and hashes:
+            return b"".join([_digits(self._np, c) for c in self._sip_chunks(self._keys, hashes)])
+        return "".join([f"{x}, " for x in self.salt(hashes)]).encode()
+
+    def tails_text(self, n: int) -> bytes:
+        """:meth:`tails` as text, like :meth:`salt_text`."""
+        if self.kind == SIPHASH and n > 0:
+            first, self._tail = self._tail + 1, self._tail + n
+            return b"".join([_digits(self._np, c) for c in self._sip_chunks(self._tail_keys, range(first, first + n))])
+        return "".join([f"{x}, " for x in self.tails(n)]).encode()
+
+    def _sip(self, keys: tuple[int, int], values: Any) -> Any:
+        return self._np.concatenate(list(self._sip_chunks(keys, values)))
+
+    def _sip_chunks(self, keys: tuple[int, int], values: Any) -> Iterator[Any]:
+        """The ids of *values* in slices that stay in the CPU's cache (a whole batch's would not)."""
+        np = self._np
+        m = np.arange(values.start, values.stop, dtype=np.uint64) if type(values) is range else np.array(values, np.uint64)
+        span, low = np.uint64(_ID_SPAN), np.uint64(_ID_LOW)
+        for i in range(0, len(m), _CHUNK):
+            out = siphash24(np, *keys, m[i : i + _CHUNK])
+            out %= span
+            out += low
+            yield out
+
+    def wanted(self, n_hashes: int, n_tokens: int, *, known: bool = False) -> int:
+        """How many ids a prompt of *n_tokens* with *n_hashes* sender hashes gets: ``0`` (no
+        prefix information) when there are none and the prompt was not *known* (a sender that
+        hashed nothing), or when there are more than ``ceil(n_tokens / block_size)`` (they were
+        made with a smaller block); else ``ceil(n_tokens / block_size)``."""
+        want = -(-n_tokens // self.block_size)
+        if (not n_hashes and not known) or n_hashes > want:
+            return 0
+        return want
+
+    def ids(self, hashes: Sequence[int], n_tokens: int, *, known: bool = False) -> list[int]:
+        """The ids of one prompt of *n_tokens* whose whole blocks hash to *hashes* (see :meth:`wanted`)."""
+        want = self.wanted(len(hashes), n_tokens, known=known)
+        if not want:
+            return []
+        return self.salt(hashes) + self.tails(want - len(hashes))
 
 
-def _text(digest: bytes) -> str:
-    return str(int.from_bytes(digest, "little") & _MASK)
+def siphash24(np: Any, k0: int, k1: int, m: Any) -> Any:
+    """SipHash-2-4 with key ``(k0, k1)`` of each 8-byte little-endian message in the uint64 array *m*."""
+    u = np.uint64
+    v0 = np.full(m.shape, k0 ^ 0x736F6D6570736575, u)
+    v1 = np.full(m.shape, k1 ^ 0x646F72616E646F6D, u)
+    v2 = np.full(m.shape, k0 ^ 0x6C7967656E657261, u)
+    v3 = np.full(m.shape, k1 ^ 0x7465646279746573, u)
+    tmp = np.empty_like(v0)
+    shl, shr, bor = np.left_shift, np.right_shift, np.bitwise_or
+    amounts = {b: (u(b), u(64 - b)) for b in (13, 16, 17, 21, 32)}
+
+    def rotl(x: Any, b: int) -> None:  # in place: no array is allocated per step
+        left, right = amounts[b]
+        shl(x, left, out=tmp)
+        shr(x, right, out=x)
+        bor(x, tmp, out=x)
+
+    def rounds(k: int) -> None:
+        nonlocal v0, v1, v2, v3  # updated in place; the names are only rebound to themselves
+        for _ in range(k):
+            v0 += v1
+            rotl(v1, 13)
+            v1 ^= v0
+            rotl(v0, 32)
+            v2 += v3
+            rotl(v3, 16)
+            v3 ^= v2
+            v0 += v3
+            rotl(v3, 21)
+            v3 ^= v0
+            v2 += v1
+            rotl(v1, 17)
+            v1 ^= v2
+            rotl(v2, 32)
+
+    # One 8-byte word of message, then the final word holding the length (8) in its top byte.
+    for word in (m, u(8 << 56)):
+        v3 ^= word
+        rounds(2)
+        v0 ^= word
+    v2 ^= u(0xFF)
+    rounds(4)
+    v0 ^= v1
+    v2 ^= v3
+    v0 ^= v2
+    return v0
 
 
-def line(timestamp_ms: float, input_length: int, output_length: int, ids: str, block_size: int) -> str:
-    """One trace line (with its newline); *ids* from :meth:`Salted.ids`."""
+def _int(digest: bytes) -> int:
+    return int.from_bytes(digest, "little") % _ID_SPAN + _ID_LOW
+
+
+_QUADS: list[Any] = []
+
+
+def _digits(np: Any, ids: Any) -> bytes:
+    """*ids* (uint64, each of :data:`ID_DIGITS` digits) as ``"<digits>, "`` text, all at once:
+    two digits and four groups of four each, looked up in a table of ``"0000"`` .. ``"9999"``."""
+    if not _QUADS:
+        _QUADS.append(np.frombuffer("".join(f"{i:04d}" for i in range(10_000)).encode(), dtype=np.uint32))
+    quads = _QUADS[0]
+    out = np.empty((len(ids), ID_TEXT // 4), dtype=np.uint32)  # 18 digits + ", " = 5 x 4 bytes
+    hi = (ids // np.uint64(10**9)).astype(np.uint32)  # the first 9 digits
+    lo = (ids % np.uint64(10**9)).astype(np.uint32)  # the last 9
+    # Bytes: [d d d d][d d d d][d d d d][d d d d][d d , ' ']: digits 1-4, 5-8, 9-12, 13-16, 17-18.
+    out[:, 0] = quads[hi // np.uint32(100_000)]
+    rest = hi % np.uint32(100_000)  # digits 5-9
+    out[:, 1] = quads[rest // np.uint32(10)]
+    mid = (rest % np.uint32(10)) * np.uint32(1000) + lo // np.uint32(1_000_000)  # digits 9-12
+    out[:, 2] = quads[mid]
+    low6 = lo % np.uint32(1_000_000)  # digits 13-18
+    out[:, 3] = quads[low6 // np.uint32(100)]
+    tail = quads[low6 % np.uint32(100)]  # "00dd": keep the last two digits, then ", "
+    out[:, 4] = (tail >> np.uint32(16)) | np.uint32(int.from_bytes(b"\0\0, ", "little"))
+    return out.tobytes()  # type: ignore[no-any-return]
+
+
+def line(
+    timestamp_ms: float, input_length: int, output_length: int, ids: str, block_size: int, output_from: str = ""
+) -> str:
+    """One trace line (with its newline); *ids*: the ids, comma-separated (:func:`ids_text`).
+    *output_from*: where ``output_length`` came from (``generated`` or ``budget``), written when given."""
+    tail = f', "output_from": "{output_from}"' if output_from else ""
     return (
         f'{{"timestamp": {timestamp_ms:.3f}, "input_length": {input_length}, "output_length": {output_length}, '
-        f'"hash_ids": [{ids}], "block_size": {block_size}}}\n'
+        f'"hash_ids": [{ids}], "block_size": {block_size}{tail}}}\n'
     )
+
+
+def ids_text(ids: Sequence[int]) -> str:
+    """*ids* as the inside of a trace line's ``hash_ids`` list."""
+    return ", ".join(map(str, ids))

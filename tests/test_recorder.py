@@ -4,6 +4,8 @@ through real processes (``dpcore demo --record`` then ``dpcore simulate``)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -92,7 +94,7 @@ def test_no_text_or_token_ids_are_written(tmp_path: Path) -> None:
     assert "secret" not in text
     assert not any(str(t) in text for t in (*tokens, *bh))
     rows = lines(tmp_path / "rec.jsonl")
-    assert all(set(r) == {"timestamp", "input_length", "output_length", "hash_ids", "block_size"} for r in rows)
+    assert all(set(r) == {"timestamp", "input_length", "output_length", "hash_ids", "block_size", "output_from"} for r in rows)
     assert rows[0]["hash_ids"] == rows[1]["hash_ids"] and rows[1]["output_length"] == 9
 
 
@@ -109,7 +111,7 @@ def test_size_rotation_keeps_n_files_each_a_trace(tmp_path: Path) -> None:
         for i in range(turn * 50, turn * 50 + 50):
             clock.t += 0.01
             batch.append((clock.t, {"n": 100 + i, "bh": block_hashes(list(range(i, i + 100)), 16)}))
-        w.write(batch)
+        w.add(*zip(*batch))
     w.close()
     files = sorted(tmp_path.glob("rec*.jsonl"))
     assert [f.name for f in files] == ["rec.1.jsonl", "rec.2.jsonl", "rec.jsonl"]
@@ -130,12 +132,12 @@ def test_time_rotation(tmp_path: Path) -> None:
     w = writer(tmp_path, clock, rotate_s=60)
     w.open(fresh=True)
     for i in range(4):
-        w.write([(clock.t, {"n": i + 1})])
+        w.add([clock.t], [{"n": i + 1}])
         clock.t += 40
     # Written at 0, 40 | 80, 120: a file 60 s old is rotated before the next write.
     assert w.rotations == 1
     clock.t += 500
-    w.write([])  # nothing to write: nothing rotates
+    w.add([], [])  # nothing to write: nothing rotates
     assert w.rotations == 1
     w.close()
     assert [r["input_length"] for r in lines(rotated_path(tmp_path / "rec.jsonl", 1))] == [1, 2]
@@ -151,6 +153,49 @@ def test_an_earlier_recording_is_moved_aside(tmp_path: Path) -> None:
     rec.close()
     assert (tmp_path / "rec.1.jsonl").read_text() == '{"old": 1}\n'
     assert len(lines(path)) == 1
+
+
+def test_output_lengths_are_what_the_ranks_generated_in_arrival_order(tmp_path: Path) -> None:
+    """A record waits for its request to end: the rank's count is written ("generated"); a
+    request that failed or was rejected, or whose rank did not count, gets its budget at once
+    ("budget"); one still running when the recording ends gets its budget too. Lines stay in
+    arrival order whatever order the requests end in."""
+    rec, clock = recorder(tmp_path)
+    for i, rid in enumerate(["a", "b", "c", "d", "e"]):
+        rec.offer(Request(rid, num_tokens=10 + i, max_new_tokens=100))
+        clock.t += 0.01
+    rec.offer(Request("b", num_tokens=20, max_new_tokens=100))  # the same id again (a retry)
+    rec.ended("c", 7)
+    rec.ended("b", 3)  # the first "b"
+    rec.ended("a", -1)  # its rank did not count (or it failed)
+    rec.ended("zz", 5)  # not recorded (sampled out, dropped): ignored
+    rec.ended("b", 0)  # the second "b": ended at once
+    rec.close()  # "d" and "e" never ended
+    rows = lines(tmp_path / "rec.jsonl")
+    assert [r["input_length"] for r in rows] == [10, 11, 12, 13, 14, 20]
+    assert [(r["output_length"], r["output_from"]) for r in rows] == [
+        (100, "budget"), (3, "generated"), (7, "generated"), (100, "budget"), (100, "budget"), (0, "generated"),
+    ]  # fmt: skip
+    assert rec.generated == 3 and rec.recorded == 6
+
+
+def test_a_held_record_leaves_after_hold_s_or_when_too_many_wait(tmp_path: Path) -> None:
+    clock = Clock()
+    w = writer(tmp_path, clock, hold_s=10.0, max_held=3)
+    w.open(fresh=True)
+    w.add([clock.t, clock.t + 1], [{"rid": "a", "n": 1, "mnt": 9}, {"rid": "b", "n": 2, "mnt": 9}], [("b", 4)])
+    assert (w.recorded, w.held) == (0, 2)  # "b" ended, but "a" arrived first and still runs
+    clock.t += 10.5
+    assert w.flush() is None  # "a" waited 10 s: written with its budget, then "b"
+    w.add([clock.t + i for i in range(5)], [{"rid": f"r{i}", "n": 3, "mnt": 9} for i in range(5)])
+    assert (w.recorded, w.held) == (4, 3)  # more than 3 waiting: the oldest left
+    w.add([], [], [("a", 8), ("r1", 8), ("r2", 1)])  # too late for "a" and "r1"; "r2" is next
+    w.close()
+    rows = lines(tmp_path / "rec.jsonl")
+    assert [(r["input_length"], r["output_length"], r["output_from"]) for r in rows] == [
+        (1, 9, "budget"), (2, 4, "generated"), (3, 9, "budget"), (3, 9, "budget"), (3, 1, "generated"),
+        (3, 9, "budget"), (3, 9, "budget"),
+    ]  # fmt: skip
 
 
 def test_sampling_is_by_request_id(tmp_path: Path) -> None:
@@ -176,7 +221,7 @@ def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
     for i in range(25):
         rec.offer(Request(f"r{i}", num_tokens=3))
     assert time.perf_counter() - t < 1.0
-    assert (rec.dropped, len(rec._queue)) == (15, 10)
+    assert (rec.dropped, rec.stats()["queued"]) == (15, 10)
     rec.close()
     assert rec.recorded == 10 and len(lines(tmp_path / "rec.jsonl")) == 10
 
@@ -218,7 +263,10 @@ def test_a_broken_pipe_is_counted_and_the_thread_restarts(tmp_path: Path) -> Non
     rec.offer(Request("a", num_tokens=4))
     wait_for(lambda: rec.recorded == 1)
     child = rec._child
-    child.stdin.close()  # type: ignore[union-attr]  # the pipe breaks while the process still runs
+    # The pipe breaks while the process still runs (stopped, so it cannot exit at the EOF
+    # first and be replaced before anything is written).
+    os.kill(child.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+    child.stdin.close()  # type: ignore[union-attr]
     rec.offer(Request("b", num_tokens=5))
     wait_for(lambda: thread.restarts == 1)
     assert rec.lost == 1 and thread.last_error.startswith("ValueError")
@@ -230,8 +278,6 @@ def test_a_broken_pipe_is_counted_and_the_thread_restarts(tmp_path: Path) -> Non
 
 def test_the_writer_is_its_own_process(tmp_path: Path) -> None:
     """Salting and formatting run outside the controller's process (and its GIL)."""
-    import os
-
     rec, _ = recorder(tmp_path)
     rec.start()
     rec.offer(Request("a", num_tokens=3))
@@ -251,6 +297,8 @@ def test_the_writer_is_its_own_process(tmp_path: Path) -> None:
         ({"rotate_s": 0.5}, "--record-rotate-s"),
         ({"keep": -1}, "--record-keep"),
         ({"queue": 0}, "--record-queue"),
+        ({"hold_s": -1}, "--record-hold-s"),
+        ({"hold_s": 86_401}, "--record-hold-s"),
     ],
 )
 def test_bad_settings_name_the_flag_and_range(tmp_path: Path, kw: dict, flag: str) -> None:
@@ -286,21 +334,26 @@ def test_trace_reader_checks_the_block_size_field(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_a_recorded_demo_run_replays_in_simulate(tmp_path: Path) -> None:
     """Real processes: ``dpcore demo`` (controller, barrier, mock ranks) recording through
-    ``serve --record``, then ``dpcore simulate`` on the file. The arrivals (in the demo's wall
-    time), the lengths and the prefix structure of what the demo sent come back."""
-    n, speedup = 40, 20
+    ``serve --record``, then ``dpcore simulate`` on the file. The demo asks every request for
+    a budget of 5,000 new tokens and its ranks stop each output at the trace's length (an
+    end-of-sequence): the arrivals (in the demo's wall time), the lengths the ranks really
+    generated and the prefix structure of what the demo sent come back."""
+    n, speedup, budget = 40, 20, 5000
     rec_path = tmp_path / "demo.jsonl"
     demo = subprocess.run(
-        [*DPCORE, "demo", "--no-live", "--requests", str(n), "--speedup", str(speedup), "--record", str(rec_path)],
+        [*DPCORE, "demo", "--no-live", "--requests", str(n), "--speedup", str(speedup), "--record", str(rec_path),
+         "--max-new-tokens", str(budget)],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert demo.returncode == 0, demo.stdout + demo.stderr
     sent = read_trace(sample_trace(), time_scale=speedup * 0.25, limit=n).requests
+    assert all(s.output_length < budget for s in sent)
     got = read_trace(rec_path, ticks="burst")
     # The demo's warm-up requests (one per rank, 1 token) come first.
     replay = [r for r in got.requests if r.input_length > 1 or r.hash_ids]
     assert len(replay) == n and got.block_size == 512
     assert [(r.input_length, r.output_length) for r in replay] == [(r.input_length, r.output_length) for r in sent]
+    assert {r["output_from"] for r in lines(rec_path)} == {"generated"}
     t0 = replay[0].arrival
     assert max(abs((r.arrival - t0) - s.arrival) for r, s in zip(replay, sent)) < 0.5
     ids: dict[int, int] = {}
@@ -325,8 +378,6 @@ def test_serve_records_http_traffic_without_its_text(tmp_path: Path) -> None:
     """``dpcore serve --record`` with the HTTP front and a mock rank, real processes: the
     chats' text appears nowhere in the recording, their shared system prompt does as equal ids,
     and serve's last line counts what it recorded."""
-    import signal
-
     import httpx
 
     eps_file, rec_path = tmp_path / "eps.json", tmp_path / "traffic.jsonl"

@@ -2,14 +2,15 @@
 
 Each request the controller receives becomes one Mooncake-style JSON line::
 
-    {"timestamp": 1234.567, "input_length": 700, "output_length": 128,
-     "hash_ids": [..11 ids..], "block_size": 64}
+    {"timestamp": 1234.567, "input_length": 700, "output_length": 93,
+     "hash_ids": [..11 ids..], "block_size": 64, "output_from": "generated"}
 
 * ``timestamp``: milliseconds since the recording started (arrival at the controller).
-* ``input_length``: the prompt's tokens; ``output_length``: the request's ``max_new_tokens``
-  (the controller never sees outputs, so this is the requested budget, ``0`` when the
-  sender gave none; the simulator then decodes one token).
-* ``hash_ids``: the sender's block hashes, salted (:class:`dpcore.tracefile.Salted`, one salt
+* ``input_length``: the prompt's tokens.
+* ``output_length``: the tokens the rank generated, when its load report said so
+  (``output_from: "generated"``); else the request's ``max_new_tokens`` (``"budget"``, ``0``
+  when the sender gave none; the simulator then decodes one token).
+* ``hash_ids``: the sender's block hashes, salted (:class:`dpcore.tracefile.Salted`, one key
   per recording, kept across rotations): equal prefixes keep equal ids, but the ids cannot be
   matched against hashes of known prompts. A request sent without block hashes is written
   with ``[]``: the simulator treats it as sharing no prefix.
@@ -17,123 +18,83 @@ Each request the controller receives becomes one Mooncake-style JSON line::
 
 No prompt text or token id is ever written.
 
-The controller's loop only appends a small tuple (arrival time, the request's header frame
-as received) to a bounded deque (:meth:`Recorder.offer`); a full deque drops the record and
-counts it, never blocking. Batches are packed on the loop's thread and written by a
-supervised thread (:mod:`dpcore.runtime.supervise`) to a writer process
-(:mod:`dpcore.runtime.tracewriter`), which decodes, salts, formats, writes and rotates: that
-work never holds the controller's interpreter lock. A writer process that dies is started
-again (same salt and time origin); what it had not written is counted as lost.
-A file that has reached ``max_bytes`` or is ``rotate_s`` old is rotated before the
-next write (an empty one never is), keeping ``keep`` old files (``PATH`` stays the newest;
-``name.1.jsonl`` is the one before it). Sampling (``sample < 1``) keeps a request when a hash
-of its id falls under the rate, so a retried id is kept or dropped alike.
+On the controller's loop, :meth:`Recorder.offer` appends the arrival time and the request's
+header frame as received (a reference, nothing is encoded) to a bounded batch; a full queue
+drops the record and counts it, never blocking. :meth:`Recorder.ended` appends a request id
+and its output tokens when a rank reports it done (or the controller fails or rejects it).
+Every :data:`PACK_EVERY` requests, or once the oldest has waited :data:`FLUSH_S`, the batch
+becomes one frame by joining those bytes; a supervised thread (:mod:`dpcore.runtime.supervise`)
+writes it to a writer process (:mod:`dpcore.runtime.tracewriter`), which decodes, joins,
+salts, formats, writes and rotates: that work never holds the controller's interpreter lock.
+A writer process that dies is started again (same salt and time origin); what it had not
+written is counted as lost. Sampling (``sample < 1``) keeps a request when a hash of its id
+falls under the rate, so a retried id is kept or dropped alike.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import select
 import subprocess
 import sys
 import threading
 import time
 import zlib
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import structlog
-from attrs import field, frozen
-
 import msgpack
+import structlog
 
-from dpcore.errors import ConfigError
-from dpcore.hashing import DEFAULT_BLOCK_SIZE
+from dpcore import tracefile
 from dpcore.model import Request
 from dpcore.runtime import tracewriter
+from dpcore.runtime.recordconfig import RecordConfig, add_arguments, config_from_args
 from dpcore.runtime.supervise import Supervised
 
-#: Longest a queued request waits before it is handed to the writer process (seconds).
-FLUSH_S = 0.05
-#: Requests packed into one frame for the writer process.
-PACK_EVERY = 256
+__all__ = ["FLUSH_S", "PACK_EVERY", "RecordConfig", "Recorder", "add_arguments", "config_from_args", "from_args"]
+
+#: Longest a received request waits on the controller before it is handed to the writer (seconds).
+FLUSH_S = 0.1
+#: Requests packed into one frame for the writer process (fewer wakeups than one per request).
+PACK_EVERY = 1024
 _SAMPLE_SPACE = 1 << 32
-
-
-def _in_range(name: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False) -> Any:
-    """An attrs validator: *name* is a number in [lo, hi] (``(lo, hi]`` when *lo_open*)."""
-
-    def check(_inst: object, _attr: object, value: Any) -> None:
-        kind_ok = type(value) is int if integer else type(value) in (int, float) and math.isfinite(value)
-        low_ok = value > lo if lo_open else value >= lo
-        if not kind_ok or not low_ok or value > hi:
-            left = "(" if lo_open else "["
-            what = "an integer" if integer else "a number"
-            raise ConfigError(f"{name} must be {what} in {left}{lo:g}, {hi:g}], got {value!r}")
-
-    return check
-
-
-@frozen
-class RecordConfig:
-    """Where and how much to record; every field is checked when built.
-
-    :ivar path: The newest file; rotated ones sit next to it.
-    :ivar block_size: Tokens per block hash the senders use (1..2**20; the client SDK and
-        the HTTP front default to 64).
-    :ivar sample: Fraction of requests recorded, in (0, 1].
-    :ivar max_bytes: Rotate when the file reaches this size (4096..2**50).
-    :ivar rotate_s: Rotate when the file is this old, in seconds (0: never; else 1..2**31).
-    :ivar keep: Rotated files kept (0..10,000); older ones are deleted.
-    :ivar queue: Records waiting for the writer before new ones are dropped (1..2**24).
-    """
-
-    path: str
-    block_size: int = field(default=DEFAULT_BLOCK_SIZE, validator=_in_range("--record-block-size", 1, 1 << 20, integer=True))
-    sample: float = field(default=1.0, validator=_in_range("--record-sample", 0, 1, lo_open=True))
-    max_bytes: int = field(default=1 << 30, validator=_in_range("--record-max-bytes", 4096, 1 << 50, integer=True))
-    rotate_s: float = field(default=0.0, validator=_in_range("--record-rotate-s", 0, 1 << 31))
-    keep: int = field(default=10, validator=_in_range("--record-keep", 0, 10_000, integer=True))
-    queue: int = field(default=1 << 16, validator=_in_range("--record-queue", 1, 1 << 24, integer=True))
-
-    def __attrs_post_init__(self) -> None:
-        if 0 < self.rotate_s < 1:
-            raise ConfigError(f"--record-rotate-s must be 0 (off) or at least 1, got {self.rotate_s!r}")
-        parent = Path(self.path).resolve().parent
-        if not parent.is_dir():
-            raise ConfigError(f"--record {self.path}: directory {parent} does not exist")
-        if Path(self.path).is_dir():
-            raise ConfigError(f"--record {self.path}: is a directory; give a file path")
 
 
 class Recorder:
     """Records requests offered on the controller's loop, through a writer process.
 
-    The loop appends to a deque; every :data:`PACK_EVERY` requests (and, when the loop is
-    idle, once every :data:`FLUSH_S` through :meth:`attach`'s ``call_soon``) the queued
-    requests are packed into one msgpack frame on the loop's own thread. A supervised thread
-    only moves those frames into the writer process's pipe (a blocking write, which releases
-    the interpreter lock) and starts the writer again if it died. So no second thread competes
-    with the loop for the interpreter lock.
+    Batches are packed on the loop's own thread (when :meth:`offer` fills one or finds it
+    old, or through :meth:`attach`'s ``call_soon`` when traffic stops). A supervised thread
+    only moves the packed frames into the writer process's pipe (a blocking write, which
+    releases the interpreter lock) and starts the writer again if it died, so it wakes once a
+    batch, not once a request.
 
     Counters (read by metrics and the final report): ``sampled_out``, ``dropped`` (the queue
-    was full), ``recorded`` and ``rotations`` (as the writer reports them), ``lost`` (handed to
-    a writer that died before writing them).
+    was full), ``recorded``, ``rotations``, ``generated`` (lines with the real output length)
+    and ``held`` (waiting for their request to end), as the writer reports them, and ``lost``
+    (handed to a writer that died before writing them).
     """
 
     def __init__(self, config: RecordConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self._queue: deque[tuple[float, Any]] = deque()
+        self._hdrs: list[Any] = []
+        self._times = array("d")
+        self._ends: list[tuple[str, int]] = []
         self._cap = config.queue
         self._threshold = min(int(config.sample * _SAMPLE_SPACE), _SAMPLE_SPACE)
         self._salt = os.urandom(16)
+        self._kind = tracefile.default_kind()
         self._t0 = clock()
         self._stop = threading.Event()
         self._ready = threading.Event()
-        self._pack_lock = threading.Lock()
+        # Taken by both threads only when there is no call_soon (packing may then run on
+        # the writer thread); uncontended, it costs a fraction of a microsecond.
+        self._lock = threading.Lock()
         self._frames: deque[tuple[bytes, int]] = deque()
         self._call_soon: Callable[[Callable[[], None]], None] | None = None
         self._packed = 0  # records packed into frames (the packing thread's count)
@@ -149,8 +110,8 @@ class Recorder:
         self.sampled_out = 0
         self.dropped = 0
         # Written by the writer thread only: totals of earlier writer processes + the current one's.
-        self._done = [0, 0]  # recorded, rotations
-        self._current = [0, 0]
+        self._done = [0, 0, 0]  # recorded, rotations, generated
+        self._current = [0, 0, 0, 0]  # and held
         self.lost = 0
 
     @property
@@ -161,48 +122,86 @@ class Recorder:
     def rotations(self) -> int:
         return self._done[1] + self._current[1]
 
+    @property
+    def generated(self) -> int:
+        return self._done[2] + self._current[2]
+
     # ------------------------------------------------------------------ the loop's side
 
     def attach(self, call_soon: Callable[[Callable[[], None]], None]) -> None:
         """Pack on the controller's loop: *call_soon* runs a function there (``Controller.call_soon``)."""
         self._call_soon = call_soon
 
+    def install(self, controller: Any) -> None:
+        """Record what *controller* (a :class:`~dpcore.runtime.controller.Controller`) receives,
+        and when each request ends."""
+        self.attach(controller.call_soon)
+        controller.placer.record = self.offer
+        if self.config.hold_s > 0:
+            controller.placer.record_end = controller.inflight.ended = self.ended
+
     def offer(self, request: Any, header: Any = None) -> None:
         """Queue *request* (a :class:`dpcore.Request`) for the writer; never blocks.
 
         *header*: the request's wire header frame as received (bytes or a zmq frame), when
-        there is one: it is queued as it is and decoded by the writer process, so the loop
-        copies and converts nothing.
+        there is one: the frame is kept as it is and its bytes joined into the batch, so the
+        loop copies and converts nothing per request.
         """
         if self._threshold < _SAMPLE_SPACE and zlib.crc32(request.rid.encode()) >= self._threshold:
             self.sampled_out += 1
             return
-        q = self._queue
-        if len(q) + self._packed - self._written >= self._cap:
+        if self._call_soon is None:
+            with self._lock:
+                self._offer(request, header)
+        else:
+            self._offer(request, header)
+
+    def _offer(self, request: Any, header: Any) -> None:
+        hdrs = self._hdrs
+        if len(hdrs) + self._packed - self._written >= self._cap:
             self.dropped += 1
             return
-        q.append((self.clock(), request if header is None else header))
-        if len(q) >= PACK_EVERY:
-            self.pack()
+        t = self.clock()
+        times = self._times
+        times.append(t)
+        hdrs.append(_header(request) if header is None else header)
+        if len(hdrs) >= PACK_EVERY or t - times[0] >= FLUSH_S:
+            self._pack()
+
+    def ended(self, rid: str, output_tokens: int = -1) -> None:
+        """Request *rid* ended with *output_tokens* generated (``-1``: not known); on the loop."""
+        if self._call_soon is None:
+            with self._lock:
+                self._ends.append((rid, output_tokens))
+        else:
+            self._ends.append((rid, output_tokens))
 
     def pack(self) -> None:
-        """Pack what is queued into one frame for the writer thread (on the loop's thread)."""
+        """Pack what is queued into one frame for the writer thread."""
         self._pack_asked = False
-        with self._pack_lock:
-            q = self._queue
-            n = len(q)
-            if not n:
-                return
-            popleft = q.popleft
-            data = tracewriter.frame([(t, _header(x)) for t, x in (popleft() for _ in range(n))])
-            self._frames.append((data, n))
-            self._packed += n
+        with self._lock:
+            self._pack()
+
+    def _pack(self) -> None:
+        hdrs, ends = self._hdrs, self._ends
+        if not hdrs and not ends:
+            return
+        times = self._times
+        self._hdrs, self._times, self._ends = [], array("d"), []
+        self._frames.append((tracewriter.batch_body(times, hdrs, ends), len(hdrs)))
+        self._packed += len(hdrs)
         self._ready.set()
 
     # ------------------------------------------------------------------ the writer thread
 
-    def start(self) -> Supervised:
-        """Start the writer process and the supervised thread (``dpcore-recorder``) feeding it."""
+    def start(self, ready_timeout_s: float = 30.0) -> Supervised:
+        """Start the writer process, wait until it has opened the file (so its start-up is
+        not paid while requests flow), and start the supervised thread (``dpcore-recorder``)."""
+        self._spawn()
+        if select.select([self._child.stdout], [], [], ready_timeout_s)[0]:  # type: ignore[union-attr]
+            self._read_status()
+        else:
+            self.log.warning("record_writer_slow_to_start", waited_s=ready_timeout_s)
         self.thread = Supervised("dpcore-recorder", self._run, self._stop).start()
         return self.thread
 
@@ -226,8 +225,8 @@ class Recorder:
             self._ready.wait(FLUSH_S)
             self._ready.clear()
             stopping = self._stop.is_set()
-            if self._queue and not self._frames and not stopping:
-                # Quiet traffic: fewer than PACK_EVERY requests since the last frame.
+            if (self._hdrs or self._ends) and not self._frames and not stopping:
+                # Quiet traffic: nothing arrived to pack the last requests (or completions).
                 call_soon = self._call_soon
                 if call_soon is None:
                     self.pack()
@@ -246,6 +245,7 @@ class Recorder:
         while frames:
             data, n = frames[0]
             try:
+                self._child.stdin.write(len(data).to_bytes(tracewriter.PREFIX, "little"))  # type: ignore[union-attr]
                 self._child.stdin.write(data)  # type: ignore[union-attr]
                 self._child.stdin.flush()  # type: ignore[union-attr]
             except BaseException:
@@ -272,8 +272,8 @@ class Recorder:
         self._status = lines[-1]
         for line in reversed(lines[:-1]):
             parts = line.split()
-            if len(parts) == 2:
-                self._current = [int(parts[0]), int(parts[1])]
+            if len(parts) == 4:
+                self._current = [int(x) for x in parts]
                 return
 
     def _spawn(self) -> None:
@@ -285,8 +285,8 @@ class Recorder:
         )
         os.set_blocking(self._child.stdout.fileno(), False)  # type: ignore[union-attr]
         settings = {"path": str(Path(cfg.path).resolve()), "block_size": cfg.block_size, "max_bytes": cfg.max_bytes,
-                    "rotate_s": cfg.rotate_s, "keep": cfg.keep, "salt": self._salt, "t0": self._t0,
-                    "fresh": self._spawns == 0}  # fmt: skip
+                    "rotate_s": cfg.rotate_s, "keep": cfg.keep, "salt": self._salt, "kind": self._kind, "t0": self._t0,
+                    "hold_s": cfg.hold_s, "max_held": cfg.queue, "fresh": self._spawns == 0}  # fmt: skip
         self._spawns += 1
         self._child.stdin.write(tracewriter.frame(settings))  # type: ignore[union-attr]
         self._child.stdin.flush()  # type: ignore[union-attr]
@@ -311,8 +311,8 @@ class Recorder:
         if child.returncode:
             self.log.error("record_writer_exited", status=child.returncode, pid=child.pid)
         self.lost += max(self._handed - self._current[0], 0)
-        self._done = [self._done[0] + self._current[0], self._done[1] + self._current[1]]
-        self._current = [0, 0]
+        self._done = [d + c for d, c in zip(self._done, self._current)]
+        self._current = [0, 0, 0, 0]
         self._handed = 0
         self._status = b""
 
@@ -321,25 +321,28 @@ class Recorder:
     def stats(self) -> dict[str, Any]:
         return {
             "path": self.config.path,
-            "offered": self.sampled_out + self.dropped + len(self._queue) + self._packed,
+            "offered": self.sampled_out + self.dropped + len(self._hdrs) + self._packed,
             "recorded": self.recorded,
+            "generated": self.generated,
+            "held": self._current[3],
             "sampled_out": self.sampled_out,
             "dropped": self.dropped,
             "lost": self.lost,
-            "queued": len(self._queue) + self._packed - self._written,
+            "queued": len(self._hdrs) + self._packed - self._written,
             "rotations": self.rotations,
         }
 
     def describe(self) -> dict[str, Any]:
         cfg = self.config
         return {"path": cfg.path, "block_size": cfg.block_size, "sample": cfg.sample, "max_bytes": cfg.max_bytes,
-                "rotate_s": cfg.rotate_s, "keep": cfg.keep}  # fmt: skip
+                "rotate_s": cfg.rotate_s, "keep": cfg.keep, "hold_s": cfg.hold_s}  # fmt: skip
 
     def summary(self) -> str:
         """One line for the end of ``dpcore serve``."""
         s = self.stats()
         return (
-            f"recorded {s['recorded']} of {s['offered']} requests to {s['path']} ({s['rotations']} rotations); "
+            f"recorded {s['recorded']} of {s['offered']} requests to {s['path']} ({s['rotations']} rotations, "
+            f"{s['generated']} with the output length generated); "
             f"sampled out {s['sampled_out']}, dropped (queue full) {s['dropped']}, lost (write failed) {s['lost']}"
         )
 
@@ -361,18 +364,21 @@ class Recorder:
                     "dpcore_record_dropped", "Requests not recorded because the writer's queue was full", value=s["dropped"]
                 )
                 yield CounterMetricFamily("dpcore_record_lost", "Queued records lost to a failed write", value=s["lost"])
+                yield CounterMetricFamily(
+                    "dpcore_record_generated", "Requests written with the output tokens their rank generated",
+                    value=s["generated"],
+                )
+                yield GaugeMetricFamily("dpcore_record_held", "Records waiting for their request to end", value=s["held"])
                 yield CounterMetricFamily("dpcore_record_rotations", "Recording files rotated", value=s["rotations"])
                 yield GaugeMetricFamily("dpcore_record_queued", "Records waiting for the writer", value=s["queued"])
 
         return RecorderCollector()
 
 
-def _header(x: Any) -> Any:
-    """What the writer process gets for a queued item: the wire header's bytes, as received
-    or (for a :class:`~dpcore.model.Request` offered without one) encoded here."""
-    if type(x) is Request:
-        return msgpack.packb({"n": x.num_tokens, "bh": x.block_hashes, "mnt": x.max_new_tokens})
-    return memoryview(x)
+def _header(request: Request) -> bytes:
+    """The writer's fields of a request offered without its wire header (the SGLang adapter)."""
+    return msgpack.packb({"rid": request.rid, "n": request.num_tokens, "bh": request.block_hashes,
+                          "mnt": request.max_new_tokens})  # fmt: skip
 
 
 def from_args(args: Any) -> Recorder | None:
@@ -380,36 +386,3 @@ def from_args(args: Any) -> Recorder | None:
     if not getattr(args, "record", None):
         return None
     return Recorder(config_from_args(args))
-
-
-def config_from_args(args: Any) -> RecordConfig:
-    return RecordConfig(
-        path=args.record,
-        block_size=args.record_block_size,
-        sample=args.record_sample,
-        max_bytes=args.record_max_bytes,
-        rotate_s=args.record_rotate_s,
-        keep=args.record_keep,
-        queue=args.record_queue,
-    )
-
-
-def add_arguments(p: Any) -> None:
-    """``dpcore serve``'s recording flags."""
-    g = p.add_argument_group("recording (a trace dpcore simulate replays; no prompt text is written)")
-    g.add_argument("--record", default=None, metavar="PATH",
-                   help="record every request's arrival, lengths and salted block hashes to PATH (JSONL)")  # fmt: skip
-    g.add_argument("--record-block-size", type=int, default=DEFAULT_BLOCK_SIZE, metavar="N",
-                   help="tokens per block hash the senders use, 1..2**20 (default %(default)d, the SDK's and "
-                        "the HTTP front's)")  # fmt: skip
-    g.add_argument("--record-sample", type=float, default=1.0, metavar="X",
-                   help="fraction of requests recorded, in (0, 1], chosen by request id (default 1)")  # fmt: skip
-    g.add_argument("--record-max-bytes", type=int, default=1 << 30, metavar="N",
-                   help="rotate the file at N bytes, 4096..2**50 (default 1 GiB)")  # fmt: skip
-    g.add_argument("--record-rotate-s", type=float, default=0.0, metavar="S",
-                   help="also rotate the file every S seconds, 0 (off) or >= 1 (default 0)")  # fmt: skip
-    g.add_argument("--record-keep", type=int, default=10, metavar="N",
-                   help="rotated files kept next to PATH (name.1.jsonl is the newest), 0..10000 (default 10)")  # fmt: skip
-    g.add_argument("--record-queue", type=int, default=1 << 16, metavar="N",
-                   help="records waiting for the writer before new ones are dropped and counted, 1..2**24 "
-                        "(default 65536)")  # fmt: skip

@@ -306,8 +306,7 @@ def run(args: argparse.Namespace, manager: Any) -> int:
         c = controller
         if rec is not None:
             threads.append(rec.start())
-            rec.attach(controller.call_soon)
-            controller.placer.record = rec.offer
+            rec.install(controller)
             log.info("recording", **rec.describe())
         if run_dir is not None:
             run_dir.own(controller.endpoints.to_dict()["dispatch"] + [controller.endpoints.ingress,

@@ -1,27 +1,41 @@
-"""The recording's writer process: salts, formats, writes and rotates trace files.
+"""The recording's writer process: joins completions, salts, formats, writes and rotates.
 
 ``dpcore serve --record`` starts it (``python -m dpcore.runtime.tracewriter``) so that the
 CPU spent on salting block hashes and formatting JSON never holds the controller's GIL. The
 controller sends it length-prefixed msgpack frames on its stdin: first the settings (with
 the recording's salt and time origin, so a restarted writer continues the same recording),
-then batches of ``[arrival, request header]`` (the wire header as the controller received
-it: only ``n``, ``bh`` and ``mnt`` are read, never the request id or reply endpoint, and
-nothing but lengths and salted ids is written). After each batch it
-prints ``recorded rotations`` on stdout. It ends when its stdin closes (also when the
-controller dies), ignores Ctrl-C, so the controller's last batch still gets written, and runs
-at a lower CPU priority (:data:`NICE`) than the controller.
+then batches ``[arrival times, request headers, completions]``:
+
+* arrival times: native float64s, one per header;
+* request headers: the wire headers as the controller received them (only ``rid``, ``n``,
+  ``bh`` and ``mnt`` are read; the request id only to join a completion, never written);
+* completions: ``[rid, output tokens]`` pairs (``-1``: the rank did not say), for requests
+  that ended.
+
+A request is held until its completion arrives, so its line carries the number of tokens the
+rank generated (``"output_from": "generated"``). Lines are written in arrival order (what
+``dpcore simulate`` reads), so a request also leaves when it has waited ``hold_s`` or when
+more than ``max_held`` are waiting; it is then written with its ``max_new_tokens``
+(``"output_from": "budget"``), as is one whose rank did not count its output. When it is
+ready, and after each batch, the process prints ``recorded rotations generated held`` on stdout. It ends when its
+stdin closes (also when the controller dies), writing what it holds; it ignores Ctrl-C, so
+the controller's last batch still gets written, and runs at a lower CPU priority
+(:data:`NICE`) than the controller.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any
 
 import msgpack
 
@@ -33,6 +47,7 @@ PREFIX = 4
 NICE = 10
 #: Largest frame the writer reads (a batch of the default 65,536 queued records fits).
 MAX_FRAME = 1 << 30
+GENERATED, BUDGET = "generated", "budget"
 
 
 def rotated_path(path: str | Path, n: int) -> Path:
@@ -42,10 +57,12 @@ def rotated_path(path: str | Path, n: int) -> Path:
 
 
 class TraceWriter:
-    """Writes batches of records to *path*, rotating it by size and age, keeping *keep* old files.
+    """Writes records to *path* in arrival order, rotating it by size and age, keeping *keep* old files.
 
     A file that has reached *max_bytes*, or is *rotate_s* old (0: never), is rotated before
     the next write, so *path* always holds the newest requests and an empty file never rotates.
+    Records wait for their completion up to *hold_s* seconds (0: not at all), at most
+    *max_held* of them.
     """
 
     def __init__(
@@ -57,7 +74,10 @@ class TraceWriter:
         rotate_s: float,
         keep: int,
         salt: bytes | None = None,
+        kind: str | None = None,
         t0: float = 0.0,
+        hold_s: float = 0.0,
+        max_held: int = 1 << 18,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
@@ -66,10 +86,17 @@ class TraceWriter:
         self.rotate_s = rotate_s
         self.keep = keep
         self.t0 = t0
+        self.hold_s = hold_s
+        self.max_held = max_held
         self.clock = clock
-        self.salted = tracefile.Salted(block_size, salt)
+        self.salted = tracefile.Salted(block_size, salt, kind)
         self.recorded = 0
         self.rotations = 0
+        self.generated = 0
+        # Held records, oldest first: [arrival, n, mnt, bh, output tokens or None, rid]; by rid
+        # too (a deque of them for an id sent again before it ended).
+        self._held: deque[list[Any]] = deque()
+        self._by_rid: dict[str, Any] = {}
         self._file: IO[str] | None = None
         self._bytes = 0
         self._opened = 0.0
@@ -84,17 +111,92 @@ class TraceWriter:
         self._bytes = self._file.tell()
         self._opened = self.clock()
 
-    def write(self, batch: Sequence[Sequence[Any]]) -> None:
-        """Write *batch*: ``(arrival, header)`` pairs, the header a request's msgpack wire
-        header (bytes) or its decoded mapping."""
-        if not batch:
-            return
-        bs, t0, ids, line = self.block_size, self.t0, self.salted.ids, tracefile.line
-        out = []
-        for t, raw in batch:
-            h = raw if isinstance(raw, Mapping) else msgpack.unpackb(raw)
-            n = h.get("n") or 0
-            out.append(line((t - t0) * 1000, n, h.get("mnt") or 0, ids(h.get("bh") or (), n), bs))
+    def add(self, times: Sequence[float], headers: Iterable[Any], ends: Iterable[Sequence[Any]] = ()) -> None:
+        """Take a batch: arrival *times* and decoded request *headers*, then completions
+        ``(rid, output tokens or -1)``; write what is ready."""
+        held, by_rid, hold = self._held, self._by_rid, self.hold_s > 0
+        for t, h in zip(times, headers):
+            rid = h.get("rid")
+            rec = [t, h.get("n") or 0, h.get("mnt") or 0, h.get("bh") or (), None, rid]
+            held.append(rec)
+            if hold:
+                prev = by_rid.get(rid)
+                if prev is None:
+                    by_rid[rid] = rec
+                elif type(prev) is deque:
+                    prev.append(rec)
+                else:
+                    by_rid[rid] = deque((prev, rec))  # a retried id: completions in order
+        for rid, out in ends:
+            rec = by_rid.pop(rid, None)
+            if type(rec) is deque:
+                first = rec.popleft()
+                if len(rec) == 1:
+                    by_rid[rid] = rec[0]
+                elif rec:
+                    by_rid[rid] = rec
+                rec = first
+            if rec is not None:
+                rec[4] = out if type(out) is int and out >= 0 else -1
+        self.flush(everything=not hold)
+
+    def flush(self, *, everything: bool = False) -> float | None:
+        """Write the held records that are ready (all when *everything*); returns when the
+        oldest still held must go (a monotonic time), or ``None``."""
+        held = self._held
+        ready = []
+        deadline = self.clock() - self.hold_s
+        while held and (everything or held[0][4] is not None or held[0][0] <= deadline or len(held) > self.max_held):
+            rec = held.popleft()
+            if rec[4] is None and not everything:
+                self._forget(rec)
+            ready.append(rec)
+        if ready:
+            self._write(ready)
+        if not held:
+            self._by_rid.clear()
+            return None
+        return held[0][0] + self.hold_s
+
+    def _forget(self, rec: list[Any]) -> None:
+        """*rec* leaves before its completion: a late completion must not match another record."""
+        rid = rec[5]
+        entry = self._by_rid.get(rid)
+        if entry is rec:
+            del self._by_rid[rid]
+        elif type(entry) is deque:
+            with contextlib.suppress(ValueError):
+                entry.remove(rec)
+            if len(entry) == 1:
+                self._by_rid[rid] = entry[0]
+
+    def _write(self, records: list[list[Any]]) -> None:
+        bs, t0, line, salted = self.block_size, self.t0, tracefile.line, self.salted
+        wants = [salted.wanted(len(r[3]), r[1]) for r in records]
+        # Every id of the batch as fixed-width text in two calls (block ids, then ids of
+        # blocks the sender did not hash), then cut per line.
+        ids = salted.salt_text([h for r, w in zip(records, wants) if w for h in r[3]])
+        tails = salted.tails_text(sum(w - len(r[3]) for r, w in zip(records, wants) if w))
+        w = tracefile.ID_TEXT
+        out, at, at_tail, generated = [], 0, 0, 0
+        for r, want in zip(records, wants):
+            t, n, mnt, bh, done, _rid = r
+            if want:
+                end = at + len(bh) * w
+                if want > len(bh):
+                    end_tail = at_tail + (want - len(bh)) * w
+                    text = (ids[at:end] + tails[at_tail:end_tail])[:-2].decode()
+                    at_tail = end_tail
+                else:
+                    text = ids[at : end - 2].decode()
+                at = end
+            else:
+                text = ""
+            if done is not None and done >= 0:
+                generated += 1
+                out.append(line((t - t0) * 1000, n, done, text, bs, GENERATED))
+            else:
+                out.append(line((t - t0) * 1000, n, mnt, text, bs, BUDGET))
         text = "".join(out)
         if self._file is None:
             self.open(fresh=False)
@@ -104,10 +206,17 @@ class TraceWriter:
             self._rotate()
         self._file.write(text)  # type: ignore[union-attr]
         self._file.flush()  # type: ignore[union-attr]
-        self.recorded += len(batch)
+        self.recorded += len(records)
+        self.generated += generated
         self._bytes += len(text)
 
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
     def close(self) -> None:
+        """Write everything held (with what is known) and close the file."""
+        self.flush(everything=True)
         f, self._file = self._file, None
         if f is not None:
             f.close()
@@ -125,7 +234,9 @@ class TraceWriter:
         Path(path).replace(rotated_path(path, 1))
 
     def _rotate(self) -> None:
-        self.close()
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
         self._shift()
         self.rotations += 1
         self.open(fresh=False)
@@ -137,19 +248,45 @@ def frame(obj: Any) -> bytes:
     return len(data).to_bytes(PREFIX, "little") + data
 
 
-def read_frame(stream: BinaryIO) -> Any:
-    """The next frame's object, or ``None`` at the end of *stream*."""
-    head = stream.read(PREFIX)
-    if len(head) < PREFIX:
-        return None
-    size = int.from_bytes(head, "little")
-    if size > MAX_FRAME:
-        msg = f"frame of {size} bytes, more than {MAX_FRAME}"
-        raise ValueError(msg)
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return msgpack.unpackb(data, use_list=False)
+def batch_body(times: array, headers: Sequence[Any], ends: list[tuple[str, int]]) -> bytes:
+    """A batch frame's msgpack body, spliced from the request headers' own bytes (no re-encoding).
+
+    *times*: ``array('d')`` of arrivals; *headers*: msgpack maps as bytes or buffers (zmq frames)."""
+    tb = times.tobytes()
+    n = len(headers)
+    return b"".join((b"\x93\xc6", len(tb).to_bytes(4, "big"), tb, b"\xdd", n.to_bytes(4, "big"), *headers,
+                     msgpack.packb(ends)))  # fmt: skip
+
+
+class FrameReader:
+    """Length-prefixed frames from a file descriptor, waiting with a timeout."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+        self.eof = False
+
+    def next(self, timeout_s: float | None) -> Any:
+        """The next frame's object; ``None`` when *timeout_s* passed first or at the end."""
+        while True:
+            buf = self.buf
+            if len(buf) >= PREFIX:
+                size = int.from_bytes(buf[:PREFIX], "little")
+                if size > MAX_FRAME:
+                    msg = f"frame of {size} bytes, more than {MAX_FRAME}"
+                    raise ValueError(msg)
+                if len(buf) >= PREFIX + size:
+                    obj = msgpack.unpackb(memoryview(buf)[PREFIX : PREFIX + size], use_list=False)
+                    del buf[: PREFIX + size]
+                    return obj
+            if self.eof:
+                return None
+            if timeout_s is not None and not select.select([self.fd], [], [], max(timeout_s, 0.0))[0]:
+                return None
+            data = os.read(self.fd, 1 << 20)
+            if not data:
+                self.eof = True
+            buf += data
 
 
 def main() -> int:
@@ -158,20 +295,31 @@ def main() -> int:
     # behind, the controller's queue fills, and records are dropped (and counted) instead.
     with contextlib.suppress(OSError):
         os.nice(NICE)
-    stdin = sys.stdin.buffer
-    cfg = read_frame(stdin)
+    frames = FrameReader(sys.stdin.fileno())
+    cfg = frames.next(None)
     if cfg is None:
         return 0
     w = TraceWriter(cfg["path"], block_size=cfg["block_size"], max_bytes=cfg["max_bytes"], rotate_s=cfg["rotate_s"],
-                    keep=cfg["keep"], salt=cfg["salt"], t0=cfg["t0"])  # fmt: skip
+                    keep=cfg["keep"], salt=cfg["salt"], kind=cfg["kind"], t0=cfg["t0"], hold_s=cfg["hold_s"],
+                    max_held=cfg["max_held"])  # fmt: skip
     w.open(fresh=cfg["fresh"])
     try:
         reporting = True
-        while (batch := read_frame(stdin)) is not None:
-            w.write(batch)
+        sys.stdout.write("0 0 0 0\n")  # ready
+        sys.stdout.flush()
+        due = None
+        while True:
+            batch = frames.next(None if due is None else due - time.monotonic())
+            if batch is not None:
+                times = array("d")
+                times.frombytes(batch[0])
+                w.add(times, batch[1], batch[2])
+            elif frames.eof:
+                break
+            due = w.flush()
             if reporting:
                 try:
-                    sys.stdout.write(f"{w.recorded} {w.rotations}\n")
+                    sys.stdout.write(f"{w.recorded} {w.rotations} {w.generated} {w.held}\n")
                     sys.stdout.flush()
                 except OSError:  # the controller is gone; what it sent is still written
                     reporting = False

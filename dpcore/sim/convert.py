@@ -211,14 +211,17 @@ def convert(
         raise TraceError("no requests found" + (" (no request.finished lines)" if fmt == "sglang-log" else ""), path=src)
     rows.sort(key=lambda r: r.arrival)  # a log is in finish order
     salted = tracefile.Salted(block_size)
+    # SGLang's log has the completion tokens; a prompt file only the requested budget.
+    output_from = "generated" if fmt == "sglang-log" else "budget"
     t0 = rows[0].arrival
     hashed = 0
     tmp = Path(f"{out}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
-            ids = salted.ids(block_hashes(r.token_ids, block_size), r.input_length, known=True) if r.token_ids else ""
+            ids = salted.ids(block_hashes(r.token_ids, block_size), r.input_length, known=True) if r.token_ids else []
+            text = tracefile.ids_text(ids)
             hashed += bool(ids)
-            f.write(tracefile.line((r.arrival - t0) * 1000, r.input_length, r.output_length, ids, block_size))
+            f.write(tracefile.line((r.arrival - t0) * 1000, r.input_length, r.output_length, text, block_size, output_from))
     tmp.replace(out)
     return {"requests": len(rows), "with_block_ids": hashed, "duration_s": rows[-1].arrival - t0}
 

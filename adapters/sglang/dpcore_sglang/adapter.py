@@ -349,7 +349,12 @@ def _recorder(config: AdapterConfig, block_size: int) -> Any:
         return None
     from dpcore.runtime.recorder import Recorder, RecordConfig
 
-    rec = Recorder(RecordConfig(path=config.record, block_size=block_size, sample=config.record_sample))
+    # SGLang's controller never learns how many tokens a request generated: the scheduler
+    # counts them (_GenerationStreamAccumulator.accept, completion_tokens, in
+    # sglang/srt/managers/scheduler_components/output_streamer.py) and sends them to the
+    # detokenizer; DataParallelController.refresh_load_budget reads only per-rank totals
+    # (LoadSnapshot, sglang/srt/managers/load_snapshot.py). So lines carry the budget at once.
+    rec = Recorder(RecordConfig(path=config.record, block_size=block_size, sample=config.record_sample, hold_s=0))
     rec.start()
     atexit.register(rec.close)
     log.info("dpcore recording requests to %s (block ids every %d tokens)", config.record, block_size)

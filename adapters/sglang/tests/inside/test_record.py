@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def test_the_adapter_records_a_replayable_trace(controller, tmp_path: Path, meth
     trace = read_trace(path, ticks="burst")
     assert trace.block_size == 64  # the adapter's block: whole pages of at least 64 tokens
     assert [(r.input_length, r.output_length) for r in trace.requests] == [(n, 16) for n in sizes]
+    # SGLang's controller never hears how long an output was: the budget, and the line says so.
+    assert {json.loads(x)["output_from"] for x in path.read_text().splitlines()} == {"budget"}
     a, b, c, d = (r.hash_ids for r in trace.requests)
     assert (len(a), len(b), len(d)) == (2, 5, 1)  # ceil(n / 64)
     assert a[0] == b[0] and b[:4] == c[:4] and d[0] != a[0]  # equal whole-block prefixes, equal ids

@@ -1,0 +1,39 @@
+"""Salted block ids (:mod:`dpcore.tracefile`): the keyed function, and what each kind keeps."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpcore import tracefile
+from dpcore.tracefile import BLAKE2B, SIPHASH, Salted
+
+np = pytest.importorskip("numpy")
+
+
+def test_siphash_matches_the_reference_vector() -> None:
+    """SipHash-2-4's published vector: key bytes 00..0f, message bytes 00..07."""
+    key = bytes(range(16))
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    m = np.array([int.from_bytes(bytes(range(8)), "little")], dtype=np.uint64)
+    assert int(tracefile.siphash24(np, k0, k1, m)[0]) == 0x93F5F5799A932462
+
+
+@pytest.mark.parametrize("kind", [SIPHASH, BLAKE2B])
+def test_ids_keep_prefixes_equal_and_hide_the_hashes(kind: str) -> None:
+    s = Salted(4, b"k" * 16, kind)
+    a, b = s.ids([11, 12, 13], 14), s.ids([11, 12, 99], 12)
+    assert len(a) == 4 and len(b) == 3  # ceil(n / 4): a partial last block gets its own id
+    assert a[:2] == b[:2] and a[2] != b[2]
+    assert len(set(a[3:] + s.tails(50))) == 51  # ids of unhashed blocks match nothing
+    assert all(0 <= x < 1 << 63 for x in a + b)
+    assert not {11, 12, 13, 99} & set(a + b)
+    assert Salted(4, b"j" * 16, kind).salt([11, 12]) != s.salt([11, 12])  # another recording, other ids
+    assert s.salt([11, 12, 13]) == Salted(4, b"k" * 16, kind).salt([11, 12, 13])  # a restarted writer: the same
+    assert s.ids([], 10) == [] and s.ids([], 10, known=True) != []
+    assert s.ids([1, 2, 3, 4], 8) == []  # more hashes than 4-token blocks: made with a smaller block
+
+
+def test_the_default_is_siphash_with_numpy_and_an_unknown_kind_is_refused() -> None:
+    assert tracefile.default_kind() == SIPHASH
+    with pytest.raises(ValueError, match="siphash"):
+        Salted(4, kind="md5")
