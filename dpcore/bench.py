@@ -417,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
                     idle = res.get("idle_cpu_percent")
                 progress.advance(task)
         progress.update(task, description="policy decisions")
-        costs = policy_costs(args.decisions, args.tokens)
+        costs = policy_costs(args.decisions, args.tokens, args.dp_size)
     med = {m: statistics.median(v) for m, v in runs.items()}
     med_cpu = {m: statistics.median(v) for m, v in cpu.items() if v}
     vs_pickle = med["dpcore"] / med["pickle"]
@@ -446,7 +446,10 @@ def run(args: argparse.Namespace) -> int:
             f"dpcore recording / not recording = {med[RECORD] / med['dpcore']:.3f}x msgs/s "
             f"(recording costs {100 * (1 - med[RECORD] / med['dpcore']):.1f}% of forwarding throughput)"
         )
-    pt = Table(title="policy decision cost through the hooks (select + dispatched, no sockets)")
+    pt = Table(
+        title=f"policy decision cost through the hooks (select + dispatched, no sockets), "
+        f"{args.dp_size} ranks, {args.tokens}-token prompts"
+    )
     pt.add_column("policy")
     pt.add_column("µs / decision", justify="right")
     for name, us in costs.items():
