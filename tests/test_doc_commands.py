@@ -58,6 +58,7 @@ BOUNDS = {
     "dpcore soak": {"--duration": "5"},
     "scripts/make_agent_trace.py": {"--requests": "300"},
     "scripts/cacheindex_memory.py": {"--blocks": "20000"},
+    "scripts/policy_decisions.py": {"--limit": "40", "--dp-size": "4"},
 }
 EXTRA_FLAGS = {"dpcore demo": ["--no-live"]}
 
