@@ -342,8 +342,9 @@ class CacheAwarePolicy:
         block_tokens = tokens / blocks if blocks else 0.0
         horizon_factor = self.memory_factor
         est_cached = self._est.cached
-        for i in range(n):
-            r = ranks[(start + i) % n]
+        # The ranks from this decision's turn on (ties go to the earliest in this order).
+        order = ranks[start:] + ranks[:start] if start else ranks
+        for r in order:
             wait = busy[r] - now
             d = depth.get(r, 0)
             uncertain = 0.0
@@ -376,8 +377,7 @@ class CacheAwarePolicy:
         best = -1
         best_duty = best_reqs = 0.0
         duties, duty_t, duty_window, exp = self._duty, self._duty_t, self.duty_window, math.exp
-        for i in range(n):
-            r = ranks[(start + i) % n]
+        for r in order:
             if costs[r] > limit:
                 continue
             # self._decayed(r, now), inlined
