@@ -32,6 +32,7 @@ from dpcore.sim.traces import Trace
 REPORT_TAKE, REPORT_DELIVER, OWN_KINDS = range(3)
 #: Per-rank samples of the load for the "load over time" plot.
 SERIES_POINTS = 400
+_heappush = heapq.heappush
 
 
 class Job:
@@ -162,6 +163,7 @@ class Replay:
         pop = heapq.heappop
         progress = self._progress
         every = max(n // 50, 1)
+        event, arrive = self._event, self._arrive
         ai = 0
         while True:
             next_arrival = arrivals[ai] if ai < n else math.inf
@@ -169,11 +171,11 @@ class Replay:
                 t, _, kind, ri, payload = pop(heap)
                 self.now = t
                 self._events += 1
-                if not self._event(kind, ri, payload, t):
+                if not event(kind, ri, payload, t):
                     continue
             elif ai < n:
                 self.now = next_arrival
-                ended = self._arrive(ai, next_arrival)
+                ended = arrive(ai, next_arrival)
                 ai += 1
                 if progress is not None and ai % every == 0:
                     progress(ai / n)
@@ -225,8 +227,8 @@ class Replay:
         return t_begin
 
     def _push(self, t: float, kind: int, rank: int, payload: Any) -> None:
-        self._counter += 1
-        heapq.heappush(self._heap, (t, self._counter, kind, rank, payload))
+        self._counter = c = self._counter + 1
+        _heappush(self._heap, (t, c, kind, rank, payload))
 
     def _queue(self, i: int, now: float) -> RankState | None:
         """Route arrival *i* and queue it at its rank; the rank, or ``None`` when the request
