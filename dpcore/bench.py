@@ -208,6 +208,31 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of *pid* (Linux /proc; the recording's writer process)."""
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _settled_cpu(pids: list[int], quiet_s: float = 0.3, limit_s: float = 20.0) -> float:
+    """CPU seconds of *pids* once they stop using CPU (a writer still catching up finishes first)."""
+    total = sum(_cpu_seconds(p) or 0.0 for p in pids)
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        time.sleep(quiet_s)
+        now = sum(_cpu_seconds(p) or 0.0 for p in pids)
+        if now == total:
+            break
+        total = now
+    return total
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -252,6 +277,8 @@ def forward_once(
                 raise RuntimeError("bench: a receiver did not start")
         time.sleep(0.3)  # let every connection finish its handshake
         cpu0 = _cpu_seconds(router.pid)  # type: ignore[arg-type]
+        writers = _children(router.pid) if mode == RECORD else []  # type: ignore[arg-type]
+        wcpu0 = sum(_cpu_seconds(p) or 0.0 for p in writers)
         sender = ctx.Process(target=_sender, args=(mode, eps["ingress"], count, tokens), daemon=True)
         sender.start()
         procs.append(sender)
@@ -263,6 +290,9 @@ def forward_once(
         cpu1 = _cpu_seconds(router.pid)  # type: ignore[arg-type]
         if cpu0 is not None and cpu1 is not None:
             out["router_cpu_us_per_msg"] = (cpu1 - cpu0) / count * 1e6
+        if writers:
+            # All the run's work of the writer process, also what it did after the last reply.
+            out["writer_cpu_us_per_msg"] = (_settled_cpu(writers) - wcpu0) / count * 1e6
         time.sleep(0.05)
         span = max(last) - min(first[r] for r in range(dp_size) if counts[r])
         out["msgs_per_s"] = count / span if span > 0 else float("inf")
@@ -400,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
     modes = (*MODES, RECORD) if args.record else MODES
     runs: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
+    writer_cpu: list[float] = []
     idle = None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("forwarding", total=args.repeat * len(modes))
@@ -413,6 +444,8 @@ def run(args: argparse.Namespace) -> int:
                 runs[mode].append(res["msgs_per_s"])
                 if "router_cpu_us_per_msg" in res:
                     cpu[mode].append(res["router_cpu_us_per_msg"])
+                if "writer_cpu_us_per_msg" in res:
+                    writer_cpu.append(res["writer_cpu_us_per_msg"])
                 if measure_idle:
                     idle = res.get("idle_cpu_percent")
                 progress.advance(task)
@@ -446,6 +479,11 @@ def run(args: argparse.Namespace) -> int:
             f"dpcore recording / not recording = {med[RECORD] / med['dpcore']:.3f}x msgs/s "
             f"(recording costs {100 * (1 - med[RECORD] / med['dpcore']):.1f}% of forwarding throughput)"
         )
+        if writer_cpu and RECORD in med_cpu and "dpcore" in med_cpu:
+            console.print(
+                f"recording's CPU per request: controller {med_cpu[RECORD] - med_cpu['dpcore']:+.1f} µs, "
+                f"writer process {statistics.median(writer_cpu):.1f} µs (medians)"
+            )
     pt = Table(
         title=f"policy decision cost through the hooks (select + dispatched, no sockets), "
         f"{args.dp_size} ranks, {args.tokens}-token prompts"
@@ -477,6 +515,7 @@ def run(args: argparse.Namespace) -> int:
         if args.record:
             result["dpcore_recording_msgs_per_s"] = med[RECORD]
             result["recording_vs_dpcore"] = med[RECORD] / med["dpcore"]
+            result["record_writer_cpu_us_per_msg"] = statistics.median(writer_cpu) if writer_cpu else None
         Path(args.json).write_text(json.dumps(result, indent=2))
         console.print(f"wrote {args.json}")
     return 0
