@@ -210,10 +210,8 @@ class RankLifecycle:
             prev = latest.get(r)
             if prev is None or report.seq > prev.seq:
                 latest[r] = report
-                if prev is not None:
-                    self._superseded(prev)
-            else:
-                self._superseded(report)
+            if prev is not None:  # one of the two is dropped
+                self._superseded(prev if latest[r] is report else report)
         else:
             more = True
         for report in latest.values():
@@ -221,8 +219,7 @@ class RankLifecycle:
         return more
 
     def _superseded(self, report: LoadReport) -> None:
-        """A newer report of the same drain replaces *report*: it is stale when it is not
-        newer than the one applied last (as it would be if it had come in a turn of its own)."""
+        """*report* lost to a newer one of its drain: stale if not newer than the last applied."""
         last = self.ledger.reports[report.rank]
         if last is not None and last.epoch == report.epoch and report.seq <= last.seq:
             self.books.stale_reports += 1
