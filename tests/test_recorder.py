@@ -19,6 +19,7 @@ from dpcore.hashing import block_hashes
 from dpcore.model import Request
 from dpcore.runtime.recorder import Recorder, RecordConfig
 from dpcore.runtime.tracewriter import TraceWriter, rotated_path
+from dpcore.tracefile import Salted
 from dpcore.sim.traces import TraceError, read_trace
 
 DPCORE = [sys.executable, "-m", "dpcore"]
@@ -416,3 +417,33 @@ def test_serve_records_http_traffic_without_its_text(tmp_path: Path) -> None:
     assert len(rows) >= 2
     assert rows[0]["hash_ids"][:3] == rows[-1]["hash_ids"][:3] and rows[0]["hash_ids"] != rows[-1]["hash_ids"]
     assert f"recorded {len(lines(rec_path))} of {len(lines(rec_path))} requests to {rec_path}" in out
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, raw: bool) -> None:
+    """The writer's batch formatting gives, line for line, :func:`tracefile.line` of each
+    request's :meth:`Salted.ids`, whether the headers were decoded to text or kept as bytes."""
+    import msgpack
+
+    from dpcore import tracefile
+
+    clock = Clock()
+    w = writer(tmp_path, clock, salt=b"s" * 16, t0=99.5, hold_s=5.0)
+    w.open(fresh=True)
+    reqs = [(f"r{i}", 1 + 7 * i, len(block_hashes(list(range(i, i + 7 * i)), 16)) % 3, 50 + i) for i in range(60)]
+    headers = []
+    for rid, n, cut, mnt in reqs:
+        bh = block_hashes(list(range(n, 2 * n)), 16)
+        headers.append(msgpack.packb({"rid": rid, "n": n, "bh": bh[: len(bh) - cut] if bh else [], "mnt": mnt}))
+    decode = [msgpack.unpackb(h, use_list=False, raw=raw) for h in headers]
+    ends = msgpack.unpackb(msgpack.packb([(rid, i) for i, (rid, *_) in enumerate(reqs) if i % 3]), raw=raw)
+    times = [clock.t + i / 7 for i in range(len(reqs))]
+    w.add(times, decode, ends, raw=raw)
+    w.close()
+    ref = Salted(16, b"s" * 16, w.salted.kind)
+    want = []
+    for i, (t, h) in enumerate(zip(times, [msgpack.unpackb(h) for h in headers])):
+        ids = ref.ids(h["bh"], h["n"])
+        out, src = (i, "generated") if i % 3 else (h["mnt"], "budget")
+        want.append(tracefile.line((t - 99.5) * 1000, h["n"], out, tracefile.ids_text(ids), 16, src))
+    assert (tmp_path / "rec.jsonl").read_text() == "".join(want)

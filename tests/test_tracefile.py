@@ -37,3 +37,15 @@ def test_the_default_is_siphash_with_numpy_and_an_unknown_kind_is_refused() -> N
     assert tracefile.default_kind() == SIPHASH
     with pytest.raises(ValueError, match="siphash"):
         Salted(4, kind="md5")
+
+
+@pytest.mark.parametrize("kind", [SIPHASH, BLAKE2B])
+def test_id_text_is_each_id_in_decimal(kind: str) -> None:
+    """The batch text of ids (cut per line by the writer) is ``str`` of each id, digit for digit."""
+    s, again = Salted(4, b"k" * 16, kind), Salted(4, b"k" * 16, kind)
+    hashes = [*range(1, 3000), 1 << 62, (1 << 63) - 1]
+    assert s.salt_text(hashes) == "".join(f"{x}, " for x in again.salt(hashes)).encode()
+    assert s.tails_text(40) == "".join(f"{x}, " for x in again.tails(40)).encode()
+    low, high = 10 ** (tracefile.ID_DIGITS - 1), 10**tracefile.ID_DIGITS - 1
+    edges = [low, high, low + 10**9 - 1, low + 10**9, 123456789000000009, 900000000999999990, 100000000099999999]
+    assert tracefile._digits(np, np.array(edges, np.uint64)) == "".join(f"{x}, " for x in edges).encode()

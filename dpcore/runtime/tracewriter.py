@@ -48,6 +48,9 @@ NICE = 10
 #: Largest frame the writer reads (a batch of the default 65,536 queued records fits).
 MAX_FRAME = 1 << 30
 GENERATED, BUDGET = "generated", "budget"
+#: The header fields the writer reads, as decoded with msgpack's ``raw=False`` and ``raw=True``.
+_KEYS = ("rid", "n", "mnt", "bh")
+_RAW_KEYS = tuple(k.encode() for k in _KEYS)
 
 
 def rotated_path(path: str | Path, n: int) -> Path:
@@ -111,16 +114,22 @@ class TraceWriter:
         self._bytes = self._file.tell()
         self._opened = self.clock()
 
-    def add(self, times: Sequence[float], headers: Iterable[Any], ends: Iterable[Sequence[Any]] = ()) -> None:
+    def add(
+        self, times: Sequence[float], headers: Iterable[Any], ends: Iterable[Sequence[Any]] = (), *, raw: bool = False
+    ) -> None:
         """Take a batch: arrival *times* and decoded request *headers*, then completions
-        ``(rid, output tokens or -1)``; write what is ready."""
+        ``(rid, output tokens or -1)``; write what is ready. *raw*: the headers were decoded
+        with msgpack's ``raw=True`` (keys and strings as bytes, which skips UTF-8 decoding)."""
         held, by_rid, hold = self._held, self._by_rid, self.hold_s > 0
+        k_rid, k_n, k_mnt, k_bh = _RAW_KEYS if raw else _KEYS
+        append, get = held.append, by_rid.get
         for t, h in zip(times, headers):
-            rid = h.get("rid")
-            rec = [t, h.get("n") or 0, h.get("mnt") or 0, h.get("bh") or (), None, rid]
-            held.append(rec)
+            g = h.get
+            rid = g(k_rid)
+            rec = [t, g(k_n) or 0, g(k_mnt) or 0, g(k_bh) or (), None, rid]
+            append(rec)
             if hold:
-                prev = by_rid.get(rid)
+                prev = get(rid)
                 if prev is None:
                     by_rid[rid] = rec
                 elif type(prev) is deque:
@@ -171,32 +180,36 @@ class TraceWriter:
                 self._by_rid[rid] = entry[0]
 
     def _write(self, records: list[list[Any]]) -> None:
-        bs, t0, line, salted = self.block_size, self.t0, tracefile.line, self.salted
+        bs, t0, salted = self.block_size, self.t0, self.salted
         wants = [salted.wanted(len(r[3]), r[1]) for r in records]
         # Every id of the batch as fixed-width text in two calls (block ids, then ids of
         # blocks the sender did not hash), then cut per line.
-        ids = salted.salt_text([h for r, w in zip(records, wants) if w for h in r[3]])
-        tails = salted.tails_text(sum(w - len(r[3]) for r, w in zip(records, wants) if w))
+        ids = salted.salt_text([h for r, w in zip(records, wants) if w for h in r[3]]).decode("ascii")
+        tails = salted.tails_text(sum(w - len(r[3]) for r, w in zip(records, wants) if w)).decode("ascii")
         w = tracefile.ID_TEXT
+        # tracefile.line, its constant end hoisted out of the loop (a test holds them equal).
+        gen_end = f'], "block_size": {bs}, "output_from": "{GENERATED}"}}\n'
+        budget_end = f'], "block_size": {bs}, "output_from": "{BUDGET}"}}\n'
         out, at, at_tail, generated = [], 0, 0, 0
-        for r, want in zip(records, wants):
-            t, n, mnt, bh, done, _rid = r
+        for (t, n, mnt, bh, done, _rid), want in zip(records, wants):
             if want:
                 end = at + len(bh) * w
                 if want > len(bh):
                     end_tail = at_tail + (want - len(bh)) * w
-                    text = (ids[at:end] + tails[at_tail:end_tail])[:-2].decode()
+                    text = (ids[at:end] + tails[at_tail:end_tail])[:-2]
                     at_tail = end_tail
                 else:
-                    text = ids[at : end - 2].decode()
+                    text = ids[at : end - 2]
                 at = end
             else:
                 text = ""
             if done is not None and done >= 0:
                 generated += 1
-                out.append(line((t - t0) * 1000, n, done, text, bs, GENERATED))
+                out.append(f'{{"timestamp": {(t - t0) * 1000:.3f}, "input_length": {n}, "output_length": {done}, '
+                           f'"hash_ids": [{text}{gen_end}')  # fmt: skip
             else:
-                out.append(line((t - t0) * 1000, n, mnt, text, bs, BUDGET))
+                out.append(f'{{"timestamp": {(t - t0) * 1000:.3f}, "input_length": {n}, "output_length": {mnt}, '
+                           f'"hash_ids": [{text}{budget_end}')  # fmt: skip
         text = "".join(out)
         if self._file is None:
             self.open(fresh=False)
@@ -266,8 +279,9 @@ class FrameReader:
         self.buf = bytearray()
         self.eof = False
 
-    def next(self, timeout_s: float | None) -> Any:
-        """The next frame's object; ``None`` when *timeout_s* passed first or at the end."""
+    def next(self, timeout_s: float | None, *, raw: bool = False) -> Any:
+        """The next frame's object; ``None`` when *timeout_s* passed first or at the end.
+        *raw*: strings stay bytes (msgpack's ``raw=True``)."""
         while True:
             buf = self.buf
             if len(buf) >= PREFIX:
@@ -276,7 +290,7 @@ class FrameReader:
                     msg = f"frame of {size} bytes, more than {MAX_FRAME}"
                     raise ValueError(msg)
                 if len(buf) >= PREFIX + size:
-                    obj = msgpack.unpackb(memoryview(buf)[PREFIX : PREFIX + size], use_list=False)
+                    obj = msgpack.unpackb(memoryview(buf)[PREFIX : PREFIX + size], use_list=False, raw=raw)
                     del buf[: PREFIX + size]
                     return obj
             if self.eof:
@@ -309,11 +323,11 @@ def main() -> int:
         sys.stdout.flush()
         due = None
         while True:
-            batch = frames.next(None if due is None else due - time.monotonic())
+            batch = frames.next(None if due is None else due - time.monotonic(), raw=True)
             if batch is not None:
                 times = array("d")
                 times.frombytes(batch[0])
-                w.add(times, batch[1], batch[2])
+                w.add(times, batch[1], batch[2], raw=True)
             elif frames.eof:
                 break
             due = w.flush()
