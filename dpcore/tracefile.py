@@ -35,7 +35,7 @@ _ID_SPAN = 9 * _ID_LOW
 #: Salted ids remembered by the BLAKE2b function, so a shared prefix is hashed once; cleared when full.
 _CACHE = 1 << 20
 #: Block hashes salted per numpy call.
-_CHUNK = 8192
+_CHUNK = 16384
 #: The two ways of salting (:attr:`Salted.kind`).
 SIPHASH, BLAKE2B = "siphash", "blake2b"
 #: Tweak of the key for the ids of blocks the sender did not hash, so they match no block's id.
@@ -66,7 +66,6 @@ class Salted:
             k0 = int.from_bytes(self._salt[:8], "little")
             k1 = int.from_bytes(self._salt[8:16], "little")
             self._keys = (k0, k1)
-            self._tail_keys = (k0, k1 ^ _TAIL_TWEAK)
         elif self.kind != BLAKE2B:
             msg = f"salting must be {SIPHASH!r} or {BLAKE2B!r}, got {self.kind!r}"
             raise ValueError(msg)
@@ -76,7 +75,8 @@ class Salted:
         if not hashes:
             return []
         if self.kind == SIPHASH:
-            return self._sip(self._keys, hashes).tolist()  # type: ignore[no-any-return]
+            m = self._np.array(hashes, self._np.uint64)
+            return self._sip(m, len(m)).tolist()  # type: ignore[no-any-return]
         cache = self._ids
         out = []
         for h in hashes:
@@ -92,37 +92,44 @@ class Salted:
         """*n* ids that match no block and no other tail id (blocks the sender did not hash)."""
         if n <= 0:
             return []
-        first, self._tail = self._tail + 1, self._tail + n
         if self.kind == SIPHASH:
-            return self._sip(self._tail_keys, range(first, first + n)).tolist()  # type: ignore[no-any-return]
+            return self._sip(self._counters(n), 0).tolist()  # type: ignore[no-any-return]
+        first, self._tail = self._tail + 1, self._tail + n
         return [
             _int(blake2b(i.to_bytes(8, "little"), key=self._salt, digest_size=8, person=b"dpcore-tail").digest())
             for i in range(first, first + n)
         ]
 
-    def salt_text(self, hashes: Sequence[int]) -> bytes:
-        """The ids of *hashes* as text, :data:`ID_TEXT` bytes each (``"<18 digits>, "``)."""
-        if self.kind == SIPHASH and hashes:
-            return b"".join([_digits(self._np, c) for c in self._sip_chunks(self._keys, hashes)])
-        return "".join([f"{x}, " for x in self.salt(hashes)]).encode()
+    def salt_text(self, hashes: Sequence[int], tails: int = 0) -> bytes:
+        """The ids of *hashes*, then *tails* more :meth:`tails`, as text, :data:`ID_TEXT` bytes
+        each (``"<18 digits>, "``); with numpy, all of them in one pass."""
+        if self.kind == SIPHASH and (hashes or tails > 0):
+            np = self._np
+            m = np.array(hashes, np.uint64)
+            if tails > 0:
+                m = np.concatenate((m, self._counters(tails)))
+            return b"".join([_digits(np, c) for c in self._sip_chunks(m, len(hashes))])
+        return "".join([f"{x}, " for x in (*self.salt(hashes), *self.tails(tails))]).encode()
 
     def tails_text(self, n: int) -> bytes:
         """:meth:`tails` as text, like :meth:`salt_text`."""
-        if self.kind == SIPHASH and n > 0:
-            first, self._tail = self._tail + 1, self._tail + n
-            return b"".join([_digits(self._np, c) for c in self._sip_chunks(self._tail_keys, range(first, first + n))])
-        return "".join([f"{x}, " for x in self.tails(n)]).encode()
+        return self.salt_text((), n)
 
-    def _sip(self, keys: tuple[int, int], values: Any) -> Any:
-        return self._np.concatenate(list(self._sip_chunks(keys, values)))
+    def _counters(self, n: int) -> Any:
+        """The next *n* tail numbers (a uint64 array); a tail's id is theirs under the tweaked key."""
+        first, self._tail = self._tail + 1, self._tail + n
+        return self._np.arange(first, first + n, dtype=self._np.uint64)
 
-    def _sip_chunks(self, keys: tuple[int, int], values: Any) -> Iterator[Any]:
-        """The ids of *values* in slices that stay in the CPU's cache (a whole batch's would not)."""
+    def _sip(self, m: Any, tails_from: int) -> Any:
+        return self._np.concatenate(list(self._sip_chunks(m, tails_from)))
+
+    def _sip_chunks(self, m: Any, tails_from: int) -> Iterator[Any]:
+        """The ids of the uint64s *m* (block hashes, then tail numbers from index *tails_from*),
+        in slices that stay in the CPU's cache (a whole batch's would not)."""
         np = self._np
-        m = np.arange(values.start, values.stop, dtype=np.uint64) if type(values) is range else np.array(values, np.uint64)
         span, low = np.uint64(_ID_SPAN), np.uint64(_ID_LOW)
         for i in range(0, len(m), _CHUNK):
-            out = siphash24(np, *keys, m[i : i + _CHUNK])
+            out = siphash24(np, *self._keys, m[i : i + _CHUNK], tweak_from=max(tails_from - i, 0))
             out %= span
             out += low
             yield out
@@ -145,13 +152,17 @@ class Salted:
         return self.salt(hashes) + self.tails(want - len(hashes))
 
 
-def siphash24(np: Any, k0: int, k1: int, m: Any) -> Any:
-    """SipHash-2-4 with key ``(k0, k1)`` of each 8-byte little-endian message in the uint64 array *m*."""
+def siphash24(np: Any, k0: int, k1: int, m: Any, tweak_from: int | None = None) -> Any:
+    """SipHash-2-4 with key ``(k0, k1)`` of each 8-byte little-endian message in the uint64 array *m*;
+    from index *tweak_from* on, with key ``(k0, k1 ^`` :data:`_TAIL_TWEAK` ``)``."""
     u = np.uint64
     v0 = np.full(m.shape, k0 ^ 0x736F6D6570736575, u)
     v1 = np.full(m.shape, k1 ^ 0x646F72616E646F6D, u)
     v2 = np.full(m.shape, k0 ^ 0x6C7967656E657261, u)
     v3 = np.full(m.shape, k1 ^ 0x7465646279746573, u)
+    if tweak_from is not None and tweak_from < len(m):  # k1 enters only v1 and v3
+        v1[tweak_from:] ^= u(_TAIL_TWEAK)
+        v3[tweak_from:] ^= u(_TAIL_TWEAK)
     tmp = np.empty_like(v0)
     shl, shr, bor = np.left_shift, np.right_shift, np.bitwise_or
     amounts = {b: (u(b), u(64 - b)) for b in (13, 16, 17, 21, 32)}

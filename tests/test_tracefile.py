@@ -40,12 +40,28 @@ def test_the_default_is_siphash_with_numpy_and_an_unknown_kind_is_refused() -> N
 
 
 @pytest.mark.parametrize("kind", [SIPHASH, BLAKE2B])
-def test_id_text_is_each_id_in_decimal(kind: str) -> None:
-    """The batch text of ids (cut per line by the writer) is ``str`` of each id, digit for digit."""
+def test_id_text_is_each_id_in_decimal(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch text of ids (cut per line by the writer) is ``str`` of each id, digit for digit,
+    block ids then tail ids, also across the slices numpy works in."""
+    monkeypatch.setattr(tracefile, "_CHUNK", 256)
     s, again = Salted(4, b"k" * 16, kind), Salted(4, b"k" * 16, kind)
     hashes = [*range(1, 3000), 1 << 62, (1 << 63) - 1]
     assert s.salt_text(hashes) == "".join(f"{x}, " for x in again.salt(hashes)).encode()
     assert s.tails_text(40) == "".join(f"{x}, " for x in again.tails(40)).encode()
+    both = again.salt(hashes[:1000]) + again.tails(700)
+    assert s.salt_text(hashes[:1000], 700) == "".join(f"{x}, " for x in both).encode()
     low, high = 10 ** (tracefile.ID_DIGITS - 1), 10**tracefile.ID_DIGITS - 1
     edges = [low, high, low + 10**9 - 1, low + 10**9, 123456789000000009, 900000000999999990, 100000000099999999]
     assert tracefile._digits(np, np.array(edges, np.uint64)) == "".join(f"{x}, " for x in edges).encode()
+
+
+def test_tail_ids_are_siphash_of_a_counter_under_the_tweaked_key() -> None:
+    """Tail ids stay what they were when salted one by one: the keyed function of 1, 2, ...
+    under ``k1 ^ _TAIL_TWEAK``, also when computed with block ids in one pass."""
+    key = b"k" * 16
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:], "little")
+    raw = tracefile.siphash24(np, k0, k1 ^ tracefile._TAIL_TWEAK, np.arange(1, 6, dtype=np.uint64))
+    want = (raw % np.uint64(9 * 10**17) + np.uint64(10**17)).tolist()
+    assert Salted(4, key, SIPHASH).tails(5) == want
+    text = Salted(4, key, SIPHASH).salt_text([7, 8], 5)
+    assert text[2 * tracefile.ID_TEXT :] == "".join(f"{x}, " for x in want).encode()

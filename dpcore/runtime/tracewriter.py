@@ -34,6 +34,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -182,21 +183,22 @@ class TraceWriter:
     def _write(self, records: list[list[Any]]) -> None:
         bs, t0, salted = self.block_size, self.t0, self.salted
         wants = [salted.wanted(len(r[3]), r[1]) for r in records]
-        # Every id of the batch as fixed-width text in two calls (block ids, then ids of
-        # blocks the sender did not hash), then cut per line.
-        ids = salted.salt_text([h for r, w in zip(records, wants) if w for h in r[3]]).decode("ascii")
-        tails = salted.tails_text(sum(w - len(r[3]) for r, w in zip(records, wants) if w)).decode("ascii")
+        # Every id of the batch as fixed-width text in one call (block ids, then ids of blocks
+        # the sender did not hash), then cut per line.
+        hashes = list(chain.from_iterable([r[3] for r, w in zip(records, wants) if w]))
+        n_tails = sum([w - len(r[3]) for r, w in zip(records, wants) if w])
+        ids = salted.salt_text(hashes, n_tails).decode("ascii")
         w = tracefile.ID_TEXT
         # tracefile.line, its constant end hoisted out of the loop (a test holds them equal).
         gen_end = f'], "block_size": {bs}, "output_from": "{GENERATED}"}}\n'
         budget_end = f'], "block_size": {bs}, "output_from": "{BUDGET}"}}\n'
-        out, at, at_tail, generated = [], 0, 0, 0
+        out, at, at_tail, generated = [], 0, len(hashes) * w, 0
         for (t, n, mnt, bh, done, _rid), want in zip(records, wants):
             if want:
                 end = at + len(bh) * w
                 if want > len(bh):
                     end_tail = at_tail + (want - len(bh)) * w
-                    text = (ids[at:end] + tails[at_tail:end_tail])[:-2]
+                    text = (ids[at:end] + ids[at_tail:end_tail])[:-2]
                     at_tail = end_tail
                 else:
                     text = ids[at : end - 2]
