@@ -459,3 +459,65 @@ def test_serve_refuses_a_taken_http_port(dpcore_exe: list[str]) -> None:
                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert p.returncode == 2, p.stderr
     assert f"cannot bind 127.0.0.1:{port}" in p.stderr and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- a client that stops reading
+
+UNREAD_BOUND = 64
+
+
+def test_a_client_that_stops_reading_ends_its_request_at_the_bound(tmp_path: Path) -> None:
+    """A streaming client that keeps its connection open and reads nothing makes the front hold
+    at most ``--max-unread-replies`` replies of its request; the request then ends
+    ``client_too_slow``: aborted on its rank, counted, and said in the stream once the client
+    reads again. Another client meanwhile streams its answer."""
+    import socket
+
+    with launch(1, log_dir=tmp_path, front_args=("--max-unread-replies", str(UNREAD_BOUND))) as s, \
+            httpx.Client(base_url=s.url, timeout=30) as c:  # fmt: skip
+        host, port = s.url.removeprefix("http://").rsplit(":", 1)
+        body = json.dumps({"text": "slow", "stream": True, "sampling_params": {"max_new_tokens": 100_000}}).encode()
+        slow = socket.socket()
+        # A small receive window, so the front's writes to this client block early.
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect((host, int(port)))
+        try:
+            slow.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+
+            def ended() -> dict | None:
+                front = c.get("/server_info").json()["front"]
+                return front if front["client_too_slow"] or front["unread_replies_peak"] > UNREAD_BOUND else None
+
+            front = wait_for("the unread stream to end", ended, [s.serve], 60)
+            assert front["unread_replies_peak"] <= UNREAD_BOUND, front
+            assert front["client_too_slow"] == 1 and front["max_unread_replies"] == UNREAD_BOUND, front
+            metrics = c.get("/metrics").text
+            assert "dpcore_http_client_too_slow_total 1.0" in metrics, metrics
+
+            # Another client, meanwhile, reads its stream to the end.
+            with c.stream("POST", "/generate", json={"text": "reader", "stream": True,
+                                                      "sampling_params": {"max_new_tokens": 100}}) as r:  # fmt: skip
+                events = sse_events(r)
+            assert events[-1] == "[DONE]" and events[-2]["meta_info"]["completion_tokens"] == 100, events[-2:]
+
+            # The rank stopped the slow request (100,000 tokens would take far longer): nothing
+            # is in flight although the slow client still holds its connection.
+            def settled() -> dict | None:
+                counters = c.get("/server_info").json()["counters"]
+                return counters if counters["in_flight"] == 0 else None
+
+            counters = wait_for("the aborted request to leave its rank", settled, [s.serve], 20)
+            assert counters["failed"] == 0 and counters["internal_errors"] == 0, counters
+
+            # Once the client reads again, its stream ends with the reason.
+            slow.settimeout(30)
+            got = bytearray()
+            while b"data: [DONE]" not in got[-64:]:
+                chunk = slow.recv(1 << 20)
+                assert chunk, f"connection closed without the end of the stream: {bytes(got[-300:])!r}"
+                got += chunk
+            tail = bytes(got[-2000:])
+            assert b'"code":"client_too_slow"' in tail, tail
+        finally:
+            slow.close()

@@ -253,6 +253,43 @@ def test_async_client_streams(tmp_path):
     asyncio.run(main())
 
 
+def test_async_client_bounds_the_replies_a_stream_holds_unread(tmp_path):
+    """A stream left unread ends ``client_too_slow`` at its bound: the replies it held are
+    dropped, its request is aborted and counted; a stream that is read is not touched."""
+
+    async def main():
+        actx = zmq.asyncio.Context()
+        ingress = actx.socket(zmq.PULL)
+        ingress.linger = 0
+        ep = endpoints.bind(ingress, f"ipc://{tmp_path}/ingress")
+        client = AsyncClient(ep, zmq_ctx=actx, max_unread_replies=3)
+        push = actx.socket(zmq.PUSH)
+        push.linger = 0
+        try:
+            unread = await client.submit("u", num_tokens=1)
+            read = await client.submit("r", num_tokens=1)
+            await ingress.recv_multipart()
+            await ingress.recv_multipart()
+            push.connect(client.reply_endpoint)
+            for i in range(5):
+                await push.send_multipart([wire.encode_out("u", 0, False), b"%d" % i])
+                await push.send_multipart([wire.encode_out("r", 0, i == 4), b"%d" % i])
+                assert (await read.next(5)).payload == b"%d" % i
+            abort = wire.decode_ctl((await asyncio.wait_for(ingress.recv_multipart(), 5))[0])
+            assert wire.abort_target(abort) == ("u", client.reply_endpoint)
+            assert [(r.kind, r.code) for r in await unread.collect(5)] == [("fail", "client_too_slow")]
+            assert (client.too_slow, client.unread_peak, client.pending) == (1, 3, set())
+            with pytest.raises(ValueError, match="max_unread_replies"):
+                AsyncClient(ep, zmq_ctx=actx, max_unread_replies=0)
+        finally:
+            push.close()
+            await client.close()
+            ingress.close()
+            actx.term()
+
+    asyncio.run(main())
+
+
 def test_endpoint_checks(tmp_path):
     from dpcore.errors import ConfigError
 

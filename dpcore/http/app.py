@@ -18,7 +18,10 @@ when known. ``code`` is the same stable string in both.
 Limits: a body over ``--max-body-bytes`` (32 MiB by default) gets 413 before it is read; a
 body not received within 30 s gets 408; bodies over 64 KiB are parsed and tokenized on a
 worker thread, never on the event loop. A prompt plus ``max_new_tokens`` larger than every
-rank's reported KV capacity gets 400 ``context_length_exceeded``.
+rank's reported KV capacity gets 400 ``context_length_exceeded``. A streaming client that
+leaves ``--max-unread-replies`` replies unread ends its request ``client_too_slow``
+(:class:`~dpcore.sdk.client.ReplyStream`): one client that stops reading cannot make the
+front hold its whole output.
 """
 
 from __future__ import annotations
@@ -431,6 +434,8 @@ class Front:
             "policy_swaps": st.get("policy_swaps"),
             # The --shadow-policy chain's agreement, load and cost (dpcore.runtime.shadow), or None.
             "shadow": st.get("shadow"),
+            # This front's own counts (dpcore.http.link.ControllerLink.stats).
+            "front": self.link.stats(),
         }
         if self.config.bootstrap_port is not None:
             info["disaggregation_bootstrap_port"] = self.config.bootstrap_port
@@ -511,6 +516,8 @@ def _guard(front: Front, handler: Callable[[Request], Awaitable[Response]], *, o
 
 def create_app(link: ControllerLink, config: FrontConfig | None = None) -> Starlette:
     """The app; *link* is started on startup and closed on shutdown."""
+    from dpcore.http import metrics
+
     config = config or FrontConfig()
     front = Front(link, config)
 
@@ -533,6 +540,7 @@ def create_app(link: ControllerLink, config: FrontConfig | None = None) -> Starl
         ("/v1/models", front.models, "GET"),
         ("/get_load", front.get_load, "GET"),
         ("/v1/loads", front.v1_loads, "GET"),
+        ("/metrics", metrics.handler(link), "GET"),
     ]
     routes = [
         Route(path, _guard(front, h, open_=path.startswith(OPEN_PREFIXES)), methods=[method])

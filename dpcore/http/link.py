@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 
 from dpcore.http.protocol import GenerateInput
+from dpcore.http.server import DEFAULT_MAX_UNREAD_REPLIES
 from dpcore.runtime.status import AsyncStatusClient
 from dpcore.sdk.client import AsyncClient, ReplyStream
 
@@ -31,12 +32,17 @@ class ControllerLink:
     :param ingress: The controller's ingress endpoint.
     :param status: The controller's status endpoint.
     :param block_size: Tokens per hashed block (match the ranks' ``--block-size``).
+    :param max_unread_replies: The most replies of one request held for a client that does
+        not read them (``--max-unread-replies``); beyond it the request ends ``client_too_slow``.
     """
 
-    def __init__(self, ingress: str, status: str, *, block_size: int = 64) -> None:
+    def __init__(
+        self, ingress: str, status: str, *, block_size: int = 64, max_unread_replies: int = DEFAULT_MAX_UNREAD_REPLIES
+    ) -> None:
         self.ingress = ingress
         self.status_endpoint = status
         self.block_size = block_size
+        self.max_unread_replies = max_unread_replies
         self.client: AsyncClient | None = None
         self._status: AsyncStatusClient | None = None
         self._admin: Any = None
@@ -50,7 +56,9 @@ class ControllerLink:
 
         ctx = zmq.asyncio.Context()
         self._ctx = ctx
-        self.client = AsyncClient(self.ingress, zmq_ctx=ctx, block_size=self.block_size)
+        self.client = AsyncClient(
+            self.ingress, zmq_ctx=ctx, block_size=self.block_size, max_unread_replies=self.max_unread_replies
+        )
         self._status = AsyncStatusClient(self.status_endpoint, ctx=ctx)
 
     def wire_id(self, rid: str) -> str:
@@ -87,6 +95,18 @@ class ControllerLink:
         """The request of *stream* lost its client: drop its replies and stop it on its rank."""
         if self.client is not None and not stream.done:
             self.client.abort(stream.rid)
+
+    def stats(self) -> dict[str, int]:
+        """This front's own counts of the replies it handled (the controller's are in :meth:`status`)."""
+        c = self.client
+        return {
+            "max_unread_replies": self.max_unread_replies,
+            "unread_replies_peak": c.unread_peak if c else 0,
+            "client_too_slow": c.too_slow if c else 0,
+            "stale_replies": c.stale if c else 0,
+            "bad_replies": c.bad_replies if c else 0,
+            "aborts_unsent": c.aborts_unsent if c else 0,
+        }
 
     async def status(self, timeout_s: float = 2.0) -> dict[str, Any]:
         if self._status is None:

@@ -18,6 +18,9 @@ from typing import Any
 from dpcore.errors import ConfigError
 
 API_KEY_ENV = "DPCORE_API_KEY"
+#: The most replies (one per streamed chunk) the front holds for one request whose client
+#: does not read them: a few MiB at most, and far more than a reading client ever lags.
+DEFAULT_MAX_UNREAD_REPLIES = 4096
 
 
 def add_front_arguments(p: argparse.ArgumentParser | Any, *, prefix: str = "--http-") -> None:
@@ -34,6 +37,10 @@ def add_front_arguments(p: argparse.ArgumentParser | Any, *, prefix: str = "--ht
                    help="a client that has not sent its whole body within S seconds gets 408 (default 30)")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds to wait for a rank's next reply before 504 (default 600)")  # fmt: skip
+    p.add_argument("--max-unread-replies", type=int, default=DEFAULT_MAX_UNREAD_REPLIES, metavar="N",
+                   help="a streaming client that leaves N replies unread (1..1048576) ends its request with "
+                        "an error event client_too_slow, and the request is aborted on its rank "
+                        f"(default {DEFAULT_MAX_UNREAD_REPLIES})")  # fmt: skip
     p.add_argument("--served-model-name", default="dpcore-mock", help="model name reported to clients and routers")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="the model's tokenizer.json (or its directory), read locally; default: one token per "
@@ -75,6 +82,10 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
     if not args.request_timeout > 0:
         raise ConfigError(f"--request-timeout must be positive, got {args.request_timeout}")
+    from dpcore.sdk.client import MAX_UNREAD_LIMIT
+
+    if not 1 <= args.max_unread_replies <= MAX_UNREAD_LIMIT:
+        raise ConfigError(f"--max-unread-replies must be in 1..{MAX_UNREAD_LIMIT}, got {args.max_unread_replies}")
     if not 0 < args.body_timeout < float("inf"):
         raise ConfigError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     if args.tokenizer is not None:
@@ -143,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         host=args.http_host,
         allow_remote_admin=args.allow_remote_admin,
     )
-    link = ControllerLink(args.ingress, args.status, block_size=args.block_size)
+    link = ControllerLink(args.ingress, args.status, block_size=args.block_size,
+                          max_unread_replies=args.max_unread_replies)  # fmt: skip
     if args.http_fd is not None:
         sock = socket.socket(fileno=args.http_fd)  # bound (and warned about) by dpcore serve
     else:
@@ -200,7 +212,7 @@ def spawn(
         "http-front", "--ingress", ingress, "--status", status, "--http-fd", str(sock.fileno()),
         "--http-host", args.http_host, "--exit-with-parent",
         "--max-body-bytes", str(args.max_body_bytes), "--request-timeout", str(args.request_timeout),
-        "--body-timeout", str(args.body_timeout),
+        "--body-timeout", str(args.body_timeout), "--max-unread-replies", str(args.max_unread_replies),
         "--served-model-name", args.served_model_name,
     ]  # fmt: skip
     if bootstrap_port is not None:

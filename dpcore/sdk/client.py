@@ -40,7 +40,7 @@ from dpcore.sdk import endpoints
 from dpcore.wire import Reply
 
 __all__ = [
-    "AsyncClient", "Client", "ControllerUnavailableError", "MessageTooLargeError", "Reply", "ReplyStream",
+    "CODE_CLIENT_TOO_SLOW", "AsyncClient", "Client", "ControllerUnavailableError", "MessageTooLargeError", "Reply", "ReplyStream",
     "RequestFields",
 ]  # fmt: skip
 
@@ -48,6 +48,10 @@ __all__ = [
 _SEND_LINGER_MS = 1000
 #: Replies with no waiting stream kept for :meth:`AsyncClient.poll`; older ones are dropped.
 _UNCLAIMED_MAX = 4096
+#: The largest bound :class:`AsyncClient` accepts for the replies one stream holds unread.
+MAX_UNREAD_LIMIT = 1 << 20
+#: The ``fail`` code of a request whose reader fell too far behind (:class:`ReplyStream`).
+CODE_CLIENT_TOO_SLOW = "client_too_slow"
 
 
 class ControllerUnavailableError(DpcoreError):
@@ -294,12 +298,35 @@ class Client(_Base["zmq.Context[Any]"]):
 
 
 class ReplyStream:
-    """The replies of one request, in order, ending with its final reply."""
+    """The replies of one request, in order, ending with its final reply.
 
-    def __init__(self, rid: str) -> None:
+    With *max_unread*, a reader that leaves that many replies unread ends its request: the
+    replies held are dropped, the request is aborted on its rank, and the next read gets a
+    final ``fail`` reply with code :data:`CODE_CLIENT_TOO_SLOW`. So one caller that stops
+    reading (an HTTP client that keeps its connection open and reads nothing) holds at most
+    *max_unread* replies, not every token of its request.
+    """
+
+    def __init__(self, rid: str, max_unread: int | None = None) -> None:
         self.rid = rid
+        #: Whether no reply will be routed here any more (its final one was read, or it overflowed).
         self.done = False
+        self.max_unread = max_unread
         self._q: asyncio.Queue[Reply] = asyncio.Queue()
+
+    def _put(self, reply: Reply) -> bool:
+        """Hold *reply*; False when that would exceed :attr:`max_unread` (then the stream
+        holds only a ``client_too_slow`` failure, and is done)."""
+        q = self._q
+        if self.max_unread is None or q.qsize() < self.max_unread:
+            q.put_nowait(reply)
+            return True
+        while not q.empty():
+            q.get_nowait()
+        msg = f"the reader of request {self.rid!r} left {self.max_unread} replies unread"
+        q.put_nowait(Reply("fail", self.rid, rank=reply.rank, code=CODE_CLIENT_TOO_SLOW, msg=msg))
+        self.done = True
+        return False
 
     async def next(self, timeout_s: float | None = None) -> Reply:
         """The next reply; raises :class:`TimeoutError` after *timeout_s*."""
@@ -316,7 +343,7 @@ class ReplyStream:
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         out = []
-        while not self.done:
+        while not self.done or not self._q.empty():
             left = None if deadline is None else max(0.0, deadline - loop.time())
             out.append(await self.next(left))
         return out
@@ -335,9 +362,25 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
 
     A background task (started by the first :meth:`submit`) reads replies and hands each
     to its request's stream. Call :meth:`close` (or use ``async with``) to stop it.
+
+    :param max_unread_replies: The most replies one stream holds unread (1 .. 2**20); a stream
+        that would hold more ends its request with ``client_too_slow`` (:class:`ReplyStream`),
+        counted in :attr:`too_slow`. ``None`` (the default): no bound.
+    The other parameters are :class:`Client`'s.
     """
 
     _context_class = zmq.asyncio.Context
+
+    def __init__(self, ingress: str, *, max_unread_replies: int | None = None, **kwargs: Any) -> None:
+        if max_unread_replies is not None and not 1 <= max_unread_replies <= MAX_UNREAD_LIMIT:
+            msg = f"max_unread_replies must be in 1..{MAX_UNREAD_LIMIT} or None, got {max_unread_replies}"
+            raise ValueError(msg)
+        self.max_unread_replies = max_unread_replies
+        #: Requests ended because their reader left *max_unread_replies* replies unread.
+        self.too_slow = 0
+        #: The most replies one stream held unread so far.
+        self.unread_peak = 0
+        super().__init__(ingress, **kwargs)
 
     def _open(self) -> None:
         self._streams: dict[str, ReplyStream] = {}
@@ -361,7 +404,7 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
             raise ValueError(msg)
         self._check_size(rid, hdr, payload)
         self._start()
-        stream = ReplyStream(rid)
+        stream = ReplyStream(rid, self.max_unread_replies)
         # Registered before sending, so a reply can never arrive before its stream exists.
         self._streams[rid] = stream
         try:
@@ -433,7 +476,14 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
                 continue
             if reply.final:
                 del streams[reply.rid]
-            stream._q.put_nowait(reply)
+            if not stream._put(reply):
+                self.too_slow += 1
+                if not reply.final:
+                    self.abort(reply.rid)
+                continue
+            n = stream._q.qsize()
+            if n > self.unread_peak:
+                self.unread_peak = n
 
     async def close(self) -> None:
         if self._reader is not None:
