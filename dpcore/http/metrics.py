@@ -24,12 +24,17 @@ if TYPE_CHECKING:
 
 #: ``(stats key, metric name, help, kind)`` of each metric.
 _METRICS = (
-    ("client_too_slow", "dpcore_http_client_too_slow", "Requests ended because their client left too many replies unread", CounterMetricFamily),
-    ("stale_replies", "dpcore_http_stale_replies", "Replies dropped because their request had already ended", CounterMetricFamily),
+    ("client_too_slow", "dpcore_http_client_too_slow",
+     "Requests ended because their client left too many replies unread", CounterMetricFamily),
+    ("stale_replies", "dpcore_http_stale_replies",
+     "Replies dropped because their request had already ended", CounterMetricFamily),
     ("bad_replies", "dpcore_http_bad_replies", "Replies that could not be decoded", CounterMetricFamily),
-    ("aborts_unsent", "dpcore_http_aborts_unsent", "Aborts the controller's ingress could not take at once", CounterMetricFamily),
-    ("unread_replies_peak", "dpcore_http_unread_replies_peak", "The most replies one request held unread", GaugeMetricFamily),
-    ("max_unread_replies", "dpcore_http_max_unread_replies", "The bound on replies one request holds unread", GaugeMetricFamily),
+    ("aborts_unsent", "dpcore_http_aborts_unsent",
+     "Aborts the controller's ingress could not take at once", CounterMetricFamily),
+    ("unread_replies_peak", "dpcore_http_unread_replies_peak",
+     "The most replies one request held unread", GaugeMetricFamily),
+    ("max_unread_replies", "dpcore_http_max_unread_replies",
+     "The bound on replies one request holds unread", GaugeMetricFamily),
 )  # fmt: skip
 
 

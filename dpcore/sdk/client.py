@@ -40,8 +40,8 @@ from dpcore.sdk import endpoints
 from dpcore.wire import Reply
 
 __all__ = [
-    "CODE_CLIENT_TOO_SLOW", "AsyncClient", "Client", "ControllerUnavailableError", "MessageTooLargeError", "Reply", "ReplyStream",
-    "RequestFields",
+    "CODE_CLIENT_TOO_SLOW", "AsyncClient", "Client", "ControllerUnavailableError", "MessageTooLargeError",
+    "Reply", "ReplyStream", "RequestFields",
 ]  # fmt: skip
 
 #: How long requests queued at close() may still take to reach the controller.
