@@ -26,6 +26,7 @@ the controller's last batch still gets written, and runs at a lower CPU priority
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -123,17 +124,17 @@ class TraceWriter:
         with msgpack's ``raw=True`` (keys and strings as bytes, which skips UTF-8 decoding)."""
         held, by_rid, hold = self._held, self._by_rid, self.hold_s > 0
         k_rid, k_n, k_mnt, k_bh = _RAW_KEYS if raw else _KEYS
-        append, get = held.append, by_rid.get
+        append, setdefault = held.append, by_rid.setdefault
         for t, h in zip(times, headers):
             g = h.get
             rid = g(k_rid)
             rec = [t, g(k_n) or 0, g(k_mnt) or 0, g(k_bh) or (), None, rid]
             append(rec)
             if hold:
-                prev = get(rid)
-                if prev is None:
-                    by_rid[rid] = rec
-                elif type(prev) is deque:
+                prev = setdefault(rid, rec)
+                if prev is rec:
+                    continue
+                if type(prev) is deque:
                     prev.append(rec)
                 else:
                     by_rid[rid] = deque((prev, rec))  # a retried id: completions in order
@@ -311,6 +312,10 @@ def main() -> int:
     # behind, the controller's queue fills, and records are dropped (and counted) instead.
     with contextlib.suppress(OSError):
         os.nice(NICE)
+    # What this process allocates (decoded frames, held records, text) holds no reference
+    # cycles, so reference counting frees all of it; the cyclic collector would only re-scan
+    # the held records and a batch's thousands of fresh containers, over and over.
+    gc.disable()
     frames = FrameReader(sys.stdin.fileno())
     cfg = frames.next(None)
     if cfg is None:
