@@ -440,9 +440,10 @@ class CacheAwarePolicy:
     def on_dispatch(self, request: Request, rank: int, seq: int, ctx: PolicyContext) -> None:
         now = ctx.now()
         hashes = request.block_hashes
+        known = ctx.cache.known(rank)
         if self._last_rid == request.rid:
             uncached = self._last_work[rank]
-        elif ctx.cache.known(rank):  # placed elsewhere; the rank says what it holds
+        elif known:  # placed elsewhere; the rank says what it holds
             d = ctx.cache.match(rank, hashes) or 0
             uncached = self._exact_uncached(request, d) if d else float(request.num_tokens)
         else:  # placed by a router, or by the imbalance guard: work it out for this rank
@@ -460,9 +461,9 @@ class CacheAwarePolicy:
             scale = self._served_scale(now)
             self._served[rank] += request.num_tokens * scale
         self._recent[rank].append((seq, work))
-        if hashes and ctx.cache.known(rank):
-            self._hold_pending(rank, seq, hashes)
         if hashes:
+            if known:
+                self._hold_pending(rank, seq, hashes)
             self._remember(rank, hashes, request.num_tokens / len(hashes), now)
 
     @hookimpl

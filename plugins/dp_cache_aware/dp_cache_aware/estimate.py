@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import OrderedDict
-from itertools import accumulate, repeat
-from operator import neg
+from itertools import accumulate, compress, repeat
+from operator import and_, neg, not_, or_
 
 __all__ = ["PrefixEstimate"]
 
@@ -91,6 +91,8 @@ class PrefixEstimate:
             if m > depth - i:
                 m = depth - i
                 aligned = keys[0] == h and keys[:m] == hashes[i : i + m]
+            elif keys is hashes:  # the prompt itself (a repeat of the request that made the run)
+                aligned = True
             else:
                 aligned = keys[0] == h and keys == hashes[i : i + m]
             if not aligned:  # not a chained prompt: from now on, a run per block
@@ -137,7 +139,15 @@ class PrefixEstimate:
         stamps = st[n:0:-1]
         where = self._where[rank]
         # (Stamps only decrease along a run while blocks carry tokens.)
-        plan = None if self._loose[rank] or not block_tokens >= 0.0 else self._plan(where, hashes)
+        chained = not self._loose[rank] and block_tokens >= 0.0
+        if chained:
+            run = where.get(hashes[0])
+            if run is not None and run.keys == hashes:  # a repeat of one whole run: _plan's answer
+                run.stamps = stamps
+                run.used = now
+                self._runs[rank].move_to_end(run)
+                return
+        plan = self._plan(where, hashes) if chained else None
         if plan is None:
             self._loosen(rank)
             self._touch_blocks(rank, hashes, stamps, now)
@@ -148,10 +158,9 @@ class PrefixEstimate:
             run = _Run(hashes[tail:], stamps[tail:], now)
             keys = run.keys
             where.update(zip(keys, repeat(run)))
+            # holders[h] |= bit for each (distinct) new key, in one C-level pass.
             holders = self.holders
-            bit = 1 << rank
-            for h in keys:
-                holders[h] = holders.get(h, 0) | bit
+            holders.update(zip(keys, map(or_, map(holders.get, keys, repeat(0)), repeat(1 << rank))))
             runs[run] = None
         # Then the existing blocks, deepest run first, so the root ends most recent.
         for run, a, b in reversed(segments):
@@ -241,16 +250,17 @@ class PrefixEstimate:
             runs[run] = None
 
     def _drop(self, rank: int, keys: tuple[int, ...]) -> None:
+        # (C-level passes: keys are distinct, and a block no rank holds any more leaves holders.)
         where = self._where[rank]
-        holders = self.holders
-        keep = ~(1 << rank)
         for h in keys:
             del where[h]
-            m = holders.get(h, 0) & keep
-            if m:
-                holders[h] = m
-            else:
-                holders.pop(h, None)
+        holders = self.holders
+        masks = list(map(and_, map(holders.get, keys, repeat(0)), repeat(~(1 << rank))))
+        holders.update(zip(keys, masks))
+        if masks.count(0):
+            pop = holders.pop
+            for h in compress(keys, map(not_, masks)):
+                pop(h)
 
     def trim(self, rank: int, oldest: float) -> None:
         """Forget *rank*'s blocks stamped before *oldest*."""
