@@ -46,10 +46,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import structlog
 
-from dpcore import tracefile
+from dpcore import tracefile, wire
 from dpcore.model import Request
 from dpcore.runtime import tracewriter
 from dpcore.runtime.recordconfig import RecordConfig, add_arguments, config_from_args
@@ -376,9 +375,10 @@ class Recorder:
 
 
 def _header(request: Request) -> bytes:
-    """The writer's fields of a request offered without its wire header (the SGLang adapter)."""
-    return msgpack.packb({"rid": request.rid, "n": request.num_tokens, "bh": request.block_hashes,
-                          "mnt": request.max_new_tokens})  # fmt: skip
+    """The header frame of a request offered without one (the SGLang adapter): the writer reads
+    every request through the wire's own header fields."""
+    return wire.encode_request(request.rid, num_tokens=request.num_tokens, reply="",
+                               block_hashes=request.block_hashes or (), max_new_tokens=request.max_new_tokens)  # fmt: skip
 
 
 def from_args(args: Any) -> Recorder | None:
