@@ -253,6 +253,42 @@ def test_async_client_streams(tmp_path):
     asyncio.run(main())
 
 
+def test_async_client_counts_replies_of_forgotten_requests_as_stale(tmp_path):
+    """Replies for a request given up with forget() or abort() are dropped and counted in
+    ``stale``; they never show up in poll(), which is for requests another tool sent."""
+
+    async def main():
+        actx = zmq.asyncio.Context()
+        ingress = actx.socket(zmq.PULL)
+        ingress.linger = 0
+        ep = endpoints.bind(ingress, f"ipc://{tmp_path}/ingress")
+        client = AsyncClient(ep, zmq_ctx=actx)
+        push = actx.socket(zmq.PUSH)
+        push.linger = 0
+        try:
+            await client.submit("f", num_tokens=1)
+            await client.submit("a", num_tokens=1)
+            client.forget("f")
+            client.abort("a")
+            push.connect(client.reply_endpoint)
+            await push.send_multipart([wire.encode_out("f", 0, False), b"late"])
+            await push.send(wire.encode_fail("a", 0, "aborted", "stopped on request"))
+            await push.send_multipart([wire.encode_out("f", 0, True), b"last"])
+            await push.send_multipart([wire.encode_out("other", 0, True), b"?"])
+            assert [r.rid for r in await client.poll(5)] == ["other"]
+            assert client.stale == 3
+            # A final reply ends what the client remembers: a later reply of that id is unclaimed.
+            await push.send_multipart([wire.encode_out("f", 0, True), b"reused elsewhere"])
+            assert [r.rid for r in await client.poll(5)] == ["f"]
+        finally:
+            push.close()
+            await client.close()
+            ingress.close()
+            actx.term()
+
+    asyncio.run(main())
+
+
 def test_async_client_bounds_the_replies_a_stream_holds_unread(tmp_path):
     """A stream left unread ends ``client_too_slow`` at its bound: the replies it held are
     dropped, its request is aborted and counted; a stream that is read is not touched."""

@@ -48,6 +48,10 @@ __all__ = [
 _SEND_LINGER_MS = 1000
 #: Replies with no waiting stream kept for :meth:`AsyncClient.poll`; older ones are dropped.
 _UNCLAIMED_MAX = 4096
+#: Forgotten request ids :class:`AsyncClient` remembers so that their late replies count as
+#: stale instead of unclaimed; the oldest is dropped past this many (a request whose rank
+#: never answers the abort would otherwise be remembered forever).
+_FORGOTTEN_MAX = 4096
 #: The largest bound :class:`AsyncClient` accepts for the replies one stream holds unread.
 MAX_UNREAD_LIMIT = 1 << 20
 #: The ``fail`` code of a request whose reader fell too far behind (:class:`ReplyStream`).
@@ -386,6 +390,7 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
         self._streams: dict[str, ReplyStream] = {}
         self._unclaimed: deque[Reply] = deque(maxlen=_UNCLAIMED_MAX)
         self._unclaimed_event = asyncio.Event()
+        self._forgotten: dict[str, None] = {}
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -405,6 +410,7 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
         self._check_size(rid, hdr, payload)
         self._start()
         stream = ReplyStream(rid, self.max_unread_replies)
+        self._forgotten.pop(rid, None)
         # Registered before sending, so a reply can never arrive before its stream exists.
         self._streams[rid] = stream
         try:
@@ -420,12 +426,17 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
 
     def forget(self, rid: str) -> None:
         """Stop routing replies of *rid* (its caller went away); later ones count as stale."""
-        self._streams.pop(rid, None)
+        if self._streams.pop(rid, None) is None:
+            return
+        forgotten = self._forgotten
+        if len(forgotten) >= _FORGOTTEN_MAX:
+            del forgotten[next(iter(forgotten))]
+        forgotten[rid] = None
 
     def abort(self, rid: str) -> None:
         """Give up request *rid*: :meth:`forget` it and ask the ranks to stop it. Never
         waits: an abort the ingress cannot take at once is counted in :attr:`aborts_unsent`."""
-        self._streams.pop(rid, None)
+        self.forget(rid)
         try:
             fut = self._tx.send(wire.encode_abort(rid, self.reply_endpoint), zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -471,6 +482,11 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
                 continue
             stream = streams.get(reply.rid)
             if stream is None:
+                if reply.rid in self._forgotten:
+                    self.stale += 1
+                    if reply.final:
+                        del self._forgotten[reply.rid]
+                    continue
                 self._unclaimed.append(reply)
                 self._unclaimed_event.set()
                 continue
