@@ -16,7 +16,7 @@ DIST ?= dist
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml adapters/sglang/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[sim,http,test,docs]' $(foreach p,$(PLUGINS),-e $(p)) -e examples/dp_power_of_two
+	$(PY) -m pip install -q -e '.[sim,http,record,test,docs]' $(foreach p,$(PLUGINS),-e $(p)) -e examples/dp_power_of_two
 	# The SGLang adapter's tooling only: SGLang itself (CUDA wheels, GBs) stays out of .venv;
 	# its tests build a pinned CPU venv of their own (adapters/sglang/dpcore_sglang/venv.py).
 	$(PY) -m pip install -q --no-deps -e adapters/sglang

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from array import array
 from pathlib import Path
 
 import pytest
@@ -419,13 +420,15 @@ def test_serve_records_http_traffic_without_its_text(tmp_path: Path) -> None:
     assert f"recorded {len(lines(rec_path))} of {len(lines(rec_path))} requests to {rec_path}" in out
 
 
-@pytest.mark.parametrize("raw", [False, True])
-def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, raw: bool) -> None:
+@pytest.mark.parametrize("decode", ["text", "raw", "batch", "batch-msgpack"])
+def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decode: str) -> None:
     """The writer's batch formatting gives, line for line, :func:`tracefile.line` of each
-    request's :meth:`Salted.ids`, whether the headers were decoded to text or kept as bytes."""
+    request's :meth:`Salted.ids`: from headers decoded to text or kept as bytes, and from a
+    batch frame as the writer process reads it, with msgspec and with msgpack alone."""
     import msgpack
 
     from dpcore import tracefile
+    from dpcore.runtime import tracewriter
 
     clock = Clock()
     w = writer(tmp_path, clock, salt=b"s" * 16, t0=99.5, hold_s=5.0)
@@ -434,16 +437,48 @@ def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, raw
     headers = []
     for rid, n, cut, mnt in reqs:
         bh = block_hashes(list(range(n, 2 * n)), 16)
-        headers.append(msgpack.packb({"rid": rid, "n": n, "bh": bh[: len(bh) - cut] if bh else [], "mnt": mnt}))
-    decode = [msgpack.unpackb(h, use_list=False, raw=raw) for h in headers]
-    ends = msgpack.unpackb(msgpack.packb([(rid, i) for i, (rid, *_) in enumerate(reqs) if i % 3]), raw=raw)
+        h = {"v": 1, "t": "req", "rid": rid, "n": n, "reply": "ipc:///x", "bh": bh[: len(bh) - cut] if bh else []}
+        if mnt % 4:  # some senders give no budget: 0
+            h["mnt"] = mnt
+        headers.append(msgpack.packb(h))
+    ends = [(rid, i) for i, (rid, *_) in enumerate(reqs) if i % 3]
     times = [clock.t + i / 7 for i in range(len(reqs))]
-    w.add(times, decode, ends, raw=raw)
+    if decode.startswith("batch"):
+        if decode == "batch-msgpack":
+            monkeypatch.setattr(tracewriter, "_BATCH", None)
+        else:
+            assert tracewriter._BATCH is not None, "msgspec is part of the test environment (dpcore[record])"
+        records, got_ends = tracewriter.decode_batch(tracewriter.batch_body(array("d", times), headers, ends))
+        w.take(records, got_ends)
+    else:
+        raw = decode == "raw"
+        decoded = [msgpack.unpackb(h, use_list=False, raw=raw) for h in headers]
+        w.add(times, decoded, msgpack.unpackb(msgpack.packb(ends), raw=raw), raw=raw)
     w.close()
     ref = Salted(16, b"s" * 16, w.salted.kind)
     want = []
     for i, (t, h) in enumerate(zip(times, [msgpack.unpackb(h) for h in headers])):
         ids = ref.ids(h["bh"], h["n"])
-        out, src = (i, "generated") if i % 3 else (h["mnt"], "budget")
+        out, src = (i, "generated") if i % 3 else (h.get("mnt", 0), "budget")
         want.append(tracefile.line((t - 99.5) * 1000, h["n"], out, tracefile.ids_text(ids), 16, src))
     assert (tmp_path / "rec.jsonl").read_text() == "".join(want)
+
+
+def test_a_batch_msgspec_cannot_type_is_read_by_msgpack_alike() -> None:
+    """A header whose fields are not of the types the writer's msgspec schema names (one the
+    controller would not let through, such as ``mnt: nil``) still gives the same records, and
+    completions keep matching their requests by a text id either way."""
+    import msgpack
+
+    from dpcore.runtime import tracewriter
+
+    assert tracewriter._BATCH is not None
+    good = [msgpack.packb({"rid": f"r{i}", "n": 10 + i, "mnt": 7, "bh": [i, i + 1]}) for i in range(3)]
+    odd = msgpack.packb({"rid": "r3", "n": 13, "mnt": None, "bh": [3]})
+    body = tracewriter.batch_body(array("d", [1.0, 2.0, 3.0, 4.0]), [*good, odd], [("r0", 5), ("r3", -1)])
+    records, ends = tracewriter.decode_batch(body)
+    assert records == [[1.0, 10, 7, (0, 1), None, "r0"], [2.0, 11, 7, (1, 2), None, "r1"],
+                       [3.0, 12, 7, (2, 3), None, "r2"], [4.0, 13, 0, (3,), None, "r3"]]  # fmt: skip
+    assert [tuple(e) for e in ends] == [("r0", 5), ("r3", -1)]
+    records, _ = tracewriter.decode_batch(tracewriter.batch_body(array("d", [1.0, 2.0, 3.0]), good, []))
+    assert [type(r[5]) for r in records] == [str, str, str] and records[1][3] == (1, 2)

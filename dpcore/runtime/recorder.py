@@ -135,9 +135,12 @@ class Recorder:
         """Record what *controller* (a :class:`~dpcore.runtime.controller.Controller`) receives,
         and when each request ends."""
         self.attach(controller.call_soon)
-        controller.placer.record = self.offer
+        # On the loop's thread, with nothing sampled out, straight to the queue: no checks
+        # that cannot change per request.
+        every = self._threshold >= _SAMPLE_SPACE
+        controller.placer.record = self._offer if every else self.offer
         if self.config.hold_s > 0:
-            controller.placer.record_end = controller.inflight.ended = self.ended
+            controller.placer.record_end = controller.inflight.ended = self._ended
 
     def offer(self, request: Any, header: Any = None) -> None:
         """Queue *request* (a :class:`dpcore.Request`) for the writer; never blocks.
@@ -174,6 +177,9 @@ class Recorder:
                 self._ends.append((rid, output_tokens))
         else:
             self._ends.append((rid, output_tokens))
+
+    def _ended(self, rid: str, output_tokens: int) -> None:
+        self._ends.append((rid, output_tokens))
 
     def pack(self) -> None:
         """Pack what is queued into one frame for the writer thread."""

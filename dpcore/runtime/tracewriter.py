@@ -43,6 +43,11 @@ import msgpack
 
 from dpcore import tracefile
 
+try:  # reads only the header fields a line needs; without it, msgpack builds every field
+    import msgspec
+except ImportError:  # pragma: no cover - the fallback is tested by disabling it
+    msgspec = None
+
 #: Bytes of a frame's length prefix (little-endian).
 PREFIX = 4
 #: How much lower than the controller's this process's CPU priority is.
@@ -102,7 +107,7 @@ class TraceWriter:
         # too (a deque of them for an id sent again before it ended).
         self._held: deque[list[Any]] = deque()
         self._by_rid: dict[str, Any] = {}
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._bytes = 0
         self._opened = 0.0
 
@@ -112,25 +117,29 @@ class TraceWriter:
         path = Path(self.path)
         if fresh and path.exists() and path.stat().st_size:
             self._shift()
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._file = open(path, "ab")  # noqa: SIM115 - closed by close()
         self._bytes = self._file.tell()
         self._opened = self.clock()
 
     def add(
         self, times: Sequence[float], headers: Iterable[Any], ends: Iterable[Sequence[Any]] = (), *, raw: bool = False
     ) -> None:
-        """Take a batch: arrival *times* and decoded request *headers*, then completions
+        """Take a batch: arrival *times* and decoded request *headers* (maps), then completions
         ``(rid, output tokens or -1)``; write what is ready. *raw*: the headers were decoded
         with msgpack's ``raw=True`` (keys and strings as bytes, which skips UTF-8 decoding)."""
-        held, by_rid, hold = self._held, self._by_rid, self.hold_s > 0
         k_rid, k_n, k_mnt, k_bh = _RAW_KEYS if raw else _KEYS
-        append, setdefault = held.append, by_rid.setdefault
-        for t, h in zip(times, headers):
-            g = h.get
-            rid = g(k_rid)
-            rec = [t, g(k_n) or 0, g(k_mnt) or 0, g(k_bh) or (), None, rid]
-            append(rec)
-            if hold:
+        self.take([[t, h.get(k_n) or 0, h.get(k_mnt) or 0, h.get(k_bh) or (), None, h.get(k_rid)]
+                   for t, h in zip(times, headers)], ends)  # fmt: skip
+
+    def take(self, records: list[list[Any]], ends: Iterable[Sequence[Any]] = ()) -> None:
+        """Take a batch of records ``[arrival, n, mnt, bh, None, rid]`` (:func:`decode_batch`)
+        and completions ``(rid, output tokens or -1)``; write what is ready."""
+        held, by_rid, hold = self._held, self._by_rid, self.hold_s > 0
+        held.extend(records)
+        if hold:
+            setdefault = by_rid.setdefault
+            for rec in records:
+                rid = rec[5]
                 prev = setdefault(rid, rec)
                 if prev is rec:
                     continue
@@ -183,37 +192,39 @@ class TraceWriter:
 
     def _write(self, records: list[list[Any]]) -> None:
         bs, t0, salted = self.block_size, self.t0, self.salted
-        wants = [salted.wanted(len(r[3]), r[1]) for r in records]
+        # Salted.wanted of each record, inline: ceil(n / bs) ids when the sender's hashes fit.
+        wants = [k if (h := r[3]) and len(h) <= (k := -(-r[1] // bs)) else 0 for r in records]
         # Every id of the batch as fixed-width text in one call (block ids, then ids of blocks
         # the sender did not hash), then cut per line.
         hashes = list(chain.from_iterable([r[3] for r, w in zip(records, wants) if w]))
         n_tails = sum([w - len(r[3]) for r, w in zip(records, wants) if w])
-        ids = salted.salt_text(hashes, n_tails).decode("ascii")
+        ids = salted.salt_text(hashes, n_tails)
+        cut = memoryview(ids)  # a line's ids are appended from here without a copy of their own
         w = tracefile.ID_TEXT
-        # tracefile.line, its constant end hoisted out of the loop (a test holds them equal).
-        gen_end = f'], "block_size": {bs}, "output_from": "{GENERATED}"}}\n'
-        budget_end = f'], "block_size": {bs}, "output_from": "{BUDGET}"}}\n'
-        out, at, at_tail, generated = [], 0, len(hashes) * w, 0
+        # tracefile.line as bytes, its constant end hoisted out of the loop (a test holds them equal).
+        gen_end = f'], "block_size": {bs}, "output_from": "{GENERATED}"}}\n'.encode()
+        budget_end = f'], "block_size": {bs}, "output_from": "{BUDGET}"}}\n'.encode()
+        head = b'{"timestamp": %.3f, "input_length": %d, "output_length": %d, "hash_ids": ['
+        text, at, at_tail, generated = bytearray(), 0, len(hashes) * w, 0
         for (t, n, mnt, bh, done, _rid), want in zip(records, wants):
+            if done is not None and done >= 0:
+                generated += 1
+                text += head % ((t - t0) * 1000, n, done)
+                end_line = gen_end
+            else:
+                text += head % ((t - t0) * 1000, n, mnt)
+                end_line = budget_end
             if want:
                 end = at + len(bh) * w
                 if want > len(bh):
                     end_tail = at_tail + (want - len(bh)) * w
-                    text = (ids[at:end] + ids[at_tail:end_tail])[:-2]
+                    text += cut[at:end]
+                    text += cut[at_tail : end_tail - 2]
                     at_tail = end_tail
                 else:
-                    text = ids[at : end - 2]
+                    text += cut[at : end - 2]
                 at = end
-            else:
-                text = ""
-            if done is not None and done >= 0:
-                generated += 1
-                out.append(f'{{"timestamp": {(t - t0) * 1000:.3f}, "input_length": {n}, "output_length": {done}, '
-                           f'"hash_ids": [{text}{gen_end}')  # fmt: skip
-            else:
-                out.append(f'{{"timestamp": {(t - t0) * 1000:.3f}, "input_length": {n}, "output_length": {mnt}, '
-                           f'"hash_ids": [{text}{budget_end}')  # fmt: skip
-        text = "".join(out)
+            text += end_line
         if self._file is None:
             self.open(fresh=False)
         if self._bytes and (
@@ -264,6 +275,48 @@ def frame(obj: Any) -> bytes:
     return len(data).to_bytes(PREFIX, "little") + data
 
 
+if msgspec is not None:
+
+    class _Header(msgspec.Struct, gc=False):
+        """The fields of a request header a line needs; the others are skipped, not built."""
+
+        rid: str
+        n: int = 0
+        mnt: int = 0
+        bh: tuple[int, ...] = ()
+
+    _BATCH: Any = msgspec.msgpack.Decoder(tuple[bytes, list[_Header], list[tuple[str, int]]])
+    _BAD_BATCH: tuple[type[Exception], ...] = (msgspec.DecodeError,)
+else:  # pragma: no cover
+    _BATCH, _BAD_BATCH = None, ()
+
+
+def decode_batch(body: Any) -> tuple[list[list[Any]], Any]:
+    """A batch frame's records (:meth:`TraceWriter.take`) and completions.
+
+    With msgspec installed, only the fields a line needs are decoded (the reply address and
+    other fields are skipped unbuilt); a header it cannot type (a field of another type than
+    the controller's validation lets through) sends the batch through msgpack instead, which
+    gives the same records."""
+    times = array("d")
+    if _BATCH is not None:
+        try:
+            tb, headers, ends = _BATCH.decode(body)
+        except _BAD_BATCH:
+            pass
+        else:
+            times.frombytes(tb)
+            return [[t, h.n, h.mnt, h.bh, None, h.rid] for t, h in zip(times, headers)], ends
+    # Without msgspec, strings stay bytes (no UTF-8 decoding); with it, ids are text in
+    # every batch, so a completion still finds its request across a batch decoded here.
+    raw = _BATCH is None
+    tb, headers, ends = msgpack.unpackb(body, use_list=False, raw=raw)
+    times.frombytes(tb)
+    k_rid, k_n, k_mnt, k_bh = _RAW_KEYS if raw else _KEYS
+    return [[t, h.get(k_n) or 0, h.get(k_mnt) or 0, h.get(k_bh) or (), None, h.get(k_rid)]
+            for t, h in zip(times, headers)], ends  # fmt: skip
+
+
 def batch_body(times: array, headers: Sequence[Any], ends: list[tuple[str, int]]) -> bytes:
     """A batch frame's msgpack body, spliced from the request headers' own bytes (no re-encoding).
 
@@ -285,6 +338,11 @@ class FrameReader:
     def next(self, timeout_s: float | None, *, raw: bool = False) -> Any:
         """The next frame's object; ``None`` when *timeout_s* passed first or at the end.
         *raw*: strings stay bytes (msgpack's ``raw=True``)."""
+        body = self.body(timeout_s)
+        return None if body is None else msgpack.unpackb(body, use_list=False, raw=raw)
+
+    def body(self, timeout_s: float | None) -> bytes | None:
+        """The next frame's bytes; ``None`` when *timeout_s* passed first or at the end."""
         while True:
             buf = self.buf
             if len(buf) >= PREFIX:
@@ -293,9 +351,9 @@ class FrameReader:
                     msg = f"frame of {size} bytes, more than {MAX_FRAME}"
                     raise ValueError(msg)
                 if len(buf) >= PREFIX + size:
-                    obj = msgpack.unpackb(memoryview(buf)[PREFIX : PREFIX + size], use_list=False, raw=raw)
+                    body = bytes(memoryview(buf)[PREFIX : PREFIX + size])
                     del buf[: PREFIX + size]
-                    return obj
+                    return body
             if self.eof:
                 return None
             if timeout_s is not None and not select.select([self.fd], [], [], max(timeout_s, 0.0))[0]:
@@ -330,11 +388,9 @@ def main() -> int:
         sys.stdout.flush()
         due = None
         while True:
-            batch = frames.next(None if due is None else due - time.monotonic(), raw=True)
-            if batch is not None:
-                times = array("d")
-                times.frombytes(batch[0])
-                w.add(times, batch[1], batch[2], raw=True)
+            body = frames.body(None if due is None else due - time.monotonic())
+            if body is not None:
+                w.take(*decode_batch(body))
             elif frames.eof:
                 break
             due = w.flush()
