@@ -221,12 +221,12 @@ class CacheAwarePolicy:
             low = exact & -exact
             exact ^= low
             r = low.bit_length() - 1
+            d = depth.get(r, 0)
             pending = self._pending[r]
-            if not pending:
+            if d == n or not pending:
                 continue
             oldest = pending[0][1]
             get = self._pending_blocks[r].get
-            d = depth.get(r, 0)
             while d < n and get(hashes[d], -1) >= oldest:
                 d += 1
             if d:
@@ -303,7 +303,7 @@ class CacheAwarePolicy:
                 mask = 0
                 for r in ranks:
                     mask |= 1 << r
-            depth = self._depths(hashes, mask & ~exact)
+            depth = prefix_depths(self._est.holders, hashes, mask & ~exact)  # self._depths
             exact &= mask
             if exact:
                 depth.update(ctx.cache.depths(hashes, exact))
@@ -317,8 +317,8 @@ class CacheAwarePolicy:
         # How much an uncertain block's saving is worth: the request's own time on an idle
         # cluster, more as the queue (in requests) grows, at most what a sure block is worth.
         queued = 0.0
-        for r in ranks:
-            w = busy[r] - now
+        for b in busy if every else [busy[r] for r in ranks]:
+            w = b - now
             if w > 0.0:
                 queued += w
         job = self._job_s
@@ -344,22 +344,26 @@ class CacheAwarePolicy:
         est_cached = self._est.cached
         # The ranks from this decision's turn on (ties go to the earliest in this order).
         order = ranks[start:] + ranks[:start] if start else ranks
+        # A rank without a prefix that steers gets the whole prompt and no uncertain saving:
+        # the same two terms for each of them.
+        full_cost = full / rate
+        no_saving = 0.0 * discount
         for r in order:
             wait = busy[r] - now
-            d = depth.get(r, 0)
-            uncertain = 0.0
+            d = depth.get(r, 0) if depth else 0
             if not d or not d >= steers:
-                new = full
+                work[r] = new = full
+                cost = (wait if wait > 0.0 else 0.0) + full_cost + no_saving
             else:
+                uncertain = 0.0
                 if exact >> r & 1:
                     left = tokens - d * tokens / blocks
                 else:
                     cap = capacity[r]
                     sure, uncertain = est_cached(r, hashes, d, block_tokens, cap - pinned[r], cap * horizon_factor)
                     left = tokens - (sure + uncertain)
-                new = left if left > 1.0 else 1.0
-            work[r] = new
-            cost = (wait if wait > 0.0 else 0.0) + new / rate + uncertain * discount
+                work[r] = new = left if left > 1.0 else 1.0
+                cost = (wait if wait > 0.0 else 0.0) + new / rate + uncertain * discount
             # No room in the rank's KV now: its head of line waits for decodes to free some.
             over = pinned[r] + new + out - capacity[r]
             if over > 0.0:
@@ -369,7 +373,24 @@ class CacheAwarePolicy:
                 lowest = cost
                 cheapest = r
         if self.load_bound:
-            lowest = self._bound_load(ranks, now, full)
+            # self._bound_load(ranks, now, full), with its usual path inlined: when no rank
+            # is past the bound, no cost changes and the lowest stays the one found above.
+            t0 = self._served_t0
+            x = (now - t0) / self.load_window if t0 is not None else math.nan
+            if x <= MAX_EXPONENT:
+                scale = math.exp(x)
+                served = self._served if every else [self._served[r] for r in ranks]
+                total = 0.0
+                for v in served:
+                    total += v
+                cap = self.load_bound * total / n + full * scale
+                floor = _BOUND_FLOOR * self.rate * self.load_window * scale
+                if cap < floor:
+                    cap = floor
+                if any(map(cap.__lt__, served)):  # (served[r] > cap)
+                    lowest = self._over_bound(ranks, cap)
+            else:
+                lowest = self._bound_load(ranks, now, full)
         # The cheapest rank was passed over for the load bound: say so.
         bounded = costs[cheapest] >= _OVER_BOUND
         # Near-ties go to the rank that has prefilled least lately: its decodes stall least.
@@ -427,6 +448,10 @@ class CacheAwarePolicy:
         floor = _BOUND_FLOOR * self.rate * self.load_window * scale
         if cap < floor:
             cap = floor
+        return self._over_bound(ranks, cap)
+
+    def _over_bound(self, ranks: list[int], cap: float) -> float:
+        served = self._served
         costs = self._costs
         lowest = math.inf
         for r in ranks:
@@ -450,21 +475,40 @@ class CacheAwarePolicy:
             d = self._depths(hashes, 1 << rank).get(rank, 0) if hashes else 0
             uncached = self._uncached(request, rank, d)
         self._last_rid = None
+        # (This runs for every request: the helpers it shares with other hooks are inlined,
+        # each computing exactly what the helper does.)
         work = uncached / self.rate
         job = self._job_s
         self._job_s = job + _JOB_ALPHA * (work - job) if job > 0.0 else work
         busy = self._busy_until
-        busy[rank] = (busy[rank] if busy[rank] > now else now) + work
-        self._duty[rank] = self._decayed(rank, now) + work
+        b = busy[rank]
+        busy[rank] = (b if b > now else now) + work
+        duties = self._duty
+        dt = now - self._duty_t[rank]  # self._decayed(rank, now)
+        d = duties[rank]
+        duties[rank] = (d * math.exp(-dt / self.duty_window) if dt > 0 else d) + work
         self._duty_t[rank] = now
         if self.load_bound:
-            scale = self._served_scale(now)
+            t0 = self._served_t0
+            x = (now - t0) / self.load_window if t0 is not None else math.nan
+            scale = math.exp(x) if x <= MAX_EXPONENT else self._served_scale(now)
             self._served[rank] += request.num_tokens * scale
         self._recent[rank].append((seq, work))
         if hashes:
             if known:
                 self._hold_pending(rank, seq, hashes)
-            self._remember(rank, hashes, request.num_tokens / len(hashes), now)
+            # self._remember(rank, hashes, request.num_tokens / len(hashes), now)
+            est = self._est
+            est.touch(rank, hashes, request.num_tokens / len(hashes), now)
+            if now < self._last_use or not self._clock_steady:
+                self._track_use(now)
+            else:  # self._track_use(now), its usual path
+                self._last_use = now
+                if now < self._oldest_use:
+                    self._oldest_use = now
+            est.trim(rank, est.touched[rank] - self._capacity[rank] * self.memory_factor)  # self._trim(rank)
+            if est.size > self.max_blocks or not self._oldest_use >= now - self.eviction_interval:
+                self._age(now)  # (its own early return, tested first)
 
     @hookimpl
     def on_load_report(self, report: LoadReport, ctx: PolicyContext) -> None:
@@ -517,6 +561,12 @@ class CacheAwarePolicy:
         # extends it: evicting from the LRU end then cuts prompts from their tails, as a
         # radix-tree cache does, and a shared root outlives the conversations under it.
         self._est.touch(rank, hashes, block_tokens, now)
+        self._track_use(now)
+        self._trim(rank)
+        self._age(now)
+
+    def _track_use(self, now: float) -> None:
+        """Keep ``_oldest_use`` a lower bound on every entry's last use (see ``_age``)."""
         if now < self._last_use:
             # A clock that went back: use order is no longer time order; always look.
             self._clock_steady = False
@@ -525,8 +575,6 @@ class CacheAwarePolicy:
             self._last_use = now
             if now < self._oldest_use:
                 self._oldest_use = now
-        self._trim(rank)
-        self._age(now)
 
     def _trim(self, rank: int) -> None:
         """Forget blocks older than the memory horizon (they cannot still be cached)."""
@@ -535,7 +583,7 @@ class CacheAwarePolicy:
     def _age(self, now: float) -> None:
         """Bound memory: drop entries unused for ``eviction_interval`` or past ``max_blocks``."""
         horizon = now - self.eviction_interval
-        if len(self._est) <= self.max_blocks and self._oldest_use >= horizon:
+        if self._est.size <= self.max_blocks and self._oldest_use >= horizon:
             return  # nothing is old enough: no need to look at each rank's oldest entry
         self._est.age(horizon, self.max_blocks)
         if self._clock_steady:

@@ -44,13 +44,15 @@ class PrefixEstimate:
     :ivar holders: Block hash -> bitmask of the ranks holding it (for
         :func:`dpcore.prefix_depths`).
     :ivar touched: Per rank, tokens touched so far (the stamp clock).
+    :ivar size: (rank, block) pairs held (``len``, kept as blocks come and go).
     """
 
-    __slots__ = ("holders", "touched", "_where", "_runs", "_loose", "_sums")
+    __slots__ = ("holders", "touched", "size", "_where", "_runs", "_loose", "_sums")
 
     def __init__(self, dp_size: int) -> None:
         self.holders: dict[int, int] = {}
         self.touched = [0.0] * dp_size
+        self.size = 0
         # Per rank: block hash -> the run holding it; the runs, oldest first.
         self._where: list[dict[int, _Run]] = [{} for _ in range(dp_size)]
         self._runs: list[OrderedDict[_Run, None]] = [OrderedDict() for _ in range(dp_size)]
@@ -62,7 +64,7 @@ class PrefixEstimate:
 
     def __len__(self) -> int:
         """(rank, block) pairs held."""
-        return sum(map(len, self._where))
+        return self.size
 
     def entries(self, rank: int) -> list[tuple[int, float, float]]:
         """``(block hash, stamp, time)`` of *rank*'s blocks, least recently used first."""
@@ -158,6 +160,7 @@ class PrefixEstimate:
             run = _Run(hashes[tail:], stamps[tail:], now)
             keys = run.keys
             where.update(zip(keys, repeat(run)))
+            self.size += len(keys)  # (new keys: _plan checked that where has none of them)
             # holders[h] |= bit for each (distinct) new key, in one C-level pass.
             holders = self.holders
             holders.update(zip(keys, map(or_, map(holders.get, keys, repeat(0)), repeat(1 << rank))))
@@ -243,6 +246,7 @@ class PrefixEstimate:
             old = where.get(h)
             if old is None:
                 holders[h] = holders.get(h, 0) | bit
+                self.size += 1
             else:
                 del runs[old]
         for h, s in reversed(first.items()):
@@ -254,6 +258,7 @@ class PrefixEstimate:
         where = self._where[rank]
         for h in keys:
             del where[h]
+        self.size -= len(keys)
         holders = self.holders
         masks = list(map(and_, map(holders.get, keys, repeat(0)), repeat(~(1 << rank))))
         holders.update(zip(keys, masks))
@@ -311,6 +316,7 @@ class PrefixEstimate:
                 holders[h] = m
             else:
                 holders.pop(h, None)
+        self.size -= len(where)
         where.clear()
         self._runs[rank].clear()
         self._loose[rank] = False
