@@ -50,8 +50,9 @@ from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.convert import SnapshotFeed, to_request
 from dpcore_sglang.kv_events import SglangKvEvents
 from dpcore_sglang.metrics import serve as serve_metrics
+from dpcore_sglang.output_lengths import Ended
 from dpcore_sglang.recv import BlockingReceiver
-from dpcore_sglang.tokenizer_hashes import Carried
+from dpcore_sglang.tokenizer_hashes import Carried, dp_controller_reads
 
 log = logging.getLogger("dpcore_sglang")
 
@@ -151,6 +152,8 @@ class DpcoreDispatcher:
         self.lost_peers = 0
         self._encode = frame_encoder()
         self.recorder = _recorder(config, self.block_size or config.whole_pages(page_size))
+        #: Output tokens of ended requests, from the tokenizer process, for the recorder.
+        self.ended = Ended(self.recorder.ended) if self.recorder is not None else None
         self._sync_active()
 
     # ------------------------------------------------------------------ dispatch
@@ -274,6 +277,8 @@ class DpcoreDispatcher:
             exc,
         )
         message = str(exc)
+        if self.recorder is not None:  # its line carries the budget, as dpcore serve's do
+            self.recorder.ended(req.rid, -1)
         abort = AbortReq(
             rid=req.rid,
             abort_message=message,
@@ -339,7 +344,7 @@ class DpcoreDispatcher:
             "block_size": self.block_size,
             "block_hashes": self.carried.stats() if self.block_size else None,
             "kv_events": self.manager.cache.stats() if self.kv_events is not None else None,
-            "record": self.recorder.stats() if self.recorder is not None else None,
+            "record": {**self.recorder.stats(), "output_lengths": self.ended.stats()} if self.ended is not None else None,
         }
 
 
@@ -349,12 +354,11 @@ def _recorder(config: AdapterConfig, block_size: int) -> Any:
         return None
     from dpcore.runtime.recorder import Recorder, RecordConfig
 
-    # SGLang's controller never learns how many tokens a request generated: the scheduler
-    # counts them (_GenerationStreamAccumulator.accept, completion_tokens, in
-    # sglang/srt/managers/scheduler_components/output_streamer.py) and sends them to the
-    # detokenizer; DataParallelController.refresh_load_budget reads only per-rank totals
-    # (LoadSnapshot, sglang/srt/managers/load_snapshot.py). So lines carry the budget at once.
-    rec = Recorder(RecordConfig(path=config.record, block_size=block_size, sample=config.record_sample, hold_s=0))
+    # SGLang's controller never learns how many tokens a request generated; the tokenizer
+    # process does, and sends them (dpcore_sglang.output_lengths) when it sends to us as is.
+    # Otherwise lines carry the budget at once instead of waiting for an end that never comes.
+    hold_s = config.record_hold_s if dp_controller_reads() else 0.0
+    rec = Recorder(RecordConfig(path=config.record, block_size=block_size, sample=config.record_sample, hold_s=hold_s))
     rec.start()
     atexit.register(rec.close)
     log.info("dpcore recording requests to %s (block ids every %d tokens)", config.record, block_size)
@@ -375,6 +379,8 @@ def install(ctl: Any, config: AdapterConfig, manager: PolicyManager | None = Non
         if timeout_ms is not None and watchdog_s:  # wake often enough that SGLang's loop feeds its watchdog in time
             timeout_ms = max(1, min(timeout_ms, int(watchdog_s * 250)))
         ctl.recv_from_tokenizer = BlockingReceiver(ctl.recv_from_tokenizer, timeout_ms, adapter.carried)
+    if adapter.ended is not None:
+        ctl.recv_from_tokenizer.ended = adapter.ended.take
     ctl.dpcore = adapter
     if config.metrics_port is not None:
         try:

@@ -62,6 +62,8 @@ class AdapterConfig:
     :ivar record: Record every request as a trace for ``dpcore simulate`` to this path
         (``--dpcore-record``; see :mod:`dpcore.runtime.recorder`); ``None``: off.
     :ivar record_sample: Fraction of requests recorded, in (0, 1].
+    :ivar record_hold_s: Longest a recorded line waits for its request's output length from
+        the tokenizer process, in 0..86,400 seconds (0: write the budget at once).
     """
 
     method: str = "auto"
@@ -73,6 +75,7 @@ class AdapterConfig:
     metrics_host: str = "127.0.0.1"
     record: str | None = None
     record_sample: float = 1.0
+    record_hold_s: float = 300.0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -86,6 +89,7 @@ class AdapterConfig:
                 "metrics_host": self.metrics_host,
                 "record": self.record,
                 "record_sample": self.record_sample,
+                "record_hold_s": self.record_hold_s,
             }
         )
 
@@ -101,7 +105,7 @@ class AdapterConfig:
             raise ConfigError(msg)
         unknown = set(data) - {
             "method", "options", "block_size", "block_hashes", "poll_timeout_ms", "metrics_port", "metrics_host",
-            "record", "record_sample",
+            "record", "record_sample", "record_hold_s",
         }
         if unknown:
             msg = f"{ENV_VAR} has unknown keys {sorted(unknown)}"
@@ -120,6 +124,7 @@ class AdapterConfig:
             metrics_host=str(data.get("metrics_host", "127.0.0.1")),
             record=data.get("record"),
             record_sample=data.get("record_sample", 1.0),
+            record_hold_s=data.get("record_hold_s", 300.0),
         )
 
     def hashed_block_size(self, needs_block_hashes: bool, page_size: int) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 from dpcore.auto import check_removed_flags
 from dpcore.cli import add_policy_option_argument, parse_policy_options
 from dpcore.errors import DpcoreError
-from dpcore_sglang import server_info, tokenizer_hashes
+from dpcore_sglang import output_lengths, server_info, tokenizer_hashes
 from dpcore_sglang.config import BLOCK_HASH_MODES, ENV_VAR, AdapterConfig
 from dpcore_sglang.versions import check_sglang_version
 
@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of requests recorded, in (0, 1], chosen by request id (default 1)",
     )
     p.add_argument(
+        "--dpcore-record-hold-s",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="longest a recorded line waits for its request's output length, 0..86400 (0: write the "
+        "budget at once; default 300)",
+    )
+    p.add_argument(
         "--dpcore-dry-run",
         action="store_true",
         help="check and resolve everything, print what would run as JSON, start nothing",
@@ -125,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # This process runs SGLang's TokenizerManager: hash prompts here, not in the controller.
     needs = bool(plan["needs_block_hashes"])
     tokenizer_hashes.register(lambda page_size: config.hashed_block_size(needs, page_size))
+    if config.record and config.record_hold_s > 0:  # the recorder waits for each request's output length
+        output_lengths.register(tokenizer_hashes.dp_controller_reads)
     # SGLang's own entry point, as `python -m sglang.launch_server` runs it; every SGLang
     # process inherits the environment, and the controller's turns the adapter on.
     sys.argv = ["sglang.launch_server", *sglang_argv]
@@ -145,11 +155,13 @@ def prepare(ours: argparse.Namespace, rest: list[str]) -> tuple[AdapterConfig, l
         metrics_host=ours.dpcore_metrics_host,
         record=str(Path(ours.dpcore_record).resolve()) if ours.dpcore_record else None,
         record_sample=ours.dpcore_record_sample,
+        record_hold_s=ours.dpcore_record_hold_s,
     )
     if config.record:
         from dpcore.runtime.recorder import RecordConfig
 
-        RecordConfig(path=config.record, sample=config.record_sample)  # a bad path or rate fails now
+        # A bad path, rate or hold fails now.
+        RecordConfig(path=config.record, sample=config.record_sample, hold_s=config.record_hold_s)
     from sglang.srt.server_args import prepare_server_args
 
     from dpcore.manager import PolicyManager

@@ -10,7 +10,9 @@ dashboard serves both: ``dpcore_decisions_total{policy,reason}``,
 ``dpcore_rejected_total{code}``, ``dpcore_rank_dispatched_total{rank}``,
 ``dpcore_bad_frames_total``, plus ``dpcore_lost_peers_total``, ``dpcore_chain_info``, and
 ``dpcore_block_hashes_total{source}`` (``tokenizer``: computed in SGLang's tokenizer process;
-``controller``: computed here) with ``dpcore_block_hashes_refused_total{reason}``.
+``controller``: computed here) with ``dpcore_block_hashes_refused_total{reason}``; with
+``--dpcore-record``, the recorder's ``dpcore_record_*`` and
+``dpcore_record_output_lengths_total{outcome}`` (``received``, ``refused``).
 """
 
 from __future__ import annotations
@@ -73,12 +75,21 @@ class AdapterCollector:
         yield CounterMetricFamily(
             "dpcore_lost_peers", "Sends that found no scheduler connected (rank left rotation)", value=a.lost_peers
         )
+        if a.ended is not None:  # --dpcore-record
+            lengths = CounterMetricFamily(
+                "dpcore_record_output_lengths", "Output lengths from SGLang's tokenizer process", labels=["outcome"]
+            )
+            lengths.add_metric(["received"], a.ended.received)
+            lengths.add_metric(["refused"], a.ended.refused)
+            yield lengths
 
 
 def make_registry(adapter: Any) -> CollectorRegistry:
     """A registry holding only the adapter's metrics."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(AdapterCollector(adapter))
+    if adapter.recorder is not None:  # dpcore serve's dpcore_record_* families
+        reg.register(adapter.recorder.collector())
     return reg
 
 

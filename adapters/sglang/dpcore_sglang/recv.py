@@ -9,7 +9,8 @@ watchdog). While requests flow, the first ``NOBLOCK`` receive succeeds and nothi
 
 A frame that carries block hashes from the tokenizer
 (:mod:`dpcore_sglang.tokenizer_hashes`) is split here: the hashes go to the adapter, SGLang
-decodes the rest as usual.
+decodes the rest as usual. A frame of ended requests (:mod:`dpcore_sglang.output_lengths`)
+goes to the adapter's recorder whole; SGLang gets "no message now" and asks again.
 
 With SGLang's default pickle IPC it also keeps an undecodable frame from killing the server
 (upstream lets the exception end the loop and the process): the frame is logged, counted
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from dpcore_sglang.output_lengths import MAGIC as ENDED
 from dpcore_sglang.tokenizer_hashes import MAGIC, Carried
 
 log = logging.getLogger("dpcore_sglang")
@@ -45,6 +48,8 @@ class BlockingReceiver:
         self.carried = Carried(0) if carried is None else carried
         self.bad_frames = 0
         self.idle_waits = 0
+        #: Takes a frame of ended requests (``--dpcore-record``); ``None``: they are dropped.
+        self.ended: Callable[[bytes], None] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -69,6 +74,8 @@ class BlockingReceiver:
                 return self.carried.split(frame)
             except ValueError as exc:
                 self._bad(len(frame), exc)
+        if type(frame) is bytes and frame.startswith(ENDED):
+            self._ended(frame)
         return frame
 
     def recv_pyobj(self, flags: int = 0) -> Any:
@@ -80,12 +87,19 @@ class BlockingReceiver:
 
     def decode(self, frame: bytes) -> Any:
         """The message in a pickle-IPC *frame* (SGLang's default), its block hashes kept."""
+        if frame.startswith(ENDED):
+            self._ended(frame)
         try:
             if frame.startswith(MAGIC):
                 return pickle.loads(self.carried.split(frame))
             return pickle.loads(frame)  # SGLang's own IPC format, as recv_pyobj does
         except Exception as exc:
             self._bad(len(frame), exc)
+
+    def _ended(self, frame: bytes) -> None:
+        if self.ended is not None:
+            self.ended(frame)
+        raise zmq.Again  # not a message for SGLang: its loop goes round and asks again
 
     def _bad(self, size: int, exc: Exception) -> None:
         self.bad_frames += 1

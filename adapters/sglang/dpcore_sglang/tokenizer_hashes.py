@@ -210,13 +210,22 @@ def tokenizer_block_size(hashed_block_size: Callable[[int], int]) -> int:
     :param hashed_block_size: The adapter's block size for a page size
         (``AdapterConfig.hashed_block_size`` with the chain's capability bound).
     """
-    from sglang.srt.runtime_context import get_exec, get_parallel, get_schedule, get_serving
+    from sglang.srt.runtime_context import get_schedule
 
-    if not (get_parallel().num_dp_ranks > 1 or get_exec().moe.ep_join_mode == "scale"):
-        return 0  # no data-parallel controller: a scheduler reads these messages
-    if get_serving().tokenizer_worker_num != 1:
+    if not dp_controller_reads():
         return 0
     return hashed_block_size(int(get_schedule().page_size or 1))
+
+
+def dp_controller_reads() -> bool:
+    """Whether SGLang's data-parallel controller (so the adapter) reads this process's
+    messages as sent: there is one (else a scheduler reads them), and one tokenizer worker
+    (several send through a router that decodes and re-encodes each message)."""
+    from sglang.srt.runtime_context import get_exec, get_parallel, get_serving
+
+    if not (get_parallel().num_dp_ranks > 1 or get_exec().moe.ep_join_mode == "scale"):
+        return False
+    return get_serving().tokenizer_worker_num == 1
 
 
 def register(hashed_block_size: Callable[[int], int]) -> TokenizerHook:

@@ -56,7 +56,7 @@ def tokenized(**fields) -> SimpleNamespace:
 def test_config_round_trips_through_the_environment_variable():
     c = AdapterConfig(
         method="cache_aware,total_tokens", options={"cache_aware": {"balance_abs": 32}}, block_size=128, metrics_port=9464,
-        record="/var/log/dpcore/traffic.jsonl", record_sample=0.25,
+        record="/var/log/dpcore/traffic.jsonl", record_sample=0.25, record_hold_s=60.0,
     )
     assert AdapterConfig.from_json(c.to_json()) == c
 
@@ -183,19 +183,6 @@ def test_a_stale_snapshot_does_not_erase_a_burst():
 
 
 # ----------------------------------------------------------------------------- receiving
-
-
-@pytest.fixture
-def pair(tmp_path):
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.bind(f"ipc://{tmp_path}/in")
-    push = ctx.socket(zmq.PUSH)
-    push.connect(f"ipc://{tmp_path}/in")
-    yield push, pull
-    push.close(linger=0)
-    pull.close(linger=0)
-    ctx.term()
 
 
 def test_noblock_receive_waits_in_poll_until_a_message_arrives(pair):
