@@ -323,6 +323,26 @@ class ControllerHarness:
         return t.user + t.system
 
 
+def tokenizer_manager_class() -> Any:
+    """SGLang's TokenizerManager class. The CPU test venv has no uvloop, which
+    ``tokenizer_manager`` only uses to install its event loop policy at import: asyncio's own
+    policy stands in (a module with a spec, so later ``find_spec`` calls still work)."""
+    import asyncio
+    import importlib.machinery
+    import importlib.util
+    import sys
+    import types
+
+    if "uvloop" not in sys.modules and importlib.util.find_spec("uvloop") is None:
+        stub = types.ModuleType("uvloop")
+        stub.__spec__ = importlib.machinery.ModuleSpec("uvloop", None)
+        stub.EventLoopPolicy = asyncio.DefaultEventLoopPolicy  # type: ignore[attr-defined]
+        sys.modules["uvloop"] = stub
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    return TokenizerManager
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on now."""
     with socket.socket() as s:

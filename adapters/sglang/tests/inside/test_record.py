@@ -4,11 +4,8 @@ with the output lengths SGLang's TokenizerManager (hooked) reports."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import time
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from sglang.srt.runtime_context import publish
 from dpcore.sim.traces import read_trace
 from dpcore_sglang import output_lengths
 from dpcore_sglang.config import AdapterConfig
-from dpcore_sglang.testing import free_port, make_request, scrape
+from dpcore_sglang.testing import free_port, make_request, scrape, tokenizer_manager_class
 
 pytestmark = pytest.mark.sglang
 
@@ -58,11 +55,9 @@ def test_the_adapter_records_a_replayable_trace(controller, tmp_path: Path, meth
 def tokenizer_manager() -> Iterator[Any]:
     """SGLang's real TokenizerManager class, its output and abort handlers hooked as the launcher
     does with ``--dpcore-record``, and an instance with the state those handlers read."""
-    if importlib.util.find_spec("uvloop") is None:
-        # The CPU test venv has no uvloop; tokenizer_manager only installs its loop policy at import.
-        sys.modules["uvloop"] = types.SimpleNamespace(EventLoopPolicy=asyncio.DefaultEventLoopPolicy)  # type: ignore[assignment]
-    from sglang.srt.managers.tokenizer_manager import TokenizerManager
     from sglang.srt.plugins.hook_registry import HookRegistry
+
+    TokenizerManager = tokenizer_manager_class()  # noqa: N806 - the class
 
     originals = (TokenizerManager._handle_batch_output, TokenizerManager._handle_abort_req)
     output_lengths.register(lambda: True)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import importlib.util
 import pickle
-import sys
-import types
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +16,7 @@ from dpcore.hashing import block_key_bytes
 from dpcore_sglang import tokenizer_hashes
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.tokenizer_hashes import carry
-from dpcore_sglang.testing import free_port, make_request, scrape
+from dpcore_sglang.testing import free_port, make_request, scrape, tokenizer_manager_class
 
 pytestmark = pytest.mark.sglang
 
@@ -30,11 +26,9 @@ PREFIXES = [0, 100_000, 200_000, 300_000]
 @pytest.fixture(scope="module")
 def tokenizer_manager() -> Iterator[Any]:
     """SGLang's real TokenizerManager class, its ``_dispatch_to_scheduler`` hooked as the launcher does."""
-    if importlib.util.find_spec("uvloop") is None:
-        # The CPU test venv has no uvloop; tokenizer_manager only installs its loop policy at import.
-        sys.modules["uvloop"] = types.SimpleNamespace(EventLoopPolicy=asyncio.DefaultEventLoopPolicy)  # type: ignore[assignment]
-    from sglang.srt.managers.tokenizer_manager import TokenizerManager
     from sglang.srt.plugins.hook_registry import HookRegistry
+
+    TokenizerManager = tokenizer_manager_class()  # noqa: N806 - the class
 
     original = TokenizerManager._dispatch_to_scheduler
     config = AdapterConfig(method="cache_aware")
