@@ -171,6 +171,9 @@ class CacheAwarePolicy:
         self._oldest_use = math.inf
         self._last_use = -math.inf
         self._clock_steady = True
+        # Each rotation of the active ranks (ctx.active_ranks, kept while liveness stands).
+        self._orders: list[tuple[int, ...]] = []
+        self._orders_of: tuple[int, ...] | None = None
         # The request select_rank last scored (its uncached tokens are in _last_work).
         self._last_rid: str | None = None
 
@@ -343,7 +346,10 @@ class CacheAwarePolicy:
         horizon_factor = self.memory_factor
         est_cached = self._est.cached
         # The ranks from this decision's turn on (ties go to the earliest in this order).
-        order = ranks[start:] + ranks[:start] if start else ranks
+        if ranks is not self._orders_of:  # liveness changed: the rotations of the new ranks
+            self._orders = [ranks[i:] + ranks[:i] for i in range(n)]
+            self._orders_of = ranks if type(ranks) is tuple else None  # (a list could change)
+        order = self._orders[start]
         # A rank without a prefix that steers gets the whole prompt and no uncertain saving:
         # the same two terms for each of them.
         full_cost = full / rate
@@ -465,7 +471,7 @@ class CacheAwarePolicy:
     def on_dispatch(self, request: Request, rank: int, seq: int, ctx: PolicyContext) -> None:
         now = ctx.now()
         hashes = request.block_hashes
-        known = ctx.cache.known(rank)
+        known = ctx.cache.known_mask >> rank & 1
         if self._last_rid == request.rid:
             uncached = self._last_work[rank]
         elif known:  # placed elsewhere; the rank says what it holds

@@ -136,9 +136,10 @@ class PrefixEstimate:
             hashes = tuple(hashes)
         # The k-th block touched (deepest first) gets clock + k * block_tokens, summed one
         # block at a time; stamps[i] is block i's (root first).
-        st = list(accumulate(repeat(block_tokens, n), initial=self.touched[rank]))
-        self.touched[rank] = st[n]
-        stamps = st[n:0:-1]
+        stamps = list(accumulate(repeat(block_tokens, n), initial=self.touched[rank]))
+        stamps.reverse()  # (in place: the clock's start, now last, is not a block's stamp)
+        stamps.pop()
+        self.touched[rank] = stamps[0]
         where = self._where[rank]
         # (Stamps only decrease along a run while blocks carry tokens.)
         chained = not self._loose[rank] and block_tokens >= 0.0
