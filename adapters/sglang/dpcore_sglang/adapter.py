@@ -39,15 +39,18 @@ from typing import Any
 import attrs
 import structlog
 import zmq
+from sglang.srt.managers import io_struct
 from sglang.srt.managers.io_struct import AbortReq, sock_send
+from sglang.utils import TypeBasedDispatcher
 from sglang.srt.utils.network import get_zmq_socket
 
 from dpcore.errors import MalformedRequestError, NoActiveRankError, RequestRejected
 from dpcore.hashing import block_hashes
 from dpcore.manager import PolicyManager
-from dpcore.model import Request
+from dpcore.model import Request, make_request
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.convert import SnapshotFeed, to_request
+from dpcore_sglang.forward import Forwarded
 from dpcore_sglang.kv_events import SglangKvEvents
 from dpcore_sglang.metrics import serve as serve_metrics
 from dpcore_sglang.output_lengths import Ended
@@ -132,8 +135,9 @@ class DpcoreDispatcher:
         self.manager = manager
         self.ledger = manager.ledger
         self.block_size = config.hashed_block_size(manager.needs_block_hashes, page_size)
-        #: Block hashes that came from the tokenizer process with the request being dispatched.
-        self.carried = Carried(self.block_size)
+        #: Block hashes that came from the tokenizer process with the request being dispatched
+        #: (for the recording too when the chain reads none: the tokenizer hashes for it).
+        self.carried = Carried(self.block_size or (config.whole_pages(page_size) if config.record else 0))
         self.feed = SnapshotFeed(dp_size)
         # SGLang's own KV events (--kv-events-config), when it publishes them: ctx.cache.
         self.kv_events = SglangKvEvents.from_server_args(ctl.server_args, manager.cache, dp_size, self.block_size)
@@ -150,6 +154,9 @@ class DpcoreDispatcher:
         self._connected = [False] * dp_size
         self._retry_at = 0.0
         self.lost_peers = 0
+        #: Requests placed from a route header and sent on as received / decoded here.
+        self.forwarded = 0
+        self.decoded = 0
         self._encode = frame_encoder()
         self.recorder = _recorder(config, self.block_size or config.whole_pages(page_size))
         #: Output tokens of ended requests, from the tokenizer process, for the recorder.
@@ -159,37 +166,69 @@ class DpcoreDispatcher:
     # ------------------------------------------------------------------ dispatch
 
     def dispatch(self, req: Any) -> None:
-        """``ctl.dispatching``: place and send one tokenized request."""
+        """``ctl.dispatching``: place and send one decoded tokenized request."""
         ctl = self.ctl
         if ctl.status is not self._status or ctl._active_workers is not self._active:
             self._sync_active()
         if self.kv_events is not None:
             self.kv_events.poll()
+        self.decoded += 1
         try:
             ids = req.input_ids
-            keys = self.carried.take(req.rid, len(ids)) if self.block_size and ids is not None else None
+            carried = self.carried
+            keys = carried.take(req.rid, len(ids)) if carried.block_size and ids is not None else None
             request = to_request(req, self.block_size, keys)
         except Exception as exc:
             msg = f"request {req.rid!r} cannot be read: {exc!r}"
-            self.reject(req, MalformedRequestError(msg, rid=req.rid))
+            self.reject(req.rid, getattr(req, "http_worker_ipc", None), MalformedRequestError(msg, rid=req.rid))
             return
         if self.recorder is not None:
-            self._record(req, request)
+            self._record(req.input_ids, request)
+        self._place(request, req, req.rid, getattr(req, "http_worker_ipc", None))
+
+    def forward(self, _marker: Any) -> None:
+        """A request placed from its route header and sent on as the tokenizer encoded it
+        (:mod:`dpcore_sglang.forward`; the receiver handed SGLang's dispatcher the marker).
+
+        Does what SGLang's ``dispatching_with_trace`` does around ``dispatching`` (reads the
+        load snapshots), except the time stats: see :mod:`dpcore_sglang.forward`.
+        """
+        ctl = self.ctl
+        if ctl.refresh_load_budget_on_dispatch:
+            ctl.refresh_load_budget()
+        if ctl.status is not self._status or ctl._active_workers is not self._active:
+            self._sync_active()
+        if self.kv_events is not None:
+            self.kv_events.poll()
+        header, keys, frame = self.carried.route  # type: ignore[misc]
+        self.carried.route = None
+        self.forwarded += 1
+        # route_header's field order: block size, rid, keys, then Request's fields.
+        _bs, rid, _raw, n, max_new, routed, dp_rank, prefill, room, ipc = header
+        request = make_request(rid, n, keys, room, routed, dp_rank, prefill, max_new)
+        if self.recorder is not None:
+            self._record(None, request)
+        self._place(request, frame, rid, ipc)
+
+    def _place(self, request: Request, req: Any, rid: Any, http_worker_ipc: str | None) -> None:
+        """Choose a rank for *request* and send *req* there: a decoded request (encoded here
+        as SGLang's ``sock_send`` would) or the bytes of a forwarded one."""
+        ctl = self.ctl
         if self._no_peer and time.monotonic() >= self._retry_at:
             self._retry_lost()
         try:
             rank = self.manager.select(request)
         except RequestRejected as exc:
-            self.reject(req, exc)
+            self.reject(rid, http_worker_ipc, exc)
             return
-        frame = self._encode(req)
+        frame = req if type(req) is memoryview else self._encode(req)
         try:
             # The rank's PUSH socket never blocks while a scheduler is connected (SGLang
             # sets no high-water mark); it does when none is: upstream then stalls every
             # rank behind one dead scheduler.
             ctl.workers[rank].send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            rank = self._send_elsewhere(req, request, frame, rank)
+            rank = self._send_elsewhere(request, frame, rank, rid, http_worker_ipc)
             if rank is None:
                 return
         self._connected[rank] = True
@@ -201,14 +240,14 @@ class DpcoreDispatcher:
         self.feed.sent(rank, manager.dispatched(request, rank))
         self.dispatched[rank] += 1
 
-    def _record(self, req: Any, request: Request) -> None:
+    def _record(self, ids: Any, request: Request) -> None:
         """Hand *request* to the recorder, with block hashes even when the chain needs none."""
-        bs = self.recorder.config.block_size  # type: ignore[union-attr]
-        if not self.block_size and req.input_ids is not None:
-            request = attrs.evolve(request, block_hashes=block_hashes(req.input_ids, bs))
+        if not request.block_hashes and ids is not None:
+            bs = self.recorder.config.block_size  # type: ignore[union-attr]
+            request = attrs.evolve(request, block_hashes=block_hashes(ids, bs))
         self.recorder.offer(request)  # type: ignore[union-attr]
 
-    def _send_elsewhere(self, req: Any, request: Request, frame: bytes, rank: int) -> int | None:
+    def _send_elsewhere(self, request: Request, frame: Any, rank: int, rid: Any, http_worker_ipc: str | None) -> int | None:
         """*rank*'s socket would block: wait for a first connection, or choose again."""
         workers = self.ctl.workers
         while True:
@@ -222,7 +261,7 @@ class DpcoreDispatcher:
             try:
                 rank = self.manager.select(request)  # among the others
             except RequestRejected as exc:
-                self.reject(req, exc)
+                self.reject(rid, http_worker_ipc, exc)
                 return None
             try:
                 workers[rank].send(frame, zmq.NOBLOCK)
@@ -262,28 +301,29 @@ class DpcoreDispatcher:
             self._upstream_health_check(req)
         except (RuntimeError, ValueError, AssertionError) as exc:
             msg = f"health check {req.rid!r} cannot be placed: {exc}"
-            self.reject(req, NoActiveRankError(msg, rid=req.rid))
+            self.reject(req.rid, getattr(req, "http_worker_ipc", None), NoActiveRankError(msg, rid=req.rid))
         except RequestRejected as exc:
-            self.reject(req, exc)
+            self.reject(req.rid, getattr(req, "http_worker_ipc", None), exc)
 
-    def reject(self, req: Any, exc: RequestRejected) -> None:
-        """Fail one request: count it, log it, answer its tokenizer with SGLang's ``AbortReq``."""
+    def reject(self, rid: Any, http_worker_ipc: str | None, exc: RequestRejected) -> None:
+        """Fail request *rid*: count it, log it, answer its tokenizer (the one at
+        *http_worker_ipc* with several) with SGLang's ``AbortReq``."""
         self.rejected[exc.code] += 1
         log.warning(
             "dpcore rejected request %s (%s, %d rejected so far): %s",
-            req.rid,
+            rid,
             exc.code,
             sum(self.rejected.values()),
             exc,
         )
         message = str(exc)
         if self.recorder is not None:  # its line carries the budget, as dpcore serve's do
-            self.recorder.ended(req.rid, -1)
+            self.recorder.ended(rid, -1)
         abort = AbortReq(
-            rid=req.rid,
+            rid=rid,
             abort_message=message,
             finished_reason={"type": "abort", "message": message, "status_code": exc.http_status},
-            http_worker_ipc=getattr(req, "http_worker_ipc", None),
+            http_worker_ipc=http_worker_ipc,
         )
         sock_send(self._tokenizer(), abort)
 
@@ -342,7 +382,12 @@ class DpcoreDispatcher:
             "lost_peers": self.lost_peers,
             "active": list(self.ledger.active_ranks),
             "block_size": self.block_size,
-            "block_hashes": self.carried.stats() if self.block_size else None,
+            "block_hashes": self.carried.stats() if self.carried.block_size else None,
+            "forward": {
+                "forwarded": self.forwarded,
+                "decoded": self.decoded,
+                "not_forwarded": dict(self.carried.not_forwarded),
+            },
             "kv_events": self.manager.cache.stats() if self.kv_events is not None else None,
             "record": {**self.recorder.stats(), "output_lengths": self.ended.stats()} if self.ended is not None else None,
         }
@@ -381,6 +426,9 @@ def install(ctl: Any, config: AdapterConfig, manager: PolicyManager | None = Non
         ctl.recv_from_tokenizer = BlockingReceiver(ctl.recv_from_tokenizer, timeout_ms, adapter.carried)
     if adapter.ended is not None:
         ctl.recv_from_tokenizer.ended = adapter.ended.take
+    if io_struct._USE_PICKLE_IPC:  # SGLang's msgpack IPC decodes what recv() returns: no marker
+        ctl.recv_from_tokenizer.forward = True
+        ctl._request_dispatcher += TypeBasedDispatcher([(Forwarded, adapter.forward)])
     ctl.dpcore = adapter
     if config.metrics_port is not None:
         try:

@@ -20,6 +20,12 @@ process with the adapter switched on, once per dpcore policy in ``--policies`` (
   include it); ``--hash-in controller`` measures the controller hashing instead;
 * idle CPU: the controller process's CPU time over ``--idle-seconds`` with no traffic.
 
+With ``--forward on`` (the default, as ``dpcore_sglang.launch_server`` runs) the adapter's
+requests carry the route header SGLang's tokenizer process puts in front of each one, and the
+adapter sends them on without decoding them (:mod:`dpcore_sglang.forward`); its cost in the
+tokenizer process is on the tokenizer line. ``--forward off`` measures the adapter decoding
+every request, as SGLang's own loop does.
+
 Outside an environment with SGLang it builds (or reuses) the pinned venv of
 :mod:`dpcore_sglang.venv` and runs itself there.
 """
@@ -66,6 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="tokenizer",
         help="where prompts are hashed for chains that read block hashes: SGLang's tokenizer process, as "
         "dpcore_sglang.launch_server does, or the controller (default tokenizer)",
+    )
+    p.add_argument(
+        "--forward",
+        choices=("on", "off"),
+        default="on",
+        help="on: requests carry the route header SGLang's tokenizer process adds with "
+        "dpcore_sglang.launch_server, and the adapter sends them on without decoding them; off: the adapter "
+        "decodes every request (default on)",
     )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
@@ -128,16 +142,20 @@ def make_requests(tokens: int) -> list[Any]:
     return reqs
 
 
-def make_frames(reqs: list[Any], block_size: int = 0) -> list[bytes]:
-    """*reqs* encoded once as SGLang's IPC does (the producer is not measured), with their
-    block hashes in front as SGLang's tokenizer process sends them when *block_size* > 0."""
-    from dpcore_sglang.tokenizer_hashes import carry, entries_for
+def tokenizer_frame(req: Any, block_size: int, forward: bool) -> bytes:
+    """*req* as SGLang's tokenizer process sends it to the adapter: with its route header
+    (*forward*), else with its block hashes when *block_size* > 0, else as SGLang encodes it."""
+    from dpcore_sglang.tokenizer_hashes import carry, entries_for, frame_with_route
 
-    frames = []
-    for req in reqs:
-        frame = pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
-        frames.append(carry(frame, block_size, entries_for(req, block_size)) if block_size else frame)
-    return frames
+    frame = pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
+    if forward:
+        return frame_with_route(frame, req, block_size)
+    return carry(frame, block_size, entries_for(req, block_size)) if block_size else frame
+
+
+def make_frames(reqs: list[Any], block_size: int = 0, forward: bool = False) -> list[bytes]:
+    """*reqs* encoded once as the tokenizer process sends them (the producer is not measured)."""
+    return [tokenizer_frame(req, block_size, forward) for req in reqs]
 
 
 def tokenizer_block_size(variant: str, hash_in: str) -> int:
@@ -152,16 +170,15 @@ def tokenizer_block_size(variant: str, hash_in: str) -> int:
     return config.hashed_block_size(manager.needs_block_hashes, 1)
 
 
-def tokenizer_cost(reqs: list[Any], block_size: int, count: int, repeat: int) -> dict[str, float]:
+def tokenizer_cost(reqs: list[Any], block_size: int, forward: bool, count: int, repeat: int) -> dict[str, float]:
     """CPU µs per request in SGLang's tokenizer process: its own encoding of a request, and
-    what the block-hash hook adds to it (hashing, the header, the longer frame)."""
-    from dpcore_sglang.tokenizer_hashes import carry, entries_for
+    what dpcore's hook adds to it (hashing, the header, the longer frame)."""
 
     def own(req: Any) -> bytes:
         return pickle.dumps(req, protocol=pickle.HIGHEST_PROTOCOL)
 
     def hooked(req: Any) -> bytes:
-        return carry(own(req), block_size, entries_for(req, block_size))
+        return tokenizer_frame(req, block_size, forward)
 
     best = {}
     for name, fn in (("encode", own), ("hooked", hooked)):
@@ -320,7 +337,10 @@ def run_inside(args: argparse.Namespace) -> int:
     variants = ["sglang", *policies]
     reqs = make_requests(args.tokens)
     hashed = {v: tokenizer_block_size(v, args.hash_in) for v in variants}
-    frames = {v: make_frames(reqs, hashed[v]) for v in variants}
+    # Requests of an adapter variant carry what the hooked tokenizer adds (SGLang's own: nothing).
+    hooked = {v: v != "sglang" and (args.forward == "on" or hashed[v] > 0) for v in variants}
+    forward = {v: v != "sglang" and args.forward == "on" for v in variants}
+    frames = {v: make_frames(reqs, hashed[v], forward[v]) for v in variants}
     prompts = len(reqs)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for i in range(args.repeat):
@@ -334,7 +354,7 @@ def run_inside(args: argparse.Namespace) -> int:
     console.log("dispatch path without IPC, in-process")
     cost = dispatch_cost(frames, args.dp_size, 10_000, max(3, args.repeat), variants)
     tokenizer = {
-        v: tokenizer_cost(reqs, hashed[v], 5_000, max(3, args.repeat)) for v in variants if hashed[v]
+        v: tokenizer_cost(reqs, hashed[v], forward[v], 5_000, max(3, args.repeat)) for v in variants if hooked[v]
     }
     med = {v: statistics.median(r["req_per_s"] for r in runs[v]) for v in variants}
     cpu = {v: statistics.median(r["cpu_us_per_req"] for r in runs[v]) for v in variants}
@@ -375,8 +395,11 @@ def run_inside(args: argparse.Namespace) -> int:
         + f"; idle CPU {idle['sglang']:.1f} % -> {idle[policies[0]]:.1f} % of a core"
     )
     for v, t in tokenizer.items():
+        what = " and ".join(
+            x for x, on in (("a route header", forward[v]), ("block hashes", hashed[v] > 0)) if on
+        )
         Console().print(
-            f"{v}: block hashes computed in SGLang's tokenizer process (not the controller's): "
+            f"{v}: {what} computed in SGLang's tokenizer process (not the controller's): "
             f"+{t['added_us']:.1f} CPU µs per request there, beside its own encoding of the request "
             f"({t['sglang_encode_us']:.1f} µs) and its tokenizing"
         )
@@ -391,6 +414,7 @@ def run_inside(args: argparse.Namespace) -> int:
                     "tokens": args.tokens,
                     "prompts": prompts,
                     "hash_in": args.hash_in,
+                    "forward": args.forward == "on",
                     "tokenizer_cpu_us_per_req": tokenizer,
                     "dp_size": args.dp_size,
                     "policies": policies,

@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         "budget at once; default 300)",
     )
     p.add_argument(
+        "--dpcore-forward",
+        choices=("on", "off"),
+        default="on",
+        help="on: the tokenizer process puts each request's routing fields in a small header and the "
+        "controller sends the request on as encoded, without decoding it; off: the controller decodes "
+        "every request, as SGLang's does (default on)",
+    )
+    p.add_argument(
         "--dpcore-dry-run",
         action="store_true",
         help="check and resolve everything, print what would run as JSON, start nothing",
@@ -130,9 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     os.environ[ENV_VAR] = config.to_json()
     server_info.install(plan)
-    # This process runs SGLang's TokenizerManager: hash prompts here, not in the controller.
+    # This process runs SGLang's TokenizerManager: hash prompts here (for the chain, else for
+    # the recording), not in the controller, and say where each request goes.
     needs = bool(plan["needs_block_hashes"])
-    tokenizer_hashes.register(lambda page_size: config.hashed_block_size(needs, page_size))
+
+    def block_size(page_size: int) -> int:
+        return config.hashed_block_size(needs, page_size) or (config.whole_pages(page_size) if config.record else 0)
+
+    tokenizer_hashes.register(block_size, forward=ours.dpcore_forward == "on")
     if config.record and config.record_hold_s > 0:  # the recorder waits for each request's output length
         output_lengths.register(tokenizer_hashes.dp_controller_reads)
     # SGLang's own entry point, as `python -m sglang.launch_server` runs it; every SGLang
@@ -184,6 +197,7 @@ def prepare(ours: argparse.Namespace, rest: list[str]) -> tuple[AdapterConfig, l
         **manager.describe(),
         "sglang_load_balance_method": told,
         "needs_block_hashes": manager.needs_block_hashes,
+        "forward": ours.dpcore_forward == "on",
         ENV_VAR: json.loads(config.to_json()),
     }
     return config, [*rest, "--load-balance-method", told], plan

@@ -10,9 +10,12 @@ dashboard serves both: ``dpcore_decisions_total{policy,reason}``,
 ``dpcore_rejected_total{code}``, ``dpcore_rank_dispatched_total{rank}``,
 ``dpcore_bad_frames_total``, plus ``dpcore_lost_peers_total``, ``dpcore_chain_info``, and
 ``dpcore_block_hashes_total{source}`` (``tokenizer``: computed in SGLang's tokenizer process;
-``controller``: computed here) with ``dpcore_block_hashes_refused_total{reason}``; with
-``--dpcore-record``, the recorder's ``dpcore_record_*`` and
-``dpcore_record_output_lengths_total{outcome}`` (``received``, ``refused``).
+``controller``: computed here) with ``dpcore_block_hashes_refused_total{reason}``;
+``dpcore_requests_forwarded_total{path}`` (``forwarded``: sent on as the tokenizer encoded
+them; ``decoded``: decoded and encoded again here) with
+``dpcore_route_headers_refused_total{reason}``; with ``--dpcore-record``, the recorder's
+``dpcore_record_*`` and ``dpcore_record_output_lengths_total{outcome}`` (``received``,
+``refused``).
 """
 
 from __future__ import annotations
@@ -62,16 +65,23 @@ class AdapterCollector:
             "dpcore_bad_frames", "Frames from the tokenizer that could not be decoded", value=getattr(recv, "bad_frames", 0)
         )
         carried = a.carried
-        src = CounterMetricFamily("dpcore_block_hashes", "Requests whose block hashes were computed where", labels=["source"])
-        src.add_metric(["tokenizer"], carried.used)
-        src.add_metric(["controller"], carried.hashed_here)
-        yield src
-        refused = CounterMetricFamily(
-            "dpcore_block_hashes_refused", "Block hashes from the tokenizer refused (then hashed here), by reason", labels=["reason"]
+        yield _counts(
+            "dpcore_block_hashes", "Requests whose block hashes were computed where", "source",
+            {"tokenizer": carried.used, "controller": carried.hashed_here},
         )
-        for reason, n in sorted(carried.refused.copy().items()):
-            refused.add_metric([reason], n)
-        yield refused
+        yield _counts(
+            "dpcore_block_hashes_refused", "Block hashes from the tokenizer refused (then hashed here), by reason",
+            "reason", dict(sorted(carried.refused.copy().items())),
+        )
+        yield _counts(
+            "dpcore_requests_forwarded",
+            "Requests sent on as the tokenizer encoded them (forwarded) or decoded and encoded again here (decoded)",
+            "path", {"forwarded": a.forwarded, "decoded": a.decoded},
+        )
+        yield _counts(
+            "dpcore_route_headers_refused", "Route headers from the tokenizer not used (the request was decoded), by reason",
+            "reason", dict(sorted(carried.not_forwarded.copy().items())),
+        )
         yield CounterMetricFamily(
             "dpcore_lost_peers", "Sends that found no scheduler connected (rank left rotation)", value=a.lost_peers
         )
@@ -82,6 +92,13 @@ class AdapterCollector:
             lengths.add_metric(["received"], a.ended.received)
             lengths.add_metric(["refused"], a.ended.refused)
             yield lengths
+
+
+def _counts(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in values.items():
+        family.add_metric([value], n)
+    return family
 
 
 def make_registry(adapter: Any) -> CollectorRegistry:

@@ -11,6 +11,9 @@ A frame that carries block hashes from the tokenizer
 (:mod:`dpcore_sglang.tokenizer_hashes`) is split here: the hashes go to the adapter, SGLang
 decodes the rest as usual. A frame of ended requests (:mod:`dpcore_sglang.output_lengths`)
 goes to the adapter's recorder whole; SGLang gets "no message now" and asks again.
+A single request with a route header (:mod:`dpcore_sglang.forward`) is not decoded at all
+when the adapter forwards: SGLang's dispatcher gets a marker and the adapter sends the
+request's bytes on.
 
 With SGLang's default pickle IPC it also keeps an undecodable frame from killing the server
 (upstream lets the exception end the loop and the process): the frame is logged, counted
@@ -27,6 +30,7 @@ from typing import Any
 
 import zmq
 
+from dpcore_sglang.forward import FORWARDED
 from dpcore_sglang.output_lengths import MAGIC as ENDED
 from dpcore_sglang.tokenizer_hashes import MAGIC, Carried
 
@@ -46,6 +50,9 @@ class BlockingReceiver:
         self._sock = sock
         self._timeout_ms = timeout_ms
         self.carried = Carried(0) if carried is None else carried
+        #: Whether requests with a route header are handed on as FORWARDED (the adapter
+        #: routes them to SGLang's dispatcher), not decoded.
+        self.forward = False
         self.bad_frames = 0
         self.idle_waits = 0
         #: Takes a frame of ended requests (``--dpcore-record``); ``None``: they are dropped.
@@ -86,12 +93,14 @@ class BlockingReceiver:
         return self.decode(frame)
 
     def decode(self, frame: bytes) -> Any:
-        """The message in a pickle-IPC *frame* (SGLang's default), its block hashes kept."""
+        """The message in a pickle-IPC *frame* (SGLang's default), its block hashes kept; for
+        a request to forward as received, :data:`~dpcore_sglang.forward.FORWARDED`."""
         if frame.startswith(ENDED):
             self._ended(frame)
         try:
             if frame.startswith(MAGIC):
-                return pickle.loads(self.carried.split(frame))
+                rest = self.carried.split(frame, self.forward)
+                return FORWARDED if rest is None else pickle.loads(rest)
             return pickle.loads(frame)  # SGLang's own IPC format, as recv_pyobj does
         except Exception as exc:
             self._bad(len(frame), exc)

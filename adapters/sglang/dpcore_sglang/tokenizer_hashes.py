@@ -43,6 +43,7 @@ from typing import Any
 import msgpack
 
 from dpcore.hashing import KEY_BYTES, block_key_bytes, keys_of_bytes
+from dpcore_sglang.forward import NUM_ROUTE_FIELDS, forwardable, route_header, route_problem
 
 log = logging.getLogger("dpcore_sglang")
 
@@ -88,12 +89,20 @@ class Carried:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.pending = _NONE
+        #: The request to forward: (its route header, its keys, SGLang's bytes); see split().
+        self.route: tuple[list[Any], tuple[int, ...], memoryview] | None = None
+        #: Route headers not used, by reason: ``header`` (a field of the wrong type) or
+        #: ``keys`` (the chain reads block hashes the header lacks or that were refused).
+        self.not_forwarded: Counter[str] = Counter()
         self.used = 0
         self.hashed_here = 0
         self.refused: Counter[str] = Counter()
 
-    def split(self, frame: bytes) -> bytes:
+    def split(self, frame: bytes, forward: bool = False) -> bytes | None:
         """SGLang's message in *frame* (which starts with :data:`MAGIC`); keeps its keys.
+
+        With *forward*, a usable route header (:mod:`dpcore_sglang.forward`) puts the request
+        in :attr:`route` instead and returns ``None``: nothing is left to decode.
 
         :raises ValueError: the frame is cut short, so SGLang's message cannot be found.
         """
@@ -105,7 +114,10 @@ class Carried:
             msg = f"the block-hash header claims {end - _HEAD} bytes; the frame has {len(frame) - _HEAD}"
             raise ValueError(msg)
         try:
-            block_size, entries = msgpack.unpackb(frame[_HEAD:end])
+            header = msgpack.unpackb(frame[_HEAD:end])
+            if len(header) == NUM_ROUTE_FIELDS:
+                return self._route(header, frame, end, forward)
+            block_size, entries = header
             if len(entries) == 2:  # one request, the usual case
                 pending = {entries[0]: entries[1]}
             else:
@@ -113,6 +125,8 @@ class Carried:
         except Exception as exc:  # whatever the header is, the request itself still goes on
             self.pending = _NONE
             self._refuse("header", f"unreadable header ({exc!r})")
+            if forward:
+                self._not_forwarded("header", f"unreadable header ({exc!r})")
             return frame[end:]
         if block_size != self.block_size:
             self.pending = _NONE
@@ -122,26 +136,70 @@ class Carried:
         # A copy, not a view: pickle reads bytes faster than a memoryview by more than it costs.
         return frame[end:]
 
+    def _route(self, header: list[Any], frame: bytes, end: int, forward: bool) -> bytes | None:
+        """A route header: the request to forward in :attr:`route`, else its keys kept and the
+        rest of *frame* returned to be decoded (refused headers counted in :attr:`not_forwarded`)."""
+        problem = route_problem(header)
+        if problem is not None:
+            self.pending = _NONE
+            self._not_forwarded("header", problem)
+            return frame[end:]
+        block_size, rid, raw, n = header[0], header[1], header[2], header[3]
+        keys: tuple[int, ...] = ()
+        if self.block_size:
+            if raw is None or block_size != self.block_size:
+                # The chain reads keys the header lacks: decode, and hash the prompt here.
+                self.pending = _NONE
+                if raw is not None:
+                    self._refuse("block_size", f"hashed every {block_size!r} tokens; this controller hashes every {self.block_size}")
+                if forward:
+                    self._not_forwarded("keys", f"request {rid!r} came without usable block hashes")
+                return frame[end:]
+            if not forward:
+                self.pending = {rid: raw}
+                return frame[end:]
+            checked = self._check(rid, n, raw)
+            if checked is None:  # refused, counted: decoded and hashed here
+                self.pending = _NONE
+                self._not_forwarded("keys", f"request {rid!r}: its block hashes were refused")
+                return frame[end:]
+            keys = checked
+            self.used += 1
+        elif not forward:
+            self.pending = _NONE
+            return frame[end:]
+        self.pending = _NONE
+        self.route = (header, keys, memoryview(frame)[end:])
+        return None
+
+    def _not_forwarded(self, reason: str, detail: str) -> None:
+        self.not_forwarded[reason] += 1
+        n = self.not_forwarded[reason]
+        if n & (n - 1) == 0:
+            log.warning("dpcore: a request's route header was refused (%s, %d so far): %s; decoding it", reason, n, detail)
+
     def take(self, rid: Any, num_tokens: int) -> tuple[int, ...] | None:
         """The keys that came for request *rid* of *num_tokens* token ids, or ``None`` (then
         the caller hashes; counted)."""
         raw = self.pending.pop(rid, None) if self.pending else None
-        if raw is None:
-            self.hashed_here += 1
-            return None
-        if type(raw) is not bytes or len(raw) != KEY_BYTES * (num_tokens // self.block_size):
-            size = len(raw) if type(raw) is bytes else type(raw).__name__
-            self._refuse("count", f"request {rid!r}: {num_tokens} token ids, keys of {size} bytes")
-            self.hashed_here += 1
-            return None
-        try:
-            keys = keys_of_bytes(raw)
-        except ValueError as exc:
-            self._refuse("value", f"request {rid!r}: {exc}")
+        keys = None if raw is None else self._check(rid, num_tokens, raw)
+        if keys is None:
             self.hashed_here += 1
             return None
         self.used += 1
         return keys
+
+    def _check(self, rid: Any, num_tokens: int, raw: Any) -> tuple[int, ...] | None:
+        """*raw* as keys, or ``None`` when they do not fit a prompt of *num_tokens* (refusal counted)."""
+        if type(raw) is not bytes or len(raw) != KEY_BYTES * (num_tokens // self.block_size):
+            size = len(raw) if type(raw) is bytes else type(raw).__name__
+            self._refuse("count", f"request {rid!r}: {num_tokens} token ids, keys of {size} bytes")
+            return None
+        try:
+            return keys_of_bytes(raw)
+        except ValueError as exc:
+            self._refuse("value", f"request {rid!r}: {exc}")
+            return None
 
     def _refuse(self, reason: str, detail: str) -> None:
         self.refused[reason] += 1
@@ -159,21 +217,30 @@ class Carried:
 class TokenizerHook:
     """The ``AROUND`` hook on ``TokenizerManager._dispatch_to_scheduler``.
 
-    :param block_size: Returns the tokens per block to hash in this process, ``0`` for none;
-        asked once, at the first message (SGLang publishes its resolved settings before it
-        builds the TokenizerManager).
+    :param plan: Returns (tokens per block to hash in this process, ``0`` for none; whether
+        single requests get a route header, :mod:`dpcore_sglang.forward`); asked once, at the
+        first message (SGLang publishes its resolved settings before it builds the
+        TokenizerManager).
     """
 
-    def __init__(self, block_size: Callable[[], int]) -> None:
-        self._block_size_of = block_size
-        self._block_size: int | None = None
+    def __init__(self, plan: Callable[[], tuple[int, bool]]) -> None:
+        self._plan = plan
+        self._started = False
+        self._block_size = 0
+        self._forward = False
+        self._single: tuple[type, ...] = ()
         self._kinds: tuple[type, ...] = ()
         self._encode: Callable[[Any], bytes] | None = None
 
     def __call__(self, original: Callable[..., Any], tm: Any, obj: Any) -> Any:
-        if self._block_size is None:
+        if not self._started:
             self._start()
-        if not self._block_size or type(obj) not in self._kinds or tm.tokenizer_ipc_name is not None:
+        if tm.tokenizer_ipc_name is not None:
+            return original(tm, obj)
+        kind = type(obj)
+        if self._forward and kind in self._single and forwardable(obj):
+            return tm.send_to_scheduler.send(frame_with_route(self._encode(obj), obj, self._block_size))  # type: ignore[misc]
+        if not self._block_size or kind not in self._kinds:
             return original(tm, obj)
         entries = entries_for(obj, self._block_size)
         if not entries:
@@ -190,31 +257,43 @@ class TokenizerHook:
 
         from dpcore_sglang.adapter import frame_encoder
 
-        self._kinds = (
-            TokenizedGenerateReqInput,
-            TokenizedEmbeddingReqInput,
-            BatchTokenizedGenerateReqInput,
-            BatchTokenizedEmbeddingReqInput,
-        )
+        self._single = (TokenizedGenerateReqInput, TokenizedEmbeddingReqInput)
+        self._kinds = (*self._single, BatchTokenizedGenerateReqInput, BatchTokenizedEmbeddingReqInput)
         self._encode = frame_encoder()
-        self._block_size = self._block_size_of()
+        self._block_size, self._forward = self._plan()
+        self._started = True
         log.info(
-            "dpcore: block hashes %s",
+            "dpcore: block hashes %s; requests %s",
             f"computed in the tokenizer process every {self._block_size} tokens" if self._block_size else "not computed in the tokenizer process",
+            "sent with a route header (forwarded as encoded)" if self._forward else "decoded by the controller",
         )
 
 
-def tokenizer_block_size(hashed_block_size: Callable[[int], int]) -> int:
-    """Tokens per block for the tokenizer to hash (``0``: none), from SGLang's published settings.
+def frame_with_route(frame: bytes, req: Any, block_size: int) -> bytes:
+    """SGLang's encoded *frame* of the single request *req* with its route header in front."""
+    header = msgpack.packb(route_header(req, block_size))
+    return b"".join((MAGIC, _LENGTH.pack(len(header)), header, frame))
+
+
+def tokenizer_plan(hashed_block_size: Callable[[int], int], forward: bool = True) -> tuple[int, bool]:
+    """(tokens per block for the tokenizer to hash, ``0`` for none; whether to send route
+    headers), from SGLang's published settings.
 
     :param hashed_block_size: The adapter's block size for a page size
         (``AdapterConfig.hashed_block_size`` with the chain's capability bound).
+    :param forward: Route headers wanted (``--dpcore-forward``).
     """
-    from sglang.srt.runtime_context import get_schedule
+    from sglang.srt.runtime_context import get_observability, get_schedule
 
     if not dp_controller_reads():
-        return 0
-    return hashed_block_size(int(get_schedule().page_size or 1))
+        return 0, False
+    # With tracing on, SGLang's controller records a span per request: let it decode them.
+    return hashed_block_size(int(get_schedule().page_size or 1)), forward and not get_observability().enable_trace
+
+
+def tokenizer_block_size(hashed_block_size: Callable[[int], int]) -> int:
+    """Tokens per block for the tokenizer to hash (``0``: none); see :func:`tokenizer_plan`."""
+    return tokenizer_plan(hashed_block_size)[0]
 
 
 def dp_controller_reads() -> bool:
@@ -228,12 +307,12 @@ def dp_controller_reads() -> bool:
     return get_serving().tokenizer_worker_num == 1
 
 
-def register(hashed_block_size: Callable[[int], int]) -> TokenizerHook:
+def register(hashed_block_size: Callable[[int], int], forward: bool = True) -> TokenizerHook:
     """Hook the TokenizerManager of this process through SGLang's plugin hook registry."""
     from sglang.srt import plugins
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    hook = TokenizerHook(lambda: tokenizer_block_size(hashed_block_size))
+    hook = TokenizerHook(lambda: tokenizer_plan(hashed_block_size, forward))
     HookRegistry.register(TARGET, hook, HookType.AROUND)
     if getattr(plugins, "_plugins_loaded", False):  # SGLang applies hooks when it loads plugins
         HookRegistry.apply_hooks()

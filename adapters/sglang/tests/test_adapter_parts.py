@@ -9,6 +9,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 import zmq
 
@@ -19,7 +20,8 @@ from dpcore_sglang import launch_server, versions
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.convert import SnapshotFeed, to_request
 from dpcore_sglang.recv import BlockingReceiver
-from dpcore_sglang.tokenizer_hashes import MAGIC, Carried, carry, entries_for
+from dpcore_sglang.forward import FORWARDED, ROUTE_FIELDS, forwardable, route_header
+from dpcore_sglang.tokenizer_hashes import MAGIC, Carried, carry, entries_for, frame_with_route
 from dpcore_sglang.venv import pinned_file, venv_key
 
 
@@ -273,6 +275,93 @@ def test_the_receiver_hands_keys_to_the_adapter_and_the_request_to_sglang(pair):
     with pytest.raises(zmq.Again):
         recv.recv_pyobj(zmq.NOBLOCK)
     assert recv.bad_frames == 1
+
+
+# ----------------------------------------------------------------------------- requests forwarded as received
+
+
+def test_a_route_header_carries_what_the_controller_reads_and_the_frame_behind_it_untouched():
+    req = tokenized(rid="r", routed_dp_rank=2, bootstrap_room=7, http_worker_ipc=None)
+    frame = frame_with_route(b"sglang's own frame", req, 64)
+    c = Carried(64)
+    assert c.split(frame, forward=True) is None  # nothing left to decode
+    header, keys, body = c.route
+    assert dict(zip(ROUTE_FIELDS, header, strict=True)) == {
+        "block_size": 64,
+        "rid": "r",
+        "keys": block_key_bytes(req.input_ids, 64),
+        "num_tokens": 200,
+        "max_new_tokens": 32,
+        "routed_dp_rank": 2,
+        "data_parallel_rank": None,
+        "disagg_prefill_dp_rank": None,
+        "bootstrap_room": 7,
+        "http_worker_ipc": None,
+    }
+    assert keys == block_hashes(req.input_ids, 64)
+    assert bytes(body) == b"sglang's own frame"
+    assert (c.used, c.hashed_here, dict(c.not_forwarded)) == (1, 0, {})
+    # Not forwarding (SGLang's msgpack IPC): the request is decoded and its keys kept.
+    assert bytes(c.split(frame)) == b"sglang's own frame"
+    assert c.take("r", 200) == block_hashes(req.input_ids, 64)
+    # A controller that reads no block hashes forwards without them.
+    c0 = Carried(0)
+    assert c0.split(frame_with_route(b"x", req, 0), forward=True) is None
+    assert c0.route[1] == ()
+
+
+@pytest.mark.parametrize(
+    ("index", "value"),
+    [(1, 17), (3, -1), (3, "200"), (4, -5), (4, 1.5), (5, "0"), (8, 2.0), (2, "keys"), (9, 3)],
+)
+def test_a_route_header_field_of_the_wrong_type_sends_the_request_to_be_decoded(index, value):
+    header = route_header(tokenized(rid="r"), 64)
+    header[index] = value
+    raw = msgpack.packb(header)
+    c = Carried(64)
+    body = c.split(MAGIC + len(raw).to_bytes(4, "little") + raw + b"req", forward=True)
+    assert bytes(body) == b"req"
+    assert c.route is None and dict(c.not_forwarded) == {"header": 1}
+
+
+def test_route_headers_whose_keys_do_not_fit_are_decoded_and_hashed_here():
+    req = tokenized(rid="r")
+    c = Carried(64)
+    for frame in (
+        frame_with_route(b"req", req, 0),  # nobody hashed
+        frame_with_route(b"req", req, 32),  # another block size
+    ):
+        assert bytes(c.split(frame, forward=True)) == b"req"
+        assert c.take("r", 200) is None
+    header = route_header(req, 64)
+    header[2] = b"\xff" * 24  # three values that are no block hashes, for a 3-block prompt
+    header[3] = 200
+    raw = msgpack.packb(header)
+    assert bytes(c.split(MAGIC + len(raw).to_bytes(4, "little") + raw + b"req", forward=True)) == b"req"
+    assert c.take("r", 200) is None
+    assert dict(c.not_forwarded) == {"keys": 3}
+    assert dict(c.refused) == {"block_size": 1, "value": 1}
+    assert (c.used, c.hashed_here) == (0, 3)
+
+
+def test_only_plain_requests_are_forwardable():
+    assert forwardable(tokenized(rid="r", mm_inputs=None))
+    assert not forwardable(tokenized(rid="HEALTH_CHECK_1"))
+    assert not forwardable(tokenized(rid="r", mm_inputs={"mm_items": []}))
+    assert not forwardable(tokenized(rid=None))
+
+
+def test_the_receiver_hands_sglang_a_marker_for_a_request_to_forward(pair):
+    push, pull = pair
+    carried = Carried(0)
+    recv = BlockingReceiver(pull, timeout_ms=1000, carried=carried)
+    recv.forward = True
+    push.send(frame_with_route(pickle.dumps({"rid": "r"}), tokenized(rid="r"), 0))
+    assert recv.recv_pyobj(zmq.NOBLOCK) is FORWARDED
+    assert bytes(carried.route[2]) == pickle.dumps({"rid": "r"})
+    recv.forward = False  # then it is decoded as before
+    push.send(frame_with_route(pickle.dumps({"rid": "r"}), tokenized(rid="r"), 0))
+    assert recv.recv_pyobj(zmq.NOBLOCK) == {"rid": "r"}
 
 
 # ----------------------------------------------------------------------------- versions and launcher

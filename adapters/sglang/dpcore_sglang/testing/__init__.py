@@ -84,7 +84,8 @@ class Delivery:
 
     rank: int
     rid: str | None
-    kind: str
+    #: The message's type name; in echo mode, the bytes the scheduler received.
+    kind: str | bytes
 
 
 def draining_scheduler(
@@ -102,10 +103,15 @@ def draining_scheduler(
     # As a real scheduler does: its writer publishes a placeholder snapshot at once.
     writer = create_load_snapshot_writer(port_args, get_parallel().num_dp_ranks, dp_rank)
     pipe_writer.send({"status": "ready", "max_total_num_tokens": 100_000, "max_req_input_len": 8192, "startup_time": None})
-    if os.environ.get(MODE_ENV) == "count":
+    mode = os.environ.get(MODE_ENV)
+    if mode == "count":
         _count(inbox, out, writer, dp_rank)
     out.send(msgpack.packb((dp_rank, str(os.getpid()), "ready")))
     while True:
+        if mode == "echo":  # the bytes as they arrived, for the test to decode and compare
+            raw = inbox.recv()
+            out.send(msgpack.packb((dp_rank, None, raw)))
+            continue
         msg = sock_recv(inbox)
         out.send(msgpack.packb((dp_rank, getattr(msg, "rid", None), type(msg).__name__)))
 
@@ -136,7 +142,8 @@ class ControllerHarness:
     :param dp_size: Ranks.
     :param sglang_method: ``--load-balance-method`` as SGLang sees it.
     :param adapter: dpcore's settings; ``None`` runs SGLang's own dispatch.
-    :param mode: ``"report"`` (every delivery is reported) or ``"count"`` (benchmark).
+    :param mode: ``"report"`` (every delivery is reported), ``"echo"`` (every delivery's
+        bytes are reported, in :attr:`Delivery.kind`) or ``"count"`` (benchmark).
     """
 
     def __init__(
@@ -215,7 +222,7 @@ class ControllerHarness:
         self.init_info = reader.recv()
         #: rank -> pid of its draining scheduler (report mode)
         self.scheduler_pids: dict[int, int] = {}
-        if self.mode == "report":
+        if self.mode in ("report", "echo"):
             for d in self.deliveries(self.dp_size, timeout=timeout):
                 self.scheduler_pids[d.rank] = int(d.rid)
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from dpcore_sglang.testing import ControllerHarness
+from dpcore_sglang import tokenizer_hashes
+from dpcore_sglang.config import AdapterConfig
+from dpcore_sglang.testing import ControllerHarness, tokenizer_manager_class
 
 
 @pytest.fixture
@@ -34,3 +36,21 @@ def controller() -> Iterator[Callable[..., ControllerHarness]]:
     finally:
         for h, _ in started:
             h.stop()
+
+
+@pytest.fixture(scope="module")
+def hooked_tokenizer_manager() -> Iterator[Any]:
+    """SGLang's real TokenizerManager class, its ``_dispatch_to_scheduler`` hooked as the launcher
+    does for a chain that reads block hashes (the original is its ``__wrapped__``)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    TokenizerManager = tokenizer_manager_class()  # noqa: N806 - the class
+    original = TokenizerManager._dispatch_to_scheduler
+    config = AdapterConfig(method="cache_aware")
+    tokenizer_hashes.register(lambda page: config.hashed_block_size(True, page))
+    HookRegistry.apply_hooks()  # what SGLang's load_plugins does next in the server's process
+    try:
+        yield TokenizerManager
+    finally:
+        TokenizerManager._dispatch_to_scheduler = original
+        HookRegistry.reset()

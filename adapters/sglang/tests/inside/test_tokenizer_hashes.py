@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,30 +15,11 @@ from dpcore.hashing import block_key_bytes
 from dpcore_sglang import tokenizer_hashes
 from dpcore_sglang.config import AdapterConfig
 from dpcore_sglang.tokenizer_hashes import carry
-from dpcore_sglang.testing import free_port, make_request, scrape, tokenizer_manager_class
+from dpcore_sglang.testing import free_port, make_request, scrape
 
 pytestmark = pytest.mark.sglang
 
 PREFIXES = [0, 100_000, 200_000, 300_000]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_manager() -> Iterator[Any]:
-    """SGLang's real TokenizerManager class, its ``_dispatch_to_scheduler`` hooked as the launcher does."""
-    from sglang.srt.plugins.hook_registry import HookRegistry
-
-    TokenizerManager = tokenizer_manager_class()  # noqa: N806 - the class
-
-    original = TokenizerManager._dispatch_to_scheduler
-    config = AdapterConfig(method="cache_aware")
-    tokenizer_hashes.register(lambda page: config.hashed_block_size(True, page))
-    HookRegistry.apply_hooks()  # what SGLang's load_plugins does next in the server's process
-    assert TokenizerManager._dispatch_to_scheduler.__wrapped__ is original
-    try:
-        yield TokenizerManager
-    finally:
-        TokenizerManager._dispatch_to_scheduler = original
-        HookRegistry.reset()
 
 
 def start(controller: Any, **adapter: Any) -> tuple[Any, int]:
@@ -64,12 +44,12 @@ def homes(h: Any, send: Any) -> dict[int, int]:
     return home
 
 
-def test_the_tokenizer_hashes_and_the_controller_places_by_its_keys(controller, tokenizer_manager):
+def test_the_tokenizer_hashes_and_the_controller_places_by_its_keys(controller, hooked_tokenizer_manager):
     h, port = start(controller)
     tm = SimpleNamespace(send_to_scheduler=h.tokenizer_out, tokenizer_ipc_name=None)
 
     def send(req: Any) -> None:
-        tokenizer_manager._dispatch_to_scheduler(tm, req)
+        hooked_tokenizer_manager._dispatch_to_scheduler(tm, req)
 
     home = homes(h, send)
     for rep in range(2):
