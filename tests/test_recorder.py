@@ -228,6 +228,21 @@ def test_a_full_queue_drops_and_counts_never_blocks(tmp_path: Path) -> None:
     assert rec.recorded == 10 and len(lines(tmp_path / "rec.jsonl")) == 10
 
 
+def test_the_queue_has_room_again_once_the_writer_took_the_batches(tmp_path: Path) -> None:
+    rec, _ = recorder(tmp_path, queue=10)
+    for i in range(10):
+        rec.offer(Request(f"a{i}", num_tokens=3))
+    rec.pack()  # full: the room counted now is none
+    rec.offer(Request("over", num_tokens=3))
+    assert rec.dropped == 1
+    rec._send()  # the writer thread's turn: the frame goes to the writer process
+    for i in range(10):
+        rec.offer(Request(f"b{i}", num_tokens=3))
+    assert (rec.dropped, rec.stats()["queued"]) == (1, 10)
+    rec.close()
+    assert rec.recorded == 20
+
+
 def wait_for(cond, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not cond():

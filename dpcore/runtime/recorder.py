@@ -85,6 +85,7 @@ class Recorder:
         self._times = array("d")
         self._ends: list[tuple[str, int]] = []
         self._cap = config.queue
+        self._room = self._cap  # requests the batch may hold before the queue is full (at least)
         self._threshold = min(int(config.sample * _SAMPLE_SPACE), _SAMPLE_SPACE)
         self._salt = os.urandom(16)
         self._kind = tracefile.default_kind()
@@ -160,7 +161,7 @@ class Recorder:
 
     def _offer(self, request: Any, header: Any) -> None:
         hdrs = self._hdrs
-        if len(hdrs) + self._packed - self._written >= self._cap:
+        if len(hdrs) >= self._room and not self._has_room():
             self.dropped += 1
             return
         t = self.clock()
@@ -169,6 +170,12 @@ class Recorder:
         hdrs.append(_header(request) if header is None else header)
         if len(hdrs) >= PACK_EVERY or t - times[0] >= FLUSH_S:
             self._pack()
+
+    def _has_room(self) -> bool:
+        """Whether the queue takes one more (the writer thread may have written frames since
+        the room was last counted: it only ever grows between counts)."""
+        self._room = self._cap - (self._packed - self._written)
+        return len(self._hdrs) < self._room
 
     def ended(self, rid: str, output_tokens: int = -1) -> None:
         """Request *rid* ended with *output_tokens* generated (``-1``: not known); on the loop."""
@@ -195,6 +202,7 @@ class Recorder:
         self._hdrs, self._times, self._ends = [], array("d"), []
         self._frames.append((tracewriter.batch_body(times, hdrs, ends), len(hdrs)))
         self._packed += len(hdrs)
+        self._room = self._cap - (self._packed - self._written)
         self._ready.set()
 
     # ------------------------------------------------------------------ the writer thread
