@@ -210,6 +210,10 @@ class Recorder:
     def start(self, ready_timeout_s: float = 30.0) -> Supervised:
         """Start the writer process, wait until it has opened the file (so its start-up is
         not paid while requests flow), and start the supervised thread (``dpcore-recorder``)."""
+        missing = [name for name, there in (("msgspec", tracewriter.msgspec is not None),
+                                            ("numpy", self._kind == tracefile.SIPHASH)) if not there]  # fmt: skip
+        if missing:  # the same recording, at several times the writer's CPU a request
+            self.log.warning("record_writer_without_fast_parts", missing=missing, fix="pip install 'dpcore[record]'")
         self._spawn()
         if select.select([self._child.stdout], [], [], ready_timeout_s)[0]:  # type: ignore[union-attr]
             self._read_status()
