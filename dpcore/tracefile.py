@@ -40,6 +40,9 @@ _CHUNK = 16384
 SIPHASH, BLAKE2B = "siphash", "blake2b"
 #: Tweak of the key for the ids of blocks the sender did not hash, so they match no block's id.
 _TAIL_TWEAK = 0x7461696C2D696473
+#: A block hash is salted as a 64-bit word: a sender's integer outside 0 .. 2**64-1 (msgpack
+#: carries -2**63 .. -1 too) as its two's complement, so no header can stop the writer.
+_WORD = (1 << 64) - 1
 
 
 def default_kind() -> str:
@@ -75,7 +78,7 @@ class Salted:
         if not hashes:
             return []
         if self.kind == SIPHASH:
-            m = self._np.array(hashes, self._np.uint64)
+            m = self._words(hashes)
             return self._sip(m, len(m)).tolist()  # type: ignore[no-any-return]
         cache = self._ids
         out = []
@@ -84,9 +87,18 @@ class Salted:
             if s is None:
                 if len(cache) >= _CACHE:
                     cache.clear()
-                s = cache[h] = _int(blake2b(h.to_bytes(8, "little"), key=self._salt, digest_size=8).digest())
+                word = (h & _WORD).to_bytes(8, "little")
+                s = cache[h] = _int(blake2b(word, key=self._salt, digest_size=8).digest())
             out.append(s)
         return out
+
+    def _words(self, hashes: Sequence[int]) -> Any:
+        """*hashes* as a uint64 array (see :data:`_WORD`)."""
+        np = self._np
+        try:
+            return np.array(hashes, np.uint64)
+        except OverflowError:
+            return np.array([h & _WORD for h in hashes], np.uint64)
 
     def tails(self, n: int) -> list[int]:
         """*n* ids that match no block and no other tail id (blocks the sender did not hash)."""
@@ -105,7 +117,7 @@ class Salted:
         each (``"<18 digits>, "``); with numpy, all of them in one pass."""
         if self.kind == SIPHASH and (hashes or tails > 0):
             np = self._np
-            m = np.array(hashes, np.uint64)
+            m = self._words(hashes)
             if tails > 0:
                 m = np.concatenate((m, self._counters(tails)))
             return b"".join([_digits(np, c) for c in self._sip_chunks(m, len(hashes))])

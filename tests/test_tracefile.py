@@ -65,3 +65,13 @@ def test_tail_ids_are_siphash_of_a_counter_under_the_tweaked_key() -> None:
     assert Salted(4, key, SIPHASH).tails(5) == want
     text = Salted(4, key, SIPHASH).salt_text([7, 8], 5)
     assert text[2 * tracefile.ID_TEXT :] == "".join(f"{x}, " for x in want).encode()
+
+
+@pytest.mark.parametrize("kind", [SIPHASH, BLAKE2B])
+def test_a_hash_outside_64_bits_is_salted_as_its_twos_complement(kind: str) -> None:
+    """A sender's block hash is only checked to be an integer: a negative one (msgpack carries
+    them) or a wider one is salted as its 64-bit word instead of stopping the writer."""
+    s = Salted(64, b"k" * 16, kind)
+    word = (1 << 64) - 5
+    assert s.salt([-5, 3, 1 << 64 | 3]) == s.salt([word, 3, 3])
+    assert s.salt_text([-5, 7], 2) == Salted(64, b"k" * 16, kind).salt_text([word, 7], 2)
