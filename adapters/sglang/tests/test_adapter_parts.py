@@ -429,3 +429,29 @@ def test_dpcore_bench_sglang_hands_over_to_the_adapters_benchmark(monkeypatch):
     bench.add_arguments(p)
     assert bench.run(p.parse_args(["--sglang", "--tokens", "500", "--json", "out.json"])) == 0
     assert seen == [["--tokens", "500", "--dp-size", "4", "--repeat", "3", "--json", "out.json"]]
+
+
+def test_the_controller_freezes_its_start_up_heap_after_the_adapter_takes_over(monkeypatch):
+    import gc
+    import types
+
+    from dpcore_sglang import plugin
+
+    installed = []
+    fake_adapter = types.ModuleType("dpcore_sglang.adapter")
+    fake_adapter.install = lambda ctl, config: installed.append((ctl, config, gc.get_freeze_count()))
+    monkeypatch.setitem(sys.modules, "dpcore_sglang.adapter", fake_adapter)
+
+    def sglang_init(self):
+        self.recv_from_tokenizer = object()  # node 0: the dispatching controller
+
+    config = AdapterConfig(method="total_requests")
+    wrapped = plugin._wrap_init(sglang_init, config)
+    gc.unfreeze()
+    ctl = SimpleNamespace()
+    try:
+        wrapped(ctl)
+        assert installed == [(ctl, config, 0)]  # frozen after the adapter is in place
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
