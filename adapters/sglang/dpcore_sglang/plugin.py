@@ -55,7 +55,7 @@ def freeze_startup_heap() -> None:
     its whole life. SGLang's own dispatch keeps nothing per request, so its collector never
     runs; the adapter keeps per-request state (the ledger's, the policies'), so now and then
     a full collection walks the whole heap while every request waits: 0.3 s on a 2-core test
-    machine, against a few ms once the start-up heap is frozen. Garbage is collected first,
+    machine, against 0.02 s once the start-up heap is frozen. Garbage is collected first,
     so freezing keeps nothing that is garbage now.
     SGLang freezes its scheduler, tokenizer and detokenizer processes the same way when asked
     (``freeze_gc`` in ``sglang/srt/utils/common.py``, the ``/freeze_gc`` endpoint), not this one.

@@ -317,18 +317,6 @@ class CacheAwarePolicy:
         now = ctx.now()
         busy = self._busy_until
         weight = self.work_weight
-        # How much an uncertain block's saving is worth: the request's own time on an idle
-        # cluster, more as the queue (in requests) grows, at most what a sure block is worth.
-        queued = 0.0
-        for b in busy if every else [busy[r] for r in ranks]:
-            w = b - now
-            if w > 0.0:
-                queued += w
-        job = self._job_s
-        uncertain_weight = 1.0 + self.uncertain_gain * queued / (n * job) if job > 0.0 else 1.0
-        if uncertain_weight > weight:
-            uncertain_weight = weight
-        discount = (weight - uncertain_weight) / self.rate
         rate = self.rate / weight
         full = float(request.num_tokens)
         out = request.max_new_tokens or 0
@@ -336,8 +324,6 @@ class CacheAwarePolicy:
         kv_wait = self.kv_wait / self.rate
         costs = self._costs
         work = self._last_work
-        lowest = math.inf
-        cheapest = ranks[start]
         # (_exact_uncached and _uncached, inlined: this loop runs for every rank.)
         tokens = request.num_tokens
         blocks = len(hashes)
@@ -345,39 +331,71 @@ class CacheAwarePolicy:
         block_tokens = tokens / blocks if blocks else 0.0
         horizon_factor = self.memory_factor
         est_cached = self._est.cached
-        # The ranks from this decision's turn on (ties go to the earliest in this order).
+        # One pass over the ranks, in rank order: the prefill queued on them (for the weight
+        # of uncertain savings), and the cost of every rank but its uncertain saving, which
+        # that weight prices. A rank without a prefix that steers has none: its cost is final
+        # here (adding 0.0 × a finite discount changes no cost; see below for the other case).
+        full_cost = full / rate
+        queued = 0.0
+        steering = []
+        for r in ranks:
+            wait = busy[r] - now
+            if wait > 0.0:
+                queued += wait
+            d = depth.get(r, 0) if depth else 0
+            if not d or not d >= steers:
+                work[r] = full
+                cost = (wait if wait > 0.0 else 0.0) + full_cost
+                # No room in the rank's KV now: its head of line waits for decodes to free some.
+                over = pinned[r] + full + out - capacity[r]
+                if over > 0.0:
+                    cost += over * kv_wait
+                costs[r] = cost
+                continue
+            uncertain = 0.0
+            if exact >> r & 1:
+                left = tokens - d * tokens / blocks
+            else:
+                cap = capacity[r]
+                sure, uncertain = est_cached(r, hashes, d, block_tokens, cap - pinned[r], cap * horizon_factor)
+                left = tokens - (sure + uncertain)
+            work[r] = new = left if left > 1.0 else 1.0
+            steering.append((r, (wait if wait > 0.0 else 0.0) + new / rate, uncertain, pinned[r] + new + out - capacity[r]))
+        # How much an uncertain block's saving is worth: the request's own time on an idle
+        # cluster, more as the queue (in requests) grows, at most what a sure block is worth.
+        job = self._job_s
+        uncertain_weight = 1.0 + self.uncertain_gain * queued / (n * job) if job > 0.0 else 1.0
+        if uncertain_weight > weight:
+            uncertain_weight = weight
+        discount = (weight - uncertain_weight) / self.rate
+        no_saving = 0.0 * discount
+        if no_saving != 0.0:  # (NaN: an infinite work_weight) as adding it makes those costs
+            for r in ranks:
+                costs[r] += no_saving
+        for r, cost, uncertain, over in steering:
+            cost += uncertain * discount
+            if over > 0.0:
+                cost += over * kv_wait
+            costs[r] = cost
+        # The cheapest, the first of them from this decision's turn on (ties go to the
+        # earliest in that order; NaN costs never win).
         if ranks is not self._orders_of:  # liveness changed: the rotations of the new ranks
             self._orders = [ranks[i:] + ranks[:i] for i in range(n)]
             self._orders_of = ranks if type(ranks) is tuple else None  # (a list could change)
         order = self._orders[start]
-        # A rank without a prefix that steers gets the whole prompt and no uncertain saving:
-        # the same two terms for each of them.
-        full_cost = full / rate
-        no_saving = 0.0 * discount
-        for r in order:
-            wait = busy[r] - now
-            d = depth.get(r, 0) if depth else 0
-            if not d or not d >= steers:
-                work[r] = new = full
-                cost = (wait if wait > 0.0 else 0.0) + full_cost + no_saving
-            else:
-                uncertain = 0.0
-                if exact >> r & 1:
-                    left = tokens - d * tokens / blocks
-                else:
-                    cap = capacity[r]
-                    sure, uncertain = est_cached(r, hashes, d, block_tokens, cap - pinned[r], cap * horizon_factor)
-                    left = tokens - (sure + uncertain)
-                work[r] = new = left if left > 1.0 else 1.0
-                cost = (wait if wait > 0.0 else 0.0) + new / rate + uncertain * discount
-            # No room in the rank's KV now: its head of line waits for decodes to free some.
-            over = pinned[r] + new + out - capacity[r]
-            if over > 0.0:
-                cost += over * kv_wait
-            costs[r] = cost
-            if cost < lowest:
-                lowest = cost
-                cheapest = r
+        lowest = min(costs) if every else math.nan
+        if lowest == lowest:  # (min of them all, costs[0] not NaN: the least non-NaN cost)
+            try:
+                cheapest = costs.index(lowest, start)
+            except ValueError:
+                cheapest = costs.index(lowest)
+        else:
+            lowest = math.inf
+            cheapest = ranks[start]
+            for r in order:
+                if costs[r] < lowest:
+                    lowest = costs[r]
+                    cheapest = r
         if self.load_bound:
             # self._bound_load(ranks, now, full), with its usual path inlined: when no rank
             # is past the bound, no cost changes and the lowest stays the one found above.
