@@ -75,7 +75,7 @@ class Salted:
 
     def salt(self, hashes: Sequence[int]) -> list[int]:
         """The id of each block hash in *hashes* (63-bit integers)."""
-        if not hashes:
+        if not len(hashes):
             return []
         if self.kind == SIPHASH:
             m = self._words(hashes)
@@ -115,7 +115,7 @@ class Salted:
     def salt_text(self, hashes: Sequence[int], tails: int = 0) -> bytes:
         """The ids of *hashes*, then *tails* more :meth:`tails`, as text, :data:`ID_TEXT` bytes
         each (``"<18 digits>, "``); with numpy, all of them in one pass."""
-        if self.kind == SIPHASH and (hashes or tails > 0):
+        if self.kind == SIPHASH and (len(hashes) or tails > 0):
             np = self._np
             m = self._words(hashes)
             if tails > 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -435,18 +436,22 @@ def test_serve_records_http_traffic_without_its_text(tmp_path: Path) -> None:
     assert f"recorded {len(lines(rec_path))} of {len(lines(rec_path))} requests to {rec_path}" in out
 
 
-@pytest.mark.parametrize("decode", ["text", "raw", "batch", "batch-msgpack"])
+@pytest.mark.parametrize("decode", ["text", "raw", "batch", "batch-msgpack", "batch-no-numpy"])
 def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decode: str) -> None:
     """The writer's batch formatting gives, line for line, :func:`tracefile.line` of each
     request's :meth:`Salted.ids`: from headers decoded to text or kept as bytes, and from a
-    batch frame as the writer process reads it, with msgspec and with msgpack alone."""
+    batch frame as the writer process reads it, with msgspec and with msgpack alone, and
+    without numpy (keyed BLAKE2b ids then, the hashes read one header at a time)."""
     import msgpack
 
     from dpcore import tracefile
     from dpcore.runtime import tracewriter
 
     clock = Clock()
-    w = writer(tmp_path, clock, salt=b"s" * 16, t0=99.5, hold_s=5.0)
+    if decode == "batch-no-numpy":
+        monkeypatch.setattr(tracewriter, "_NUMPY", False)
+    kind = tracefile.BLAKE2B if decode == "batch-no-numpy" else None
+    w = writer(tmp_path, clock, salt=b"s" * 16, t0=99.5, hold_s=5.0, kind=kind)
     w.open(fresh=True)
     reqs = [(f"r{i}", 1 + 7 * i, len(block_hashes(list(range(i, i + 7 * i)), 16)) % 3, 50 + i) for i in range(60)]
     headers = []
@@ -492,8 +497,30 @@ def test_a_batch_msgspec_cannot_type_is_read_by_msgpack_alike() -> None:
     odd = msgpack.packb({"rid": "r3", "n": 13, "mnt": None, "bh": [3]})
     body = tracewriter.batch_body(array("d", [1.0, 2.0, 3.0, 4.0]), [*good, odd], [("r0", 5), ("r3", -1)])
     records, ends = tracewriter.decode_batch(body)
-    assert records == [[1.0, 10, 7, (0, 1), None, "r0"], [2.0, 11, 7, (1, 2), None, "r1"],
-                       [3.0, 12, 7, (2, 3), None, "r2"], [4.0, 13, 0, (3,), None, "r3"]]  # fmt: skip
+    p = tracewriter.packed
+    assert records == [[1.0, 10, 7, p([0, 1]), None, "r0"], [2.0, 11, 7, p([1, 2]), None, "r1"],
+                       [3.0, 12, 7, p([2, 3]), None, "r2"], [4.0, 13, 0, p([3]), None, "r3"]]  # fmt: skip
     assert [tuple(e) for e in ends] == [("r0", 5), ("r3", -1)]
     records, _ = tracewriter.decode_batch(tracewriter.batch_body(array("d", [1.0, 2.0, 3.0]), good, []))
-    assert [type(r[5]) for r in records] == [str, str, str] and records[1][3] == (1, 2)
+    assert [type(r[5]) for r in records] == [str, str, str] and records[1][3] == p([1, 2])
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 300])
+def test_a_batchs_hashes_are_read_as_words_at_once(n: int) -> None:
+    """Block hashes as msgpack writes them (64-bit integers: ``0xcf``, or ``0xd3`` when
+    negative) become each record's words in one pass over the batch, also across the short
+    and long array headers; anything else is left to the typed decoding (``None``)."""
+    import msgpack
+
+    from dpcore.runtime import tracewriter
+
+    rng = random.Random(n)
+    lists = [[rng.getrandbits(63) | 1 << 40 for _ in range(m)] for m in (n, 0, n + 1, 3)]
+    lists[2][:1] = [-(1 << 40)] if lists[2] else []
+    raws = [msgpack.packb(x) for x in lists]
+    assert tracewriter._words_of(raws) == [tracewriter.packed(x) for x in lists]
+    assert tracewriter._words_of([*raws, msgpack.packb([5])]) is None  # a small integer: 1 byte
+    assert tracewriter._words_of([*raws, msgpack.packb(None)]) is None
+    assert tracewriter._words_of([]) == []
+
+

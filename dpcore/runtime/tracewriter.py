@@ -30,12 +30,12 @@ import gc
 import os
 import select
 import signal
+import struct
 import sys
 import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,10 +100,12 @@ class TraceWriter:
         self.max_held = max_held
         self.clock = clock
         self.salted = tracefile.Salted(block_size, salt, kind)
+        self._np = _numpy() if self.salted.kind == tracefile.SIPHASH else None
         self.recorded = 0
         self.rotations = 0
         self.generated = 0
-        # Held records, oldest first: [arrival, n, mnt, bh, output tokens or None, rid]; by rid
+        # Held records, oldest first: [arrival, n, mnt, block hashes as big-endian 64-bit words
+        # (:func:`packed`), output tokens or None, rid]; by rid
         # too (a deque of them for an id sent again before it ended).
         self._held: deque[list[Any]] = deque()
         self._by_rid: dict[str, Any] = {}
@@ -127,12 +129,10 @@ class TraceWriter:
         """Take a batch: arrival *times* and decoded request *headers* (maps), then completions
         ``(rid, output tokens or -1)``; write what is ready. *raw*: the headers were decoded
         with msgpack's ``raw=True`` (keys and strings as bytes, which skips UTF-8 decoding)."""
-        k_rid, k_n, k_mnt, k_bh = _RAW_KEYS if raw else _KEYS
-        self.take([[t, h.get(k_n) or 0, h.get(k_mnt) or 0, h.get(k_bh) or (), None, h.get(k_rid)]
-                   for t, h in zip(times, headers)], ends)  # fmt: skip
+        self.take(_records(times, headers, raw), ends)
 
     def take(self, records: list[list[Any]], ends: Iterable[Sequence[Any]] = ()) -> None:
-        """Take a batch of records ``[arrival, n, mnt, bh, None, rid]`` (:func:`decode_batch`)
+        """Take a batch of records ``[arrival, n, mnt, packed hashes, None, rid]`` (:func:`decode_batch`)
         and completions ``(rid, output tokens or -1)``; write what is ready."""
         held, by_rid, hold = self._held, self._by_rid, self.hold_s > 0
         held.extend(records)
@@ -193,11 +193,13 @@ class TraceWriter:
     def _write(self, records: list[list[Any]]) -> None:
         bs, t0, salted = self.block_size, self.t0, self.salted
         # Salted.wanted of each record, inline: ceil(n / bs) ids when the sender's hashes fit.
-        wants = [k if (h := r[3]) and len(h) <= (k := -(-r[1] // bs)) else 0 for r in records]
+        wants = [k if (h := len(r[3]) >> 3) and h <= (k := -(-r[1] // bs)) else 0 for r in records]
         # Every id of the batch as fixed-width text in one call (block ids, then ids of blocks
         # the sender did not hash), then cut per line.
-        hashes = list(chain.from_iterable([r[3] for r, w in zip(records, wants) if w]))
-        n_tails = sum([w - len(r[3]) for r, w in zip(records, wants) if w])
+        words = b"".join([r[3] for r, w in zip(records, wants) if w])
+        count = len(words) >> 3
+        n_tails = sum(wants) - count
+        hashes = self._np.frombuffer(words, ">u8") if self._np is not None else struct.unpack(f">{count}Q", words)
         ids = salted.salt_text(hashes, n_tails)
         cut = memoryview(ids)  # a line's ids are appended from here without a copy of their own
         w = tracefile.ID_TEXT
@@ -205,7 +207,7 @@ class TraceWriter:
         gen_end = f'], "block_size": {bs}, "output_from": "{GENERATED}"}}\n'.encode()
         budget_end = f'], "block_size": {bs}, "output_from": "{BUDGET}"}}\n'.encode()
         head = b'{"timestamp": %.3f, "input_length": %d, "output_length": %d, "hash_ids": ['
-        text, at, at_tail, generated = bytearray(), 0, len(hashes) * w, 0
+        text, at, at_tail, generated = bytearray(), 0, count * w, 0
         for (t, n, mnt, bh, done, _rid), want in zip(records, wants):
             if done is not None and done >= 0:
                 generated += 1
@@ -215,9 +217,10 @@ class TraceWriter:
                 text += head % ((t - t0) * 1000, n, mnt)
                 end_line = budget_end
             if want:
-                end = at + len(bh) * w
-                if want > len(bh):
-                    end_tail = at_tail + (want - len(bh)) * w
+                k = len(bh) >> 3
+                end = at + k * w
+                if want > k:
+                    end_tail = at_tail + (want - k) * w
                     text += cut[at:end]
                     text += cut[at_tail : end_tail - 2]
                     at_tail = end_tail
@@ -278,43 +281,109 @@ def frame(obj: Any) -> bytes:
 if msgspec is not None:
 
     class _Header(msgspec.Struct, gc=False):
-        """The fields of a request header a line needs; the others are skipped, not built."""
+        """The fields of a request header a line needs; the others are skipped, not built.
+        The block hashes stay msgpack (:func:`_words_of`)."""
 
+        rid: str
+        n: int = 0
+        mnt: int = 0
+        bh: msgspec.Raw = msgspec.Raw(b"\x90")
+
+    class _TypedHeader(msgspec.Struct, gc=False):
         rid: str
         n: int = 0
         mnt: int = 0
         bh: tuple[int, ...] = ()
 
     _BATCH: Any = msgspec.msgpack.Decoder(tuple[bytes, list[_Header], list[tuple[str, int]]])
+    _TYPED: Any = msgspec.msgpack.Decoder(tuple[bytes, list[_TypedHeader], list[tuple[str, int]]])
     _BAD_BATCH: tuple[type[Exception], ...] = (msgspec.DecodeError,)
 else:  # pragma: no cover
-    _BATCH, _BAD_BATCH = None, ()
+    _BATCH, _TYPED, _BAD_BATCH = None, None, ()
+
+_WORD = (1 << 64) - 1
+#: Whether a batch's hashes are read with numpy (the writer salts with it then, too).
+_NUMPY = tracefile.default_kind() == tracefile.SIPHASH
+
+
+def packed(hashes: Sequence[int]) -> bytes:
+    """*hashes* as big-endian 64-bit words (an integer outside 64 bits as its two's complement,
+    as :class:`dpcore.tracefile.Salted` salts it)."""
+    try:
+        return struct.pack(f">{len(hashes)}Q", *hashes)
+    except struct.error:
+        return struct.pack(f">{len(hashes)}Q", *[h & _WORD for h in hashes])
+
+
+def _numpy() -> Any:
+    import numpy
+
+    return numpy
+
+
+def _words_of(raws: list[Any]) -> list[bytes] | None:
+    """Each msgpack array in *raws* as :func:`packed` words, in a few passes over the batch;
+    ``None`` unless every one is an array (up to 65,535 long) of 64-bit integers as msgpack
+    writes hashes of 33 bits and more (``0xcf`` unsigned, ``0xd3`` signed)."""
+    np = _numpy()
+    lens = np.fromiter(map(len, raws), np.int64, len(raws))
+    data = np.frombuffer(b"".join(raws), np.uint8)
+    short = lens % 9 == 1  # a fixarray: one byte of header, then 9 a hash
+    if not (short | (lens % 9 == 3)).all():  # else three: 0xdc and a 16-bit length
+        return None
+    k = (lens - np.where(short, 1, 3)) // 9
+    starts = np.cumsum(lens) - lens
+    if not ((data[starts[short]] == 0x90 + k[short]) & (k[short] <= 15)).all():
+        return None
+    long = starts[~short]
+    if not ((data[long] == 0xDC) & (data[long + 1].astype(np.int64) * 256 + data[long + 2] == k[~short])).all():
+        return None
+    keep = np.ones(len(data), bool)
+    keep[starts] = False
+    keep[long + 1] = False
+    keep[long + 2] = False
+    items = data[keep].reshape(-1, 9)
+    if not ((items[:, 0] == 0xCF) | (items[:, 0] == 0xD3)).all():
+        return None
+    words = items[:, 1:].tobytes()
+    ends = np.cumsum(k) * 8
+    return [words[a:b] for a, b in zip((ends - k * 8).tolist(), ends.tolist())]
+
+
+def _records(times: Iterable[float], headers: Iterable[Any], raw: bool) -> list[list[Any]]:
+    """Records of headers decoded to maps (keys as bytes when *raw*)."""
+    k_rid, k_n, k_mnt, k_bh = _RAW_KEYS if raw else _KEYS
+    return [[t, h.get(k_n) or 0, h.get(k_mnt) or 0, packed(h.get(k_bh) or ()), None, h.get(k_rid)]
+            for t, h in zip(times, headers)]  # fmt: skip
 
 
 def decode_batch(body: Any) -> tuple[list[list[Any]], Any]:
     """A batch frame's records (:meth:`TraceWriter.take`) and completions.
 
     With msgspec installed, only the fields a line needs are decoded (the reply address and
-    other fields are skipped unbuilt); a header it cannot type (a field of another type than
-    the controller's validation lets through) sends the batch through msgpack instead, which
-    gives the same records."""
+    other fields are skipped unbuilt), and with numpy the block hashes of the whole batch go
+    from msgpack to words at once. A header they cannot type (a field of another type than
+    the controller's validation lets through, hashes under 33 bits) sends the batch through
+    a slower path instead, which gives the same records."""
     times = array("d")
     if _BATCH is not None:
         try:
             tb, headers, ends = _BATCH.decode(body)
+            words = _words_of([h.bh for h in headers]) if _NUMPY else None
+            if words is None:
+                tb, headers, ends = _TYPED.decode(body)
+                words = [packed(h.bh) for h in headers]
         except _BAD_BATCH:
             pass
         else:
             times.frombytes(tb)
-            return [[t, h.n, h.mnt, h.bh, None, h.rid] for t, h in zip(times, headers)], ends
+            return [[t, h.n, h.mnt, w, None, h.rid] for t, h, w in zip(times, headers, words)], ends
     # Without msgspec, strings stay bytes (no UTF-8 decoding); with it, ids are text in
     # every batch, so a completion still finds its request across a batch decoded here.
     raw = _BATCH is None
     tb, headers, ends = msgpack.unpackb(body, use_list=False, raw=raw)
     times.frombytes(tb)
-    k_rid, k_n, k_mnt, k_bh = _RAW_KEYS if raw else _KEYS
-    return [[t, h.get(k_n) or 0, h.get(k_mnt) or 0, h.get(k_bh) or (), None, h.get(k_rid)]
-            for t, h in zip(times, headers)], ends  # fmt: skip
+    return _records(times, headers, raw), ends
 
 
 def batch_body(times: array, headers: Sequence[Any], ends: list[tuple[str, int]]) -> bytes:
