@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import msgspec
 import structlog
 import zmq
 from sglang.srt.managers import io_struct
@@ -100,6 +101,12 @@ def frame_encoder() -> Callable[[Any], bytes]:
     if io_struct._USE_PICKLE_IPC:
         return functools.partial(pickle.dumps, protocol=pickle.HIGHEST_PROTOCOL)
     return io_struct.msgpack_encode
+
+
+class DpcoreForwarded(msgspec.Struct, tag=True, array_like=True):
+    """With SGLang's msgpack IPC, what its decoder makes of the receiver's marker bytes for a
+    request to forward (registered with ``io_struct.hook_custom_types``, SGLang's own way to
+    add a message type)."""
 
 
 def _soft_watchdog_timeout() -> float | None:
@@ -426,9 +433,14 @@ def install(ctl: Any, config: AdapterConfig, manager: PolicyManager | None = Non
         ctl.recv_from_tokenizer = BlockingReceiver(ctl.recv_from_tokenizer, timeout_ms, adapter.carried)
     if adapter.ended is not None:
         ctl.recv_from_tokenizer.ended = adapter.ended.take
-    if io_struct._USE_PICKLE_IPC:  # SGLang's msgpack IPC decodes what recv() returns: no marker
-        ctl.recv_from_tokenizer.forward = True
+    recv = ctl.recv_from_tokenizer
+    recv.forward = True
+    if io_struct._USE_PICKLE_IPC:  # recv_pyobj hands SGLang's dispatcher the marker itself
         ctl._request_dispatcher += TypeBasedDispatcher([(Forwarded, adapter.forward)])
+    else:  # SGLang's msgpack IPC decodes what recv() returns: bytes its decoder turns into a marker
+        io_struct.hook_custom_types(DpcoreForwarded)
+        recv.mark = io_struct.msgpack_encode(DpcoreForwarded())
+        ctl._request_dispatcher += TypeBasedDispatcher([(DpcoreForwarded, adapter.forward)])
     ctl.dpcore = adapter
     if config.metrics_port is not None:
         try:

@@ -27,7 +27,10 @@ take it too.
 
 A header whose fields do not have the types below is refused, counted by reason, and the
 request behind it is decoded and placed the usual way: nothing is lost. The header is read
-with msgpack only; the bytes forwarded are never decoded here.
+with msgpack only; the bytes forwarded are never decoded here. Both of SGLang's IPC encodings
+work: with pickle (``sock_recv`` calls ``recv_pyobj``) the receiver returns :data:`FORWARDED`;
+with msgpack (``sock_recv`` decodes what ``recv`` returns) it returns the bytes of a marker
+message the adapter registers with ``io_struct.hook_custom_types``.
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ class BlockingReceiver:
         #: Whether requests with a route header are handed on as FORWARDED (the adapter
         #: routes them to SGLang's dispatcher), not decoded.
         self.forward = False
+        #: What recv() returns for a request to forward (SGLang's msgpack IPC decodes it
+        #: into the adapter's marker type); set by the adapter with ``forward``.
+        self.mark = b""
         self.bad_frames = 0
         self.idle_waits = 0
         #: Takes a frame of ended requests (``--dpcore-record``); ``None``: they are dropped.
@@ -78,7 +81,8 @@ class BlockingReceiver:
         frame = self._wait(flags, copy, track)
         if type(frame) is bytes and frame.startswith(MAGIC):
             try:
-                return self.carried.split(frame)
+                rest = self.carried.split(frame, self.forward)
+                return self.mark if rest is None else rest
             except ValueError as exc:
                 self._bad(len(frame), exc)
         if type(frame) is bytes and frame.startswith(ENDED):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -179,3 +183,58 @@ def test_route_headers_only_for_a_dpcore_controller_without_tracing(args, plan):
     publish(ServerArgs(model_path="dummy", **args), role="tokenizer")
     assert tokenizer_hashes.tokenizer_plan(lambda page: config.hashed_block_size(True, page)) == plan
     assert tokenizer_hashes.tokenizer_plan(lambda page: config.hashed_block_size(True, page), forward=False)[1] is False
+
+
+MSGPACK_IPC_RUN = """
+import json, sys
+from dpcore_sglang.testing import ControllerHarness, free_port, make_request, scrape
+from sglang.srt.managers import io_struct
+from dpcore_sglang.config import AdapterConfig
+from dpcore_sglang.tokenizer_hashes import frame_with_route
+
+import msgspec
+from sglang.srt.observability.req_time_stats import APIServerReqTimeStats, SchedulerReqTimeStats
+
+def fields(raw):
+    d = msgspec.structs.asdict(io_struct.msgpack_decode(raw))
+    d["sampling_params"] = msgspec.structs.asdict(d["sampling_params"])
+    stats = SchedulerReqTimeStats.new_from_obj(io_struct.unwrap_from_pickle(d.pop("time_stats"))).__dict__
+    d["time_stats"] = {k: type(v).__name__ if k == "trace_ctx" else v for k, v in stats.items()
+                       if k not in ("diff_realtime_monotonic", "scheduler_recv_time")}
+    return repr(sorted(d.items()))
+
+assert not io_struct._USE_PICKLE_IPC
+req = make_request("m1", 300, routed_dp_rank=1)
+req.time_stats = APIServerReqTimeStats()
+req.wrap_pickle_fields()  # as TokenizerManager._send_one_request does before sending
+encoded = io_struct.msgpack_encode(req)
+out = {}
+for name, adapter in (("sglang", None), ("dpcore", AdapterConfig(method="total_requests", metrics_port=free_port()))):
+    with ControllerHarness(dp_size=2, adapter=adapter, mode="echo") as h:
+        frames = [encoded] if adapter is None else [frame_with_route(encoded, req, 0), encoded]
+        for frame in frames:
+            h.send_raw(frame)
+        got = h.deliveries(len(frames))
+        out[name] = [(d.rank, d.kind == encoded, fields(d.kind)) for d in got]
+        if adapter is not None:
+            m = scrape(adapter.metrics_port)
+            out["paths"] = {dict(l)["path"]: v for (n, l), v in m.items() if n == "dpcore_requests_forwarded_total"}
+        assert h.alive() and not h.quit_signals
+print(json.dumps(out))
+"""
+
+
+def test_with_sglangs_msgpack_ipc_requests_are_forwarded_too(tmp_path):
+    # SGLang reads SGLANG_USE_PICKLE_IPC once, at import: a process of its own.
+    env = {**os.environ, "SGLANG_USE_PICKLE_IPC": "0"}
+    proc = subprocess.run([sys.executable, "-c", MSGPACK_IPC_RUN], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    [(own_rank, _, own_fields)] = out["sglang"]
+    assert own_rank == 1
+    # Forwarded: the tokenizer's bytes; decoded (no header): encoded again, as SGLang does.
+    # Both reach rank 1 with the fields SGLang's own controller delivers.
+    [forwarded, decoded] = out["dpcore"]
+    assert forwarded == [1, True, own_fields]
+    assert decoded[0] == 1 and decoded[2] == own_fields
+    assert out["paths"] == {"forwarded": 1, "decoded": 1}
