@@ -109,6 +109,20 @@ def _int_or_none(v: Any) -> bool:
 def route_problem(header: list[Any]) -> str | None:
     """Why *header* (a route header, already of the right length) cannot be used, or ``None``."""
     _bs, rid, keys, n, max_new, routed, dp_rank, prefill, room, ipc = header
+    # The usual case in one expression: this runs for every request.
+    if (
+        type(rid) is str
+        and type(n) is int
+        and n >= 0
+        and (max_new is None or (type(max_new) is int and max_new >= 0))
+        and (routed is None or type(routed) is int)
+        and dp_rank is None
+        and prefill is None
+        and (room is None or type(room) is int)
+        and (keys is None or type(keys) is bytes)
+        and ipc is None
+    ):
+        return None
     if type(rid) is not str:
         return f"rid is {type(rid).__name__}, not str"
     if type(n) is not int or n < 0:
