@@ -231,6 +231,8 @@ class TokenizerHook:
         self._single: tuple[type, ...] = ()
         self._kinds: tuple[type, ...] = ()
         self._encode: Callable[[Any], bytes] | None = None
+        #: Requests whose route header could not be built (sent as SGLang sends them).
+        self.unroutable = 0
 
     def __call__(self, original: Callable[..., Any], tm: Any, obj: Any) -> Any:
         if not self._started:
@@ -239,7 +241,15 @@ class TokenizerHook:
             return original(tm, obj)
         kind = type(obj)
         if self._forward and kind in self._single and forwardable(obj):
-            return tm.send_to_scheduler.send(frame_with_route(self._encode(obj), obj, self._block_size))  # type: ignore[misc]
+            try:
+                frame = frame_with_route(self._encode(obj), obj, self._block_size)  # type: ignore[misc]
+            except Exception as exc:  # a field msgpack cannot carry (a numpy integer...): SGLang's own send
+                self.unroutable += 1
+                n = self.unroutable
+                if n & (n - 1) == 0:
+                    log.warning("dpcore: request %r sent without a route header (%d so far): %r", obj.rid, n, exc)
+                return original(tm, obj)
+            return tm.send_to_scheduler.send(frame)
         if not self._block_size or kind not in self._kinds:
             return original(tm, obj)
         entries = entries_for(obj, self._block_size)

@@ -169,6 +169,17 @@ def test_health_checks_and_multimodal_requests_take_sglangs_path(controller, hoo
     assert metric(port, "dpcore_requests_forwarded_total") == {"forwarded": 0, "decoded": 1}  # + 1 health check
 
 
+def test_a_request_whose_header_cannot_be_built_is_sent_as_sglang_sends_it(controller, hooked):
+    import numpy as np
+
+    hooked_send, _ = hooked
+    h, port = start(controller, "total_requests")
+    # SGLang's structs do not check types on assignment; msgpack cannot carry a numpy integer.
+    hooked_send(tm_for(h), make_request("np-rank", 10, bootstrap_room=np.int64(5)))
+    assert len(delivered(h)) == 1
+    assert metric(port, "dpcore_requests_forwarded_total") == {"forwarded": 0, "decoded": 1}
+
+
 @pytest.mark.parametrize(
     ("args", "plan"),
     [
