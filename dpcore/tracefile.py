@@ -232,7 +232,7 @@ def _digits(np: Any, ids: Any) -> bytes:
     if not _QUADS:
         _QUADS.append(np.frombuffer("".join(f"{i:04d}" for i in range(10_000)).encode(), dtype=np.uint32))
     quads = _QUADS[0]
-    u32 = np.uint32
+    u32, take = np.uint32, np.take  # take: numpy's fancy indexing gathers at a third of its speed
     out = np.empty((len(ids), ID_TEXT // 4), dtype=u32)  # 18 digits + ", " = 5 x 4 bytes
     # A remainder as x - (x // d) * d: numpy divides by a constant quickly, but not so its ``%``.
     hi64 = ids // np.uint64(10**9)
@@ -240,16 +240,16 @@ def _digits(np: Any, ids: Any) -> bytes:
     hi = hi64.astype(u32)  # the first 9
     # Bytes: [d d d d][d d d d][d d d d][d d d d][d d , ' ']: digits 1-4, 5-8, 9-12, 13-16, 17-18.
     q = hi // u32(100_000)
-    out[:, 0] = quads[q]
+    out[:, 0] = take(quads, q)
     rest = hi - q * u32(100_000)  # digits 5-9
     r10 = rest // u32(10)
-    out[:, 1] = quads[r10]
+    out[:, 1] = take(quads, r10)
     l6 = lo // u32(1_000_000)
-    out[:, 2] = quads[(rest - r10 * u32(10)) * u32(1000) + l6]  # digits 9-12
+    out[:, 2] = take(quads, (rest - r10 * u32(10)) * u32(1000) + l6)  # digits 9-12
     low6 = lo - l6 * u32(1_000_000)  # digits 13-18
     l2 = low6 // u32(100)
-    out[:, 3] = quads[l2]
-    tail = quads[low6 - l2 * u32(100)]  # "00dd": keep the last two digits, then ", "
+    out[:, 3] = take(quads, l2)
+    tail = take(quads, low6 - l2 * u32(100))  # "00dd": keep the last two digits, then ", "
     out[:, 4] = (tail >> u32(16)) | u32(int.from_bytes(b"\0\0, ", "little"))
     return out.tobytes()  # type: ignore[no-any-return]
 
