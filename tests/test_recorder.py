@@ -182,6 +182,20 @@ def test_output_lengths_are_what_the_ranks_generated_in_arrival_order(tmp_path: 
     assert rec.generated == 3 and rec.recorded == 6
 
 
+def test_an_id_sent_again_in_a_later_batch_takes_its_own_completion(tmp_path: Path) -> None:
+    """A batch whose ids are all new is taken at once; an id already held (a retry that came
+    in a later batch) still gets the completions in order: the first to the first request."""
+    clock = Clock()
+    w = writer(tmp_path, clock, hold_s=10.0)
+    w.open(fresh=True)
+    w.add([clock.t, clock.t], [{"rid": "a", "n": 1, "mnt": 9}, {"rid": "b", "n": 2, "mnt": 9}])
+    w.add([clock.t + 1, clock.t + 1], [{"rid": "c", "n": 3, "mnt": 9}, {"rid": "a", "n": 4, "mnt": 9}])
+    w.add([], [], [("a", 5), ("c", 6), ("b", 7), ("a", 8)])
+    w.close()
+    rows = lines(tmp_path / "rec.jsonl")
+    assert [(r["input_length"], r["output_length"]) for r in rows] == [(1, 5), (2, 7), (3, 6), (4, 8)]
+
+
 def test_a_held_record_leaves_after_hold_s_or_when_too_many_wait(tmp_path: Path) -> None:
     clock = Clock()
     w = writer(tmp_path, clock, hold_s=10.0, max_held=3)
