@@ -28,7 +28,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from itertools import accumulate, repeat
-from operator import and_, neg
+from operator import and_, attrgetter, neg
 
 from attrs import frozen
 
@@ -204,13 +204,14 @@ class CacheIndex:
         self._next_seq[r] = seq + 1
         if batch.capacity:
             self._capacity[r] = batch.capacity
-        if batch.resync:
+        events = batch.events
+        if events and events[0][0] == CLEARED:  # batch.resync, inlined: this runs for every batch
             self.reset(r)
             self._known |= bit
         if not self._known & bit:
             return False
         self.batches += 1
-        self._replay(r, batch.events)
+        self._replay(r, events)
         cap = self._capacity[r] or self.max_blocks_per_rank
         if len(self._blocks[r]) > cap:
             # More than the rank can hold: some removals never reached us. Trimming would
@@ -290,10 +291,8 @@ class CacheView:
         self.state = index.state
         self.blocks = index.blocks
 
-    @property
-    def known_mask(self) -> int:
-        """Bitmask of the ranks in the exact state (0 when no rank publishes)."""
-        return self._index._known
+    # A C-level getter: policies read it on every decision.
+    known_mask = property(attrgetter("_index._known"), doc="Bitmask of the ranks in the exact state (0 when no rank publishes).")
 
     @property
     def any_known(self) -> bool:

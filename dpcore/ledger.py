@@ -503,13 +503,13 @@ def _copied(name: str, doc: str) -> property:
     rebuilt only after the ledger changed (one copy per decision at most)."""
 
     def get(self: LedgerView) -> tuple[Any, ...]:
+        # _copies: name -> (ledger version, copy); a copy is good until the version moves.
         ledger = self._ledger
-        if ledger.version != self._seen:
-            self._copies = {}
-            self._seen = ledger.version
-        t = self._copies.get(name)
-        if t is None:
-            t = self._copies[name] = tuple(getattr(ledger, name))
+        kept = self._copies.get(name)
+        if kept is not None and kept[0] == ledger.version:
+            return kept[1]
+        t = tuple(getattr(ledger, name))
+        self._copies[name] = (ledger.version, t)
         return t
 
     return property(get, doc=doc)
@@ -523,12 +523,11 @@ class LedgerView:
     changes the ledger itself.
     """
 
-    __slots__ = ("_ledger", "_seen", "_copies", "now")
+    __slots__ = ("_ledger", "_copies", "now")
 
     def __init__(self, ledger: LoadLedger) -> None:
         self._ledger = ledger
-        self._seen = -1
-        self._copies: dict[str, tuple[Any, ...]] = {}
+        self._copies: dict[str, tuple[int, tuple[Any, ...]]] = {}
         #: ``now()``: the ledger's clock (simulated time in the simulator, monotonic
         #: seconds live), called directly: policies read it on every decision.
         self.now: Callable[[], float] = ledger._clock

@@ -447,7 +447,12 @@ class PolicyManager:
         calls = self._dispatch_calls
         if calls is None or calls:
             try:
-                self.notify_dispatch(request, rank, seq)
+                if calls is None:
+                    self.notify_dispatch(request, rank, seq)
+                else:  # notify_dispatch's direct path, inlined: this runs for every request
+                    ctx = self.ctx
+                    for call in calls:
+                        call(request, rank, seq, ctx)
             except Exception as exc:  # the request is already on its way; only log
                 self.ctx.log.error("on_dispatch_failed", rid=request.rid, rank=rank, error=repr(exc))
         return seq

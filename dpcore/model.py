@@ -198,13 +198,13 @@ class PolicyContext:
     def is_active(self, rank: int) -> bool:
         return self.ledger.is_active(rank)
 
-    def now(self) -> float:
-        """Current time in seconds; simulated time under ``dpcore simulate``.
-
-        Policies must use this, never ``time.time()``, so they behave the same in the
-        simulator and live.
-        """
-        return self.ledger.now()
+    #: ``now()``: current time in seconds; simulated time under ``dpcore simulate``. Policies
+    #: must use this, never ``time.time()``, so they behave the same in the simulator and
+    #: live. (The ledger's clock itself, through a C-level getter: read on every decision.)
+    now = property(
+        attrgetter("ledger.now"),
+        doc="``now()``: current time in seconds; simulated time under ``dpcore simulate``.",
+    )
 
     def explain(self, policy: str, reason: str, scores: Mapping[str, Any] | None = None) -> None:
         """Record why *policy* chose as it did; metrics count ``reason`` per policy.

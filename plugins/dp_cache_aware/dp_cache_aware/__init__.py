@@ -306,10 +306,16 @@ class CacheAwarePolicy:
                 mask = 0
                 for r in ranks:
                     mask |= 1 << r
-            depth = prefix_depths(self._est.holders, hashes, mask & ~exact)  # self._depths
+            guess = mask & ~exact
+            # self._depths (no rank to ask when every active rank publishes KV events)
+            depth = prefix_depths(self._est.holders, hashes, guess) if guess else {}
             exact &= mask
             if exact:
-                depth.update(ctx.cache.depths(hashes, exact))
+                known = ctx.cache.depths(hashes, exact)
+                if guess:
+                    depth.update(known)
+                else:
+                    depth = known
                 self._add_pending(depth, hashes, exact)
         else:
             depth = {}
