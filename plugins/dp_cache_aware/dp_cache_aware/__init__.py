@@ -55,7 +55,7 @@ import math
 from collections import deque
 from itertools import repeat
 
-from dpcore import NEEDS_BLOCK_HASHES, LoadReport, PolicyContext, Request, hookimpl, prefix_depths
+from dpcore import NEEDS_BLOCK_HASHES, LoadReport, PolicyContext, Request, hookimpl
 
 from dp_cache_aware.estimate import PrefixEstimate
 
@@ -185,7 +185,7 @@ class CacheAwarePolicy:
 
     def _depths(self, hashes: tuple[int, ...], active_mask: int) -> dict[int, int]:
         """Per rank, how many leading blocks of *hashes* it holds (ranks with 0 omitted)."""
-        return prefix_depths(self._est.holders, hashes, active_mask)
+        return self._est.depths(hashes, active_mask)
 
     def _cached(self, rank: int, hashes: tuple[int, ...], depth: int, block_tokens: float) -> float:
         """Expected cached tokens of the first *depth* blocks on *rank*.
@@ -307,8 +307,8 @@ class CacheAwarePolicy:
                 for r in ranks:
                     mask |= 1 << r
             guess = mask & ~exact
-            # self._depths (no rank to ask when every active rank publishes KV events)
-            depth = prefix_depths(self._est.holders, hashes, guess) if guess else {}
+            # self._depths (no rank to ask it of when every active rank publishes KV events)
+            depth = self._est.depths(hashes, guess) if guess else {}
             exact &= mask
             if exact:
                 known = ctx.cache.depths(hashes, exact)

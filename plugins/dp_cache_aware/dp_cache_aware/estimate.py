@@ -21,6 +21,8 @@ from collections import OrderedDict
 from itertools import accumulate, compress, repeat
 from operator import and_, neg, not_, or_
 
+from dpcore import prefix_depths
+
 __all__ = ["PrefixEstimate"]
 
 #: Block-token values whose running sums are kept (cleared past this many).
@@ -120,6 +122,34 @@ class PrefixEstimate:
                 self._sums.clear()
             sums = self._sums[block_tokens] = list(accumulate(repeat(block_tokens, max(sure, 64))))
         return sums[sure - 1], uncertain
+
+    def depths(self, hashes: tuple[int, ...], mask: int) -> dict[int, int]:
+        """Per rank in *mask*, how many leading blocks of *hashes* (non-empty) it holds, ranks
+        at 0 left out: :func:`dpcore.prefix_depths` over :attr:`holders`.
+
+        When every rank holding the first block holds the prompt as one whole run (a repeat
+        of a prompt sent there), the runs say so without a lookup per block.
+        """
+        holders = self.holders
+        first = hashes[0]
+        holding = holders.get(first, 0) & mask
+        if not holding:
+            return {}
+        where = self._where
+        left = holding
+        while left:
+            low = left & -left
+            run = where[low.bit_length() - 1].get(first)
+            if run is None or (run.keys is not hashes and run.keys != hashes):
+                return prefix_depths(holders, hashes, mask)
+            left ^= low
+        n = len(hashes)
+        depth = {}
+        while holding:
+            low = holding & -holding
+            depth[low.bit_length() - 1] = n
+            holding ^= low
+        return depth
 
     def oldest_use(self) -> float:
         """The earliest time among each rank's least recently used block (inf: none)."""

@@ -130,6 +130,8 @@ def test_runs_answer_as_the_per_block_lru(script):
         else:
             _, rank, hashes, cap = op
             depth = prefix_depths(ref.holders, hashes, 1 << rank).get(rank, 0)
+            for mask in (1 << rank, (1 << DP) - 1, (1 << DP) - 1 & ~(1 << rank)):
+                assert est.depths(hashes, mask) == prefix_depths(ref.holders, hashes, mask)
             want = ref.cached(rank, hashes, depth, 64.0, cap, cap * 3)
             assert est.cached(rank, hashes, depth, 64.0, cap, cap * 3) == want
         assert est.touched == ref.touched
