@@ -156,7 +156,17 @@ class CacheIndex:
         One dictionary lookup per block for all ranks together; ranks not in
         :attr:`known_mask` are never in the answer.
         """
-        return prefix_depths(self._holders, keys, mask & self._known)
+        mask &= self._known
+        if keys and mask:
+            # One rank holds the first block (a prompt that went back to where it was cached):
+            # its set says in one C-level pass, without a list of every block's holders,
+            # whether it holds them all.
+            holding = self._holders.get(keys[0], 0) & mask
+            if holding and not holding & (holding - 1):
+                r = holding.bit_length() - 1
+                if self._blocks[r].issuperset(keys):
+                    return {r: len(keys)}
+        return prefix_depths(self._holders, keys, mask)
 
     def __len__(self) -> int:
         """(rank, block) pairs held."""

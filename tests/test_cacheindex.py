@@ -83,6 +83,20 @@ def test_bad_rank_is_a_clear_error():
         CacheIndex(0)
 
 
+
+def test_depths_when_one_rank_holds_the_first_block():
+    idx = CacheIndex(3)
+    for r in range(3):
+        idx.apply(batch(r, 0))
+    idx.apply(batch(0, 1, (STORED, None, [1, 2, 3, 4])))
+    idx.apply(batch(1, 1, (STORED, None, [9, 3, 4])))  # later blocks elsewhere too
+    assert idx.depths([1, 2, 3, 4]) == {0: 4}  # the whole prompt
+    assert idx.depths([1, 2, 3]) == {0: 3}
+    assert idx.depths([1, 2, 5, 4]) == {0: 2}  # it leaves the rank's blocks: walked
+    assert idx.depths([1, 2, 3, 4], 0b110) == {}
+    idx.apply(batch(0, 2, (REMOVED, [3])))
+    assert idx.depths([1, 2, 3, 4]) == {0: 2}
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(0, 3), st.lists(st.integers(0, 12), max_size=6)), max_size=20),
