@@ -36,3 +36,23 @@ def test_bench_small_count_writes_the_three_rates(dpcore_exe, tmp_path, clean_en
 def test_bench_rejects_bad_arguments(dpcore_exe):
     r = subprocess.run([*dpcore_exe, "bench", "--count", "5"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--count must be >= 100" in r.stderr
+
+
+def test_bench_record_counts_the_whole_loops_cpu(dpcore_exe, tmp_path, clean_env):
+    """With --record, the CPU per request of every process of each loop (sender, controller,
+    receivers, and the writer when recording) is reported beside the controller's own, so
+    recording's share can be read on a host where msgs/s varies from run to run."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run(
+        [*dpcore_exe, "bench", "--record", "--count", "600", "--repeat", "1", "--decisions", "200",
+         "--idle-seconds", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=180, env=clean_env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    loop, router = data["loop_cpu_us_per_msg"], data["router_cpu_us_per_msg"]
+    assert set(loop) >= {"dpcore", "record"}
+    for mode in ("dpcore", "record"):
+        assert loop[mode] > router[mode] > 0, mode  # the sender and receivers spend CPU too
+    assert loop["record"] >= router["record"] + data["record_writer_cpu_us_per_msg"]
+    assert "the whole loop's CPU per request" in r.stdout
