@@ -220,16 +220,19 @@ class CacheAwarePolicy:
     def _add_pending(self, depth: dict[int, int], hashes: tuple[int, ...], exact: int) -> None:
         """Extend each exact rank's depth over blocks it will hold before this request runs."""
         n = len(hashes)
+        queues, held = self._pending, self._pending_blocks
         while exact:
             low = exact & -exact
             exact ^= low
             r = low.bit_length() - 1
+            pending = queues[r]
+            if not pending:
+                continue
             d = depth.get(r, 0)
-            pending = self._pending[r]
-            if d == n or not pending:
+            if d == n:
                 continue
             oldest = pending[0][1]
-            get = self._pending_blocks[r].get
+            get = held[r].get
             while d < n and get(hashes[d], -1) >= oldest:
                 d += 1
             if d:
