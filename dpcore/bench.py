@@ -341,6 +341,8 @@ def forward_once(
 
 def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, float]:
     """µs per decision (select + dispatched through the hooks) for each installed policy."""
+    import msgpack
+
     from dpcore.cacheindex import STORED, KvEventBatch
     from dpcore.discovery import available, load_policy_class
     from dpcore.hashing import block_hashes
@@ -351,8 +353,11 @@ def policy_costs(decisions: int, tokens: int, dp_size: int = 4) -> dict[str, flo
     installed = available()
     base = _token_ids(tokens)
     prefixes = [block_hashes([p * 1_000_003 + t for t in base]) for p in range(64)]
+    # Each request has its own hashes, as one decoded from the wire does: a policy comparing a
+    # prompt with one it stored pays for the comparison, not a pointer test.
     reqs = [
-        Request(f"r{i}", tokens, prefixes[i % 64], bootstrap_room=i * 2654435761 % (1 << 40))
+        Request(f"r{i}", tokens, tuple(msgpack.unpackb(msgpack.packb(prefixes[i % 64]))),
+                bootstrap_room=i * 2654435761 % (1 << 40))
         for i in range(min(decisions, 4096))
     ]
     out: dict[str, float] = {}
