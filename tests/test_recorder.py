@@ -459,11 +459,11 @@ def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, mon
     import msgpack
 
     from dpcore import tracefile
-    from dpcore.runtime import tracewriter
+    from dpcore.runtime import recordframes
 
     clock = Clock()
     if decode == "batch-no-numpy":
-        monkeypatch.setattr(tracewriter, "_NUMPY", False)
+        monkeypatch.setattr(recordframes, "_NUMPY", False)
     kind = tracefile.BLAKE2B if decode == "batch-no-numpy" else None
     w = writer(tmp_path, clock, salt=b"s" * 16, t0=99.5, hold_s=5.0, kind=kind)
     w.open(fresh=True)
@@ -479,10 +479,10 @@ def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, mon
     times = [clock.t + i / 7 for i in range(len(reqs))]
     if decode.startswith("batch"):
         if decode == "batch-msgpack":
-            monkeypatch.setattr(tracewriter, "_BATCH", None)
+            monkeypatch.setattr(recordframes, "_BATCH", None)
         else:
-            assert tracewriter._BATCH is not None, "msgspec is part of the test environment (dpcore[record])"
-        records, got_ends = tracewriter.decode_batch(tracewriter.batch_body(array("d", times), headers, ends))
+            assert recordframes._BATCH is not None, "msgspec is part of the test environment (dpcore[record])"
+        records, got_ends = recordframes.decode_batch(recordframes.batch_body(array("d", times), headers, ends))
         w.take(records, got_ends)
     else:
         raw = decode == "raw"
@@ -504,18 +504,18 @@ def test_a_batch_msgspec_cannot_type_is_read_by_msgpack_alike() -> None:
     completions keep matching their requests by a text id either way."""
     import msgpack
 
-    from dpcore.runtime import tracewriter
+    from dpcore.runtime import recordframes
 
-    assert tracewriter._BATCH is not None
+    assert recordframes._BATCH is not None
     good = [msgpack.packb({"rid": f"r{i}", "n": 10 + i, "mnt": 7, "bh": [i, i + 1]}) for i in range(3)]
     odd = msgpack.packb({"rid": "r3", "n": 13, "mnt": None, "bh": [3]})
-    body = tracewriter.batch_body(array("d", [1.0, 2.0, 3.0, 4.0]), [*good, odd], [("r0", 5), ("r3", -1)])
-    records, ends = tracewriter.decode_batch(body)
-    p = tracewriter.packed
+    body = recordframes.batch_body(array("d", [1.0, 2.0, 3.0, 4.0]), [*good, odd], [("r0", 5), ("r3", -1)])
+    records, ends = recordframes.decode_batch(body)
+    p = recordframes.packed
     assert records == [[1.0, 10, 7, p([0, 1]), None, "r0"], [2.0, 11, 7, p([1, 2]), None, "r1"],
                        [3.0, 12, 7, p([2, 3]), None, "r2"], [4.0, 13, 0, p([3]), None, "r3"]]  # fmt: skip
     assert [tuple(e) for e in ends] == [("r0", 5), ("r3", -1)]
-    records, _ = tracewriter.decode_batch(tracewriter.batch_body(array("d", [1.0, 2.0, 3.0]), good, []))
+    records, _ = recordframes.decode_batch(recordframes.batch_body(array("d", [1.0, 2.0, 3.0]), good, []))
     assert [type(r[5]) for r in records] == [str, str, str] and records[1][3] == p([1, 2])
 
 
@@ -526,15 +526,15 @@ def test_a_batchs_hashes_are_read_as_words_at_once(n: int) -> None:
     and long array headers; anything else is left to the typed decoding (``None``)."""
     import msgpack
 
-    from dpcore.runtime import tracewriter
+    from dpcore.runtime import recordframes
 
     rng = random.Random(n)
     lists = [[rng.getrandbits(63) | 1 << 40 for _ in range(m)] for m in (n, 0, n + 1, 3)]
     lists[2][:1] = [-(1 << 40)] if lists[2] else []
     raws = [msgpack.packb(x) for x in lists]
-    assert tracewriter._words_of(raws) == [tracewriter.packed(x) for x in lists]
-    assert tracewriter._words_of([*raws, msgpack.packb([5])]) is None  # a small integer: 1 byte
-    assert tracewriter._words_of([*raws, msgpack.packb(None)]) is None
-    assert tracewriter._words_of([]) == []
+    assert recordframes._words_of(raws) == [recordframes.packed(x) for x in lists]
+    assert recordframes._words_of([*raws, msgpack.packb([5])]) is None  # a small integer: 1 byte
+    assert recordframes._words_of([*raws, msgpack.packb(None)]) is None
+    assert recordframes._words_of([]) == []
 
 

@@ -50,7 +50,7 @@ import structlog
 
 from dpcore import tracefile, wire
 from dpcore.model import Request
-from dpcore.runtime import tracewriter
+from dpcore.runtime import recordframes
 from dpcore.runtime.recordconfig import RecordConfig, add_arguments, config_from_args
 from dpcore.runtime.supervise import Supervised
 
@@ -200,7 +200,7 @@ class Recorder:
             return
         times = self._times
         self._hdrs, self._times, self._ends = [], array("d"), []
-        self._frames.append((tracewriter.batch_body(times, hdrs, ends), len(hdrs)))
+        self._frames.append((recordframes.batch_body(times, hdrs, ends), len(hdrs)))
         self._packed += len(hdrs)
         self._room = self._cap - (self._packed - self._written)
         self._ready.set()
@@ -210,7 +210,7 @@ class Recorder:
     def start(self, ready_timeout_s: float = 30.0) -> Supervised:
         """Start the writer process, wait until it has opened the file (so its start-up is
         not paid while requests flow), and start the supervised thread (``dpcore-recorder``)."""
-        missing = [name for name, there in (("msgspec", tracewriter.msgspec is not None),
+        missing = [name for name, there in (("msgspec", recordframes.msgspec is not None),
                                             ("numpy", self._kind == tracefile.SIPHASH)) if not there]  # fmt: skip
         if missing:  # the same recording, at several times the writer's CPU a request
             self.log.warning("record_writer_without_fast_parts", missing=missing, fix="pip install 'dpcore[record]'")
@@ -262,7 +262,7 @@ class Recorder:
         while frames:
             data, n = frames[0]
             try:
-                self._child.stdin.write(len(data).to_bytes(tracewriter.PREFIX, "little"))  # type: ignore[union-attr]
+                self._child.stdin.write(len(data).to_bytes(recordframes.PREFIX, "little"))  # type: ignore[union-attr]
                 self._child.stdin.write(data)  # type: ignore[union-attr]
                 self._child.stdin.flush()  # type: ignore[union-attr]
             except BaseException:
@@ -305,7 +305,7 @@ class Recorder:
                     "rotate_s": cfg.rotate_s, "keep": cfg.keep, "salt": self._salt, "kind": self._kind, "t0": self._t0,
                     "hold_s": cfg.hold_s, "max_held": cfg.queue, "fresh": self._spawns == 0}  # fmt: skip
         self._spawns += 1
-        self._child.stdin.write(tracewriter.frame(settings))  # type: ignore[union-attr]
+        self._child.stdin.write(recordframes.frame(settings))  # type: ignore[union-attr]
         self._child.stdin.flush()  # type: ignore[union-attr]
 
     def _end_child(self, timeout_s: float) -> None:
