@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 import typing
@@ -253,19 +254,31 @@ def test_async_client_streams(tmp_path):
     asyncio.run(main())
 
 
+@contextlib.asynccontextmanager
+async def async_client_rig(tmp_path, **client_kwargs):
+    """An AsyncClient on a PULL ingress it sends to, and a PUSH socket for fake replies."""
+    actx = zmq.asyncio.Context()
+    ingress = actx.socket(zmq.PULL)
+    ingress.linger = 0
+    ep = endpoints.bind(ingress, f"ipc://{tmp_path}/ingress")
+    client = AsyncClient(ep, zmq_ctx=actx, **client_kwargs)
+    push = actx.socket(zmq.PUSH)
+    push.linger = 0
+    try:
+        yield actx, ingress, client, push
+    finally:
+        push.close()
+        await client.close()
+        ingress.close()
+        actx.term()
+
+
 def test_async_client_counts_replies_of_forgotten_requests_as_stale(tmp_path):
     """Replies for a request given up with forget() or abort() are dropped and counted in
     ``stale``; they never show up in poll(), which is for requests another tool sent."""
 
     async def main():
-        actx = zmq.asyncio.Context()
-        ingress = actx.socket(zmq.PULL)
-        ingress.linger = 0
-        ep = endpoints.bind(ingress, f"ipc://{tmp_path}/ingress")
-        client = AsyncClient(ep, zmq_ctx=actx)
-        push = actx.socket(zmq.PUSH)
-        push.linger = 0
-        try:
+        async with async_client_rig(tmp_path) as (actx, ingress, client, push):
             await client.submit("f", num_tokens=1)
             await client.submit("a", num_tokens=1)
             client.forget("f")
@@ -280,11 +293,6 @@ def test_async_client_counts_replies_of_forgotten_requests_as_stale(tmp_path):
             # A final reply ends what the client remembers: a later reply of that id is unclaimed.
             await push.send_multipart([wire.encode_out("f", 0, True), b"reused elsewhere"])
             assert [r.rid for r in await client.poll(5)] == ["f"]
-        finally:
-            push.close()
-            await client.close()
-            ingress.close()
-            actx.term()
 
     asyncio.run(main())
 
@@ -294,14 +302,7 @@ def test_async_client_bounds_the_replies_a_stream_holds_unread(tmp_path):
     dropped, its request is aborted and counted; a stream that is read is not touched."""
 
     async def main():
-        actx = zmq.asyncio.Context()
-        ingress = actx.socket(zmq.PULL)
-        ingress.linger = 0
-        ep = endpoints.bind(ingress, f"ipc://{tmp_path}/ingress")
-        client = AsyncClient(ep, zmq_ctx=actx, max_unread_replies=3)
-        push = actx.socket(zmq.PUSH)
-        push.linger = 0
-        try:
+        async with async_client_rig(tmp_path, max_unread_replies=3) as (actx, ingress, client, push):
             unread = await client.submit("u", num_tokens=1)
             read = await client.submit("r", num_tokens=1)
             await ingress.recv_multipart()
@@ -316,12 +317,7 @@ def test_async_client_bounds_the_replies_a_stream_holds_unread(tmp_path):
             assert [(r.kind, r.code) for r in await unread.collect(5)] == [("fail", "client_too_slow")]
             assert (client.too_slow, client.unread_peak, client.pending) == (1, 3, set())
             with pytest.raises(ValueError, match="max_unread_replies"):
-                AsyncClient(ep, zmq_ctx=actx, max_unread_replies=0)
-        finally:
-            push.close()
-            await client.close()
-            ingress.close()
-            actx.term()
+                AsyncClient(client.ingress, zmq_ctx=actx, max_unread_replies=0)
 
     asyncio.run(main())
 
