@@ -332,8 +332,16 @@ def forward_once(
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        if mode == RECORD:
+            out["recorded"] = _recorded_requests(eps["record"])
         ep.remove_run_dir(run_dir)
     return out
+
+
+def _recorded_requests(path: str) -> int:
+    """Lines (one a request) in the recording at *path* and its rotated files, once the writer ended."""
+    p = Path(path)
+    return sum(f.read_bytes().count(b"\n") for f in p.parent.glob(p.stem + "*"))
 
 
 # ----------------------------------------------------------------------------- policies
@@ -453,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
     runs: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     writer_cpu: list[float] = []
+    recorded: list[int] = []
     loop_cpu: dict[str, list[float]] = {m: [] for m in modes}
     idle = None
     with Progress(console=console, transient=True) as progress:
@@ -469,6 +478,8 @@ def run(args: argparse.Namespace) -> int:
                     cpu[mode].append(res["router_cpu_us_per_msg"])
                 if "writer_cpu_us_per_msg" in res:
                     writer_cpu.append(res["writer_cpu_us_per_msg"])
+                if "recorded" in res:
+                    recorded.append(res["recorded"])
                 if "loop_cpu_us_per_msg" in res:
                     loop_cpu[mode].append(res["loop_cpu_us_per_msg"])
                 if measure_idle:
@@ -509,6 +520,13 @@ def run(args: argparse.Namespace) -> int:
                 f"recording's CPU per request: controller {med_cpu[RECORD] - med_cpu['dpcore']:+.1f} µs, "
                 f"writer process {statistics.median(writer_cpu):.1f} µs (medians)"
             )
+        short = [n for n in recorded if n < args.count]
+        if short:
+            console.print(f"[red]the recording missed requests: {' / '.join(map(str, recorded))} lines of "
+                          f"{args.count:,} a run (dropped when the writer's queue was full); the figures "
+                          "above understate recording's cost[/red]")  # fmt: skip
+        else:
+            console.print(f"every request was recorded: {args.count:,} lines in each of {len(recorded)} runs")
         if loop_cpu[RECORD] and loop_cpu["dpcore"]:
             plain, rec = statistics.median(loop_cpu["dpcore"]), statistics.median(loop_cpu[RECORD])
             console.print(
@@ -548,6 +566,7 @@ def run(args: argparse.Namespace) -> int:
             result["dpcore_recording_msgs_per_s"] = med[RECORD]
             result["recording_vs_dpcore"] = med[RECORD] / med["dpcore"]
             result["record_writer_cpu_us_per_msg"] = statistics.median(writer_cpu) if writer_cpu else None
+            result["recorded_per_run"] = recorded
             result["loop_cpu_us_per_msg"] = {m: statistics.median(v) for m, v in loop_cpu.items() if v}
         Path(args.json).write_text(json.dumps(result, indent=2))
         console.print(f"wrote {args.json}")

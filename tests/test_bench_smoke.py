@@ -56,3 +56,6 @@ def test_bench_record_counts_the_whole_loops_cpu(dpcore_exe, tmp_path, clean_env
         assert loop[mode] > router[mode] > 0, mode  # the sender and receivers spend CPU too
     assert loop["record"] >= router["record"] + data["record_writer_cpu_us_per_msg"]
     assert "the whole loop's CPU per request" in r.stdout
+    # The recording the cost is measured on holds every request of the run.
+    assert data["recorded_per_run"] == [600]
+    assert "every request was recorded: 600 lines" in r.stdout
