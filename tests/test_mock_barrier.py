@@ -147,7 +147,9 @@ def test_one_ranks_long_prefill_slows_every_ranks_decode(group) -> None:
     chunks = 9 * M.step_time_s([4096, 0], [0, 0]) + M.step_time_s([40_000 - 9 * 4096, 0], [0, 0])
     assert long["ttft_s"] >= chunks - 1e-6
     s = g.stop_barrier()
-    assert s["extend_steps"] >= 10 and s["graphless_steps"] >= 5  # decode steps without CUDA graphs
+    # Decode steps that ran beside an extend step (without CUDA graphs): at least the three
+    # slowed steps asked for above, for the same reason.
+    assert s["extend_steps"] >= 10 and s["graphless_steps"] >= 3
     assert s["waste_s"] > 0 and s["dropped"] == 0 and s["bad_frames"] == 0
 
 
