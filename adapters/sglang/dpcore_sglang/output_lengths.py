@@ -43,6 +43,7 @@ from typing import Any
 import msgpack
 
 from dpcore.wire import MAX_OUTPUT_TOKENS
+from dpcore_sglang.tokenizer_hashes import seldom
 
 log = logging.getLogger("dpcore_sglang")
 
@@ -143,7 +144,7 @@ class Ended:
     def _refuse(self, n: int, detail: str) -> None:
         before = self.refused
         self.refused += n
-        if before.bit_length() != self.refused.bit_length():  # at 1, 2, 4, 8... refused: seen, never a flood
+        if seldom(before, self.refused):
             log.warning("dpcore: output lengths from the tokenizer refused (%d so far): %s", self.refused, detail)
 
     def stats(self) -> dict[str, int]:

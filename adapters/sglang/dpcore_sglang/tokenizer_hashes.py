@@ -76,6 +76,12 @@ def entries_for(obj: Any, block_size: int) -> list[Any]:
     return out
 
 
+def seldom(before: int, after: int) -> bool:
+    """Whether a count of repeated problems that went from *before* to *after* passed a power
+    of two: log the 1st, 2nd, 4th, 8th... of a kind, visible but never a flood."""
+    return before.bit_length() != after.bit_length()
+
+
 class Carried:
     """The controller's side: keys that came with the message being dispatched, and counts.
 
@@ -175,7 +181,7 @@ class Carried:
     def _not_forwarded(self, reason: str, detail: str) -> None:
         self.not_forwarded[reason] += 1
         n = self.not_forwarded[reason]
-        if n & (n - 1) == 0:
+        if seldom(n - 1, n):
             log.warning("dpcore: a request's route header was refused (%s, %d so far): %s; decoding it", reason, n, detail)
 
     def take(self, rid: Any, num_tokens: int) -> tuple[int, ...] | None:
@@ -204,7 +210,7 @@ class Carried:
     def _refuse(self, reason: str, detail: str) -> None:
         self.refused[reason] += 1
         n = self.refused[reason]
-        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th... of a kind: visible, never a flood
+        if seldom(n - 1, n):
             log.warning("dpcore: block hashes from the tokenizer refused (%s, %d so far): %s; hashing here", reason, n, detail)
 
     def stats(self) -> dict[str, Any]:
@@ -246,7 +252,7 @@ class TokenizerHook:
             except Exception as exc:  # a field msgpack cannot carry (a numpy integer...): SGLang's own send
                 self.unroutable += 1
                 n = self.unroutable
-                if n & (n - 1) == 0:
+                if seldom(n - 1, n):
                     log.warning("dpcore: request %r sent without a route header (%d so far): %r", obj.rid, n, exc)
                 return original(tm, obj)
             return tm.send_to_scheduler.send(frame)
