@@ -6,17 +6,23 @@ PLUGINS := $(wildcard plugins/dp_*)
 STAMP := $(VENV)/.dpcore-installed
 
 # Every distribution this repo ships: the core, each first-party policy, the SGLang adapter,
-# the example third-party plugin, and the two that keep data and benchmark machinery out of
-# the core wheel.
-DISTS := . $(PLUGINS) adapters/sglang examples/dp_power_of_two distributions/dpcore-data distributions/dpcore-bench
+# the example third-party plugin, the two that keep data and benchmark machinery out of the
+# core wheel, and the recording writer's compiled fast path (the core stays pure Python).
+DISTS := . $(PLUGINS) adapters/sglang examples/dp_power_of_two distributions/dpcore-data distributions/dpcore-bench \
+	distributions/dpcore-speedups
 DIST ?= dist
 
 .PHONY: setup demo test test-fast bench simulate dist docs clean
 
-$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml adapters/sglang/pyproject.toml
+SPEEDUPS := distributions/dpcore-speedups
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml adapters/sglang/pyproject.toml \
+		$(SPEEDUPS)/pyproject.toml $(SPEEDUPS)/dpcore_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[sim,http,record,test,docs]' $(foreach p,$(PLUGINS),-e $(p)) -e examples/dp_power_of_two
+	# The record extra names dpcore-speedups: this checkout's copy (built here with gcc) is it.
+	$(PY) -m pip install -q -e '.[sim,http,record,test,docs]' ./$(SPEEDUPS) $(foreach p,$(PLUGINS),-e $(p)) \
+		-e examples/dp_power_of_two
 	# The SGLang adapter's tooling only: SGLang itself (CUDA wheels, GBs) stays out of .venv;
 	# its tests build a pinned CPU venv of their own (adapters/sglang/dpcore_sglang/venv.py).
 	$(PY) -m pip install -q --no-deps -e adapters/sglang

@@ -54,7 +54,7 @@ def _token_ids(n: int) -> list[int]:
     return [(i * 7919 + 13) % 151_000 for i in range(n)]
 
 
-def _router(mode: str, eps: dict[str, Any], ready: Any) -> None:
+def _router(mode: str, eps: dict[str, Any], ready: Any, writer_path: Any = None) -> None:
     import zmq
 
     _quiet()
@@ -78,6 +78,8 @@ def _router(mode: str, eps: dict[str, Any], ready: Any) -> None:
             rec = Recorder(RecordConfig(path=eps["record"]))
             rec.start()
             rec.install(c)
+            if writer_path is not None:  # how the writer process formats lines, as it said
+                writer_path.value = (rec.writer_path or "unknown").encode()
         ready.set()
         c.run()
         if rec is not None:
@@ -264,7 +266,8 @@ def forward_once(
     last = ctx.Array("d", dp_size, lock=False)
     stop = ctx.Event()
     router_ready = ctx.Event()
-    router = ctx.Process(target=_router, args=(mode, eps, router_ready), daemon=True)
+    writer_path = ctx.Array("c", 32, lock=False)
+    router = ctx.Process(target=_router, args=(mode, eps, router_ready, writer_path), daemon=True)
     procs = []
     out: dict[str, Any] = {}
     try:
@@ -334,6 +337,7 @@ def forward_once(
                 p.join(5)
         if mode == RECORD:
             out["recorded"] = _recorded_requests(eps["record"])
+            out["writer_path"] = writer_path.value.decode()
         ep.remove_run_dir(run_dir)
     return out
 
@@ -462,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     writer_cpu: list[float] = []
     recorded: list[int] = []
+    writer_paths: set[str] = set()
     loop_cpu: dict[str, list[float]] = {m: [] for m in modes}
     idle = None
     with Progress(console=console, transient=True) as progress:
@@ -480,6 +485,7 @@ def run(args: argparse.Namespace) -> int:
                     writer_cpu.append(res["writer_cpu_us_per_msg"])
                 if "recorded" in res:
                     recorded.append(res["recorded"])
+                    writer_paths.add(res["writer_path"])
                 if "loop_cpu_us_per_msg" in res:
                     loop_cpu[mode].append(res["loop_cpu_us_per_msg"])
                 if measure_idle:
@@ -515,6 +521,7 @@ def run(args: argparse.Namespace) -> int:
             f"dpcore recording / not recording = {med[RECORD] / med['dpcore']:.3f}x msgs/s "
             f"(recording costs {100 * (1 - med[RECORD] / med['dpcore']):.1f}% of forwarding throughput)"
         )
+        console.print(f"the recording's writer formats lines in its {' / '.join(sorted(writer_paths))} path")
         if writer_cpu and RECORD in med_cpu and "dpcore" in med_cpu:
             console.print(
                 f"recording's CPU per request: controller {med_cpu[RECORD] - med_cpu['dpcore']:+.1f} µs, "
@@ -567,6 +574,7 @@ def run(args: argparse.Namespace) -> int:
             result["recording_vs_dpcore"] = med[RECORD] / med["dpcore"]
             result["record_writer_cpu_us_per_msg"] = statistics.median(writer_cpu) if writer_cpu else None
             result["recorded_per_run"] = recorded
+            result["record_writer_path"] = sorted(writer_paths)
             result["loop_cpu_us_per_msg"] = {m: statistics.median(v) for m, v in loop_cpu.items() if v}
         Path(args.json).write_text(json.dumps(result, indent=2))
         console.print(f"wrote {args.json}")

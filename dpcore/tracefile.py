@@ -73,6 +73,21 @@ class Salted:
             msg = f"salting must be {SIPHASH!r} or {BLAKE2B!r}, got {self.kind!r}"
             raise ValueError(msg)
 
+    @property
+    def siphash_key(self) -> tuple[int, int, int]:
+        """SipHash's key ``(k0, k1)`` and the tweak of ``k1`` for tail ids (:data:`SIPHASH` only),
+        for a compiled pass that salts as :meth:`salt_text` does."""
+        return (*self._keys, _TAIL_TWEAK)
+
+    @property
+    def tails_given(self) -> int:
+        """Tail ids given so far: the next one is of number ``tails_given + 1``."""
+        return self._tail
+
+    def gave_tails(self, total: int) -> None:
+        """A compiled pass gave tail ids up to number *total* (see :attr:`tails_given`)."""
+        self._tail = total
+
     def salt(self, hashes: Sequence[int]) -> list[int]:
         """The id of each block hash in *hashes* (63-bit integers)."""
         if not len(hashes):

@@ -59,3 +59,6 @@ def test_bench_record_counts_the_whole_loops_cpu(dpcore_exe, tmp_path, clean_env
     # The recording the cost is measured on holds every request of the run.
     assert data["recorded_per_run"] == [600]
     assert "every request was recorded: 600 lines" in r.stdout
+    # The writer says how it formatted: compiled here, since `make setup` installs dpcore-speedups.
+    assert data["record_writer_path"] == ["compiled"]
+    assert "writer formats lines in its compiled path" in r.stdout

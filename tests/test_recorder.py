@@ -450,22 +450,26 @@ def test_serve_records_http_traffic_without_its_text(tmp_path: Path) -> None:
     assert f"recorded {len(lines(rec_path))} of {len(lines(rec_path))} requests to {rec_path}" in out
 
 
-@pytest.mark.parametrize("decode", ["text", "raw", "batch", "batch-msgpack", "batch-no-numpy"])
+@pytest.mark.parametrize("decode", ["text", "raw", "batch", "batch-python", "batch-msgpack", "batch-no-numpy"])
 def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decode: str) -> None:
     """The writer's batch formatting gives, line for line, :func:`tracefile.line` of each
     request's :meth:`Salted.ids`: from headers decoded to text or kept as bytes, and from a
-    batch frame as the writer process reads it, with msgspec and with msgpack alone, and
-    without numpy (keyed BLAKE2b ids then, the hashes read one header at a time)."""
+    batch frame as the writer process reads it, in the compiled pass (dpcore-speedups), in
+    Python with msgspec and with msgpack alone, and without numpy (keyed BLAKE2b ids then,
+    the hashes read one header at a time)."""
     import msgpack
 
     from dpcore import tracefile
     from dpcore.runtime import recordframes
 
     clock = Clock()
+    if decode != "batch":  # the compiled pass only where asked for
+        monkeypatch.setattr(recordframes, "speedups", None)
     if decode == "batch-no-numpy":
         monkeypatch.setattr(recordframes, "_NUMPY", False)
     kind = tracefile.BLAKE2B if decode == "batch-no-numpy" else None
     w = writer(tmp_path, clock, salt=b"s" * 16, t0=99.5, hold_s=5.0, kind=kind)
+    assert w.writer_path == ("compiled" if decode == "batch" else "python")
     w.open(fresh=True)
     reqs = [(f"r{i}", 1 + 7 * i, len(block_hashes(list(range(i, i + 7 * i)), 16)) % 3, 50 + i) for i in range(60)]
     headers = []
@@ -498,7 +502,7 @@ def test_the_writers_lines_are_trace_lines_of_the_salted_ids(tmp_path: Path, mon
     assert (tmp_path / "rec.jsonl").read_text() == "".join(want)
 
 
-def test_a_batch_msgspec_cannot_type_is_read_by_msgpack_alike() -> None:
+def test_a_batch_msgspec_cannot_type_is_read_by_msgpack_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     """A header whose fields are not of the types the writer's msgspec schema names (one the
     controller would not let through, such as ``mnt: nil``) still gives the same records, and
     completions keep matching their requests by a text id either way."""
@@ -507,6 +511,7 @@ def test_a_batch_msgspec_cannot_type_is_read_by_msgpack_alike() -> None:
     from dpcore.runtime import recordframes
 
     assert recordframes._BATCH is not None
+    monkeypatch.setattr(recordframes, "speedups", None)  # the Python path's decoders
     good = [msgpack.packb({"rid": f"r{i}", "n": 10 + i, "mnt": 7, "bh": [i, i + 1]}) for i in range(3)]
     odd = msgpack.packb({"rid": "r3", "n": 13, "mnt": None, "bh": [3]})
     body = recordframes.batch_body(array("d", [1.0, 2.0, 3.0, 4.0]), [*good, odd], [("r0", 5), ("r3", -1)])

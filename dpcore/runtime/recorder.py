@@ -104,6 +104,9 @@ class Recorder:
         self._spawns = 0
         self._handed = 0  # records the current writer process was given
         self._status = b""
+        #: How the writer process decodes, salts and formats (:data:`dpcore.runtime.tracewriter.COMPILED`
+        #: or ``PYTHON``), as it said when it started; ``None`` before that.
+        self.writer_path: str | None = None
         self.thread: Supervised | None = None
         self.log = structlog.get_logger("dpcore.recorder")
         # Written by the loop thread only.
@@ -210,7 +213,8 @@ class Recorder:
     def start(self, ready_timeout_s: float = 30.0) -> Supervised:
         """Start the writer process, wait until it has opened the file (so its start-up is
         not paid while requests flow), and start the supervised thread (``dpcore-recorder``)."""
-        missing = [name for name, there in (("msgspec", recordframes.msgspec is not None),
+        missing = [name for name, there in (("dpcore-speedups", recordframes.speedups is not None),
+                                            ("msgspec", recordframes.msgspec is not None),
                                             ("numpy", self._kind == tracefile.SIPHASH)) if not there]  # fmt: skip
         if missing:  # the same recording, at several times the writer's CPU a request
             self.log.warning("record_writer_without_fast_parts", missing=missing, fix="pip install 'dpcore[record]'")
@@ -287,6 +291,9 @@ class Recorder:
         text = self._status + data
         lines = text.split(b"\n")
         self._status = lines[-1]
+        for line in lines[:-1]:
+            if line.startswith(b"path "):
+                self.writer_path = line[5:].decode()
         for line in reversed(lines[:-1]):
             parts = line.split()
             if len(parts) == 4:
@@ -347,6 +354,7 @@ class Recorder:
             "lost": self.lost,
             "queued": len(self._hdrs) + self._packed - self._written,
             "rotations": self.rotations,
+            "writer_path": self.writer_path,
         }
 
     def describe(self) -> dict[str, Any]:

@@ -38,11 +38,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from dpcore import tracefile
+from dpcore.runtime import recordframes
 from dpcore.runtime.recordframes import FrameReader, decode_batch, load_numpy, records_from_maps
 
 #: How much lower than the controller's this process's CPU priority is.
 NICE = 10
 GENERATED, BUDGET = "generated", "budget"
+#: How the writer decodes, salts and formats a batch (:attr:`TraceWriter.path`): in one
+#: compiled pass (dpcore-speedups), or in Python (with numpy and msgspec when installed).
+COMPILED, PYTHON = "compiled", "python"
 
 
 def rotated_path(path: str | Path, n: int) -> Path:
@@ -86,6 +90,15 @@ class TraceWriter:
         self.clock = clock
         self.salted = tracefile.Salted(block_size, salt, kind)
         self._np = load_numpy() if self.salted.kind == tracefile.SIPHASH else None
+        self._fast = recordframes.speedups if self._np is not None else None
+        #: :data:`COMPILED` or :data:`PYTHON`; ``python_batches`` counts the batches the
+        #: compiled pass handed to Python (a record of types it does not format exactly).
+        self.writer_path = PYTHON if self._fast is None else COMPILED
+        self.python_batches = 0
+        # tracefile.line's constant end, as bytes (a test holds them equal).
+        self._ends = tuple(
+            f'], "block_size": {block_size}, "output_from": "{src}"}}\n'.encode() for src in (GENERATED, BUDGET)
+        )
         self.recorded = 0
         self.rotations = 0
         self.generated = 0
@@ -176,6 +189,34 @@ class TraceWriter:
                 self._by_rid[rid] = entry[0]
 
     def _write(self, records: list[list[Any]]) -> None:
+        text, generated = self._text(records)
+        if self._file is None:
+            self.open(fresh=False)
+        if self._bytes and (
+            self._bytes >= self.max_bytes or (self.rotate_s and self.clock() - self._opened >= self.rotate_s)
+        ):
+            self._rotate()
+        self._file.write(text)  # type: ignore[union-attr]
+        self._file.flush()  # type: ignore[union-attr]
+        self.recorded += len(records)
+        self.generated += generated
+        self._bytes += len(text)
+
+    def _text(self, records: list[list[Any]]) -> tuple[bytes | bytearray, int]:
+        """The lines of *records* and how many carry a generated output length."""
+        salted = self.salted
+        if self._fast is not None:
+            got = self._fast.lines(
+                records, self.block_size, self.t0, *salted.siphash_key, salted.tails_given, *self._ends
+            )
+            if got is not None:
+                text, generated, tail = got
+                salted.gave_tails(tail)
+                return text, generated
+            self.python_batches += 1
+        return self._python_text(records)
+
+    def _python_text(self, records: list[list[Any]]) -> tuple[bytearray, int]:
         bs, t0, salted = self.block_size, self.t0, self.salted
         # Salted.wanted of each record, inline: ceil(n / bs) ids when the sender's hashes fit.
         wants = [k if (h := len(r[3]) >> 3) and h <= (k := -(-r[1] // bs)) else 0 for r in records]
@@ -188,9 +229,7 @@ class TraceWriter:
         ids = salted.salt_text(hashes, n_tails)
         cut = memoryview(ids)  # a line's ids are appended from here without a copy of their own
         w = tracefile.ID_TEXT
-        # tracefile.line as bytes, its constant end hoisted out of the loop (a test holds them equal).
-        gen_end = f'], "block_size": {bs}, "output_from": "{GENERATED}"}}\n'.encode()
-        budget_end = f'], "block_size": {bs}, "output_from": "{BUDGET}"}}\n'.encode()
+        gen_end, budget_end = self._ends
         head = b'{"timestamp": %.3f, "input_length": %d, "output_length": %d, "hash_ids": ['
         text, at, at_tail, generated = bytearray(), 0, count * w, 0
         for (t, n, mnt, bh, done, _rid), want in zip(records, wants):
@@ -213,17 +252,7 @@ class TraceWriter:
                     text += cut[at : end - 2]
                 at = end
             text += end_line
-        if self._file is None:
-            self.open(fresh=False)
-        if self._bytes and (
-            self._bytes >= self.max_bytes or (self.rotate_s and self.clock() - self._opened >= self.rotate_s)
-        ):
-            self._rotate()
-        self._file.write(text)  # type: ignore[union-attr]
-        self._file.flush()  # type: ignore[union-attr]
-        self.recorded += len(records)
-        self.generated += generated
-        self._bytes += len(text)
+        return text, generated
 
     @property
     def held(self) -> int:
@@ -277,7 +306,7 @@ def main() -> int:
     w.open(fresh=cfg["fresh"])
     try:
         reporting = True
-        sys.stdout.write("0 0 0 0\n")  # ready
+        sys.stdout.write(f"path {w.writer_path}\n0 0 0 0\n")  # ready
         sys.stdout.flush()
         due = None
         while True:

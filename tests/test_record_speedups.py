@@ -1,0 +1,194 @@
+"""The recording writer's compiled pass (dpcore-speedups) against its Python path: the same
+records from the same batch frames, the same bytes in the file, on ordinary and hostile
+headers; and the compiled pass is the one in use wherever it is installed."""
+
+from __future__ import annotations
+
+import random
+from array import array
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dpcore import tracefile
+from dpcore.model import Request
+from dpcore.runtime import recordframes
+from dpcore.runtime.recorder import Recorder, RecordConfig
+from dpcore.runtime.tracewriter import COMPILED, PYTHON, TraceWriter
+
+import dpcore_speedups  # noqa: E402 - `make setup` and the record extra install it: its absence fails here
+
+SALT = b"k" * 16
+
+
+def python_decode(body: bytes, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The Python path's (records, completions), or the exception it raises."""
+    with monkeypatch.context() as m:
+        m.setattr(recordframes, "speedups", None)
+        try:
+            records, ends = recordframes.decode_batch(body)
+        except Exception as e:  # noqa: BLE001 - the outcome compared, whatever it is
+            return type(e)
+    return records, normal(ends)
+
+
+def normal(ends: Any) -> Any:
+    """Completions as a list of tuples (msgpack gives a tuple of them), when they are pairs."""
+    try:
+        return [tuple(e) for e in ends]
+    except TypeError:
+        return ends
+
+
+def compiled_decode(body: bytes) -> Any:
+    got = dpcore_speedups.decode_batch(body)
+    return None if got is None else (got[0], normal(got[1]))
+
+
+def written(tmp_path: Path, name: str, batches: list[tuple[list[Any], list[Any]]], *, compiled: bool,
+            monkeypatch: pytest.MonkeyPatch, hold_s: float = 5.0) -> bytes:  # fmt: skip
+    """The file a writer makes of *batches* (records, completions) through one path."""
+    with monkeypatch.context() as m:
+        if not compiled:
+            m.setattr(recordframes, "speedups", None)
+        w = TraceWriter(str(tmp_path / name), block_size=16, max_bytes=1 << 30, rotate_s=0.0, keep=1, salt=SALT,
+                        kind=tracefile.SIPHASH, t0=99.25, hold_s=hold_s, clock=lambda: 100.0)  # fmt: skip
+        assert w.writer_path == (COMPILED if compiled else PYTHON)
+        w.open(fresh=True)
+        for records, ends in batches:
+            w.take([list(r) for r in records], ends)
+        w.close()
+    return (tmp_path / name).read_bytes()
+
+
+def ordinary_batch(rng: random.Random, first: int, count: int) -> bytes:
+    headers, ends = [], []
+    for i in range(first, first + count):
+        n = rng.choice([0, 1, 15, 16, 17, 700, 4096])
+        h: dict[str, Any] = {"v": 1, "t": "req", "rid": f"r{i}", "n": n, "reply": "ipc:///x"}
+        blocks = rng.choice([0, n // 16, max(n // 16 - 2, 0), n // 16 + 3])
+        if blocks or rng.random() < 0.5:
+            h["bh"] = [rng.getrandbits(63) * rng.choice([1, -1]) for _ in range(blocks)]
+        if rng.random() < 0.7:
+            h["mnt"] = rng.randrange(0, 1 << 20)
+        headers.append(msgpack.packb(h))
+        if rng.random() < 0.6:
+            ends.append((f"r{i - rng.randrange(0, 8)}", rng.choice([-1, 0, 5, 1 << 40])))
+    times = array("d", [100.0 + i / 1000 for i in range(first, first + count)])
+    return recordframes.batch_body(times, headers, ends)
+
+
+def test_ordinary_batches_give_the_same_records_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers as senders write them (with or without hashes and budget, hashes of both signs,
+    more or fewer than the prompt's blocks): the compiled pass reads every batch itself, and
+    its file is the Python path's, byte for byte."""
+    rng = random.Random(7)
+    bodies = [ordinary_batch(rng, 40 * b, 40) for b in range(6)]
+    batches = []
+    for body in bodies:
+        got = compiled_decode(body)
+        assert got is not None and got == python_decode(body, monkeypatch)
+        batches.append(got)
+    fast = written(tmp_path, "c.jsonl", batches, compiled=True, monkeypatch=monkeypatch)
+    assert fast == written(tmp_path, "p.jsonl", batches, compiled=False, monkeypatch=monkeypatch)
+    assert fast.count(b"\n") == 240 and b'"output_from": "generated"' in fast
+    # Without holding (every line written at once, tail ids numbered across whole batches).
+    at_once = [written(tmp_path, f"{c}0.jsonl", batches, compiled=c, monkeypatch=monkeypatch, hold_s=0)
+               for c in (True, False)]  # fmt: skip
+    assert at_once[0] == at_once[1]
+
+
+def test_the_compiled_pass_is_the_one_in_use(tmp_path: Path) -> None:
+    """Installed, the compiled pass is what a writer uses (a real writer process says so, and
+    writes ordinary batches without handing any to Python)."""
+    assert recordframes.speedups is dpcore_speedups
+    w = TraceWriter(str(tmp_path / "w.jsonl"), block_size=16, max_bytes=1 << 30, rotate_s=0.0, keep=1,
+                    salt=SALT)  # fmt: skip
+    assert w.writer_path == COMPILED
+    w.open(fresh=True)
+    w.take(*recordframes.decode_batch(ordinary_batch(random.Random(1), 0, 50)))
+    w.close()
+    assert (w.recorded, w.python_batches) == (50, 0)
+    rec = Recorder(RecordConfig(path=str(tmp_path / "rec.jsonl")))
+    rec.start()
+    try:
+        assert rec.stats()["writer_path"] == COMPILED
+    finally:
+        rec.close()
+
+
+# ------------------------------------------------------------------ hostile headers
+
+_INT = st.integers(-(1 << 63), (1 << 64) - 1)
+_VALUE = st.one_of(st.none(), st.booleans(), _INT, st.floats(allow_nan=False), st.text(max_size=4),
+                   st.binary(max_size=4), st.lists(_INT, max_size=3))  # fmt: skip
+_SANE = st.fixed_dictionaries(
+    {"rid": st.text(max_size=6), "n": st.integers(0, 5000)},
+    optional={"mnt": st.integers(0, 1 << 20), "bh": st.lists(_INT, max_size=20), "reply": st.text(max_size=8)},
+)
+_HOSTILE = st.fixed_dictionaries(
+    {},
+    optional={
+        "rid": st.one_of(st.text(max_size=6), _VALUE),
+        "n": st.one_of(st.integers(-5, 5000), _VALUE),
+        "mnt": st.one_of(st.integers(0, 100), _VALUE),
+        "bh": st.one_of(st.lists(_INT, max_size=20), st.lists(st.integers(0, 1 << 63), max_size=20), _VALUE),
+        "reply": st.one_of(st.text(max_size=8), st.dictionaries(st.text(max_size=3), _VALUE, max_size=3)),
+    },
+)
+
+
+def seldom(odd: Any, usual: Any) -> Any:
+    """*odd* one time in ten, else *usual* (so that most batches are read by the compiled pass)."""
+    return st.integers(0, 9).flatmap(lambda i: odd if i == 0 else usual)
+
+
+_HEADER = seldom(_HOSTILE, _SANE)
+_END = st.tuples(st.text(max_size=3), _INT)
+_ODD_END = st.tuples(st.one_of(st.text(max_size=3), _VALUE), st.one_of(_INT, _VALUE))
+_ENDS = st.lists(seldom(_ODD_END, _END), max_size=6)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=st.lists(_HEADER, max_size=8), ends=_ENDS, extra_times=st.integers(-2, 2),
+       cut=seldom(st.integers(0, 400), st.none()),
+       flip=seldom(st.tuples(st.integers(0, 400), st.integers(0, 255)), st.none()))  # fmt: skip
+def test_hostile_batches_end_as_the_python_path_ends_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, headers: list, ends: list, extra_times: int, cut: Any, flip: Any
+) -> None:
+    """Wrong types, huge and negative numbers, strings for ids, more or fewer arrival times
+    than headers, truncated and corrupted frames: whatever the compiled decoder returns is the
+    Python path's answer, and anything else it hands to the Python path (``None``), so the
+    writer's outcome, records or error, is the same; lines are the same bytes, or again
+    handed over."""
+    times = array("d", [100.0 + i for i in range(max(len(headers) + extra_times, 0))])
+    body = bytearray(recordframes.batch_body(times, [msgpack.packb(h) for h in headers], ends))
+    if flip is not None and flip[0] < len(body):
+        body[flip[0]] = flip[1]
+    if cut is not None:
+        del body[cut:]
+    data = bytes(body)
+    want = python_decode(data, monkeypatch)
+    got = compiled_decode(data)
+    assert got is None or got == want
+    try:
+        public = recordframes.decode_batch(data)
+    except Exception as e:  # noqa: BLE001
+        public = type(e)
+    assert (public if isinstance(public, type) else (public[0], normal(public[1]))) == want
+    if isinstance(want, type):
+        return
+    outcome = {}
+    for compiled in (True, False):
+        try:
+            outcome[compiled] = written(tmp_path, f"{compiled}.jsonl", [want], compiled=compiled,
+                                        monkeypatch=monkeypatch)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the Python path's error on a record it cannot write
+            outcome[compiled] = type(e)
+    assert outcome[True] == outcome[False]
