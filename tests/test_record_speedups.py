@@ -192,3 +192,23 @@ def test_hostile_batches_end_as_the_python_path_ends_them(
         except Exception as e:  # noqa: BLE001 - the Python path's error on a record it cannot write
             outcome[compiled] = type(e)
     assert outcome[True] == outcome[False]
+
+
+_TIMES = st.one_of(
+    st.floats(),  # any double: huge, tiny, negative, infinite, nan
+    st.integers(0, 1 << 42).map(lambda k: 99.25 + k / 2048),  # exact halves of a thousandth
+    st.integers(0, 10**12).map(lambda k: 99.25 + (k + 0.5) / 1000),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(times=st.lists(_TIMES, min_size=1, max_size=40))
+def test_timestamps_are_written_as_python_formats_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: list[float]
+) -> None:
+    """The compiled pass writes ``timestamp`` itself (the exact value rounded to thousandths,
+    a half to even), as Python's ``%.3f`` does, for any arrival time."""
+    records = [[t, 1, 0, b"", None, "r"] for t in times]
+    files = [written(tmp_path, f"{c}.jsonl", [(records, [])], compiled=c, monkeypatch=monkeypatch, hold_s=0)
+             for c in (True, False)]  # fmt: skip
+    assert files[0] == files[1]

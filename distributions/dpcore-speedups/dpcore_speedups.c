@@ -13,6 +13,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 /* ------------------------------------------------------------------ msgpack reading */
@@ -274,12 +275,59 @@ static int reserve(Buf *b, size_t more) {
 
 static void put(Buf *b, const char *s, size_t n) { memcpy(b->p + b->len, s, n); b->len += n; }
 
+/* "00" .. "99", so that digits go two at a time. */
+static char pairs[200];
+
 static void put_id(Buf *b, uint64_t h) {
     uint64_t x = h % ID_SPAN + ID_LOW;
     char *d = b->p + b->len;
-    for (int i = 17; i >= 0; i--) { d[i] = (char)('0' + x % 10); x /= 10; }
+    for (int i = 16; i >= 0; i -= 2) { memcpy(d + i, pairs + 2 * (x % 100), 2); x /= 100; }
     d[18] = ','; d[19] = ' ';
     b->len += ID_TEXT;
+}
+
+/* v in decimal, as Python's %d writes it. */
+static void put_int(Buf *b, long long v) {
+    char tmp[24], *e = tmp + sizeof tmp, *d = e;
+    unsigned long long u = v < 0 ? 0 - (unsigned long long)v : (unsigned long long)v;
+    do { *--d = (char)('0' + u % 10); u /= 10; } while (u);
+    if (v < 0) *--d = '-';
+    put(b, d, (size_t)(e - d));
+}
+
+/* x as Python's "%.3f" writes it: the exact binary value rounded to thousandths, an exact
+ * half to the even one (as its correctly rounded dtoa does). Done here with integers when
+ * x is finite and under 2**53 thousandths; else by PyOS_double_to_string. */
+static int put_ms(Buf *b, double x) {
+    int e;
+    double f = frexp(fabs(x), &e); /* |x| = f * 2**e, 0.5 <= f < 1 */
+    if (!isfinite(x) || fabs(x) >= 9e12) {
+        char *s = PyOS_double_to_string(x, 'f', 3, 0, NULL);
+        if (s == NULL) return -1;
+        size_t n = strlen(s);
+        if (reserve(b, n) < 0) { PyMem_Free(s); return -1; }
+        put(b, s, n);
+        PyMem_Free(s);
+        return 0;
+    }
+    uint64_t m = (uint64_t)ldexp(f, 53) * 1000; /* |x| * 1000 = m * 2**(e - 53), m < 2**63 */
+    int shift = 53 - e;
+    uint64_t q;
+    if (shift <= 0) {
+        q = m << -shift; /* |x| < 9e12, so this is below 2**63 */
+    } else if (shift >= 64) {
+        q = 0; /* m / 2**shift < 1/2 */
+    } else {
+        uint64_t r = m & (((uint64_t)1 << shift) - 1), half = (uint64_t)1 << (shift - 1);
+        q = m >> shift;
+        if (r > half || (r == half && (q & 1))) q++;
+    }
+    if (signbit(x)) put(b, "-", 1);
+    put_int(b, (long long)(q / 1000));
+    char frac[4] = {(char)('0' + q / 100 % 10), (char)('0' + q / 10 % 10), (char)('0' + q % 10), 0};
+    b->p[b->len++] = '.';
+    put(b, frac, 3);
+    return 0;
 }
 
 /* An exact int that fits a long long, else -1 (with no exception). */
@@ -315,7 +363,8 @@ static PyObject *lines(PyObject *self, PyObject *args) {
     }
     Buf b = {NULL, 0, 0};
     long long generated = 0;
-    static const char head[] = "{\"timestamp\": ";
+    static const char head[] = "{\"timestamp\": ", input_length[] = ", \"input_length\": ",
+                      output_length[] = ", \"output_length\": ", hash_ids[] = ", \"hash_ids\": [";
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *r = PyList_GET_ITEM(records, i), *done = PyList_GET_ITEM(r, 4);
         long long n = PyLong_AsLongLong(PyList_GET_ITEM(r, 1)), out;
@@ -326,17 +375,15 @@ static PyObject *lines(PyObject *self, PyObject *args) {
         out = done == Py_None ? -1 : PyLong_AsLongLong(done);
         if (out >= 0) { generated++; end = gen_end; }
         else out = PyLong_AsLongLong(PyList_GET_ITEM(r, 2));
-        char *ts = PyOS_double_to_string((PyFloat_AS_DOUBLE(PyList_GET_ITEM(r, 0)) - t0) * 1000, 'f', 3, 0, NULL);
-        if (ts == NULL) goto fail;
-        size_t ts_len = strlen(ts);
-        if (reserve(&b, sizeof head + ts_len + 120 + want * ID_TEXT + (size_t)PyBytes_GET_SIZE(end)) < 0) {
-            PyMem_Free(ts);
-            goto fail;
-        }
+        if (reserve(&b, sizeof head + 160 + want * ID_TEXT + (size_t)PyBytes_GET_SIZE(end)) < 0) goto fail;
         put(&b, head, sizeof head - 1);
-        put(&b, ts, ts_len);
-        PyMem_Free(ts);
-        b.len += (size_t)sprintf(b.p + b.len, ", \"input_length\": %lld, \"output_length\": %lld, \"hash_ids\": [", n, out);
+        if (put_ms(&b, (PyFloat_AS_DOUBLE(PyList_GET_ITEM(r, 0)) - t0) * 1000) < 0) goto fail;
+        if (reserve(&b, 120 + want * ID_TEXT + (size_t)PyBytes_GET_SIZE(end)) < 0) goto fail;
+        put(&b, input_length, sizeof input_length - 1);
+        put_int(&b, n);
+        put(&b, output_length, sizeof output_length - 1);
+        put_int(&b, out);
+        put(&b, hash_ids, sizeof hash_ids - 1);
         if (want) {
             const uint8_t *w = (const uint8_t *)PyBytes_AS_STRING(words);
             for (uint64_t j = 0; j < h; j++) put_id(&b, siphash(k0, k1, be(w + 8 * j, 8)));
@@ -367,4 +414,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "dpcore_speedups",
                                     "The recording writer's per-batch work, compiled (dpcore serve --record).", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit_dpcore_speedups(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_dpcore_speedups(void) {
+    for (int i = 0; i < 100; i++) { pairs[2 * i] = (char)('0' + i / 10); pairs[2 * i + 1] = (char)('0' + i % 10); }
+    return PyModule_Create(&module);
+}
