@@ -541,6 +541,11 @@ def run(args: argparse.Namespace) -> int:
                 f"recording {rec:.1f} µs (medians); on cores with no idle time that is "
                 f"{100 * (1 - plain / rec):.1f}% of forwarding throughput"
             )
+            lo_hi = {m: f"{min(v):.1f} to {max(v):.1f}" for m, v in loop_cpu.items() if v}
+            console.print(f"over the {args.repeat} runs, the whole loop's CPU per request ranged {lo_hi['dpcore']} µs "
+                          f"(not recording) and {lo_hi[RECORD]} µs (recording); msgs/s "
+                          f"{min(runs['dpcore']):,.0f} to {max(runs['dpcore']):,.0f} and "
+                          f"{min(runs[RECORD]):,.0f} to {max(runs[RECORD]):,.0f}")  # fmt: skip
     pt = Table(
         title=f"policy decision cost through the hooks (select + dispatched, no sockets), "
         f"{args.dp_size} ranks, {args.tokens}-token prompts"
@@ -576,6 +581,9 @@ def run(args: argparse.Namespace) -> int:
             result["recorded_per_run"] = recorded
             result["record_writer_path"] = sorted(writer_paths)
             result["loop_cpu_us_per_msg"] = {m: statistics.median(v) for m, v in loop_cpu.items() if v}
+            # Each run's figures too, for their spread (msgs/s per run are in "runs").
+            result["loop_cpu_us_per_msg_runs"] = {m: v for m, v in loop_cpu.items() if v}
+            result["record_writer_cpu_us_per_msg_runs"] = writer_cpu
         Path(args.json).write_text(json.dumps(result, indent=2))
         console.print(f"wrote {args.json}")
     return 0
