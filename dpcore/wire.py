@@ -15,12 +15,15 @@ out       rank → sender               [header(rid, rank, final, meta), payload
 load      rank → controller reports   [header(rank, epoch, seq, ack, run, wait, tok, kvu, kvc, done, out, lo)]
 kv        rank → controller reports   [header(rank, epoch, seq, cap, ev)]: a batch of KV cache events
 ctl       sender → ingress, and       [header(op, data)]
-          controller → every rank
+          controller → every rank     (an ``abort``: → the one rank holding its request)
 ========  ==========================  ====================================================
 
-``abort`` is a control message (``op="abort"``, ``data={"rid", "reply"}``) a sender sends
-when its caller went away: the controller forwards it to the ranks, which drop the request
-if it has not started and stop it if it has (:func:`encode_abort`, :func:`abort_target`).
+``abort`` is a control message (``op="abort"``, ``data={"rid", "reply", "reason"}``) a sender
+sends when it gives a request up: the controller forwards it, byte for byte, to the one rank
+holding the request, which drops it if it has not started and stops it if it has
+(:func:`encode_abort`, :func:`abort_target`). ``reason`` is optional (a sender that leaves it out
+is understood as before) says why the request was given up (:data:`ABORT_REASONS`); the
+controller counts aborts by it (:func:`abort_reason`).
 
 Every decoder raises :class:`~dpcore.errors.WireError` (never anything else) with the part
 that is wrong and why, so a receiving loop catches one type and keeps going. A request
@@ -45,6 +48,9 @@ load ``epoch``, ``seq``, ``lo``,       0 .. 2**63-1 (``ack`` also -1)
 load ``out`` items                     -1 (not counted) .. ``MAX_OUTPUT_TOKENS`` (2**32);
                                        optional, one per ``done`` item
 dispatch ``rank``, ``seq``, ``pr``     0 .. 2**63-1
+abort ``reason``                       optional; one of :data:`ABORT_REASONS`; any other
+                                       value (or none) is counted as ``other``
+                                       (``unspecified`` when absent), never refused
 =====================================  =============================================
 """
 
@@ -441,7 +447,7 @@ def decode_ingress(buf: Any, limits: Limits = DEFAULT_LIMITS) -> tuple[Request, 
     if t == REQ:
         return request_from_header(h, limits)
     if len(buf) > limits.max_control_bytes:
-        # The controller copies a control frame to every rank: a big one multiplies.
+        # The controller copies a control frame (other than an abort) to every rank: a big one multiplies.
         msg = f"ctl: {len(buf)} bytes is over the control frame limit of {limits.max_control_bytes}"
         raise WireError(msg)
     return control_from_header(h)
@@ -736,10 +742,40 @@ def decode_ctl(buf: Any) -> Control:
 ABORT = "abort"
 
 
-def encode_abort(rid: str, reply: str) -> bytes:
-    """Ask the ranks to drop (not started) or stop (started) request *rid* of the sender
-    listening at *reply*: its caller went away. No reply comes back for it."""
-    return encode_ctl(ABORT, {"rid": rid, "reply": reply})
+#: Why a sender gave a request up (the abort's ``reason``): its caller's connection closed;
+#: no reply came in time; its reader fell too far behind; its caller asked.
+ABORT_CLIENT_GONE = "client_gone"
+ABORT_TIMEOUT = "timeout"
+ABORT_TOO_SLOW = "too_slow"
+ABORT_CALLER = "caller"
+#: The reasons an abort may give; any other is counted as :data:`ABORT_OTHER`.
+ABORT_REASONS = frozenset({ABORT_CLIENT_GONE, ABORT_TIMEOUT, ABORT_TOO_SLOW, ABORT_CALLER})
+ABORT_OTHER = "other"
+#: What an abort without a ``reason`` (an older sender's) is counted as.
+ABORT_UNSPECIFIED = "unspecified"
+
+
+def encode_abort(rid: str, reply: str, reason: str | None = None) -> bytes:
+    """Ask the rank holding request *rid* of the sender listening at *reply* to drop it (not
+    started) or stop it (started), because of *reason* (one of :data:`ABORT_REASONS`, or
+    ``None``). No reply comes back for it."""
+    if reason is None:
+        return encode_ctl(ABORT, {"rid": rid, "reply": reply})
+    if reason not in ABORT_REASONS:
+        msg = f"abort reason {reason!r} is not one of {sorted(ABORT_REASONS)}"
+        raise ValueError(msg)
+    return encode_ctl(ABORT, {"rid": rid, "reply": reply, "reason": reason})
+
+
+def abort_reason(ctl: Control) -> str:
+    """The reason an abort gives, as counted: one of :data:`ABORT_REASONS`,
+    :data:`ABORT_UNSPECIFIED` (none given) or :data:`ABORT_OTHER` (anything else). A reason
+    never makes an abort invalid: the request is given up whatever it says."""
+    d = ctl.data
+    why = d.get("reason") if type(d) is dict else None
+    if why is None:
+        return ABORT_UNSPECIFIED
+    return why if type(why) is str and why in ABORT_REASONS else ABORT_OTHER
 
 
 def abort_target(ctl: Control) -> tuple[str, str]:

@@ -533,12 +533,16 @@ def test_serve_process_metrics_and_sigterm(tmp_path):
             assert sum(map(float, decisions)) == 50
             assert "dpcore_decision_latency_seconds_count 50.0" in text
             assert 'dpcore_load_imbalance{load="requests"} 1.0' in text
+            client.abort("never-sent")  # an abort of a request the controller does not hold
+            wait_for(lambda: 'dpcore_aborts_total{outcome="unknown",reason="caller"} 1.0' in httpx.get(eps["metrics"]).text,
+                     5, "the abort counted")  # fmt: skip
             proc.send_signal(signal.SIGTERM)  # requests are still running: they must drain
             replies = client.wait_all(10)
         out, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
         assert len(replies) == 50 and all(r.kind == "out" for r in replies)
         assert "final counters" in out and "True" in out
+        assert "aborts 1: by reason {'caller': 1}, by outcome {'unknown': 1}" in out, out
         stopped = [json.loads(line) for line in err.splitlines() if '"controller_stopped"' in line]
         assert stopped and stopped[0]["completed"] == 50 and stopped[0]["balanced"] is True
         assert not eps_file.exists()

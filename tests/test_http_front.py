@@ -365,8 +365,14 @@ def test_second_front_api_key_and_timeout(stack: Stack, tmp_path: Path) -> None:
             r = c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 2}}, headers=ok)
             assert r.status_code == 200, r.text
             assert c.get("/get_load", headers=ok).status_code == 200
+            before = c.get("/server_info", headers=ok).json()["counters"]["aborts"]["by_reason"].get("timeout", 0)
             slow = c.post("/generate", json={"text": "x", "sampling_params": {"max_new_tokens": 5000}}, headers=ok)
             assert "0.3s" in error_of(slow, 504, "timeout")
+
+            def timed_out() -> int:
+                return c.get("/server_info", headers=ok).json()["counters"]["aborts"]["by_reason"].get("timeout", 0)
+
+            wait_for("the front's timeout abort", lambda: timed_out() == before + 1, [front], 10)
 
 
 # --------------------------------------------------------------------------- ranks down, PD decode fields
@@ -509,6 +515,9 @@ def test_a_client_that_stops_reading_ends_its_request_at_the_bound(tmp_path: Pat
 
             counters = wait_for("the aborted request to leave its rank", settled, [s.serve], 20)
             assert counters["failed"] == 0 and counters["internal_errors"] == 0, counters
+            # One abort, said to be the reader's slowness, sent once (not again when the
+            # front's handler ended) to the rank holding the request.
+            assert counters["aborts"] == {"total": 1, "by_reason": {"too_slow": 1}, "by_outcome": {"forwarded": 1}}
 
             # Once the client reads again, its stream ends with the reason.
             slow.settimeout(30)

@@ -73,6 +73,10 @@ def test_a_client_that_leaves_has_its_request_stopped_on_the_rank(client: httpx.
     assert st["completed"] == before["completed"] + 1  # acknowledged and done by the rank
     assert st["failed"] == before["failed"]
     assert st["balanced"] == {"received": True, "dispatched": True}
+    # One abort, sent by the front because its client went away, reached the rank.
+    grew = {k: st["aborts"][k].get(v, 0) - before["aborts"][k].get(v, 0)
+            for k, v in (("by_reason", "client_gone"), ("by_outcome", "forwarded"))}  # fmt: skip
+    assert grew == {"by_reason": 1, "by_outcome": 1} and st["aborts"]["total"] == before["aborts"]["total"] + 1, st
 
 
 def test_a_slow_body_gets_408() -> None:

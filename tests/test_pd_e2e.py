@@ -135,6 +135,48 @@ def test_unregistered_room_times_out_cleanly(registry_pd: PD) -> None:
     assert pd.collect(pd.d_client, 1)["d-after"].meta["prefill_dp_rank"] == rank
 
 
+def _counters(status_endpoint: str) -> dict:
+    """The decode controller's counters, read from its status endpoint."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from dpcore.runtime.status import AsyncStatusClient
+
+    async def get() -> dict:
+        ctx = zmq.asyncio.Context()
+        client = AsyncStatusClient(status_endpoint, ctx=ctx, max_age_s=0)
+        try:
+            return (await client.get(5))["counters"]  # type: ignore[no-any-return]
+        finally:
+            client.close()
+            ctx.term()
+
+    return asyncio.run(get())
+
+
+def test_an_abort_ends_a_request_waiting_for_its_prefill_rank(registry_pd: PD) -> None:
+    """Aborted while parked (its room is not registered yet): it ends at once, ``rej``
+    ``aborted``, instead of waiting out the resolve timeout; nothing reaches a rank."""
+    from dpcore import wire
+
+    pd = registry_pd
+    status = pd.decode["status"]
+    before = _counters(status)
+    pd.d_client.submit("parked-then-aborted", num_tokens=10, bootstrap_room=424242, max_new_tokens=2)
+    wait_for("the request parked", lambda: _counters(status)["parked"] == 1, pd.group.procs, 10)
+    pd.d_client.abort("parked-then-aborted", wire.ABORT_CLIENT_GONE)
+    st = wait_for("the parked request ended", lambda: (s := _counters(status))["parked"] == 0 and s, pd.group.procs, 10)
+
+    def grew(key: str, sub: str) -> int:
+        return st[key].get(sub, 0) - before[key].get(sub, 0)  # type: ignore[no-any-return]
+
+    assert grew("rejected_by_code", "aborted") == 1 and grew("rejected_by_code", "prefill_rank_unresolved") == 0, st
+    assert st["aborts"]["by_outcome"].get("parked_ended", 0) - before["aborts"]["by_outcome"].get("parked_ended", 0) == 1
+    assert st["aborts"]["by_reason"].get("client_gone", 0) - before["aborts"]["by_reason"].get("client_gone", 0) == 1
+    assert st["dispatched"] == before["dispatched"] and st["balanced"] == {"received": True, "dispatched": True}, st
+
+
 def test_follow_bootstrap_room_needs_no_registry_queries(room_pd: PD) -> None:
     pd = room_pd
     info = httpx.get(f"{pd.registry}/info").json()

@@ -279,10 +279,16 @@ def test_async_client_counts_replies_of_forgotten_requests_as_stale(tmp_path):
 
     async def main():
         async with async_client_rig(tmp_path) as (actx, ingress, client, push):
-            await client.submit("f", num_tokens=1)
-            await client.submit("a", num_tokens=1)
+            f = await client.submit("f", num_tokens=1)
+            a = await client.submit("a", num_tokens=1)
             client.forget("f")
             client.abort("a")
+            assert f.done and a.done  # no reply is routed to them any more
+            await ingress.recv_multipart()
+            await ingress.recv_multipart()
+            abort = wire.decode_ctl((await asyncio.wait_for(ingress.recv_multipart(), 5))[0])
+            assert wire.abort_target(abort) == ("a", client.reply_endpoint)
+            assert wire.abort_reason(abort) == wire.ABORT_CALLER
             push.connect(client.reply_endpoint)
             await push.send_multipart([wire.encode_out("f", 0, False), b"late"])
             await push.send(wire.encode_fail("a", 0, "aborted", "stopped on request"))
@@ -314,6 +320,7 @@ def test_async_client_bounds_the_replies_a_stream_holds_unread(tmp_path):
                 assert (await read.next(5)).payload == b"%d" % i
             abort = wire.decode_ctl((await asyncio.wait_for(ingress.recv_multipart(), 5))[0])
             assert wire.abort_target(abort) == ("u", client.reply_endpoint)
+            assert wire.abort_reason(abort) == wire.ABORT_TOO_SLOW
             assert [(r.kind, r.code) for r in await unread.collect(5)] == [("fail", "client_too_slow")]
             assert (client.too_slow, client.unread_peak, client.pending) == (1, 3, set())
             with pytest.raises(ValueError, match="max_unread_replies"):

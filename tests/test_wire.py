@@ -309,6 +309,22 @@ def test_abort_round_trip_and_errors():
             wire.abort_target(wire.Control(wire.ABORT, data))
 
 
+def test_abort_reason_is_optional_and_counted_from_a_fixed_set():
+    old = wire.decode_ingress(wire.encode_abort("r1", "ipc:///tmp/x"))
+    assert old.data == {"rid": "r1", "reply": "ipc:///tmp/x"}  # an old sender's abort, as before
+    assert wire.abort_reason(old) == wire.ABORT_UNSPECIFIED
+    for reason in sorted(wire.ABORT_REASONS):
+        ctl = wire.decode_ingress(wire.encode_abort("r1", "ipc:///tmp/x", reason))
+        assert wire.abort_target(ctl) == ("r1", "ipc:///tmp/x") and wire.abort_reason(ctl) == reason
+    # Anything else a peer sends is counted as "other" and never makes the abort invalid.
+    for odd in ("bored", "x" * 10_000, 7, ["timeout"], {"a": 1}):
+        ctl = wire.Control(wire.ABORT, {"rid": "r1", "reply": "ipc:///tmp/x", "reason": odd})
+        assert wire.abort_target(ctl) == ("r1", "ipc:///tmp/x") and wire.abort_reason(ctl) == wire.ABORT_OTHER
+    assert wire.abort_reason(wire.Control(wire.ABORT, None)) == wire.ABORT_UNSPECIFIED
+    with pytest.raises(ValueError, match="not one of"):
+        wire.encode_abort("r1", "ipc:///tmp/x", "bored")
+
+
 def test_make_request_builds_the_same_frozen_request():
     """The decoder's faster constructor gives what ``Request(...)`` gives, field by field,
     and the value stays frozen and hashable like one."""

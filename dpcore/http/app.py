@@ -47,6 +47,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from dpcore import wire
 from dpcore.errors import RequestRejected
 from dpcore.http.protocol import PARSERS, GenerateInput, HttpError
 from dpcore.http.responses import DONE, Output, sse
@@ -228,7 +229,7 @@ class Front:
         try:
             return await stream.next(max(0.0, left))
         except asyncio.TimeoutError:
-            self.link.abandon(stream)
+            self.link.abandon(stream, wire.ABORT_TIMEOUT)
             msg = f"no reply from the rank within {self.config.request_timeout_s:g}s"
             raise HttpError(504, "timeout", msg, rid=rid) from None
 

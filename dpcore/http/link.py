@@ -14,6 +14,7 @@ from typing import Any
 
 import msgpack
 
+from dpcore import wire
 from dpcore.http.protocol import GenerateInput
 from dpcore.http.server import DEFAULT_MAX_UNREAD_REPLIES
 from dpcore.runtime.status import AsyncStatusClient
@@ -91,10 +92,12 @@ class ControllerLink:
         wid, hdr, payload = encoded or self.encode(inp)
         return await self.client.submit_encoded(wid, hdr, payload)  # type: ignore[union-attr]
 
-    def abandon(self, stream: ReplyStream) -> None:
-        """The request of *stream* lost its client: drop its replies and stop it on its rank."""
+    def abandon(self, stream: ReplyStream, reason: str = wire.ABORT_CLIENT_GONE) -> None:
+        """The request of *stream* lost its client (or, with *reason* ``timeout``, its rank
+        took too long): drop its replies and stop it on its rank. Once per request: the
+        stream is done after it."""
         if self.client is not None and not stream.done:
-            self.client.abort(stream.rid)
+            self.client.abort(stream.rid, reason)
 
     def stats(self) -> dict[str, int]:
         """This front's own counts of the replies it handled (the controller's are in :meth:`status`)."""

@@ -9,6 +9,9 @@ Accounting, exact at any moment between two messages::
 
     received   = dispatched - redispatched + rejected + parked
     dispatched = completed + failed + redispatched + in_flight      (per rank, and in total)
+
+Aborts are counted by the reason their sender gave and by what became of them (one of
+:data:`ABORT_OUTCOMES`); both label sets are small and fixed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ MAX_REASONS = 64
 #: :data:`LOG_EVERY`-th one is (a flood of bad frames must not flood the log).
 LOG_FIRST = (1, 10, 100)
 LOG_EVERY = 1000
+
+#: What became of an abort: sent to the one rank holding its request; ended its request
+#: while it waited for its prefill rank (PD decode; answered ``rej`` ``aborted``); named no
+#: request the controller holds (finished already, or never seen); named a request whose
+#: rank was already sent an abort for it (not sent again).
+ABORT_FORWARDED = "forwarded"
+ABORT_PARKED_ENDED = "parked_ended"
+ABORT_UNKNOWN = "unknown"
+ABORT_REPEATED = "repeated"
+ABORT_OUTCOMES = (ABORT_FORWARDED, ABORT_PARKED_ENDED, ABORT_UNKNOWN, ABORT_REPEATED)
 
 
 def rate_limited(n: int) -> bool:
@@ -63,6 +76,7 @@ class Books:
         "rejected_by_code",
         "failed_by_code",
         "decision_reasons",
+        "aborts",
         "latency_counts",
         "latency_sum",
     )
@@ -98,6 +112,8 @@ class Books:
         self.rejected_by_code: dict[str, int] = {}
         self.failed_by_code: dict[str, int] = {}
         self.decision_reasons: dict[tuple[str, str], int] = {}
+        # (reason, outcome) -> count; reasons are dpcore.wire's fixed set, outcomes ABORT_OUTCOMES.
+        self.aborts: dict[tuple[str, str], int] = {}
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
 
@@ -111,6 +127,19 @@ class Books:
     def fail(self, code: str, rank: int) -> None:
         self.failed[rank] += 1
         self.failed_by_code[code] = self.failed_by_code.get(code, 0) + 1
+
+    def aborted(self, reason: str, outcome: str) -> None:
+        key = (reason, outcome)
+        self.aborts[key] = self.aborts.get(key, 0) + 1
+
+    def abort_stats(self) -> dict[str, Any]:
+        """Aborts in total, by reason and by outcome."""
+        by_reason: dict[str, int] = {}
+        by_outcome: dict[str, int] = {}
+        for (reason, outcome), n in self.aborts.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + n
+        return {"total": sum(by_reason.values()), "by_reason": by_reason, "by_outcome": by_outcome}
 
     def decided(self, seconds: float, decision: Decision) -> None:
         """Count one policy decision: its latency and its (policy, reason) label."""
@@ -167,6 +196,7 @@ class Books:
             "unproven_restarts": self.unproven_restarts,
             "rejected_by_code": dict(self.rejected_by_code),
             "failed_by_code": dict(self.failed_by_code),
+            "aborts": self.abort_stats(),
             "active_ranks": [r for r, a in enumerate(active) if a],
             "per_rank": [
                 {
@@ -192,6 +222,7 @@ class Books:
         """Copies of what the Prometheus collector exports beyond :meth:`stats`."""
         return {
             "decision_reasons": dict(self.decision_reasons),
+            "aborts_by_reason_outcome": dict(self.aborts),
             "latency_counts": list(self.latency_counts),
             "latency_sum": self.latency_sum,
         }

@@ -51,7 +51,7 @@ from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport
 from dpcore.runtime.books import Books, rate_limited
 from dpcore.runtime.connwatch import ConnectionWatch
-from dpcore.runtime.inflight import InFlight, InFlightTable
+from dpcore.runtime.inflight import CODE_ABORTED, InFlight, InFlightTable
 from dpcore.runtime.kvsync import KvSync
 from dpcore.runtime.outbox import Outbox
 
@@ -382,7 +382,7 @@ class RankLifecycle:
 
     def _settle(self, r: int, seqs: set[int], ack: int, why: str) -> None:
         """Requests *seqs* of rank *r* were lost with it: fail the ones it had admitted
-        (``<= ack``), re-dispatch the others (their frames are still here)."""
+        (``<= ack``) or its senders aborted, re-dispatch the others (their frames are still here)."""
         failed = moved = 0
         for s in sorted(seqs):
             e = self.inflight.pop(r, s)
@@ -391,6 +391,10 @@ class RankLifecycle:
             if s <= ack or e.admitted:
                 failed += 1
                 self._fail(r, e.request.rid, e.reply, CODE_RANK_DIED, f"{why}; the request was running there")
+            elif e.aborted:
+                # Its sender gave it up, and the abort went to this rank: not sent again.
+                failed += 1
+                self._fail(r, e.request.rid, e.reply, CODE_ABORTED, f"{why}; its sender had aborted it")
             else:
                 moved += 1
                 self._redispatch(e, r)

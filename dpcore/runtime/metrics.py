@@ -6,7 +6,8 @@ scrape runs on the metrics server's thread and reads one :meth:`Controller.snaps
 <dpcore.runtime.controller.Controller.snapshot>`, taken on the controller's loop thread, so
 the numbers of one scrape are consistent with each other.
 Label cardinality is bounded: ``rank`` (``dp_size`` values), ``code`` (reject/fail codes,
-a small fixed set), and ``policy``/``reason`` pairs, capped by the controller at
+a small fixed set), ``reason``/``outcome`` of aborts (fixed sets: unknown reasons count as
+``other``), and ``policy``/``reason`` pairs, capped by the controller at
 :data:`~dpcore.runtime.books.MAX_REASONS` (beyond it: ``reason="other"``).
 """
 
@@ -90,6 +91,13 @@ class ControllerCollector(Collector):
         for code, n in sorted(s["failed_by_code"].items()):
             fail.add_metric([code], n)
         yield fail
+        aborts = CounterMetricFamily(
+            "dpcore_aborts", "Aborts received, by the reason their sender gave and what became of them",
+            labels=["reason", "outcome"],
+        )  # fmt: skip
+        for (reason, outcome), n in sorted(s["aborts_by_reason_outcome"].items()):
+            aborts.add_metric([reason, outcome], n)
+        yield aborts
         dec = CounterMetricFamily("dpcore_decisions", "Rank decisions by policy and reason", labels=["policy", "reason"])
         for (policy, reason), n in sorted(s["decision_reasons"].items()):
             dec.add_metric([policy or "none", reason or "none"], n)

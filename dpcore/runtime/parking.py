@@ -94,6 +94,15 @@ class PrefillParking:
             if item is not None:
                 yield item, res
 
+    def unpark(self, rid: str, reply: str) -> Parked | None:
+        """Take request *rid* of the sender at *reply* out of the parking (it was aborted);
+        ``None`` if it is not parked. The PD handler's later answer for it is ignored."""
+        item = self._parked.get(rid)
+        if item is None or item[1] != reply:
+            return None
+        del self._parked[rid]
+        return item
+
     def take_all(self) -> list[Parked]:
         """Unpark everything (shutdown)."""
         items = list(self._parked.values())

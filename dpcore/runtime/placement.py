@@ -4,6 +4,12 @@ A request is decoded (header only), given a prefill rank on the PD decode side, 
 the policy chain, staged in its rank's outbox behind a dispatch frame, and recorded in
 flight. Whatever cannot be placed is rejected back to its sender with a code and a reason;
 a request that was already dispatched once (moved off a dead rank) fails instead.
+
+An abort goes only to the rank holding its request (:meth:`Placer.abort`), staged in that
+rank's outbox like a dispatch. The sender's request and its abort reach the ingress in the
+order sent (one PUSH connection per sender, and ZMQ keeps a connection's order), and the
+controller's messages to one rank leave in staging order over one PUSH socket, so the rank
+receives the dispatch before the abort.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from dpcore import wire
 from dpcore.errors import InvalidRankError, RequestRejected, WireError
 from dpcore.manager import PolicyManager
 from dpcore.model import Request
-from dpcore.runtime.books import Books, rate_limited
-from dpcore.runtime.inflight import InFlight, InFlightTable
+from dpcore.runtime.books import (
+    ABORT_FORWARDED, ABORT_PARKED_ENDED, ABORT_REPEATED, ABORT_UNKNOWN, Books, rate_limited,
+)  # fmt: skip
+from dpcore.runtime.inflight import CODE_ABORTED, InFlight, InFlightTable
 from dpcore.runtime.outbox import Outbox
 from dpcore.runtime.parking import PDHandler, PrefillParking
 from dpcore.runtime.transport import NOBLOCK, Transport
@@ -123,7 +131,10 @@ class Placer:
                     self.log.warning("bad_frame", reason=str(exc), count=books.bad_frames)
                 continue
             if type(msg) is wire.Control:
-                self.broadcast(hdr.bytes)
+                if msg.op == wire.ABORT:
+                    self.abort(msg, hdr.bytes)
+                else:
+                    self.broadcast(hdr.bytes)
                 continue
             request, reply = msg
             books.received += 1
@@ -201,7 +212,7 @@ class Placer:
         if self.shadow is not None:
             self.shadow.dispatched(request, rank, seq)
         self.outbox.stage(rank, seq, (self._encode_dispatch(rank, seq, pr), hdr, payload))
-        self.inflight.add(rank, seq, InFlight(request, reply, hdr, payload, pr))
+        self.inflight.add(rank, seq, InFlight(request, reply, hdr, payload, pr, rank))
         books = self.books
         books.dispatched[rank] += 1
         if moved_from is not None:
@@ -242,6 +253,38 @@ class Placer:
                 self.log.warning("control_dropped", rank=r, reason="rank socket and backlog full")
                 continue
             outbox.stage(r, None, (frame,))
+
+    def abort(self, ctl: wire.Control, frame: bytes) -> None:
+        """Route abort *ctl* (received as *frame*): to the rank holding its request, else end
+        the request if it is parked, else nothing; counted by reason and outcome either way.
+
+        Each in-flight entry is sent at most one abort, so what aborts add to a rank's
+        backlog is bounded by what it holds (they are staged even past the backlog limit:
+        dropping one would leave its request running for nobody).
+        """
+        books = self.books
+        try:
+            rid, reply = wire.abort_target(ctl)
+        except WireError as exc:
+            books.bad_frames += 1
+            if rate_limited(books.bad_frames):
+                self.log.warning("bad_frame", reason=str(exc), count=books.bad_frames)
+            return
+        books.controls += 1
+        entries = self.inflight.find(rid, reply)
+        if entries:
+            outcome = ABORT_REPEATED
+            for e in entries:
+                if not e.aborted:
+                    e.aborted = True
+                    self.outbox.stage(e.rank, None, (frame,))
+                    outcome = ABORT_FORWARDED
+        elif self.parking.unpark(rid, reply) is not None:
+            outcome = ABORT_PARKED_ENDED
+            self.reject(reply, rid, CODE_ABORTED, "aborted by its sender while waiting for its prefill rank")
+        else:
+            outcome = ABORT_UNKNOWN
+        books.aborted(wire.abort_reason(ctl), outcome)
 
     def drain_pd(self) -> None:
         """Place the parked requests whose prefill rank the PD handler has found."""

@@ -177,6 +177,9 @@ def print_stats(stats: dict[str, Any], file: Any = None) -> None:
     )
     if stats["rejected_by_code"] or stats["failed_by_code"]:
         console.print(f"rejected by code {stats['rejected_by_code']}, failed by code {stats['failed_by_code']}")
+    aborts = stats["aborts"]
+    if aborts["total"]:
+        console.print(f"aborts {aborts['total']}: by reason {aborts['by_reason']}, by outcome {aborts['by_outcome']}")
 
 
 def _curve_keys(args: argparse.Namespace) -> Any:

@@ -6,9 +6,9 @@ ends in exactly one final reply: an ``out`` with ``final=True``, a ``rej`` or a 
 Replies that arrive for a request that already ended (a rank that finished a request just
 as it died, say) are dropped and counted in :attr:`Client.stale`.
 
-A request whose caller went away is given up with ``abort(rid)``: its later replies are
-dropped, and an ``abort`` message asks the ranks to drop it if it has not started and to
-stop it if it has. Request ids must be unique among a client's pending requests; reusing
+A request whose caller went away is given up with ``abort(rid, reason)``: its later replies
+are dropped, and an ``abort`` message asks the rank holding it to drop it if it has not
+started and to stop it if it has; the controller counts aborts by *reason*. Request ids must be unique among a client's pending requests; reusing
 one after an abort is safe (its late replies are told apart only by the rank stopping it,
 so a front that accepts client-chosen ids should send unique ones of its own, as the HTTP
 front does).
@@ -247,12 +247,14 @@ class Client(_Base["zmq.Context[Any]"]):
             msg = f"controller ingress {self.ingress} took no control message for {self.send_timeout_s:g}s"
             raise ControllerUnavailableError(msg) from None
 
-    def abort(self, rid: str) -> bool:
-        """Give up request *rid*: drop its later replies and ask the ranks to stop it.
+    def abort(self, rid: str, reason: str = wire.ABORT_CALLER) -> bool:
+        """Give up request *rid*: drop its later replies and ask its rank to stop it.
+        *reason* (one of :data:`dpcore.wire.ABORT_REASONS`) is counted by the controller.
         Returns whether the abort message left (it is never waited for)."""
+        msg = wire.encode_abort(rid, self.reply_endpoint, reason)
         self.pending.discard(rid)
         try:
-            self._tx.send(wire.encode_abort(rid, self.reply_endpoint), zmq.NOBLOCK)
+            self._tx.send(msg, zmq.NOBLOCK)
         except zmq.ZMQError:
             self.aborts_unsent += 1
             return False
@@ -425,20 +427,25 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
         return stream
 
     def forget(self, rid: str) -> None:
-        """Stop routing replies of *rid* (its caller went away); later ones count as stale."""
-        if self._streams.pop(rid, None) is None:
+        """Stop routing replies of *rid* (its caller went away); later ones count as stale.
+        Its stream is done (it keeps the replies it already holds)."""
+        stream = self._streams.pop(rid, None)
+        if stream is None:
             return
+        stream.done = True
         forgotten = self._forgotten
         if len(forgotten) >= _FORGOTTEN_MAX:
             del forgotten[next(iter(forgotten))]
         forgotten[rid] = None
 
-    def abort(self, rid: str) -> None:
-        """Give up request *rid*: :meth:`forget` it and ask the ranks to stop it. Never
-        waits: an abort the ingress cannot take at once is counted in :attr:`aborts_unsent`."""
+    def abort(self, rid: str, reason: str = wire.ABORT_CALLER) -> None:
+        """Give up request *rid*: :meth:`forget` it and ask its rank to stop it. *reason* (one
+        of :data:`dpcore.wire.ABORT_REASONS`) is counted by the controller. Never waits: an
+        abort the ingress cannot take at once is counted in :attr:`aborts_unsent`."""
+        msg = wire.encode_abort(rid, self.reply_endpoint, reason)
         self.forget(rid)
         try:
-            fut = self._tx.send(wire.encode_abort(rid, self.reply_endpoint), zmq.NOBLOCK)
+            fut = self._tx.send(msg, zmq.NOBLOCK)
         except zmq.ZMQError:
             self.aborts_unsent += 1
             return
@@ -495,7 +502,7 @@ class AsyncClient(_Base[zmq.asyncio.Context]):
             if not stream._put(reply):
                 self.too_slow += 1
                 if not reply.final:
-                    self.abort(reply.rid)
+                    self.abort(reply.rid, wire.ABORT_TOO_SLOW)
                 continue
             n = stream._q.qsize()
             if n > self.unread_peak:

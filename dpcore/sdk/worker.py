@@ -11,11 +11,23 @@ for ``heartbeat_interval_s``, so a rank that is alive never looks dead.
 :mod:`dpcore.sdk.echo` is a minimal rank built on it (the realistic mock engine is
 ``dpcore mock-worker``).
 
-Aborts: when a sender's caller goes away it sends an ``abort`` control message (see
-:func:`dpcore.wire.encode_abort`). The worker drops a dispatch of that request that has not
-been handed out yet (acknowledging it, so the controller's books close), and tells the
-engine about one already handed out through *on_abort* (or :attr:`Worker.aborts`); the
-engine stops it and calls :meth:`Worker.finish`.
+Aborts: when a sender gives a request up it sends an ``abort`` control message (see
+:func:`dpcore.wire.encode_abort`), which the controller forwards only to the rank holding
+the request. The worker drops a dispatch of that request that has not been handed out yet
+(acknowledging it, so the controller's books close), and tells the engine about one already
+handed out through *on_abort* (or :attr:`Worker.aborts`); the engine stops it and calls
+:meth:`Worker.finish`.
+
+An abort the controller forwards always reaches the rank after the request's dispatch: the
+sender sends both over one connection, in order, and the controller stages both in the
+rank's one outbox and sends them over its one socket, in order. The worker still remembers
+the last aborts of requests it has not seen (:data:`_ABORTS_KEPT`) and drops a dispatch
+that comes after its abort: that happens only for an abort sent to every rank as a plain
+control (:meth:`Controller.broadcast <dpcore.runtime.controller.Controller.broadcast>`, or
+a controller that broadcasts aborts) racing its request's dispatch. An abort of a request
+that rank never gets (it was lost with the rank's previous life; or two processes are
+connected as one rank, and ZMQ dealt the dispatch and the abort to different ones) is
+remembered the same way and ages out.
 
 A dispatch addressed to another rank (two ranks started on swapped endpoints) is never
 served: it is counted in :attr:`Worker.misaddressed` and logged as an error, because every
