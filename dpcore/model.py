@@ -198,12 +198,13 @@ class PolicyContext:
     def is_active(self, rank: int) -> bool:
         return self.ledger.is_active(rank)
 
-    #: ``now()``: current time in seconds; simulated time under ``dpcore simulate``. Policies
-    #: must use this, never ``time.time()``, so they behave the same in the simulator and
-    #: live. (The ledger's clock itself, through a C-level getter: read on every decision.)
+    # The ledger's clock itself, through a C-level getter: policies read it on every decision.
     now = property(
         attrgetter("ledger.now"),
-        doc="``now()``: current time in seconds; simulated time under ``dpcore simulate``.",
+        doc=(
+            "``now()``: current time in seconds; simulated time under ``dpcore simulate``. Policies "
+            "must use this, never ``time.time()``, so they behave the same in the simulator and live."
+        ),
     )
 
     def explain(self, policy: str, reason: str, scores: Mapping[str, Any] | None = None) -> None:
