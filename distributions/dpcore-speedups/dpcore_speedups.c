@@ -4,11 +4,11 @@
  * dpcore.runtime.recordframes) into the same records and completions as the Python path:
  * only the header fields a trace line needs are read, every other value is skipped unbuilt.
  * lines(records, ...) salts the block hashes (SipHash-2-4) and formats the JSON lines, as
- * dpcore.runtime.tracewriter.TraceWriter._write does.
+ * dpcore.runtime.tracewriter.TraceWriter._python_text does.
  *
  * Both check every input and return None for anything outside what they handle exactly
  * (another type, an unexpected encoding, a truncated frame): the caller then runs the Python
- * path, which gives the same outcome it always did. They never read past their input.
+ * path, so every batch ends as that path ends it. They never read past their input.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -375,7 +375,7 @@ static PyObject *lines(PyObject *self, PyObject *args) {
         out = done == Py_None ? -1 : PyLong_AsLongLong(done);
         if (out >= 0) { generated++; end = gen_end; }
         else out = PyLong_AsLongLong(PyList_GET_ITEM(r, 2));
-        if (reserve(&b, sizeof head + 160 + want * ID_TEXT + (size_t)PyBytes_GET_SIZE(end)) < 0) goto fail;
+        if (reserve(&b, sizeof head + 32) < 0) goto fail; /* the timestamp takes at most 18 bytes here */
         put(&b, head, sizeof head - 1);
         if (put_ms(&b, (PyFloat_AS_DOUBLE(PyList_GET_ITEM(r, 0)) - t0) * 1000) < 0) goto fail;
         if (reserve(&b, 120 + want * ID_TEXT + (size_t)PyBytes_GET_SIZE(end)) < 0) goto fail;
