@@ -448,6 +448,7 @@ def test_serve_records_http_traffic_without_its_text(tmp_path: Path) -> None:
     assert len(rows) >= 2
     assert rows[0]["hash_ids"][:3] == rows[-1]["hash_ids"][:3] and rows[0]["hash_ids"] != rows[-1]["hash_ids"]
     assert f"recorded {len(lines(rec_path))} of {len(lines(rec_path))} requests to {rec_path}" in out
+    assert "lines formatted by the writer's compiled path" in out  # dpcore-speedups is installed here
 
 
 @pytest.mark.parametrize("decode", ["text", "raw", "batch", "batch-python", "batch-msgpack", "batch-no-numpy"])

@@ -368,7 +368,8 @@ class Recorder:
         return (
             f"recorded {s['recorded']} of {s['offered']} requests to {s['path']} ({s['rotations']} rotations, "
             f"{s['generated']} with the output length generated); "
-            f"sampled out {s['sampled_out']}, dropped (queue full) {s['dropped']}, lost (write failed) {s['lost']}"
+            f"sampled out {s['sampled_out']}, dropped (queue full) {s['dropped']}, lost (write failed) {s['lost']}; "
+            f"lines formatted by the writer's {s['writer_path'] or 'unstarted'} path"
         )
 
     def collector(self) -> Any:
