@@ -44,6 +44,7 @@ SKIP = {
     ".venv/bin/python scripts/load_levels.py": "a search over many full-trace runs; tests/test_scripts.py runs it",
     "python -m dpcore_sglang.launch_server": "needs SGLang: adapters/sglang/tests run it in the pinned venv",
     "dpcore bench --sglang": "builds the pinned SGLang venv (minutes); adapters/sglang/tests run its controller harness",
+    ".venv/bin/python scripts/sglang_kv_replay.py": "builds the pinned SGLang venv (minutes); adapters/sglang/tests/inside/test_kv_events.py repairs gaps the same way",
 }
 #: Example input files the docs name as "your own"; a small real trace stands in.
 PLACEHOLDERS = {"my_trace.jsonl", "synthetic_trace.jsonl"}

@@ -395,7 +395,7 @@ class DpcoreDispatcher:
                 "decoded": self.decoded,
                 "not_forwarded": dict(self.carried.not_forwarded),
             },
-            "kv_events": self.manager.cache.stats() if self.kv_events is not None else None,
+            "kv_events": self.kv_events.stats() if self.kv_events is not None else None,
             "record": {**self.recorder.stats(), "output_lengths": self.ended.stats()} if self.ended is not None else None,
         }
 

@@ -17,181 +17,50 @@ every DP rank's scheduler publishes what its radix cache stores and evicts (SGLa
   coalescing a chain of pages into one event; ``BlockRemoved`` per evicted radix node;
   ``AllBlocksCleared`` when the cache is flushed.
 
-**Mapping SGLang pages onto dpcore blocks.** SGLang's page hash is a SHA-256 chain over its
-pages (``compute_node_hash_values``, cut to a signed 64-bit int by ``hash_str_to_int64``);
-dpcore's block keys are BLAKE2b chains over ``block_size``-token blocks
-(:mod:`dpcore.hashing`), which the adapter computes for every request. The page hashes
-cannot be converted, so :class:`PageMapper` rebuilds each page's position in its prefix from
-the stored chain (``parent_block_hash``) and its tokens, and computes dpcore's key for every
-dpcore block that ends inside the page; its parent is the previous dpcore block of the same
-prefix. Page and block sizes need not divide each other: a 64-token dpcore block over
-1-token pages (SGLang's default page size) ends in every 64th page; a 128-token page holds
-two dpcore blocks. Evicting a page removes the dpcore blocks that end in it. Pages in a
-namespace dpcore's keys do not have (LoRA, ``cache_salt``) and pages of other tiers than
-GPU memory (HiCache's host copies) are not indexed: they are counted and skipped.
+The pages in each batch become dpcore block keys in :mod:`dpcore_sglang.page_map`.
 
 A missing sequence number (ZMQ drops a PUB message when the subscriber's queue is full), or a
-subscription that starts after the scheduler did, leaves that rank "unknown" in the index
-(policies then use their own estimate) until its cache is cleared or its scheduler restarts.
+subscription that starts after the scheduler published, is a gap. With ``replay_endpoint`` in
+the config (and ``buffer_steps`` covering the gap), the adapter asks that rank's publisher for
+the missing batches (:mod:`dpcore_sglang.kv_replay`) and the rank stays exact. Without it, or
+when the replay does not come within :data:`~dpcore_sglang.kv_replay.REPLAY_WAIT_S` or no
+longer holds the first missing batch, the rank is "unknown" in the index (policies then use
+their own estimate) until its cache is cleared or its scheduler restarts; each such gap is
+counted by reason.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
 
-from dpcore.cacheindex import CLEARED, REMOVED, STORED, CacheIndex, KvEventBatch
-from dpcore.hashing import ROOT, key_of, next_block
+from dpcore.cacheindex import CacheIndex, KvEventBatch
+from dpcore_sglang.kv_replay import (
+    BACKLOG,
+    BAD_REPLY,
+    END,
+    INCOMPLETE,
+    MAX_HELD_BATCHES,
+    NO_REPLAY,
+    NOT_BUFFERED,
+    RANK_UNKNOWN,
+    REASONS,
+    REPLAY_WAIT_S,
+    RESTART,
+    TIMEOUT,
+    Replay,
+)
+from dpcore_sglang.page_map import PageMapper
 
 log = logging.getLogger("dpcore_sglang")
 
-#: Storage tiers indexed: SGLang's device memory (``StorageMedium.GPU``; ``None`` from older senders).
-GPU_MEDIA = (None, "GPU")
-#: Pages remembered per rank at most when the rank did not say its capacity.
-DEFAULT_MAX_PAGES = 1 << 22
 #: Batches read per rank per :meth:`SglangKvEvents.poll` at most (bounded work per dispatch).
 MAX_BATCHES_PER_POLL = 64
-
-
-class _Page:
-    """One SGLang page: its parent page, tokens, where it ends in its prefix, the dpcore
-    chain digest of the last whole block ending at or before that, and the dpcore keys of
-    the blocks that end inside it."""
-
-    __slots__ = ("parent", "tokens", "end", "digest", "keys")
-
-    def __init__(self, parent: int | None, tokens: tuple[int, ...], end: int, digest: bytes, keys: tuple[int, ...]) -> None:
-        self.parent = parent
-        self.tokens = tokens
-        self.end = end
-        self.digest = digest
-        self.keys = keys
-
-
-class PageMapper:
-    """SGLang's page events for one rank, as dpcore cache-index events.
-
-    :param block_size: dpcore's block size (the one the adapter hashes requests with).
-    :param max_pages: Pages remembered at most; past it the mapper resets (and says so).
-    """
-
-    def __init__(self, block_size: int, max_pages: int = DEFAULT_MAX_PAGES) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.block_size = block_size
-        self.max_pages = max_pages
-        self._pages: dict[int, _Page] = {}
-        #: Pages not mapped because their parent page is unknown (missed events).
-        self.unmapped = 0
-        #: Pages skipped: another storage tier, or a LoRA / cache-salt namespace.
-        self.skipped = 0
-
-    def __len__(self) -> int:
-        return len(self._pages)
-
-    def reset(self) -> None:
-        self._pages.clear()
-
-    def translate(self, events: Iterable[Any]) -> tuple[tuple, ...]:
-        """dpcore events for SGLang's ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``."""
-        out: list[tuple] = []
-        for ev in events:
-            kind = type(ev).__name__
-            if kind == "BlockStored":
-                stored = self._stored(ev)
-                if stored is not None:
-                    out.append(stored)
-            elif kind == "BlockRemoved":
-                if getattr(ev, "medium", None) not in GPU_MEDIA:
-                    self.skipped += len(ev.block_hashes)
-                    continue
-                keys: list[int] = []
-                pages = self._pages
-                for h in ev.block_hashes:
-                    page = pages.pop(h, None)
-                    if page is not None:
-                        keys.extend(page.keys)
-                if keys:
-                    out.append((REMOVED, tuple(keys)))
-            elif kind == "AllBlocksCleared":
-                self._pages.clear()
-                out.append((CLEARED,))
-        return tuple(out)
-
-    def _stored(self, ev: Any) -> tuple | None:
-        hashes: Sequence[int] = ev.block_hashes
-        n = len(hashes)
-        if (
-            getattr(ev, "medium", None) not in GPU_MEDIA
-            or getattr(ev, "lora_id", None) is not None
-            or getattr(ev, "lora_name", None) is not None
-            or getattr(ev, "cache_salt", None) is not None
-        ):
-            self.skipped += n
-            return None
-        tokens = [t if type(t) is int else t[0] for t in ev.token_ids]  # bigram pages: (t, next)
-        if not n or len(tokens) % n:
-            self.unmapped += n
-            return None
-        size = len(tokens) // n
-        pages = self._pages
-        parent_hash = ev.parent_block_hash
-        if parent_hash is None:
-            end, digest = 0, ROOT
-        else:
-            parent = pages.get(parent_hash)
-            if parent is None:
-                self.unmapped += n
-                return None
-            end, digest = parent.end, parent.digest
-        first_parent = None if digest == ROOT else key_of(digest)
-        bs = self.block_size
-        chain: list[int] = []
-        for i, h in enumerate(hashes):
-            page_tokens = tuple(tokens[i * size : (i + 1) * size])
-            start, end = end, end + size
-            keys: list[int] = []
-            page = _Page(parent_hash, page_tokens, end, digest, ())
-            b = (start // bs + 1) * bs
-            while b <= end:
-                block = self._span(page, b - bs, b)
-                if block is None:
-                    self.unmapped += n - i
-                    return (STORED, first_parent, tuple(chain)) if chain else None
-                digest = next_block(digest, block)
-                keys.append(key_of(digest))
-                b += bs
-            page.digest = digest
-            page.keys = tuple(keys)
-            pages[h] = page
-            chain.extend(keys)
-            parent_hash = h
-        if len(pages) > self.max_pages:
-            log.warning("dpcore: KV event page map over %d pages; resetting it", self.max_pages)
-            self.reset()
-        return (STORED, first_parent, tuple(chain)) if chain else None
-
-    def _span(self, page: _Page, lo: int, hi: int) -> list[int] | None:
-        """Tokens ``[lo, hi)`` of *page*'s prefix (``hi <= page.end``), walking back its parents."""
-        parts: list[tuple[int, ...]] = []
-        p: _Page | None = page
-        while hi > lo:
-            if p is None:
-                return None
-            start = p.end - len(p.tokens)
-            if start < hi:
-                a = lo if lo > start else start
-                parts.append(p.tokens[a - start : hi - start])
-                hi = a
-            if hi > lo:
-                p = self._pages.get(p.parent) if p.parent is not None else None
-        out: list[int] = []
-        for part in reversed(parts):
-            out.extend(part)
-        return out
+#: Batches SGLang's publisher keeps for replay unless configured (``KVEventsConfig.buffer_steps``).
+DEFAULT_BUFFER_STEPS = 10_000
 
 
 def subscriber_endpoint(endpoint: str, rank: int) -> str:
@@ -215,12 +84,23 @@ class SglangKvEvents:
     Call :meth:`poll` on the thread that makes decisions (the adapter does, before each
     dispatch): it reads what arrived, without blocking.
 
+    A gap in a rank's sequence (or a first batch after 0: the subscription started late) is
+    repaired from the publisher's replay buffer when *replay_endpoint* is given
+    (:mod:`dpcore_sglang.kv_replay`): the batches that arrive meanwhile are held, the missing
+    ones are applied in order as the replay brings them, then the held ones, and the index
+    never sees the gap. Until then the rank keeps what the index held (a few batches behind,
+    as events always are). A gap that cannot be repaired leaves the rank unknown, counted by
+    reason in :attr:`not_repaired`.
+
     :param index: The manager's cache index.
     :param endpoint: ``endpoint`` of SGLang's ``--kv-events-config`` (rank 0's).
     :param dp_size: Number of DP ranks.
     :param block_size: dpcore's block size for requests.
     :param topic: ``topic`` of SGLang's config.
     :param capacity_blocks: Per-rank cache capacity in dpcore blocks (0: not known).
+    :param replay_endpoint: ``replay_endpoint`` of SGLang's config (rank 0's), or ``None``.
+    :param buffer_steps: ``buffer_steps`` of SGLang's config: batches its replay buffer holds.
+    :param replay_wait_s: Seconds a replay may go unanswered (> 0).
     """
 
     def __init__(
@@ -233,10 +113,17 @@ class SglangKvEvents:
         topic: str = "",
         zmq_ctx: zmq.Context | None = None,  # type: ignore[type-arg]
         capacity_blocks: int = 0,
+        replay_endpoint: str | None = None,
+        buffer_steps: int = DEFAULT_BUFFER_STEPS,
+        replay_wait_s: float = REPLAY_WAIT_S,
     ) -> None:
         import msgspec
         from sglang.srt.disaggregation.kv_events import KVEventBatch
 
+        if not replay_wait_s > 0:
+            raise ValueError(f"replay_wait_s must be > 0, got {replay_wait_s}")
+        if buffer_steps < 0:
+            raise ValueError(f"buffer_steps must be >= 0, got {buffer_steps}")
         self.index = index
         self._decode = msgspec.msgpack.Decoder(KVEventBatch).decode
         self._decode_error = msgspec.DecodeError
@@ -244,7 +131,9 @@ class SglangKvEvents:
         self.capacity_blocks = capacity_blocks
         self.mappers = [PageMapper(block_size) for _ in range(dp_size)]
         self._epoch = [1] * dp_size
+        #: Next seq to apply per rank; last seq its stream brought (a replay can run ahead).
         self._next: list[int | None] = [None] * dp_size
+        self._live: list[int | None] = [None] * dp_size
         self._socks = []
         for r in range(dp_size):
             s = self._ctx.socket(zmq.SUB)
@@ -252,9 +141,17 @@ class SglangKvEvents:
             s.setsockopt(zmq.SUBSCRIBE, topic.encode())
             s.connect(subscriber_endpoint(endpoint, r))
             self._socks.append(s)
+        self._replay_at = [None if replay_endpoint is None else subscriber_endpoint(replay_endpoint, r) for r in range(dp_size)]
+        self.buffer_steps = buffer_steps
+        self.replay_wait_s = replay_wait_s
+        self._replays: list[Replay | None] = [None] * dp_size
         #: Frames that were not SGLang KV event batches; batches whose seq skipped some;
-        #: publisher restarts seen (seq went back).
-        self.bad_frames = self.gaps = self.restarts = 0
+        #: publisher restarts seen (seq went back); gaps repaired from a replay.
+        self.bad_frames = self.gaps = self.restarts = self.repaired = 0
+        #: Replay requests sent (a long answer cut short is asked again from where it stopped).
+        self.replay_requests = 0
+        #: Gaps not repaired, by reason (:data:`dpcore_sglang.kv_replay.REASONS`).
+        self.not_repaired: dict[str, int] = dict.fromkeys(REASONS, 0)
 
     @classmethod
     def from_server_args(cls, server_args: Any, index: CacheIndex, dp_size: int, block_size: int) -> SglangKvEvents | None:
@@ -267,13 +164,25 @@ class SglangKvEvents:
         cfg = KVEventsConfig.from_cli(raw)
         if cfg.publisher != "zmq":
             return None
-        log.info("dpcore: subscribing to SGLang KV events at %s (+rank)", cfg.endpoint)
-        return cls(index, cfg.endpoint, dp_size, block_size, topic=cfg.topic)
+        log.info(
+            "dpcore: subscribing to SGLang KV events at %s (+rank); gaps %s",
+            cfg.endpoint,
+            f"repaired from {cfg.replay_endpoint} (+rank)" if cfg.replay_endpoint else "not repaired (no replay_endpoint)",
+        )
+        return cls(
+            index, cfg.endpoint, dp_size, block_size, topic=cfg.topic,
+            replay_endpoint=cfg.replay_endpoint, buffer_steps=cfg.buffer_steps,
+        )
 
     def poll(self) -> int:
-        """Apply every batch that arrived (at most :data:`MAX_BATCHES_PER_POLL` per rank); returns how many."""
+        """Apply every batch that arrived (at most :data:`MAX_BATCHES_PER_POLL` per rank from
+        its stream, as many from a replay); returns how many were read."""
         done = 0
+        replays = self._replays
         for r, s in enumerate(self._socks):
+            replay = replays[r]
+            if replay is not None:
+                done += self._read_replay(r, replay)
             for _ in range(MAX_BATCHES_PER_POLL):
                 try:
                     frames = s.recv_multipart(zmq.NOBLOCK)
@@ -285,7 +194,7 @@ class SglangKvEvents:
 
     def handle(self, rank: int, frames: Sequence[bytes]) -> bool:
         """One ``[topic, seq, payload]`` message from *rank*'s publisher; returns whether the
-        index applied it."""
+        index applied it (a batch held during a replay is not, yet)."""
         if len(frames) != 3 or len(frames[1]) != 8:
             self.bad_frames += 1
             return False
@@ -298,21 +207,164 @@ class SglangKvEvents:
         if seq < 0:
             self.bad_frames += 1
             return False
+        last = self._live[rank]
+        self._live[rank] = seq
+        replay = self._replays[rank]
+        if last is not None and seq <= last:
+            # The scheduler restarted: a new publisher counts from 0 again (its first batches
+            # may have gone before the subscription reconnected), its cache is empty. What a
+            # replay would bring is gone with the old cache.
+            if replay is not None:
+                replay.close()
+                self._replays[rank] = None
+                self.not_repaired[RESTART] += 1
+            self.restarts += 1
+            self._epoch[rank] += 1
+            self._next[rank] = None
+            self.mappers[rank].reset()
+        elif replay is not None:
+            if len(replay.held) < MAX_HELD_BATCHES:
+                replay.held.append((seq, batch))
+                return False
+            self._end_replay(rank, replay, BACKLOG)
+            again = self._replays[rank]  # a further gap among the held batches
+            if again is not None:
+                again.held.append((seq, batch))
+                return False
+        return self._take(rank, seq, batch)
+
+    def _take(self, rank: int, seq: int, batch: Any, *, gap_counted: bool = False) -> bool:
         expect = self._next[rank]
         mapper = self.mappers[rank]
         if expect is not None and seq < expect:
-            # The scheduler restarted: a new publisher counts from 0 again, its cache is empty.
-            self.restarts += 1
-            self._epoch[rank] += 1
-            mapper.reset()
-        elif expect is not None and seq > expect:
-            self.gaps += 1
+            return False  # a replay brought it already (the live copy came late)
+        if seq > (expect or 0):
+            if not gap_counted:
+                self.gaps += 1
+                if self._ask_replay(rank, expect, seq, batch):
+                    return False
             mapper.reset()  # the pages it missed are parents of what comes next
         self._next[rank] = seq + 1
         events = mapper.translate(batch.events)
         return self.index.apply(KvEventBatch(rank, self._epoch[rank], seq, events, self.capacity_blocks))
 
+    def _ask_replay(self, rank: int, expect: int | None, seq: int, batch: Any) -> bool:
+        """Ask *rank*'s publisher for the batches from *expect* (0 when none was seen yet);
+        returns whether a replay is now in flight (else the gap is counted as not repaired)."""
+        endpoint = self._replay_at[rank]
+        start = expect or 0
+        if endpoint is None:
+            reason = NO_REPLAY
+        elif expect is not None and not self.index.known(rank):
+            reason = RANK_UNKNOWN
+        elif seq - start >= self.buffer_steps:  # the buffer holds the newest buffer_steps only
+            reason = NOT_BUFFERED
+        else:
+            self._replays[rank] = Replay(self._ctx, endpoint, start, (seq, batch), self.replay_wait_s)
+            self.replay_requests += 1
+            self._next[rank] = start
+            return True
+        self.not_repaired[reason] += 1
+        return False
+
+    def _read_replay(self, rank: int, replay: Replay) -> int:
+        """Apply what *rank*'s replay brought so far, without blocking; returns how many
+        answers were read.
+
+        The answer runs from the first missing batch to the newest the publisher had, so it
+        also fills gaps among the batches held meanwhile; it is read until it reaches the
+        gap's end and the held batches continue from there (or to its end marker).
+        """
+        n = 0
+        while n < MAX_BATCHES_PER_POLL:
+            try:
+                answer = replay.recv()
+            except ValueError:
+                self.bad_frames += 1
+                self._end_replay(rank, replay, BAD_REPLY)
+                return n
+            if answer is None:
+                if replay.expired():
+                    self._end_replay(rank, replay, TIMEOUT)
+                return n
+            n += 1
+            seq, payload = answer
+            expect = self._next[rank] or 0
+            if expect > seq != END:
+                continue
+            if seq != expect:  # the end, or a batch skipped (no longer buffered, or dropped)
+                if seq != END and replay.start < expect < replay.gap_end:
+                    # Part of a long answer was dropped on the way after some of it came.
+                    replay.ask(expect)
+                    self.replay_requests += 1
+                    return n
+                self._end_replay(rank, replay, INCOMPLETE)
+                return n
+            try:
+                batch = self._decode(payload)
+            except self._decode_error:
+                self.bad_frames += 1
+                self._end_replay(rank, replay, BAD_REPLY)
+                return n
+            self._next[rank] = seq + 1
+            events = self.mappers[rank].translate(batch.events)
+            self.index.apply(KvEventBatch(rank, self._epoch[rank], seq, events, self.capacity_blocks))
+            replay.replayed(seq)
+            held = replay.held
+            if seq + 1 >= replay.gap_end and (not held or held[0][0] == seq + 1):
+                # Caught up with the live stream: the rest of the answer is not needed (and
+                # its end marker may never come: see kv_replay).
+                self._end_replay(rank, replay, INCOMPLETE)
+                return n
+        return n
+
+    def _end_replay(self, rank: int, replay: Replay, reason: str) -> None:
+        """The replay is over: repaired if it reached the gap's end (*reason* unused), else
+        given up for *reason* (the held batch across the gap makes the index call the rank
+        unknown)."""
+        if (self._next[rank] or 0) >= replay.gap_end:
+            self.repaired += 1
+            self._release(rank, replay)
+        else:
+            self.not_repaired[reason] += 1
+            self._release(rank, replay, gap_counted=True)
+
+    def _release(self, rank: int, replay: Replay, *, gap_counted: bool = False) -> None:
+        """End *rank*'s replay and apply the batches held meanwhile, in order (a further gap
+        among them asks for another replay, which holds the rest)."""
+        replay.close()
+        self._replays[rank] = None
+        held = replay.held
+        first = gap_counted
+        while held:
+            again = self._replays[rank]
+            if again is not None:
+                again.held.extend(held)
+                return
+            seq, batch = held.popleft()
+            self._take(rank, seq, batch, gap_counted=first)
+            first = False
+
+    def stats(self) -> dict[str, Any]:
+        """The index's counters, and this stream's under ``sglang``."""
+        return {
+            **self.index.stats(),
+            "sglang": {
+                "gaps": self.gaps,
+                "gaps_repaired": self.repaired,
+                "gaps_not_repaired": dict(self.not_repaired),
+                "replay_requests": self.replay_requests,
+                "replays_in_flight": sum(r is not None for r in self._replays),
+                "restarts": self.restarts,
+                "bad_frames": self.bad_frames,
+            },
+        }
+
     def close(self) -> None:
         for s in self._socks:
             s.close(linger=0)
         self._socks.clear()
+        for r, replay in enumerate(self._replays):
+            if replay is not None:
+                replay.close()
+                self._replays[r] = None

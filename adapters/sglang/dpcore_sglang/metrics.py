@@ -15,7 +15,9 @@ dashboard serves both: ``dpcore_decisions_total{policy,reason}``,
 them; ``decoded``: decoded and encoded again here) with
 ``dpcore_route_headers_refused_total{reason}``; with ``--dpcore-record``, the recorder's
 ``dpcore_record_*`` and ``dpcore_record_output_lengths_total{outcome}`` (``received``,
-``refused``).
+``refused``); with ``--kv-events-config``, ``dpcore_kv_event_gaps_total`` (batches missed in a
+rank's KV event stream), ``dpcore_kv_event_gaps_repaired_total`` (filled from the publisher's
+replay) and ``dpcore_kv_event_gaps_not_repaired_total{reason}`` (the rank became unknown).
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ class AdapterCollector:
             lengths.add_metric(["received"], a.ended.received)
             lengths.add_metric(["refused"], a.ended.refused)
             yield lengths
+        if a.kv_events is not None:  # --kv-events-config
+            yield from kv_event_families(a.kv_events)
+
+
+def kv_event_families(kv: Any) -> Iterator[Any]:
+    """Gaps in the ranks' KV event streams of a :class:`~dpcore_sglang.kv_events.SglangKvEvents`."""
+    yield CounterMetricFamily("dpcore_kv_event_gaps", "Batches missed in a rank's KV event stream (gaps in seq)", value=kv.gaps)
+    yield CounterMetricFamily(
+        "dpcore_kv_event_gaps_repaired", "KV event gaps filled from the publisher's replay buffer", value=kv.repaired
+    )
+    yield _counts(
+        "dpcore_kv_event_gaps_not_repaired", "KV event gaps not filled (the rank became unknown), by reason",
+        "reason", dict(kv.not_repaired),
+    )
 
 
 def _counts(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
