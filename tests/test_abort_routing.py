@@ -124,7 +124,12 @@ def test_an_abort_reaches_only_the_rank_holding_its_request(cluster: Cluster) ->
     # sender except the first.
     cl.client._tx.send(wire.encode_abort("r3", cl.client.reply_endpoint))
     cl.client._tx.send(wire.encode_abort("r0", "ipc:///tmp/another-sender"))
-    st = wait_for(lambda: (s := cl.stats())["in_flight"] == 3 and s["aborts"]["total"] == 5 and s, 10, "aborts settled")
+    # An abort that names no request is a bad frame: counted there, sent nowhere.
+    bad0 = cl.stats()["bad_frames"]
+    cl.client._tx.send(wire.encode_ctl(wire.ABORT, {"rid": 5}))
+    st = wait_for(lambda: (s := cl.stats())["in_flight"] == 3 and s["aborts"]["total"] == 5 and s["bad_frames"] > bad0
+                  and s, 10, "aborts settled")  # fmt: skip
+    assert st["bad_frames"] == bad0 + 1 and st["controls"] == 5, st
     assert st["aborts"]["by_outcome"] == {"forwarded": 3, "unknown": 2}, st["aborts"]
     assert st["aborts"]["by_reason"] == {"caller": 1, "timeout": 1, "client_gone": 1, "unspecified": 2}, st["aborts"]
     # Each aborted request went to its own rank, and to no other.
