@@ -23,17 +23,18 @@ from dpcore.runtime.controller import Controller
 from dpcore.runtime.inflight import InFlight, InFlightTable
 from dpcore.sdk import Client
 
-#: A rank that records the request id of every abort message it receives. ``hold``: admits
+#: A rank that records the request id of every abort message it receives, and of every
+#: request it stopped because of one (the abort came after its dispatch). ``hold``: admits
 #: each request and keeps it running until it is aborted (then finishes it, sending
 #: nothing); ``stuck``: receives, never admits, ignores aborts. A request ``probe...`` is
-#: answered at once with the aborts seen so far.
+#: answered at once with both lists.
 RANK = r"""
 import sys
 from dpcore import wire
 from dpcore.sdk.worker import Worker
 
 rank, dispatch, report, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-seen = []
+seen, stopped = [], []
 
 class Recording(Worker):
     def _control(self, ctl):
@@ -43,11 +44,14 @@ class Recording(Worker):
 
 w = Recording(rank, dispatch_endpoint=dispatch, report_endpoint=report, heartbeat_interval_s=0.1)
 if mode == "hold":
-    w.on_abort = w.finish
+    def stop(work):
+        stopped.append(work.rid)
+        w.finish(work)
+    w.on_abort = stop
 while True:
     for work in w.recv(0.1):
         if work.rid.startswith("probe"):
-            w.send(work, {"aborts": list(seen)})
+            w.send(work, {"aborts": seen, "stopped": stopped})
         elif mode == "hold":
             w.admit(work)
     w.report(0, 0, 0)
@@ -81,13 +85,14 @@ class Cluster:
     def stats(self) -> dict:
         return self.c.consistent_stats()
 
-    def probe(self, rank: int) -> list[str]:
-        """The request ids of the aborts *rank* has received."""
+    def probe(self, rank: int) -> dict[str, list[str]]:
+        """The request ids of the aborts *rank* has received (``aborts``), and of the
+        requests it stopped because of one (``stopped``)."""
         rid = f"probe{rank}-{time.monotonic_ns()}"
         self.client.submit(rid, num_tokens=1, routed_dp_rank=rank)
         replies = [r for r in self.client.wait_all(10) if r.rid == rid]
         assert replies and replies[-1].kind == "out", replies
-        return replies[-1].meta["aborts"]  # type: ignore[no-any-return]
+        return {k: replies[-1].meta[k] for k in ("aborts", "stopped")}
 
     def kill(self, rank: int) -> None:
         p = self.procs.pop(rank)
@@ -124,18 +129,23 @@ def test_an_abort_reaches_only_the_rank_holding_its_request(cluster: Cluster) ->
     # sender except the first.
     cl.client._tx.send(wire.encode_abort("r3", cl.client.reply_endpoint))
     cl.client._tx.send(wire.encode_abort("r0", "ipc:///tmp/another-sender"))
+    # A request aborted right after it was sent: the controller reads both in order from the
+    # one connection, and the rank gets the abort behind the dispatch.
+    cl.client.submit("fast", num_tokens=10, routed_dp_rank=2)
+    cl.client.abort("fast")
     # An abort that names no request is a bad frame: counted there, sent nowhere.
     bad0 = cl.stats()["bad_frames"]
     cl.client._tx.send(wire.encode_ctl(wire.ABORT, {"rid": 5}))
-    st = wait_for(lambda: (s := cl.stats())["in_flight"] == 3 and s["aborts"]["total"] == 5 and s["bad_frames"] > bad0
+    st = wait_for(lambda: (s := cl.stats())["in_flight"] == 3 and s["aborts"]["total"] == 6 and s["bad_frames"] > bad0
                   and s, 10, "aborts settled")  # fmt: skip
-    assert st["bad_frames"] == bad0 + 1 and st["controls"] == 5, st
-    assert st["aborts"]["by_outcome"] == {"forwarded": 3, "unknown": 2}, st["aborts"]
-    assert st["aborts"]["by_reason"] == {"caller": 1, "timeout": 1, "client_gone": 1, "unspecified": 2}, st["aborts"]
-    # Each aborted request went to its own rank, and to no other.
-    assert [cl.probe(r) for r in range(3)] == [["r3"], ["r1"], ["r5"]]
+    assert st["bad_frames"] == bad0 + 1 and st["controls"] == 6, st
+    assert st["aborts"]["by_outcome"] == {"forwarded": 4, "unknown": 2}, st["aborts"]
+    assert st["aborts"]["by_reason"] == {"caller": 2, "timeout": 1, "client_gone": 1, "unspecified": 2}, st["aborts"]
+    # Each abort went to its request's rank, and to no other, after the request's dispatch.
+    assert [cl.probe(r)["aborts"] for r in range(3)] == [["r3"], ["r1"], ["r5", "fast"]]
+    assert [cl.probe(r)["stopped"] for r in range(3)] == [["r3"], ["r1"], ["r5", "fast"]]
     # The aborted requests ended on their ranks (acknowledged, nothing sent): completed.
-    assert [row["completed"] for row in st["per_rank"]] == [1, 1, 1]
+    assert [row["completed"] for row in st["per_rank"]] == [1, 1, 2]
     assert st["failed"] == 0 and st["balanced"] == {"received": True, "dispatched": True}, st
     assert cl.client.wait_all(0.3) == []  # nothing came back for an aborted request
 
@@ -157,7 +167,7 @@ def test_an_aborted_request_is_not_dispatched_again_when_its_rank_dies(cluster: 
     st = wait_for(lambda: (s := cl.stats())["failed"] == 1 and s, 10, "rank 1's request settled")
     assert st["failed_by_code"] == {"aborted": 1} and st["redispatched"] == 0, st
     assert st["aborts"]["by_outcome"] == {"forwarded": 1, "repeated": 1}, st["aborts"]
-    assert cl.probe(0) == []  # rank 0 got neither abort
+    assert cl.probe(0)["aborts"] == []  # rank 0 got neither abort
     assert st["in_flight"] == 1 and st["balanced"] == {"received": True, "dispatched": True}, st
 
 
