@@ -46,7 +46,7 @@ REASONS = (NO_REPLAY, NOT_BUFFERED, INCOMPLETE, TIMEOUT, BACKLOG, RESTART, BAD_R
 
 #: ``_service_replay``'s end marker: seq -1.
 END = -1
-_REPLY_FRAMES = 4  # b"", topic, seq, payload (the ROUTER's identity frame is the DEALER's to drop)
+_REPLY_FRAMES = 4  # b"", topic, seq, payload (the ROUTER routes on the identity frame, not sent on)
 
 
 class Replay:

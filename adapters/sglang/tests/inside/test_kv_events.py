@@ -3,6 +3,7 @@ ZMQ publisher (the pinned venv)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -102,6 +103,21 @@ def test_a_sequence_gap_makes_the_rank_unknown_until_a_clear():
     assert f.match(TOKENS) is None and f.kv.gaps == 1 and f.kv.not_repaired["no_replay"] == 1
     assert f.send(AllBlocksCleared(), stored(TOKENS[:4], 4)[0])
     assert f.match(TOKENS) == 1
+
+
+def test_the_operators_kv_events_config_says_where_to_ask_for_replays():
+    from sglang.srt.server_args import ServerArgs
+
+    base = {"publisher": "zmq", "endpoint": "tcp://*:5557", "topic": "kv"}
+    with_replay = json.dumps({**base, "replay_endpoint": "tcp://*:5657", "buffer_steps": 500})
+    kv = SglangKvEvents.from_server_args(ServerArgs(model_path="dummy", kv_events_config=with_replay), CacheIndex(2), 2, 4)
+    without = SglangKvEvents.from_server_args(ServerArgs(model_path="dummy", kv_events_config=json.dumps(base)), CacheIndex(2), 2, 4)
+    try:
+        assert kv._replay_at == ["tcp://127.0.0.1:5657", "tcp://127.0.0.1:5658"] and kv.buffer_steps == 500
+        assert without._replay_at == [None, None] and without.buffer_steps == 10_000  # SGLang's default
+    finally:
+        kv.close()
+        without.close()
 
 
 def test_gaps_are_counted_in_stats_and_metrics():
