@@ -123,6 +123,35 @@ def test_the_compiled_pass_is_the_one_in_use(tmp_path: Path) -> None:
         rec.close()
 
 
+def test_batches_handed_to_python_are_counted_outside_the_writer(tmp_path: Path) -> None:
+    """A batch the compiled decoder hands back (here a header whose ``mnt`` is nil) is still
+    written, and a real writer process's count of such batches reaches the recorder's stats,
+    its Prometheus counter and ``dpcore serve``'s closing line; ordinary batches count none."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    def recorded(name: str, mnt: Any) -> Recorder:
+        rec = Recorder(RecordConfig(path=str(tmp_path / name), hold_s=0.0))
+        rec.start()
+        try:
+            for i in range(5):
+                header = msgpack.packb({"v": 1, "t": "req", "rid": f"r{i}", "n": 20, "reply": "", "mnt": mnt})
+                rec.offer(Request(f"r{i}", num_tokens=20), header)
+                rec.pack()  # one batch each
+        finally:
+            rec.close()
+        assert rec.recorded == 5 and (tmp_path / name).read_text().count("\n") == 5
+        return rec
+
+    plain = recorded("plain.jsonl", 7)
+    assert plain.stats()["python_batches"] == 0 and "Python path" not in plain.summary()
+    odd = recorded("odd.jsonl", None)
+    assert odd.stats()["python_batches"] == 5
+    assert odd.summary().endswith("compiled path (5 batches handed to its Python path)")
+    registry = CollectorRegistry()
+    registry.register(odd.collector())
+    assert b"dpcore_record_python_batches_total 5.0" in generate_latest(registry)
+
+
 # ------------------------------------------------------------------ hostile headers
 
 _INT = st.integers(-(1 << 63), (1 << 64) - 1)

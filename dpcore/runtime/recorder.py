@@ -74,8 +74,10 @@ class Recorder:
 
     Counters (read by metrics and the final report): ``sampled_out``, ``dropped`` (the queue
     was full), ``recorded``, ``rotations``, ``generated`` (lines with the real output length)
-    and ``held`` (waiting for their request to end), as the writer reports them, and ``lost``
-    (handed to a writer that died before writing them).
+    ``held`` (waiting for their request to end) and ``python_batches`` (batches the writer's
+    compiled pass handed to its slower Python path: a sender whose headers always do so costs
+    the writer several times the CPU), as the writer reports them, and ``lost`` (handed to a
+    writer that died before writing them).
     """
 
     def __init__(self, config: RecordConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -113,8 +115,8 @@ class Recorder:
         self.sampled_out = 0
         self.dropped = 0
         # Written by the writer thread only: totals of earlier writer processes + the current one's.
-        self._done = [0, 0, 0]  # recorded, rotations, generated
-        self._current = [0, 0, 0, 0]  # and held
+        self._done = [0, 0, 0, 0]  # recorded, rotations, generated, python_batches
+        self._current = [0, 0, 0, 0, 0]  # and held
         self.lost = 0
 
     @property
@@ -128,6 +130,11 @@ class Recorder:
     @property
     def generated(self) -> int:
         return self._done[2] + self._current[2]
+
+    @property
+    def python_batches(self) -> int:
+        """Batches the writer's compiled pass handed to its Python path (to decode or to format)."""
+        return self._done[3] + self._current[3]
 
     # ------------------------------------------------------------------ the loop's side
 
@@ -296,7 +303,7 @@ class Recorder:
                 self.writer_path = line[5:].decode()
         for line in reversed(lines[:-1]):
             parts = line.split()
-            if len(parts) == 4:
+            if len(parts) == len(self._current):
                 self._current = [int(x) for x in parts]
                 return
 
@@ -336,7 +343,7 @@ class Recorder:
             self.log.error("record_writer_exited", status=child.returncode, pid=child.pid)
         self.lost += max(self._handed - self._current[0], 0)
         self._done = [d + c for d, c in zip(self._done, self._current)]
-        self._current = [0, 0, 0, 0]
+        self._current = [0, 0, 0, 0, 0]
         self._handed = 0
         self._status = b""
 
@@ -348,13 +355,14 @@ class Recorder:
             "offered": self.sampled_out + self.dropped + len(self._hdrs) + self._packed,
             "recorded": self.recorded,
             "generated": self.generated,
-            "held": self._current[3],
+            "held": self._current[4],
             "sampled_out": self.sampled_out,
             "dropped": self.dropped,
             "lost": self.lost,
             "queued": len(self._hdrs) + self._packed - self._written,
             "rotations": self.rotations,
             "writer_path": self.writer_path,
+            "python_batches": self.python_batches,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -370,6 +378,7 @@ class Recorder:
             f"{s['generated']} with the output length generated); "
             f"sampled out {s['sampled_out']}, dropped (queue full) {s['dropped']}, lost (write failed) {s['lost']}; "
             f"lines formatted by the writer's {s['writer_path'] or 'unstarted'} path"
+            + (f" ({s['python_batches']} batches handed to its Python path)" if s["python_batches"] else "")
         )
 
     def collector(self) -> Any:
@@ -397,6 +406,11 @@ class Recorder:
                 yield GaugeMetricFamily("dpcore_record_held", "Records waiting for their request to end", value=s["held"])
                 yield CounterMetricFamily("dpcore_record_rotations", "Recording files rotated", value=s["rotations"])
                 yield GaugeMetricFamily("dpcore_record_queued", "Records waiting for the writer", value=s["queued"])
+                yield CounterMetricFamily(
+                    "dpcore_record_python_batches",
+                    "Batches the writer's compiled pass handed to its slower Python path (to decode or to format)",
+                    value=s["python_batches"],
+                )
 
         return RecorderCollector()
 

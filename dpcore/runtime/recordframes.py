@@ -137,6 +137,11 @@ def decode_batch(body: Any) -> tuple[list[list[Any]], Any]:
         got = speedups.decode_batch(body)
         if got is not None:
             return got  # type: ignore[no-any-return]
+    return decode_batch_python(body)
+
+
+def decode_batch_python(body: Any) -> tuple[list[list[Any]], Any]:
+    """:func:`decode_batch` without the compiled decoder (what it hands back comes here)."""
     times = array("d")
     if _BATCH is not None:
         try:

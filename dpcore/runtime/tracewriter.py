@@ -39,7 +39,7 @@ from typing import IO, Any
 
 from dpcore import tracefile
 from dpcore.runtime import recordframes
-from dpcore.runtime.recordframes import FrameReader, decode_batch, load_numpy, records_from_maps
+from dpcore.runtime.recordframes import FrameReader, decode_batch, decode_batch_python, load_numpy, records_from_maps
 
 #: How much lower than the controller's this process's CPU priority is.
 NICE = 10
@@ -92,7 +92,8 @@ class TraceWriter:
         self._np = load_numpy() if self.salted.kind == tracefile.SIPHASH else None
         self._fast = recordframes.speedups if self._np is not None else None
         #: :data:`COMPILED` or :data:`PYTHON`; ``python_batches`` counts the batches the
-        #: compiled pass handed to Python (a record of types it does not format exactly).
+        #: compiled pass handed to Python, to decode (a header field of a type it does not
+        #: read exactly) or to format (a record it does not format exactly).
         self.writer_path = PYTHON if self._fast is None else COMPILED
         self.python_batches = 0
         # tracefile.line's constant end, as bytes (a test holds them equal).
@@ -128,6 +129,18 @@ class TraceWriter:
         ``(rid, output tokens or -1)``; write what is ready. *raw*: the headers were decoded
         with msgpack's ``raw=True`` (keys and strings as bytes, which skips UTF-8 decoding)."""
         self.take(records_from_maps(times, headers, raw), ends)
+
+    def take_batch(self, body: Any) -> None:
+        """Take a batch frame as the controller packed it (:func:`dpcore.runtime.recordframes.batch_body`)."""
+        fast = self._fast
+        if fast is None:
+            self.take(*decode_batch(body))
+            return
+        got = fast.decode_batch(body)
+        if got is None:
+            self.python_batches += 1
+            got = decode_batch_python(body)
+        self.take(*got)
 
     def take(self, records: list[list[Any]], ends: Iterable[Sequence[Any]] = ()) -> None:
         """Take a batch of records ``[arrival, n, mnt, packed hashes, None, rid]`` (:func:`dpcore.runtime.recordframes.decode_batch`)
@@ -306,19 +319,19 @@ def main() -> int:
     w.open(fresh=cfg["fresh"])
     try:
         reporting = True
-        sys.stdout.write(f"path {w.writer_path}\n0 0 0 0\n")  # ready
+        sys.stdout.write(f"path {w.writer_path}\n0 0 0 0 0\n")  # ready
         sys.stdout.flush()
         due = None
         while True:
             body = frames.body(None if due is None else due - time.monotonic())
             if body is not None:
-                w.take(*decode_batch(body))
+                w.take_batch(body)
             elif frames.eof:
                 break
             due = w.flush()
             if reporting:
                 try:
-                    sys.stdout.write(f"{w.recorded} {w.rotations} {w.generated} {w.held}\n")
+                    sys.stdout.write(f"{w.recorded} {w.rotations} {w.generated} {w.python_batches} {w.held}\n")
                     sys.stdout.flush()
                 except OSError:  # the controller is gone; what it sent is still written
                     reporting = False
