@@ -5,7 +5,10 @@ ipc sockets), one sender process and one receiver process per rank:
 
 1. **dpcore**: the real :class:`~dpcore.runtime.controller.Controller` with
    ``total_requests``; receivers acknowledge and report load (with ``done`` seqs) every 256
-   messages, as a rank would.
+   messages, and after draining their socket at most every 25 ms (about one engine step), plus
+   a heartbeat every 0.5 s while idle: a cadence of the rank's own, as a real rank's, so the
+   number of reports the controller handles does not grow with how often a receiver finds its
+   socket empty (which depends on how the processes share the cores).
 2. **pickle loop**: SGLang's style, ``recv_pyobj`` → round robin → ``send_pyobj``
    (:mod:`dpcore.bench_baseline`, the only pickle in dpcore).
 3. **zmq.proxy**: libzmq's C proxy from a PULL to a PUSH, the transport's ceiling.
@@ -37,6 +40,13 @@ RECORD = "record"
 #: the rest are new, so the recorder salts them instead of finding them in its cache.
 SHARED_BLOCKS = 4
 REPORT_EVERY = 256
+#: A drained receiver reports what it finished at most this often. Ranks report on a step-like
+#: cadence of their own, not each time their socket runs dry: SGLang's scheduler publishes its
+#: load snapshot at most once per scheduler step (``Scheduler.publish_load_snapshot``, forced
+#: on prefill steps, else every ``load_snapshot_publish_interval`` = 15 decode steps), and
+#: dpcore's simulator and mock ranks take a 25 ms decode step (``decode_step_s``) and report
+#: every 15 steps or 100 ms. 25 ms is one such step: a report per step of the rank's own.
+REPORT_GAP_S = 0.025
 HEARTBEAT_S = 0.5
 
 # ----------------------------------------------------------------------------- processes
@@ -138,9 +148,11 @@ def _receiver(mode: str, rank: int, eps: dict[str, Any], counts: Any, first: Any
     unpack = msgpack.unpackb
     n = 0
     recv = pull.recv_multipart
+    gap_ms = int(REPORT_GAP_S * 1000)
     while not stop.is_set():
-        if not pull.poll(100):
-            if report is not None and time.monotonic() - last_report > HEARTBEAT_S:
+        # With finished work unreported, wake within one gap to report it.
+        if not pull.poll(gap_ms if done else 100):
+            if report is not None and time.monotonic() - last_report > (REPORT_GAP_S if done else HEARTBEAT_S):
                 send_report()
             continue
         while True:
@@ -157,7 +169,7 @@ def _receiver(mode: str, rank: int, eps: dict[str, Any], counts: Any, first: Any
                     send_report()
         last[rank] = time.monotonic()
         counts[rank] = n
-        if report is not None and done:
+        if report is not None and done and time.monotonic() - last_report >= REPORT_GAP_S:
             send_report()
     pull.close()
     if report is not None:
