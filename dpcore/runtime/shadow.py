@@ -27,7 +27,7 @@ budgets before it stops costing anything.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -56,6 +56,8 @@ class Shadow:
     :param method: The shadow chain, as ``--load-balance-method``.
     :param options: Per-policy constructor options.
     :param budget_s: Time budget of one decision (> 0).
+    :param clock: What times each shadow call, in seconds (a test passes a clock it moves
+        itself, so its shadow's verdict does not depend on the machine's load).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Shadow:
         budget_s: float = BUDGET_S,
         classes: Mapping[str, type] | None = None,
         log: Any = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not 0 < budget_s < float("inf"):
             raise ConfigError(f"--shadow-budget-ms must be a positive number, got {budget_s * 1000:g}")
@@ -80,6 +83,7 @@ class Shadow:
         )  # fmt: skip
         self.live = live
         self.budget_s = budget_s
+        self.clock = clock
         self.method = method
         n = live.ctx.dp_size
         self.decisions = 0
@@ -139,17 +143,18 @@ class Shadow:
             self.skipped += 1
             return
         live_scores = self.live.ctx.decision.scores
-        t0 = time.perf_counter()
+        clock = self.clock
+        t0 = clock()
         try:
             rank: int | None = self.manager.select(request)
         except PolicyFailedError as exc:
-            self._took(time.perf_counter() - t0)
+            self._took(clock() - t0)
             self._error("select_rank", exc.__cause__ or exc)
             return
         except RequestRejected as exc:
             rank = None
             self.rejected[exc.code] = self.rejected.get(exc.code, 0) + 1
-        self._took(time.perf_counter() - t0)
+        self._took(clock() - t0)
         self._asked = True
         self.decisions += 1
         tokens = request.num_tokens
@@ -174,12 +179,12 @@ class Shadow:
         if not self._asked or self.suspended is not None:
             return
         self._asked = False
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             self.manager.notify_dispatch(request, rank, seq)
         except Exception as exc:
             self._error("on_dispatch", exc)
-        self.seconds += time.perf_counter() - t0
+        self.seconds += self.clock() - t0
 
     def report(self, report: LoadReport) -> None:
         """The ledger applied *report*."""
