@@ -23,6 +23,8 @@ pytestmark = pytest.mark.e2e
 BODY_LIMIT = 65536
 #: Status answers are cached this long by the front; wait it out before reading counters.
 STATUS_CACHE_S = 0.06
+#: How long a load test waits for the ranks' reports to show its requests.
+LOAD_WAIT_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +287,6 @@ def test_info_endpoints(client: httpx.Client) -> None:
 
 def test_get_load_follows_the_ledger(client: httpx.Client) -> None:
     """Requests pinned to rank 1 show up on rank 1 in /get_load and /v1/loads, not on 0."""
-    time.sleep(0.5)  # earlier tests' requests finish
     streams = []
     lines = []  # keep references: a dropped iterator closes its connection
     try:
@@ -298,11 +299,17 @@ def test_get_load_follows_the_ledger(client: httpx.Client) -> None:
             streams.append(cm)
             lines.append(r.iter_lines())
             next(lines[-1])
-        time.sleep(STATUS_CACHE_S + 0.2)  # a load report after admission, and past the cache
-        loads = client.get("/get_load").json()
+        # Rank 1's report after it admitted all four, once the front's cached answer is
+        # newer than that report; earlier tests' requests leave rank 0 meanwhile. Had the
+        # pin been ignored, two of the four would hold rank 0 until the end of the test.
+        deadline = time.monotonic() + LOAD_WAIT_S
+        while True:
+            loads = client.get("/get_load").json()
+            if loads[1]["num_reqs"] >= 4 and loads[1]["num_tokens"] >= 4 * 200 and loads[0]["num_reqs"] == 0:
+                break
+            assert time.monotonic() < deadline, f"/get_load never showed the four on rank 1 alone: {loads}"
+            time.sleep(STATUS_CACHE_S)
         assert [sorted(x) for x in loads] == [["dp_rank", "num_reqs", "num_tokens", "num_waiting_reqs"]] * 2
-        assert loads[1]["num_reqs"] >= 4 and loads[1]["num_tokens"] >= 4 * 200
-        assert loads[0]["num_reqs"] == 0
         v1 = client.get("/v1/loads").json()
         assert v1["dp_rank_count"] == 2
         assert v1["loads"][1]["num_total_reqs"] == v1["loads"][1]["num_running_reqs"] + v1["loads"][1]["num_waiting_reqs"]
