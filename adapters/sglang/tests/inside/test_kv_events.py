@@ -162,15 +162,20 @@ def test_page_map_stays_bounded():
     assert len(m) == 0  # over its bound: reset rather than grow
 
 
-def test_sglangs_publisher_per_dp_rank_end_to_end():
-    base = free_port()
-    while True:  # rank 1 publishes on base + 1
+def two_ports() -> int:
+    """A free port whose successor is free too (rank 1 binds base + 1)."""
+    while True:
+        base = free_port()
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", base + 1))
-                break
+                return base
             except OSError:
-                base = free_port()
+                continue
+
+
+def test_sglangs_publisher_per_dp_rank_end_to_end():
+    base = two_ports()
     index = CacheIndex(2)
     kv = SglangKvEvents(index, f"tcp://127.0.0.1:{base}", 2, 4)
     pub = ZmqEventPublisher(attn_dp_rank=1, endpoint=f"tcp://127.0.0.1:{base}", bind=True)
@@ -490,3 +495,45 @@ def test_an_answer_cut_short_is_asked_again_from_where_it_stopped():
     finally:
         rig.close()
         router.close(linger=0)
+
+
+def test_sglangs_controller_catches_a_late_subscription_up_from_the_replay(controller):
+    # SGLang's real controller process with the adapter, and SGLang's publisher for rank 1 in
+    # this process. The publisher stores a prompt's pages before the controller subscribes
+    # (PUB sends them to nobody: lost for real); the first batch the controller sees is seq 3
+    # or later, it asks the replay ROUTER for those before it, and places the prompt on rank 1.
+    from dpcore_sglang.config import AdapterConfig
+    from dpcore_sglang.testing import make_request, scrape
+
+    endpoint, replay = f"tcp://127.0.0.1:{two_ports()}", f"tcp://127.0.0.1:{two_ports()}"
+    pub = ZmqEventPublisher(attn_dp_rank=1, endpoint=endpoint, replay_endpoint=replay, bind=True)
+    prompt = list(range(5000, 6024))
+    try:
+        pub.publish(KVEventBatch(ts=time.time(), events=[stored(prompt, 1)[0]]))
+        pub.publish(KVEventBatch(ts=time.time(), events=[stored([1] * 4, 1)[0]]))
+        pub.publish(KVEventBatch(ts=time.time(), events=[stored([2] * 4, 1)[0]]))
+        metrics = free_port()
+        config = json.dumps({"publisher": "zmq", "endpoint": endpoint, "replay_endpoint": replay})
+        h = controller(
+            dp_size=2, sglang_method="round_robin", adapter=AdapterConfig(method="cache_aware", metrics_port=metrics),
+            server_args={"kv_events_config": config},
+        )
+        # The adapter reads events before each dispatch: publish and dispatch until the
+        # subscription is up, the gap seen and the replay's answer read.
+        deadline = time.monotonic() + 30
+        for i in range(1000):
+            pub.publish(KVEventBatch(ts=time.time(), events=[stored([3 + i] * 4, 1)[0]]))  # seq 3...
+            time.sleep(0.2)
+            h.send(make_request(f"tick{i}", 64, first_token=90_000 + 100 * i))
+            assert len(h.deliveries(1)) == 1
+            m = scrape(metrics)
+            if m.get(("dpcore_kv_event_gaps_repaired_total", ())) or time.monotonic() > deadline:
+                break
+        assert m[("dpcore_kv_event_gaps_total", ())] == 1
+        assert m[("dpcore_kv_event_gaps_repaired_total", ())] == 1
+        assert sum(v for (name, _), v in m.items() if name == "dpcore_kv_event_gaps_not_repaired_total") == 0
+        h.send(make_request("probe", len(prompt), first_token=prompt[0]))
+        (probe,) = h.deliveries(1)
+        assert probe.rank == 1  # where the replayed batch says the prompt is cached
+    finally:
+        pub.shutdown()
