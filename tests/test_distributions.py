@@ -92,7 +92,7 @@ def test_core_wheel_has_no_bench_or_test_machinery(dist: Path):
     assert any(r.replace(" ", "").startswith("dpcore[policies]") for r in sglang), sglang
     built = {p.name.split("-")[0] for p in dist.glob("*.whl")}
     assert built == {"dpcore", "dp_round_robin", "dp_bootstrap_room", "dp_load", "dp_cache_aware",
-                     "dpcore_sglang", "dp_power_of_two", "dpcore_data", "dpcore_bench"}
+                     "dpcore_sglang", "dp_power_of_two", "dpcore_data", "dpcore_bench", "dpcore_speedups"}
 
 
 def _serve_examples(doc_commands: list[tuple[str, str]]) -> list[list[str]]:
