@@ -191,9 +191,11 @@ class PolicyContext:
     decision: Decision = field(factory=Decision)
     cache: CacheView = field(default=attrs.Factory(lambda self: _empty_cache(self.dp_size), takes_self=True))
 
-    #: Ranks currently alive, ascending. Every policy must choose among these. (A C-level
-    #: getter: policies read it on every decision.)
-    active_ranks = property(attrgetter("ledger.active_ranks"), doc="Ranks currently alive, ascending.")
+    # The ledger's cached tuple, through a C-level getter: policies read it on every decision.
+    active_ranks = property(
+        attrgetter("ledger.active_ranks"),
+        doc="Ranks currently alive, ascending. Every policy must choose among these.",
+    )
 
     def is_active(self, rank: int) -> bool:
         return self.ledger.is_active(rank)
