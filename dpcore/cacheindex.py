@@ -214,14 +214,14 @@ class CacheIndex:
         self._next_seq[r] = seq + 1
         if batch.capacity:
             self._capacity[r] = batch.capacity
-        events = batch.events
-        if events and events[0][0] == CLEARED:  # batch.resync, inlined: this runs for every batch
-            self.reset(r)
-            self._known |= bit
         if not self._known & bit:
-            return False
+            # An unknown rank's index is empty: a resync batch makes it exact, and its
+            # leading clear is replayed like any other (on a known rank it drops all).
+            if not batch.resync:
+                return False
+            self._known |= bit
         self.batches += 1
-        self._replay(r, events)
+        self._replay(r, batch.events)
         cap = self._capacity[r] or self.max_blocks_per_rank
         if len(self._blocks[r]) > cap:
             # More than the rank can hold: some removals never reached us. Trimming would

@@ -42,6 +42,15 @@ def test_a_gap_makes_the_rank_unknown_and_a_resync_makes_it_exact():
     assert idx.match(0, [1, 2, 3]) == 3
 
 
+def test_a_resync_on_an_exact_rank_replaces_what_it_held():
+    idx = CacheIndex(2)
+    idx.apply(batch(0, 0, (STORED, None, [1, 2])))
+    idx.apply(batch(1, 0, (STORED, None, [1])))
+    assert idx.apply(batch(0, 1, (CLEARED,), (STORED, None, [7, 8])))
+    assert idx.known(0) and idx.match(0, [1]) == 0 and idx.match(0, [7, 8]) == 2
+    assert idx.match(1, [1, 2]) == 1 and len(idx) == 3  # rank 1's copy of block 1 stays
+
+
 def test_stale_and_duplicate_batches_are_ignored():
     idx = CacheIndex(1)
     idx.apply(batch(0, 0, (STORED, None, [1])))
