@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 
 import pytest
 from sglang.srt.server_args import ServerArgs
@@ -23,7 +24,15 @@ def test_metrics_count_decisions_rejections_and_name_the_chain(controller):
     h.send(make_request("routed", routed_dp_rank=1))
     assert len(h.deliveries(6)) == 6
     assert len(h.answers(1)) == 1
-    m = scrape(port)
+    # A request reaches its rank before the adapter counts its decision: read the metrics
+    # once all seven are counted (or at the deadline, and let the asserts say what is off).
+    deadline = time.monotonic() + 10.0
+    while True:
+        m = scrape(port)
+        decided = sum(v for (name, _), v in m.items() if name in ("dpcore_decisions_total", "dpcore_rejected_total"))
+        if decided >= 7 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     by_policy: dict[str, float] = {}
     for (name, labels), v in m.items():
         if name == "dpcore_decisions_total":
