@@ -21,9 +21,9 @@ ctl       sender → ingress, and       [header(op, data)]
 ``abort`` is a control message (``op="abort"``, ``data={"rid", "reply", "reason"}``) a sender
 sends when it gives a request up: the controller forwards it, byte for byte, to the one rank
 holding the request, which drops it if it has not started and stops it if it has
-(:func:`encode_abort`, :func:`abort_target`). ``reason`` is optional (a sender that leaves it out
-is understood as before) says why the request was given up (:data:`ABORT_REASONS`); the
-controller counts aborts by it (:func:`abort_reason`).
+(:func:`encode_abort`, :func:`abort_target`). The optional ``reason`` says why the request
+was given up (:data:`ABORT_REASONS`); the controller counts aborts by it (:func:`abort_reason`),
+and an abort without one is served all the same.
 
 Every decoder raises :class:`~dpcore.errors.WireError` (never anything else) with the part
 that is wrong and why, so a receiving loop catches one type and keeps going. A request

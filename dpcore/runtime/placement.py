@@ -126,9 +126,7 @@ class Placer:
                 self.reject(exc.reply, exc.rid, exc.code, str(exc))
                 continue
             except WireError as exc:
-                books.bad_frames += 1
-                if rate_limited(books.bad_frames):
-                    self.log.warning("bad_frame", reason=str(exc), count=books.bad_frames)
+                self._bad_frame(exc)
                 continue
             if type(msg) is wire.Control:
                 if msg.op == wire.ABORT:
@@ -254,6 +252,13 @@ class Placer:
                 continue
             outbox.stage(r, None, (frame,))
 
+    def _bad_frame(self, exc: WireError) -> None:
+        """Count a frame that is not a dpcore message (nobody to answer), logged now and then."""
+        books = self.books
+        books.bad_frames += 1
+        if rate_limited(books.bad_frames):
+            self.log.warning("bad_frame", reason=str(exc), count=books.bad_frames)
+
     def abort(self, ctl: wire.Control, frame: bytes) -> None:
         """Route abort *ctl* (received as *frame*): to the rank holding its request, else end
         the request if it is parked, else nothing; counted by reason and outcome either way.
@@ -266,9 +271,7 @@ class Placer:
         try:
             rid, reply = wire.abort_target(ctl)
         except WireError as exc:
-            books.bad_frames += 1
-            if rate_limited(books.bad_frames):
-                self.log.warning("bad_frame", reason=str(exc), count=books.bad_frames)
+            self._bad_frame(exc)
             return
         books.controls += 1
         entries = self.inflight.find(rid, reply)

@@ -12,7 +12,7 @@ import os
 import select
 import struct
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgpack
@@ -123,7 +123,7 @@ def records_from_maps(times: Iterable[float], headers: Iterable[Any], raw: bool)
             for t, h in zip(times, headers)]  # fmt: skip
 
 
-def decode_batch(body: Any) -> tuple[list[list[Any]], Any]:
+def decode_batch(body: Any, handed_back: Callable[[], None] | None = None) -> tuple[list[list[Any]], Any]:
     """A batch frame's records (:meth:`TraceWriter.take`) and completions.
 
     With msgspec installed, only the fields a line needs are decoded (the reply address and
@@ -132,11 +132,13 @@ def decode_batch(body: Any) -> tuple[list[list[Any]], Any]:
     the controller's validation lets through, hashes under 33 bits) sends the batch through
     a slower path instead, which gives the same records. The compiled decoder
     (:data:`speedups`) reads the batch first, and hands any frame it does not read exactly
-    to these paths."""
+    to these paths (then *handed_back* is called, to count it)."""
     if speedups is not None:
         got = speedups.decode_batch(body)
         if got is not None:
             return got  # type: ignore[no-any-return]
+        if handed_back is not None:
+            handed_back()
     return decode_batch_python(body)
 
 

@@ -17,7 +17,8 @@ rank generated (``"output_from": "generated"``). Lines are written in arrival or
 ``dpcore simulate`` reads), so a request also leaves when it has waited ``hold_s`` or when
 more than ``max_held`` are waiting; it is then written with its ``max_new_tokens``
 (``"output_from": "budget"``), as is one whose rank did not count its output. When it is
-ready, and after each batch, the process prints ``recorded rotations generated held`` on stdout. It ends when its
+ready, and after each batch, the process prints ``recorded rotations generated python_batches
+held`` on stdout. It ends when its
 stdin closes (also when the controller dies), writing what it holds; it ignores Ctrl-C, so
 the controller's last batch still gets written, and runs at a lower CPU priority
 (:data:`NICE`) than the controller.
@@ -39,12 +40,12 @@ from typing import IO, Any
 
 from dpcore import tracefile
 from dpcore.runtime import recordframes
-from dpcore.runtime.recordframes import FrameReader, decode_batch, decode_batch_python, load_numpy, records_from_maps
+from dpcore.runtime.recordframes import FrameReader, decode_batch, load_numpy, records_from_maps
 
 #: How much lower than the controller's this process's CPU priority is.
 NICE = 10
 GENERATED, BUDGET = "generated", "budget"
-#: How the writer decodes, salts and formats a batch (:attr:`TraceWriter.path`): in one
+#: How the writer decodes, salts and formats a batch (:attr:`TraceWriter.writer_path`): in one
 #: compiled pass (dpcore-speedups), or in Python (with numpy and msgspec when installed).
 COMPILED, PYTHON = "compiled", "python"
 
@@ -132,15 +133,11 @@ class TraceWriter:
 
     def take_batch(self, body: Any) -> None:
         """Take a batch frame as the controller packed it (:func:`dpcore.runtime.recordframes.batch_body`)."""
-        fast = self._fast
-        if fast is None:
-            self.take(*decode_batch(body))
-            return
-        got = fast.decode_batch(body)
-        if got is None:
-            self.python_batches += 1
-            got = decode_batch_python(body)
-        self.take(*got)
+        self.take(*decode_batch(body, self._handed_back if self._fast is not None else None))
+
+    def _handed_back(self) -> None:
+        """The compiled pass handed a batch to the Python path."""
+        self.python_batches += 1
 
     def take(self, records: list[list[Any]], ends: Iterable[Sequence[Any]] = ()) -> None:
         """Take a batch of records ``[arrival, n, mnt, packed hashes, None, rid]`` (:func:`dpcore.runtime.recordframes.decode_batch`)
@@ -226,7 +223,7 @@ class TraceWriter:
                 text, generated, tail = got
                 salted.gave_tails(tail)
                 return text, generated
-            self.python_batches += 1
+            self._handed_back()
         return self._python_text(records)
 
     def _python_text(self, records: list[list[Any]]) -> tuple[bytearray, int]:

@@ -8,10 +8,10 @@ as it died, say) are dropped and counted in :attr:`Client.stale`.
 
 A request whose caller went away is given up with ``abort(rid, reason)``: its later replies
 are dropped, and an ``abort`` message asks the rank holding it to drop it if it has not
-started and to stop it if it has; the controller counts aborts by *reason*. Request ids must be unique among a client's pending requests; reusing
-one after an abort is safe (its late replies are told apart only by the rank stopping it,
-so a front that accepts client-chosen ids should send unique ones of its own, as the HTTP
-front does).
+started and to stop it if it has; the controller counts aborts by *reason*. Request ids
+must be unique among a client's pending requests; reusing one after an abort is safe (its
+late replies are told apart only by the rank stopping it, so a front that accepts
+client-chosen ids should send unique ones of its own, as the HTTP front does).
 
 Example::
 
