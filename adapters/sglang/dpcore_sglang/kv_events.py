@@ -235,7 +235,6 @@ class SglangKvEvents:
 
     def _take(self, rank: int, seq: int, batch: Any, *, gap_counted: bool = False) -> bool:
         expect = self._next[rank]
-        mapper = self.mappers[rank]
         if expect is not None and seq < expect:
             return False  # a replay brought it already (the live copy came late)
         if seq > (expect or 0):
@@ -243,9 +242,13 @@ class SglangKvEvents:
                 self.gaps += 1
                 if self._ask_replay(rank, expect, seq, batch):
                     return False
-            mapper.reset()  # the pages it missed are parents of what comes next
+            self.mappers[rank].reset()  # the pages it missed are parents of what comes next
+        return self._apply(rank, seq, batch)
+
+    def _apply(self, rank: int, seq: int, batch: Any) -> bool:
+        """Give the index *rank*'s batch *seq*, its pages as dpcore blocks; the next is *seq* + 1."""
         self._next[rank] = seq + 1
-        events = mapper.translate(batch.events)
+        events = self.mappers[rank].translate(batch.events)
         return self.index.apply(KvEventBatch(rank, self._epoch[rank], seq, events, self.capacity_blocks))
 
     def _ask_replay(self, rank: int, expect: int | None, seq: int, batch: Any) -> bool:
@@ -306,9 +309,7 @@ class SglangKvEvents:
                 self.bad_frames += 1
                 self._end_replay(rank, replay, BAD_REPLY)
                 return n
-            self._next[rank] = seq + 1
-            events = self.mappers[rank].translate(batch.events)
-            self.index.apply(KvEventBatch(rank, self._epoch[rank], seq, events, self.capacity_blocks))
+            self._apply(rank, seq, batch)
             replay.replayed(seq)
             held = replay.held
             if seq + 1 >= replay.gap_end and (not held or held[0][0] == seq + 1):
