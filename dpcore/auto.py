@@ -14,7 +14,7 @@ from dpcore.errors import ConfigError, InvalidDisaggregationModeError, RemovedPo
 from dpcore.localpolicy import is_spec
 from dpcore.model import DISAGGREGATION_MODES, Resolution
 
-#: A declared preset role: (policy name, distribution, the distribution's summary).
+#: A declared role: (policy name, distribution, the distribution's summary).
 Role = tuple[str, "str | None", str]
 #: Disaggregation modes in words, for reasons and errors.
 MODE_TEXT = {"null": "no PD disaggregation", "prefill": "PD prefill", "decode": "PD decode"}
@@ -31,25 +31,32 @@ PRESETS: dict[str, str] = {
     ROADMAP: "the opt-in preset from SGLang #16080's guidance on defaults",
 }
 
-#: Names upstream SGLang used to accept, and what to use instead.
-RENAMED = {
-    "shortest_queue": "total_requests",
-    "minimum_tokens": "total_tokens",
-}
-REMOVED = {
-    "decode_round_robin": (
-        "round_robin",
-        "'decode_round_robin' was removed: use 'round_robin' (or 'auto', which picks "
-        "round_robin for decode and follow_bootstrap_room for prefill)",
-    ),
-}
+# Roles besides the presets' ``PRESET.MODE``, declared the same way (``KEY = "POLICY"`` in
+# the ``dpcore.roles`` group), so that no tool names a policy itself.
+#: The load-aware policy dpcore's own tools run when none is named (``dpcore bench``'s
+#: dpcore loop, ``dpcore soak``).
+BASELINE = "baseline.load"
+#: ``compare.ORDER = "POLICY"``: compared by ``dpcore simulate`` when no ``--policy`` is given,
+#: by ORDER (an integer, 0 to 999; ties by name).
+COMPARE = "compare"
+COMPARE_ORDER_MAX = 999
+#: ``renamed.OLD = "NEW"``: a name SGLang used to accept that NEW now answers to.
+RENAMED = "renamed"
+#: ``removed.OLD = "NEW"``: a name SGLang used to accept whose job NEW does.
+REMOVED = "removed"
+#: Flags that no longer exist, and what to do instead (``{prefill}``: what ``auto`` picks
+#: for PD prefill).
 REMOVED_FLAGS = {
     "--prefill-round-robin-balance": (
         "the flag --prefill-round-robin-balance was removed: prefill placement is chosen by "
-        "--load-balance-method (use 'follow_bootstrap_room', the auto default for prefill, "
-        "or any policy together with the decode side querying the bootstrap registry)"
+        "--load-balance-method (use {prefill}, or any policy together with the decode side "
+        "querying the bootstrap registry)"
     ),
 }
+#: What to do when a role is declared by none or by several, where the user can name a policy.
+NAME_ONE = "name a policy instead (`dpcore policies` lists them)"
+#: Declared roles by key, as :func:`dpcore.discovery.roles` returns them.
+Roles = Mapping[str, Sequence[Role]]
 
 
 def normalize_mode(mode: str | None) -> str:
@@ -91,38 +98,93 @@ def split_method(method: str) -> tuple[str, ...]:
     return parts
 
 
-def check_name(name: str) -> None:
-    """Raise :class:`RemovedPolicyError` for renamed or removed names."""
-    if name in RENAMED:
-        new = RENAMED[name]
+def declared_roles(roles: Roles | None = None) -> Roles:
+    """*roles*, or else what the installed distributions declare (metadata only)."""
+    if roles is not None:
+        return roles
+    from dpcore.discovery import roles as installed_roles
+
+    return installed_roles()
+
+
+def declared_policy(
+    key: str, subject: str, roles: Roles | None = None, where: str = "", remedy: str = NAME_ONE
+) -> Role:
+    """The one policy declared for role *key*; a :class:`ConfigError` naming *subject* (what
+    needs it, e.g. ``"--load-balance-method 'auto'"``) and *remedy* when none or several are."""
+    declared = declared_roles(roles).get(key, ())
+    if len(declared) == 1:
+        return declared[0]
+    if not declared:
+        msg = (
+            f"{subject} means{f', {where},' if where else ''} the policy an installed distribution "
+            f"declares for it (entry point {key!r} in the 'dpcore.roles' group), and none does; "
+            f"{remedy}; {INSTALL_HINT}"
+        )
+        raise ConfigError(msg)
+    both = " and ".join(f"{p!r} ({d})" for p, d, _ in declared)
+    msg = f"{subject} is ambiguous{f' {where}' if where else ''}: {both} all declare {key}; {remedy}"
+    raise ConfigError(msg)
+
+
+def baseline_policy(subject: str, roles: Roles | None = None, remedy: str = NAME_ONE) -> str:
+    """The load-aware policy dpcore's own tools run when none is named (role :data:`BASELINE`)."""
+    return declared_policy(BASELINE, subject, roles, remedy=remedy)[0]
+
+
+def compare_policies(roles: Roles | None = None) -> tuple[str, ...]:
+    """The policies declared as ``compare.ORDER``, by ORDER then name (none: empty)."""
+    ranked: list[tuple[int, str]] = []
+    for key, declared in declared_roles(roles).items():
+        role, _, order = key.partition(".")
+        if role != COMPARE:
+            continue
+        if not order.isdigit() or int(order) > COMPARE_ORDER_MAX:
+            dists = ", ".join(str(d) for _, d, _ in declared)
+            msg = f"role {key!r} declared by {dists}: ORDER must be an integer 0..{COMPARE_ORDER_MAX}"
+            raise ConfigError(msg)
+        ranked += [(int(order), policy) for policy, _, _ in declared]
+    return tuple(dict.fromkeys(policy for _, policy in sorted(ranked)))
+
+
+def _auto_picks(roles: Roles) -> dict[str, list[str]]:
+    """What ``auto`` picks: ``{policy: [mode in words, ...]}`` for the modes declared once."""
+    picks: dict[str, list[str]] = {}
+    for mode in DISAGGREGATION_MODES:
+        declared = roles.get(f"{AUTO}.{mode}", ())
+        if len(declared) == 1:
+            picks.setdefault(declared[0][0], []).append(MODE_TEXT[mode])
+    return picks
+
+
+def check_name(name: str, roles: Roles | None = None) -> None:
+    """Raise :class:`RemovedPolicyError` for a name a distribution declares renamed or removed."""
+    roles = declared_roles(roles)
+    renamed = roles.get(f"{RENAMED}.{name}", ())
+    if renamed:
+        new = renamed[0][0]
         msg = (
             f"load balance method {name!r} was renamed to {new!r}: "
             f"use --load-balance-method {new}"
         )
         raise RemovedPolicyError(msg, name=name, replacement=new)
-    if name in REMOVED:
-        new, msg = REMOVED[name]
+    removed = roles.get(f"{REMOVED}.{name}", ())
+    if removed:
+        new = removed[0][0]
+        msg = f"{name!r} was removed: use {new!r}"
+        picks = _auto_picks(roles)
+        if new in picks:
+            said = ", ".join(f"{p} for {' and '.join(modes)}" for p, modes in picks.items())
+            msg += f" (or 'auto', which picks {said})"
         raise RemovedPolicyError(msg, name=name, replacement=new)
 
 
-def preset_policy(preset: str, mode: str, roles: Mapping[str, Sequence[Role]]) -> tuple[str, str]:
+def preset_policy(preset: str, mode: str, roles: Roles) -> tuple[str, str]:
     """The policy *preset* means in *mode*, and the reason, from the declared *roles*."""
     key = f"{preset}.{mode}"
-    declared = roles.get(key, ())
-    if len(declared) == 1:
-        policy, dist, summary = declared[0]
-        what = f"{summary}; " if summary else ""
-        return policy, f"{MODE_TEXT[mode]}: {what}declared as {key} by {dist or 'an installed distribution'}"
-    if not declared:
-        msg = (
-            f"--load-balance-method {preset!r} means, in {MODE_TEXT[mode]}, the policy an installed "
-            f"distribution declares for it (entry point {key!r} in the 'dpcore.roles' group), and "
-            f"none does; name a policy instead (`dpcore policies` lists them); {INSTALL_HINT}"
-        )
-        raise ConfigError(msg)
-    both = " and ".join(f"{p!r} ({d})" for p, d, _ in declared)
-    msg = f"--load-balance-method {preset!r} is ambiguous in {MODE_TEXT[mode]}: {both} all declare {key}; name the policy instead"
-    raise ConfigError(msg)
+    policy, dist, summary = declared_policy(key, f"--load-balance-method {preset!r}", roles, f"in {MODE_TEXT[mode]}")
+    what = f"{summary}; " if summary else ""
+    return policy, f"{MODE_TEXT[mode]}: {what}declared as {key} by {dist or 'an installed distribution'}"
 
 
 def resolve(
@@ -140,13 +202,10 @@ def resolve(
     names = split_method(method)
     chain: list[str] = []
     reasons: list[str] = []
+    roles = declared_roles(roles)
     for name in names:
-        check_name(name)
+        check_name(name, roles)
         if name in PRESETS:
-            if roles is None:
-                from dpcore.discovery import roles as declared_roles
-
-                roles = declared_roles()
             resolved, why = preset_policy(name, mode, roles)
             chain.append(resolved)
             reasons.append(f"{name} -> {resolved} ({why})")
@@ -167,4 +226,6 @@ def check_removed_flags(argv: list[str]) -> None:
     for arg in argv:
         flag = arg.split("=", 1)[0]
         if flag in REMOVED_FLAGS:
-            raise RemovedPolicyError(REMOVED_FLAGS[flag], name=flag, replacement="")
+            prefill = declared_roles().get(f"{AUTO}.prefill", ())
+            use = f"{prefill[0][0]!r}, the auto default for prefill" if len(prefill) == 1 else "'auto'"
+            raise RemovedPolicyError(REMOVED_FLAGS[flag].format(prefill=use), name=flag, replacement="")

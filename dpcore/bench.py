@@ -3,8 +3,9 @@
 All three run on this machine with the same requests (``--tokens`` token ids each, 4 ranks,
 ipc sockets), one sender process and one receiver process per rank:
 
-1. **dpcore**: the real :class:`~dpcore.runtime.controller.Controller` with
-   ``total_requests``; receivers acknowledge and report load (with ``done`` seqs) every 256
+1. **dpcore**: the real :class:`~dpcore.runtime.controller.Controller` with the load-aware
+   baseline the installed distributions declare (``total_requests``, from the first-party
+   policies; see :data:`dpcore.auto.BASELINE`); receivers acknowledge and report load (with ``done`` seqs) every 256
    messages, and after draining their socket at most every 25 ms (about one engine step), plus
    a heartbeat every 0.5 s while idle: a cadence of the rank's own, as a real rank's, so the
    number of reports the controller handles does not grow with how often a receiver finds its
@@ -33,9 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dpcore.auto import baseline_policy
+
 MODES = ("dpcore", "pickle", "proxy")
 #: ``--record``: the dpcore loop again, recording every request (``dpcore serve --record``).
 RECORD = "record"
+#: Who runs the baseline policy, for the error when no distribution declares one.
+BASELINE_USER = "dpcore bench's dpcore loop"
+BASELINE_REMEDY = "it needs exactly one"
 #: Of a recorded request's 15 block hashes, how many every request shares (a system prompt);
 #: the rest are new, so the recorder salts them instead of finding them in its cache.
 SHARED_BLOCKS = 4
@@ -72,7 +78,7 @@ def _router(mode: str, eps: dict[str, Any], ready: Any, writer_path: Any = None)
         from dpcore.manager import PolicyManager
         from dpcore.runtime.controller import Controller, ControllerEndpoints
 
-        manager = PolicyManager.from_method("total_requests", dp_size=len(eps["dispatch"]))
+        manager = PolicyManager.from_method(baseline_policy(BASELINE_USER, remedy=BASELINE_REMEDY), dp_size=len(eps["dispatch"]))
         ce = ControllerEndpoints(eps["ingress"], eps["report"], tuple(eps["dispatch"]))
         shadow = None
         if eps.get("shadow"):
@@ -429,7 +435,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU measurement window (default 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--shadow-policy", default=None, metavar="NAME",
-                   help="run dpcore's loop with this shadow chain beside total_requests (its cost)")  # fmt: skip
+                   help="run dpcore's loop with this shadow chain beside its live policy (its cost)")  # fmt: skip
     p.add_argument(
         "--record",
         action="store_true",
@@ -472,6 +478,7 @@ def run(args: argparse.Namespace) -> int:
     if args.count < 100 or args.repeat < 1 or args.dp_size < 1 or args.tokens < 1 or args.decisions < 1:
         msg = "--count must be >= 100 and --repeat, --dp-size, --tokens, --decisions >= 1"
         raise ConfigError(msg)
+    live = baseline_policy(BASELINE_USER, remedy=BASELINE_REMEDY)  # before any process starts: a missing role is one line
     console = Console()
     modes = (*MODES, RECORD) if args.record else MODES
     runs: dict[str, list[float]] = {m: [] for m in modes}
@@ -514,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
     t = Table(title=f"forwarding: {args.count:,} requests x {args.tokens} token ids, {args.dp_size} ranks, ipc{shadowed}")
     for col in ("loop", "msgs/s", "runs", "dpcore is", "CPU µs/msg"):
         t.add_column(col, justify="right" if col != "loop" else "left")
-    labels = {"dpcore": "dpcore (total_requests)", "pickle": "pickle loop", "proxy": "zmq.proxy (C)",
+    labels = {"dpcore": f"dpcore ({live})", "pickle": "pickle loop", "proxy": "zmq.proxy (C)",
               RECORD: "dpcore, recording"}  # fmt: skip
     for mode in modes:
         ratio = "" if mode == "dpcore" else f"{med['dpcore'] / med[mode]:.2f}x"

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dpcore.auto import check_removed_flags
+from dpcore.auto import AUTO, check_removed_flags
 from dpcore.errors import DpcoreError, PolicyOptionError
 from dpcore.extras import missing_extra
 from dpcore.localpolicy import is_spec
@@ -80,7 +80,7 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-size", type=int, default=4, help="number of data-parallel ranks (default 4)")
     p.add_argument(
         "--load-balance-method",
-        default="auto",
+        default=AUTO,
         metavar="NAME[,NAME...]",
         help="policy name, 'auto', or a chain tried left to right (default auto)",
     )

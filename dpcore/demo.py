@@ -28,6 +28,7 @@ from typing import Any
 
 from attrs import define, field
 
+from dpcore.auto import AUTO
 from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError, DpcoreError
 from dpcore.mock.barrier import DEFAULT_STEP_TIMEOUT_S
@@ -435,8 +436,8 @@ def lockstep_line(ls: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-size", type=int, default=4, help="mock ranks to start (default 4)")
-    p.add_argument("--load-balance-method", default="auto", metavar="NAME[,NAME...]",
-                   help="any installed policy or chain (default auto: round_robin)")  # fmt: skip
+    p.add_argument("--load-balance-method", default=AUTO, metavar="NAME[,NAME...]",
+                   help="any installed policy or chain (default auto; `dpcore serve --dry-run` shows what it picks)")  # fmt: skip
     add_policy_option_argument(p)
     p.add_argument("--speedup", type=float, default=DEFAULT_SPEEDUP,
                    help=f"run the trace and the engines this many times faster than real time (default {DEFAULT_SPEEDUP:g})")  # fmt: skip

@@ -18,7 +18,7 @@ import pluggy
 import structlog
 
 from dpcore import discovery, hookspecs, policy
-from dpcore.auto import normalize_mode, resolve
+from dpcore.auto import AUTO, normalize_mode, resolve
 from dpcore.errors import (
     InactiveRankError,
     InvalidRankError,
@@ -344,7 +344,7 @@ class PolicyManager:
     @classmethod
     def from_method(
         cls,
-        method: str = "auto",
+        method: str = AUTO,
         *,
         dp_size: int,
         disaggregation_mode: str | None = None,

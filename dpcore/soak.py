@@ -49,6 +49,7 @@ from typing import Any
 import attrs
 from attrs import define, field, frozen
 
+from dpcore.auto import baseline_policy
 from dpcore.errors import ConfigError
 from dpcore.quantile import percentile
 
@@ -84,7 +85,9 @@ class SoakConfig:
     duration_s: float = 60.0
     rate: float = 100.0
     dp_size: int = 4
-    method: str = "total_requests"
+    #: ``--load-balance-method``; ``None``: the load-aware baseline the installed distributions
+    #: declare (:func:`dpcore.auto.baseline_policy`).
+    method: str | None = None
     heartbeat_timeout_s: float = 1.0
     bad_fraction: float = 0.05
     flood_frames: int = 20_000
@@ -149,6 +152,8 @@ class Soak:
     def __init__(self, cfg: SoakConfig, workdir: Path) -> None:
         from dpcore.http.launch import Group
 
+        if cfg.method is None:
+            cfg = attrs.evolve(cfg, method=baseline_policy("dpcore soak's default --load-balance-method"))
         self.cfg = cfg
         self.workdir = workdir
         self.group = Group(workdir)
@@ -785,7 +790,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=d.duration_s, help=f"seconds of traffic (default {d.duration_s:g})")
     p.add_argument("--rate", type=float, default=d.rate, help=f"requests per second (default {d.rate:g})")
     p.add_argument("--dp-size", type=int, default=d.dp_size, help=f"mock ranks (default {d.dp_size})")
-    p.add_argument("--load-balance-method", default=d.method, help=f"policy (default {d.method})")
+    p.add_argument("--load-balance-method", default=d.method,
+                   help="policy (default: the load-aware baseline the installed distributions declare)")  # fmt: skip
     p.add_argument("--heartbeat-timeout", type=float, default=d.heartbeat_timeout_s,
                    help=f"controller's rank heartbeat deadline, seconds (default {d.heartbeat_timeout_s:g})")  # fmt: skip
     p.add_argument("--bad-fraction", type=float, default=d.bad_fraction, help=f"share of bad requests (default {d.bad_fraction})")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpcore.auto import check_removed_flags, normalize_mode, resolve
+from dpcore.auto import baseline_policy, check_removed_flags, compare_policies, normalize_mode, resolve
 from dpcore.errors import ConfigError, InvalidDisaggregationModeError, RemovedPolicyError
 
 
@@ -75,3 +75,61 @@ def test_roadmap_preset_is_opt_in(mode, expected):
 
 def test_roadmap_in_a_chain():
     assert resolve("cache_aware,roadmap", "prefill").chain == ("cache_aware", "total_tokens")
+
+
+def _declared(**keys: str) -> dict[str, list[tuple[str, str, str]]]:
+    """Roles as :func:`dpcore.discovery.roles` gives them, each declared by one distribution."""
+    return {k.replace("__", "."): [(v, "dp-test", "")] for k, v in keys.items()}
+
+
+def test_legacy_names_are_what_the_distributions_declare():
+    roles = _declared(renamed__old_name="new_policy", removed__gone="other", auto__decode="other")
+    with pytest.raises(RemovedPolicyError, match="'old_name' was renamed to 'new_policy'") as exc:
+        resolve("old_name", roles=roles)
+    assert exc.value.replacement == "new_policy"
+    with pytest.raises(RemovedPolicyError, match=r"'gone' was removed: use 'other' \(or 'auto', which picks other for PD decode\)"):
+        resolve("gone", roles=roles)
+    # Nobody declares them: the names are no longer special (discovery calls them unknown).
+    assert resolve("shortest_queue", roles={}).chain == ("shortest_queue",)
+    assert resolve("decode_round_robin", roles={}).chain == ("decode_round_robin",)
+
+
+def test_the_removed_flag_names_what_auto_picks_for_prefill(monkeypatch):
+    from dpcore import discovery
+
+    monkeypatch.setattr(discovery, "roles", lambda: _declared(auto__prefill="room_policy"))
+    with pytest.raises(RemovedPolicyError, match="use 'room_policy', the auto default for prefill"):
+        check_removed_flags(["--prefill-round-robin-balance"])
+    monkeypatch.setattr(discovery, "roles", dict)
+    with pytest.raises(RemovedPolicyError, match=r"use 'auto', or any policy"):
+        check_removed_flags(["--prefill-round-robin-balance"])
+
+
+def test_the_baseline_is_declared_and_missing_or_ambiguous_is_an_error():
+    assert baseline_policy("the tool", _declared(baseline__load="least_busy")) == "least_busy"
+    with pytest.raises(ConfigError, match="the tool means the policy .*'baseline.load'.* none does; name a policy"):
+        baseline_policy("the tool", {})
+    both = {"baseline.load": [("a", "dist-a", ""), ("b", "dist-b", "")]}
+    with pytest.raises(ConfigError, match="the tool is ambiguous: 'a' \\(dist-a\\) and 'b' \\(dist-b\\)"):
+        baseline_policy("the tool", both)
+
+
+def test_compare_set_is_ordered_by_the_declared_order():
+    roles = {
+        "compare.30": [("c", "d1", "")],
+        "compare.4": [("b", "d2", ""), ("a", "d3", "")],
+        "auto.null": [("z", "d4", "")],
+    }
+    assert compare_policies(roles) == ("a", "b", "c")
+    assert compare_policies({}) == ()
+    with pytest.raises(ConfigError, match="'compare.first' declared by d1: ORDER must be an integer 0..999"):
+        compare_policies({"compare.first": [("c", "d1", "")]})
+
+
+def test_the_installed_first_party_policies_keep_the_former_defaults():
+    """With dpcore[policies] installed, the tools' defaults are the ones they always had."""
+    from dpcore.sim.cli import default_policies
+
+    assert baseline_policy("the tool") == "total_requests"
+    assert default_policies()[:4] == ("round_robin", "total_requests", "total_tokens", "cache_aware")
+    assert resolve("auto").chain == ("round_robin",)

@@ -23,6 +23,8 @@ from typing import IO, Any
 
 from attrs import define, field
 
+from dpcore.auto import AUTO
+
 DPCORE = (sys.executable, "-m", "dpcore")
 
 
@@ -161,7 +163,7 @@ def launch(
     *,
     log_dir: Path,
     name: str = "dpcore",
-    method: str = "round_robin",
+    method: str = AUTO,
     mode: str = "null",
     serve_args: Sequence[str] = (),
     front_args: Sequence[str] = (),

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from dpcore.auto import AUTO
 from dpcore.manager import PolicyManager
 from dpcore.runtime.controller import Controller
 from dpcore.sdk.client import Client
@@ -52,7 +53,7 @@ def wait_for(cond: Callable[[], Any], timeout_s: float = 10.0, what: str = "cond
 class LocalCluster:
     """A :class:`Controller` thread, ``dp_size`` rank processes and a :class:`Client`.
 
-    :param method: The load-balance method (or chain).
+    :param method: The load-balance method (or chain); default ``auto``.
     :param dp_size: Ranks.
     :param mode: Disaggregation mode.
     :param rank_cmd: The rank program; gets ``--rank R --dispatch EP --report EP
@@ -67,7 +68,7 @@ class LocalCluster:
 
     def __init__(
         self,
-        method: str = "round_robin",
+        method: str = AUTO,
         dp_size: int = 4,
         *,
         mode: str | None = None,

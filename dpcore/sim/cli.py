@@ -18,23 +18,26 @@ from typing import Any
 
 import attrs
 
+from dpcore.auto import compare_policies
 from dpcore.cli import add_policy_option_argument
 from dpcore.errors import ConfigError
 from dpcore.extras import SAMPLE_TRACE as BUNDLED_SAMPLE
 from dpcore.sim.config import ENGINES, add_engine_config_argument
 from dpcore.sim.profiles import DEFAULT_PROFILE, PROFILES
 
-#: Compared when no --policy is given: our policies and the peers they compete with.
-DEFAULT_POLICIES = (
-    "round_robin",
-    "total_requests",
-    "total_tokens",
-    "cache_aware",
+#: Compared when no --policy is given, after the policies the installed distributions declare
+#: for comparison (:func:`dpcore.auto.compare_policies`): the peers they compete with.
+DEFAULT_PEERS = (
     "peer:smg_cache_aware",
     "peer:sglang_total_tokens",
     "peer:vllm",
     "peer:dynamo",
 )
+
+
+def default_policies() -> tuple[str, ...]:
+    """What ``dpcore simulate`` compares when no ``--policy`` is given."""
+    return (*compare_policies(), *DEFAULT_PEERS)
 
 
 def bundled_trace() -> Path:
@@ -57,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="NAME",
         help="an installed policy or chain (a,b), a baseline peer:NAME, or the reference "
-        "ref:clairvoyant (reads the true queues and caches); repeatable "
-        f"(default: {' '.join(DEFAULT_POLICIES)})",
+        "ref:clairvoyant (reads the true queues and caches); repeatable (default: the policies "
+        f"the installed distributions declare for comparison, then {' '.join(DEFAULT_PEERS)})",
     )
     add_policy_option_argument(p, "constructor option for a dpcore policy, e.g. cache_aware.balance_abs=32; repeatable")
     p.add_argument("--time-scale", type=float, default=1.0, metavar="X", help="divide inter-arrival times by X (default 1)")
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--report-profile {config.report_profile} needs --engine lockstep")
     elif config.kv_event_loss:
         raise ConfigError("--kv-event-loss needs a report profile with KV events (--report-profile sglang-kv)")
-    names = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
+    names = list(dict.fromkeys(args.policy or default_policies()))
     spec = RunSpec(
         trace_path=str(args.trace or bundled_trace()),
         dp_size=args.dp_size,
