@@ -435,6 +435,25 @@ def test_pluggy_fast_path_is_checked_and_falls_back(monkeypatch):
     assert h.policy.seen[-1] == ("a", 1, 0)  # same answers through pluggy's own path
 
 
+def test_pluggy_fast_path_check_notices_a_pluggy_that_orders_differently(monkeypatch):
+    """The start-up check itself, not a stand-in: a pluggy whose ``get_hookimpls`` lists
+    implementations in another order than it calls them turns the fast path off."""
+    import pluggy
+
+    from dpcore import manager
+
+    listed = pluggy.HookCaller.get_hookimpls
+    monkeypatch.setattr(pluggy.HookCaller, "get_hookimpls", lambda self: list(reversed(listed(self))))
+    manager.fast_path_ok.cache_clear()
+    try:
+        assert not manager.fast_path_ok()
+        assert not PolicyHarness(SeqRecorder, dp_size=2).manager.fast_path
+    finally:
+        monkeypatch.undo()
+        manager.fast_path_ok.cache_clear()
+    assert manager.fast_path_ok()
+
+
 def test_policy_declarations_options_and_capabilities():
     from dpcore.policy import NEEDS_BLOCK_HASHES, Option, capabilities, options
 

@@ -108,6 +108,18 @@ def test_dispatch_forwards_header_bytes_and_payload():
     assert wire.decode_dispatch(wire.dispatch_frames(0, 0, hdr, b"")).prefill_rank is None
 
 
+def test_the_controller_loops_dispatch_encoder_writes_the_same_frames():
+    """The loop's encoder (one reused packer, :func:`dpcore.wire.dispatch_encoder`) and
+    :func:`dpcore.wire.encode_dispatch` are one format, and a rank decodes it."""
+    encode = wire.dispatch_encoder()
+    hdr = wire.encode_request("r3", num_tokens=5, reply="ipc:///tmp/y")
+    for rank, seq, prefill_rank in ((2, 41, 3), (0, 0, None), (7, 2**40, 0)):
+        first = encode(rank, seq, prefill_rank)
+        assert first == wire.encode_dispatch(rank, seq, prefill_rank)
+        d = wire.decode_dispatch([first, hdr, b""])
+        assert (d.rank, d.seq, d.prefill_rank) == (rank, seq, prefill_rank)
+
+
 @pytest.mark.parametrize(
     "frames",
     [
