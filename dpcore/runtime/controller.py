@@ -34,8 +34,9 @@ from dpcore.errors import ConfigError
 from dpcore.manager import PolicyManager
 from dpcore.runtime import defaults
 from dpcore.runtime.books import Books, rate_limited
+from dpcore.runtime.defaults import ADMISSION_TIMEOUT_S, STARTUP_TIMEOUT_S
 from dpcore.runtime.inflight import InFlightTable
-from dpcore.runtime.lifecycle import ADMISSION_TIMEOUT_S, STARTUP_TIMEOUT_S, RankLifecycle
+from dpcore.runtime.lifecycle import RankLifecycle
 from dpcore.runtime.outbox import Outbox
 from dpcore.runtime.parking import PDHandler, PrefillParking
 from dpcore.runtime.placement import POLICY_BUDGET_S, Placer

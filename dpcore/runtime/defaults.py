@@ -9,3 +9,7 @@ SNDHWM = 1000
 BACKLOG = 1024
 #: On stop, how long (seconds) in-flight requests may still complete.
 DRAIN_TIMEOUT_S = 10.0
+#: A dispatch a reporting rank has not admitted after this long (seconds) fails ``rank_stuck``.
+ADMISSION_TIMEOUT_S = 30.0
+#: How long (seconds) each rank has for its first report after the loop starts.
+STARTUP_TIMEOUT_S = 30.0

@@ -51,6 +51,7 @@ from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport
 from dpcore.runtime.books import Books, rate_limited
 from dpcore.runtime.connwatch import ConnectionWatch
+from dpcore.runtime.defaults import ADMISSION_TIMEOUT_S, STARTUP_TIMEOUT_S
 from dpcore.runtime.inflight import CODE_ABORTED, InFlight, InFlightTable
 from dpcore.runtime.kvsync import KvSync
 from dpcore.runtime.outbox import Outbox
@@ -58,10 +59,6 @@ from dpcore.runtime.outbox import Outbox
 CODE_RANK_DIED = "rank_died"
 #: A rank that heartbeats but does not admit a request within the admission timeout.
 CODE_RANK_STUCK = "rank_stuck"
-#: Default admission deadline per dispatch (``--admission-timeout``).
-ADMISSION_TIMEOUT_S = 30.0
-#: Default time each rank has for its first report after the loop starts (``--startup-timeout``).
-STARTUP_TIMEOUT_S = 30.0
 #: The loop never wakes for liveness sooner than this after a check, and wakes this much
 #: after a deadline, so a deadline is never checked a hair too early.
 MIN_CHECK_INTERVAL_S = 0.01

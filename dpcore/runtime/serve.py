@@ -65,11 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 16)")  # fmt: skip
     r.add_argument("--max-block-hashes", type=int, default=wire_defaults().max_block_hashes, metavar="N",
                    help="at most N block hashes per request (default 16384)")  # fmt: skip
-    r.add_argument("--admission-timeout", type=float, default=30.0, metavar="S",
-                   help="a request a reporting rank has not admitted after S seconds fails rank_stuck (default 30)")  # fmt: skip
-    r.add_argument("--startup-timeout", type=float, default=30.0, metavar="S",
+    r.add_argument("--admission-timeout", type=float, default=defaults.ADMISSION_TIMEOUT_S, metavar="S",
+                   help="a request a reporting rank has not admitted after S seconds fails rank_stuck (default %(default)g)")  # fmt: skip
+    r.add_argument("--startup-timeout", type=float, default=defaults.STARTUP_TIMEOUT_S, metavar="S",
                    help="how long each rank has for its first report after the controller starts; requests for "
-                        "it wait meanwhile (default 30; --heartbeat-timeout if that is longer)")  # fmt: skip
+                        "it wait meanwhile (default %(default)g; --heartbeat-timeout if that is longer)")  # fmt: skip
     r.add_argument("--policy-budget-ms", type=float, default=5.0, metavar="MS",
                    help="a policy chain call longer than this is counted and logged as an overrun (default 5)")  # fmt: skip
     r.add_argument("--max-message-bytes", type=int, default=64 << 20, metavar="N",
@@ -117,14 +117,12 @@ def limits_from_args(args: argparse.Namespace) -> Any:
 
 
 def _endpoints(args: argparse.Namespace, dp_size: int) -> tuple[Any, Any, str]:
-    """(ControllerEndpoints, the claimed RunDir or None for tcp, status endpoint)."""
+    """(ControllerEndpoints, the claimed RunDir or None for tcp, status endpoint); *args*
+    passed :func:`check`."""
     from dpcore.runtime.controller import ControllerEndpoints
     from dpcore.sdk import endpoints as ep
 
     if args.transport == "tcp":
-        if not 0 <= args.port_base < 65536 - dp_size - 3:
-            msg = f"--port-base {args.port_base} leaves no room for {dp_size + 3} ports"
-            raise ConfigError(msg)
         eps = ControllerEndpoints.tcp(dp_size, args.host, args.port_base)
         status = f"tcp://{args.host}:{args.port_base + 2 + dp_size}" if args.port_base else f"tcp://{args.host}:*"
         return eps, None, status
