@@ -239,7 +239,7 @@ def _batch(key: str) -> HttpError:
 
 
 def _common(body: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, Any]:
-    """Fields every dialect accepts: routing, PD and streaming."""
+    """Fields every dialect accepts: routing, PD, streaming and the model name."""
     if not isinstance(body, Mapping):
         msg = f"expected a JSON object, got {type(body).__name__}"
         raise bad("invalid_body", msg)
@@ -257,6 +257,7 @@ def _common(body: Mapping[str, Any], headers: Mapping[str, str]) -> dict[str, An
         "bootstrap_room": _opt_int(body, "bootstrap_room", code="invalid_field", limit=_ROOM_LIMIT),
         "bootstrap_host": _opt_str(body, "bootstrap_host"),
         "bootstrap_port": _opt_int(body, "bootstrap_port", code="invalid_field", limit=1 << 16),
+        "model": _opt_str(body, "model"),
     }
 
 
@@ -296,7 +297,6 @@ def parse_generate(body: Any, headers: Mapping[str, str], tokenizer: Tokenizer) 
         text=text,
         max_new_tokens=_max_tokens(sp, ("max_new_tokens",), "generate"),
         sampling_params=dict(sp),
-        model=_opt_str(body, "model"),
         **common,
     )
 
@@ -345,7 +345,6 @@ def parse_completion(body: Any, headers: Mapping[str, str], tokenizer: Tokenizer
         text=text,
         max_new_tokens=_max_tokens(body, ("max_tokens",), "completion"),
         sampling_params=_sampling(body),
-        model=_opt_str(body, "model"),
         include_usage=_stream_usage(body),
         **common,
     )
@@ -395,7 +394,6 @@ def parse_chat(body: Any, headers: Mapping[str, str], tokenizer: Tokenizer) -> G
         text=text,
         max_new_tokens=_max_tokens(body, ("max_completion_tokens", "max_tokens"), "chat"),
         sampling_params=_sampling(body),
-        model=_opt_str(body, "model"),
         include_usage=_stream_usage(body),
         **common,
     )
