@@ -21,6 +21,7 @@ from dpcore.model import Request
 from dpcore.runtime.books import Books
 from dpcore.runtime.controller import Controller
 from dpcore.runtime.inflight import InFlight, InFlightTable
+from dpcore.runtime.local import wait_for
 from dpcore.sdk import Client
 
 #: A rank that records the request id of every abort message it receives, and of every
@@ -56,15 +57,6 @@ while True:
             w.admit(work)
     w.report(0, 0, 0)
 """
-
-
-def wait_for(cond, timeout_s=10.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while not (v := cond()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
-    return v
 
 
 class Cluster:

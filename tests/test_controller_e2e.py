@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -27,20 +28,10 @@ from dpcore import wire
 from dpcore.errors import RequestRejected
 from dpcore.manager import PolicyManager
 from dpcore.runtime.controller import Controller
+from dpcore.runtime.local import start_rank_process, wait_for
 from dpcore.sdk import Client
 
 pytestmark = pytest.mark.e2e
-
-ECHO = [sys.executable, "-m", "dpcore.sdk.echo"]
-
-
-def wait_for(cond, timeout_s=10.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
-
 
 class Ranks:
     """Echo rank processes attached to one controller's endpoints."""
@@ -52,9 +43,7 @@ class Ranks:
 
     def start(self, rank: int, *args: str) -> None:
         eps = self.c.endpoints
-        cmd = [*ECHO, "--rank", str(rank), "--dispatch", eps.dispatch[rank], "--report", eps.report,
-               "--heartbeat-s", str(self.heartbeat_s), *args]  # fmt: skip
-        self.procs[rank] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        self.procs[rank] = start_rank_process(rank, eps.dispatch[rank], eps.report, *args, heartbeat_s=self.heartbeat_s)
 
     def wait_ready(self, ranks=None, timeout_s=15.0) -> None:
         ledger = self.c.ledger
@@ -520,10 +509,7 @@ def test_serve_process_metrics_and_sigterm(tmp_path):
         wait_for(eps_file.exists, 15, "the endpoints file")
         eps = json.loads(eps_file.read_text())
         for r in range(2):
-            procs.append(subprocess.Popen(
-                [*ECHO, "--rank", str(r), "--dispatch", eps["dispatch"][r], "--report", eps["report"],
-                 "--delay-s", "0.5", "--heartbeat-s", "0.1"], stdout=subprocess.DEVNULL,
-            ))  # fmt: skip
+            procs.append(start_rank_process(r, eps["dispatch"][r], eps["report"], "--delay-s", "0.5"))
         with Client(eps["ingress"]) as client:
             wait_for(lambda: 'dpcore_rank_active{rank="1"} 1.0' in httpx.get(eps["metrics"]).text, 10, "ranks up")
             submit_all(client, 50, num_tokens=20)
@@ -581,3 +567,26 @@ def _thread_cpu(tid: int) -> float:
         parts = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return (int(parts[11]) + int(parts[12])) / tick
+
+
+def test_a_metrics_scrape_reads_the_controller_on_its_loop_thread():
+    """Prometheus gets one snapshot taken by the loop, never counters read from its own thread."""
+    from prometheus_client import generate_latest
+
+    from dpcore.runtime.local import LocalCluster
+    from dpcore.runtime.metrics import make_registry
+
+    with LocalCluster("round_robin", 2, client=False) as lc:
+        c = lc.controller
+        readers = []
+        stats = c.stats
+
+        def stats_seen_from() -> dict:
+            readers.append(threading.current_thread())
+            return stats()
+
+        c.stats = stats_seen_from
+        text = generate_latest(make_registry(c)).decode()
+        loop = c._thread
+    assert 'dpcore_rank_active{rank="1"} 1.0' in text
+    assert readers and all(t is loop for t in readers)

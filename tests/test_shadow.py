@@ -21,10 +21,10 @@ from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport, Request
 from dpcore.runtime import shadow as shadowmod
 from dpcore.runtime.controller import Controller
+from dpcore.runtime.local import start_rank_process
 from dpcore.runtime.shadow import Shadow
 from dpcore.sdk import Client
 
-ECHO = [sys.executable, "-m", "dpcore.sdk.echo"]
 #: The shadow budget of the tests that judge time.
 BUDGET_S = 0.002
 
@@ -235,8 +235,7 @@ def controller_with_ranks(live_method: str, shadow_method: str, dp_size: int = 2
     procs = []
     try:
         for r in range(dp_size):
-            procs.append(subprocess.Popen([*ECHO, "--rank", str(r), "--dispatch", c.endpoints.dispatch[r], "--report",
-                                           c.endpoints.report, "--heartbeat-s", "0.05"], stdout=subprocess.DEVNULL))  # fmt: skip
+            procs.append(start_rank_process(r, c.endpoints.dispatch[r], c.endpoints.report, heartbeat_s=0.05))
         deadline = time.monotonic() + 30
         while not all(manager.ledger.reported):
             assert time.monotonic() < deadline, "ranks did not report"
@@ -307,9 +306,7 @@ def test_serve_with_a_shadow_and_shadow_report(tmp_path):
             time.sleep(0.05)
         eps = json.loads(eps_file.read_text())
         for r in range(2):
-            procs.append(subprocess.Popen([*ECHO, "--rank", str(r), "--dispatch", eps["dispatch"][r], "--report",
-                                           eps["report"], "--delay-s", "0.005", "--heartbeat-s", "0.05"],
-                                          stdout=subprocess.DEVNULL))  # fmt: skip
+            procs.append(start_rank_process(r, eps["dispatch"][r], eps["report"], "--delay-s", "0.005", heartbeat_s=0.05))
         from dpcore.policycli import status_of
 
         while not all(row["reported"] and row["active"] for row in status_of(eps["status"], 10)["loads"]):

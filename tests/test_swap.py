@@ -23,10 +23,10 @@ from dpcore.ledger import LoadLedger
 from dpcore.manager import CHAIN_STATE, PolicyManager
 from dpcore.model import LoadReport, Request
 from dpcore.runtime import admin, swap
+from dpcore.runtime.local import start_rank_process, wait_for
 from dpcore.runtime.status import StatusServer
 from dpcore.sdk import Client
 
-ECHO = [sys.executable, "-m", "dpcore.sdk.echo"]
 
 
 class Pin:
@@ -317,14 +317,6 @@ class PinZero:
 '''
 
 
-def wait_for(cond, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def dpcore_cmd(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dpcore", *args], capture_output=True, text=True, timeout=timeout_s)
 
@@ -349,10 +341,7 @@ def test_swaps_under_load_keep_exact_books(tmp_path):
         wait_for(eps_file.exists, 30, "the endpoints file")
         eps = json.loads(eps_file.read_text())
         for r in range(3):
-            ranks.append(subprocess.Popen(
-                [*ECHO, "--rank", str(r), "--dispatch", eps["dispatch"][r], "--report", eps["report"],
-                 "--delay-s", "0.002", "--heartbeat-s", "0.05"], stdout=subprocess.DEVNULL,
-            ))  # fmt: skip
+            ranks.append(start_rank_process(r, eps["dispatch"][r], eps["report"], "--delay-s", "0.002", heartbeat_s=0.05))
 
         def reporting() -> bool:
             try:

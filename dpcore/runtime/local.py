@@ -50,6 +50,16 @@ def wait_for(cond: Callable[[], Any], timeout_s: float = 10.0, what: str = "cond
         time.sleep(poll_s)
 
 
+def start_rank_process(
+    rank: int, dispatch: str, report: str, *args: str, heartbeat_s: float = 0.1,
+    cmd: Sequence[str] = ECHO, env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a rank program (default: the echo rank) as *rank*: it gets ``--rank R --dispatch
+    EP --report EP --heartbeat-s S`` and *args*; its output is discarded."""
+    argv = [*cmd, "--rank", str(rank), "--dispatch", dispatch, "--report", report, "--heartbeat-s", str(heartbeat_s), *args]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+
+
 class LocalCluster:
     """A :class:`Controller` thread, ``dp_size`` rank processes and a :class:`Client`.
 
@@ -108,9 +118,8 @@ class LocalCluster:
     def start_rank(self, rank: int, *args: str) -> subprocess.Popen[bytes]:
         """Start (or restart) *rank*; extra *args* replace the rank's default ones."""
         eps = self.controller.endpoints
-        cmd = [*self.rank_cmd, "--rank", str(rank), "--dispatch", eps.dispatch[rank], "--report", eps.report,
-               "--heartbeat-s", str(self.heartbeat_s), *(args or self.rank_args.get(rank, ()))]  # fmt: skip
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=self.env)
+        p = start_rank_process(rank, eps.dispatch[rank], eps.report, *(args or self.rank_args.get(rank, ())),
+                               heartbeat_s=self.heartbeat_s, cmd=self.rank_cmd, env=self.env)  # fmt: skip
         self.procs[rank] = p
         return p
 
