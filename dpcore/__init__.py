@@ -26,7 +26,7 @@ from dpcore.hookspecs import HOOK_API_VERSION, hookimpl
 from dpcore.ledger import LedgerView, LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, PolicyContext, Request, Resolution
-from dpcore.policy import NEEDS_BLOCK_HASHES, Option, Policy
+from dpcore.policy import NEEDS_BLOCK_HASHES, PLACES_BY_BOOTSTRAP_ROOM, Option, Policy
 
 __all__ = [
     "HOOK_API_VERSION",
@@ -44,6 +44,7 @@ __all__ = [
     "NoActiveRankError",
     "NoRankSelectedError",
     "Option",
+    "PLACES_BY_BOOTSTRAP_ROOM",
     "Policy",
     "PolicyContext",
     "PolicyDefinitionError",

@@ -337,6 +337,12 @@ class PolicyManager:
         return policy.needs_block_hashes(self.policies)
 
     @property
+    def places_by_bootstrap_room(self) -> bool:
+        """Whether the chain's first policy declares :data:`dpcore.policy.PLACES_BY_BOOTSTRAP_ROOM`
+        (it decides every request it can place, so the chain places PD prefill by room)."""
+        return policy.places_by_bootstrap_room(type(self.policies[self.chain[0]]))
+
+    @property
     def fast_path(self) -> bool:
         """Whether hooks are called directly (``False``: through pluggy's own call path)."""
         return self._select_calls is not None

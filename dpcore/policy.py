@@ -9,9 +9,10 @@ Everything else a policy may declare is an optional class attribute, read withou
 the policy:
 
 * ``name``: its canonical name (used in ``ctx.explain`` and metrics labels);
-* ``capabilities``: what it needs from a deployment, from :data:`CAPABILITIES`, e.g.
-  ``frozenset({NEEDS_BLOCK_HASHES})``: a deployment may skip computing block hashes when no
-  policy in its chain declares that it reads them;
+* ``capabilities``: what it needs from or promises to a deployment, from :data:`CAPABILITIES`,
+  e.g. ``frozenset({NEEDS_BLOCK_HASHES})``: a deployment may skip computing block hashes when
+  no policy in its chain declares that it reads them; :data:`PLACES_BY_BOOTSTRAP_ROOM`: PD
+  decode can compute where prefill placed a request;
 * its options: the keyword parameters of ``__init__`` after ``ctx``, with their annotations
   and defaults (:func:`options` reads them; ``:param name:`` lines in the class docstring
   become their help text).
@@ -35,8 +36,12 @@ from dpcore.model import PolicyContext
 
 #: The policy reads ``Request.block_hashes``; senders must compute them for it to work.
 NEEDS_BLOCK_HASHES = "needs_block_hashes"
+#: The policy places every PD prefill request on ``bootstrap_room % dp_size`` (or rejects it),
+#: never elsewhere: prefill then registers no rooms and decode computes the prefill rank instead
+#: of asking the bootstrap registry. It counts as the first policy of a prefill chain.
+PLACES_BY_BOOTSTRAP_ROOM = "places_by_bootstrap_room"
 #: Every capability a policy may declare.
-CAPABILITIES = frozenset({NEEDS_BLOCK_HASHES})
+CAPABILITIES = frozenset({NEEDS_BLOCK_HASHES, PLACES_BY_BOOTSTRAP_ROOM})
 
 _PARAM = re.compile(r":param\s+(\w+):\s*(.+?)(?=\n\s*:|\n\s*\n|\Z)", re.S)
 
@@ -110,3 +115,8 @@ def needs_block_hashes(policies: Mapping[str, object] | Mapping[str, type]) -> b
     return any(
         NEEDS_BLOCK_HASHES in capabilities(p if isinstance(p, type) else type(p)) for p in policies.values()
     )
+
+
+def places_by_bootstrap_room(cls: type) -> bool:
+    """Whether policy class *cls* declares :data:`PLACES_BY_BOOTSTRAP_ROOM`."""
+    return PLACES_BY_BOOTSTRAP_ROOM in capabilities(cls)

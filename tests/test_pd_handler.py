@@ -20,7 +20,7 @@ from dpcore.model import Request
 from dpcore.runtime import pd_setup
 from dpcore.runtime.bootstrap import BootstrapRegistry
 from dpcore.runtime.bootstrap_server import RegistryServer
-from dpcore.runtime.pd import PDHandler
+from dpcore.runtime.pd import PDHandler, follows_bootstrap_room
 
 
 @pytest.fixture
@@ -267,4 +267,39 @@ def test_from_args_config_errors(ctx: zmq.Context) -> None:
         pd_setup.from_args(args(), dec, ctx)
     h = pd_setup.from_args(args(prefill_dp_size=4, prefill_load_balance_method="auto"), dec, ctx)
     assert h is not None and h.prefill_follows_room  # auto on prefill is follow_bootstrap_room
+    h.close()
+
+
+ROOM_MODULO = """
+from dpcore import PLACES_BY_BOOTSTRAP_ROOM, hookimpl
+
+
+class RoomModulo:
+    capabilities = frozenset({PLACES_BY_BOOTSTRAP_ROOM})
+
+    def __init__(self, ctx):
+        pass
+
+    @hookimpl
+    def select_rank(self, request, ctx):
+        return request.bootstrap_room % ctx.dp_size
+"""
+
+
+def test_placing_by_room_is_what_the_first_policy_declares(tmp_path, ctx: zmq.Context) -> None:
+    """A policy dpcore has never heard of places by room because it says so, and pairs PD
+    prefill with decode without the registry; a chain it does not lead does not."""
+    path = tmp_path / "room_modulo.py"
+    path.write_text(ROOM_MODULO)
+    room = str(path)
+    assert follows_bootstrap_room(room) and follows_bootstrap_room(f"{room},round_robin")
+    assert not follows_bootstrap_room("round_robin") and not follows_bootstrap_room(f"round_robin,{room}")
+    pre = PolicyManager.from_method(room, dp_size=4, disaggregation_mode="prefill")
+    assert pre.places_by_bootstrap_room
+    h = pd_setup.from_args(args(), pre, ctx)  # no registry needed: decode computes the rank
+    assert h is not None and h.prefill_follows_room
+    h.close()
+    dec = PolicyManager.from_method("round_robin", dp_size=2, disaggregation_mode="decode")
+    h = pd_setup.from_args(args(prefill_dp_size=4, prefill_load_balance_method=room), dec, ctx)
+    assert h is not None and h.prefill_follows_room
     h.close()

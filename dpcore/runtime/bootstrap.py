@@ -40,6 +40,9 @@ DEFAULT_MAX_ENTRIES = 200_000
 MAX_QUERY_ROOMS = 4096
 #: Request bodies above this are refused (a query of MAX_QUERY_ROOMS 20-digit rooms is ~90 kB).
 MAX_BODY_BYTES = 1 << 20
+#: The ``GET /info`` key saying whether prefill places by ``bootstrap_room % dp_size`` (then
+#: decode computes the rank and nothing is registered).
+FOLLOWS_KEY = "follow_bootstrap_room"
 #: SGLang draws rooms from [0, 2**63); accept any unsigned 64-bit value.
 _ROOM_LIMIT = 1 << 64
 
@@ -225,11 +228,7 @@ class RegistryClient:
 
 
 
-def prefill_info(load_balance_method: str | None, dp_size: int | None) -> dict[str, Any]:
-    """What ``GET /info`` tells decode about the prefill side."""
-    return {
-        "load_balance_method": load_balance_method,
-        "follow_bootstrap_room": None if load_balance_method is None
-        else load_balance_method == "follow_bootstrap_room",
-        "dp_size": dp_size,
-    }
+def prefill_info(load_balance_method: str | None, dp_size: int | None, follows: bool | None) -> dict[str, Any]:
+    """What ``GET /info`` tells decode about the prefill side (*follows*: whether it places
+    by ``bootstrap_room % dp_size``; ``None``: not known)."""
+    return {"load_balance_method": load_balance_method, FOLLOWS_KEY: follows, "dp_size": dp_size}

@@ -209,11 +209,14 @@ def run(args: Any) -> int:
     import structlog
 
     from dpcore.errors import ConfigError
+    from dpcore.runtime.pd import follows_bootstrap_room
 
+    method = args.load_balance_method
+    follows = None if method is None else follows_bootstrap_room(method)
     try:
         registry = BootstrapRegistry(
             ttl_s=args.ttl, max_entries=args.max_entries, dp_size=args.dp_size,
-            info=prefill_info(args.load_balance_method, args.dp_size),
+            info=prefill_info(method, args.dp_size, follows),
         )
     except ValueError as exc:
         raise ConfigError(f"bootstrap-registry: {exc}") from exc

@@ -3,19 +3,21 @@
 The controller calls a :class:`PDHandler` at two points.
 
 **Prefill** (``--disaggregation-mode prefill``): :meth:`PDHandler.on_prefill_dispatch`,
-after the rank is chosen and before the request is sent. When the prefill policy is not
-``follow_bootstrap_room`` (and dp size > 1) it registers ``room -> rank`` in the bootstrap
-registry: a direct call when the registry lives in this process (``--bootstrap-port``,
-the registry's HTTP server then runs in a thread here), else a batched HTTP call from a
-background thread (``--bootstrap-url``). With ``follow_bootstrap_room`` nothing is
-registered, because decode computes ``room % prefill_dp_size``; a request pinned by a
-router to any other rank is therefore rejected (decode would look on the wrong rank).
+after the rank is chosen and before the request is sent. When the prefill chain does not
+place by room (its first policy does not declare
+:data:`~dpcore.policy.PLACES_BY_BOOTSTRAP_ROOM`, as ``follow_bootstrap_room`` does) and dp
+size > 1, it registers ``room -> rank`` in the bootstrap registry: a direct call when the
+registry lives in this process (``--bootstrap-port``, the registry's HTTP server then runs
+in a thread here), else a batched HTTP call from a background thread (``--bootstrap-url``).
+A chain that places by room registers nothing, because decode computes ``room %
+prefill_dp_size``; a request pinned by a router to any other rank is therefore rejected
+(decode would look on the wrong rank).
 
 **Decode** (``--disaggregation-mode decode``): the prefill rank is resolved in this order
 
 1. an explicit ``disagg_prefill_dp_rank`` (checked against the prefill dp size);
 2. prefill dp size 1 → rank 0;
-3. prefill uses ``follow_bootstrap_room`` → ``room % prefill_dp_size``;
+3. prefill places by room → ``room % prefill_dp_size``;
 4. otherwise the registry is asked: :meth:`PDHandler.resolve_now` returns ``None``, the
    controller parks the request and calls :meth:`PDHandler.submit`. A background thread
    batches the rooms of all parked requests into ``POST /query_dp_ranks`` calls, retries
@@ -43,6 +45,7 @@ import structlog
 import zmq
 
 from dpcore.auto import resolve
+from dpcore.discovery import load_policy_class
 from dpcore.errors import (
     ConfigError,
     InvalidRankError,
@@ -51,13 +54,13 @@ from dpcore.errors import (
     PrefillRankUnresolvedError,
     RequestRejected,
 )
+from dpcore.policy import places_by_bootstrap_room
 from dpcore.runtime.bootstrap import BootstrapRegistry, RegistryClient, RegistryError
 
 if TYPE_CHECKING:
     from dpcore.model import Request
     from dpcore.runtime.bootstrap_server import RegistryServer
 
-FOLLOW = "follow_bootstrap_room"
 DEFAULT_RESOLVE_TIMEOUT_S = 60.0
 #: First retry after this long; doubles per miss, up to the cap below.
 BACKOFF_START_S = 0.005
@@ -74,9 +77,10 @@ class RoomLookup(Protocol):
 
 
 def follows_bootstrap_room(method: str) -> bool:
-    """Whether the prefill chain *method* places by ``room % dp_size`` (its first policy
-    decides every request it can place)."""
-    return resolve(method, "prefill").chain[0] == FOLLOW
+    """Whether the prefill chain *method* places by ``room % dp_size``: its first policy (which
+    decides every request it can place) declares :data:`~dpcore.policy.PLACES_BY_BOOTSTRAP_ROOM`."""
+    first = resolve(method, "prefill").chain[0]
+    return places_by_bootstrap_room(load_policy_class(first, " (the prefill side's policy)"))
 
 
 class PDHandler:
@@ -147,7 +151,7 @@ class PDHandler:
             raise ConfigError(msg)
         if mode == "prefill" and needs_registry and registry is None and registry_url is None:
             msg = (
-                f"PD prefill with a policy other than {FOLLOW} must register each room's rank: give "
+                "PD prefill with a policy that does not place by bootstrap_room must register each room's rank: give "
                 "--bootstrap-port (host the registry here) or --bootstrap-url (a registry elsewhere)"
             )
             raise ConfigError(msg)

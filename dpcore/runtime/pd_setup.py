@@ -12,9 +12,9 @@ import structlog
 import zmq
 
 from dpcore.errors import ConfigError
-from dpcore.runtime.bootstrap import BootstrapRegistry, RegistryClient, RegistryError, prefill_info
+from dpcore.runtime.bootstrap import FOLLOWS_KEY, BootstrapRegistry, RegistryClient, RegistryError, prefill_info
 from dpcore.runtime.bootstrap_server import RegistryServer
-from dpcore.runtime.pd import DEFAULT_RESOLVE_TIMEOUT_S, FOLLOW, PDHandler, follows_bootstrap_room
+from dpcore.runtime.pd import DEFAULT_RESOLVE_TIMEOUT_S, PDHandler, follows_bootstrap_room
 
 if TYPE_CHECKING:
     from dpcore.manager import PolicyManager
@@ -88,11 +88,11 @@ def from_args(
     timeout = args.pd_resolve_timeout
     if mode == "prefill":
         dp = manager.ctx.dp_size
-        follows = manager.chain[0] == FOLLOW
+        follows = manager.places_by_bootstrap_room
         registry = None
         server = None
         if args.bootstrap_port is not None:
-            registry = BootstrapRegistry(dp_size=dp, info=prefill_info(manager.chain[0], dp))
+            registry = BootstrapRegistry(dp_size=dp, info=prefill_info(manager.chain[0], dp, follows))
             server = RegistryServer(registry, host=args.bootstrap_host, port=args.bootstrap_port)
         handler = PDHandler(
             "prefill", dp_size=dp, prefill_dp_size=dp, prefill_follows_room=follows, registry=registry,
@@ -109,17 +109,21 @@ def from_args(
         return handler
     prefill_dp = args.prefill_dp_size
     method = args.prefill_load_balance_method
+    follows = None  # the registry's word, when prefill's policy is learned from it
     if (prefill_dp is None or method is None) and args.bootstrap_url:
         info = _fetch_info(args.bootstrap_url, INFO_WAIT_S, log)
         prefill_dp = prefill_dp if prefill_dp is not None else info.get("dp_size")
-        method = method if method is not None else info.get("load_balance_method")
+        if method is None:
+            method, follows = info.get("load_balance_method"), info.get(FOLLOWS_KEY)
     if prefill_dp is None:
         raise ConfigError(NEED_PREFILL_DP_SIZE)
     if method is None:
         raise ConfigError(NEED_PREFILL_METHOD)
+    if not isinstance(follows, bool):
+        follows = follows_bootstrap_room(method)
     handler = PDHandler(
         "decode", dp_size=manager.ctx.dp_size, prefill_dp_size=prefill_dp,
-        prefill_follows_room=follows_bootstrap_room(method), registry_url=args.bootstrap_url,
+        prefill_follows_room=follows, registry_url=args.bootstrap_url,
         resolve_timeout_s=timeout, zmq_ctx=zmq_ctx, log=log,
     )  # fmt: skip
     log.info("pd_decode", **{k: v for k, v in handler.describe().items() if k != "stats"})

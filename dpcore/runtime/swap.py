@@ -50,7 +50,6 @@ from dpcore.errors import (
 from dpcore.ledger import LedgerView, LoadLedger
 from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport, PolicyContext
-from dpcore.runtime.pd import FOLLOW
 
 if TYPE_CHECKING:
     from dpcore.runtime.controller import Controller
@@ -112,10 +111,10 @@ def build(live: PolicyManager, method: str, options: Mapping[str, Mapping[str, A
         )  # fmt: skip
     except Exception as exc:  # every way a chain can fail to build refuses the swap
         raise _refusal(exc, method) from exc
-    if mode == "prefill" and (live.chain[0] == FOLLOW) != (candidate.chain[0] == FOLLOW):
+    if mode == "prefill" and live.places_by_bootstrap_room != candidate.places_by_bootstrap_room:
         msg = (
             f"PD prefill: the running chain {list(live.chain)} and {list(candidate.chain)} pair requests with "
-            f"decode differently ({FOLLOW} or the bootstrap registry); that is fixed at start-up"
+            "decode differently (by bootstrap_room or through the bootstrap registry); that is fixed at start-up"
         )
         raise SwapRefused(PD_PAIRING, msg)
     return candidate

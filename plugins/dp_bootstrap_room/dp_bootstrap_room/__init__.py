@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from dpcore import InactiveRankError, MissingBootstrapRoomError, PolicyContext, Request, hookimpl
+from dpcore import (
+    PLACES_BY_BOOTSTRAP_ROOM,
+    InactiveRankError,
+    MissingBootstrapRoomError,
+    PolicyContext,
+    Request,
+    hookimpl,
+)
 from dpcore.errors import MalformedRequestError
 
 __all__ = ["FollowBootstrapRoomPolicy"]
@@ -16,6 +23,7 @@ class FollowBootstrapRoomPolicy:
     """
 
     name = "follow_bootstrap_room"
+    capabilities = frozenset({PLACES_BY_BOOTSTRAP_ROOM})
 
     def __init__(self, ctx: PolicyContext) -> None:
         pass
