@@ -223,7 +223,7 @@ _ECHOED = (
     "policy_budget_ms", "admission_timeout", "metrics_host", "metrics_port", "curve_dir", "http_host", "http_port",
     "bootstrap_port", "bootstrap_host", "bootstrap_url", "prefill_dp_size", "prefill_load_balance_method",
     "pd_resolve_timeout", "admin_token_file", "record", "record_block_size", "record_sample", "record_max_bytes",
-    "record_rotate_s", "record_keep", "record_hold_s", "shadow_policy", "shadow_budget_ms",
+    "record_rotate_s", "record_keep", "record_hold_s", "record_nice", "shadow_policy", "shadow_budget_ms",
 )
 
 

@@ -272,7 +272,7 @@ def test_a_dead_writer_process_is_replaced_and_its_losses_counted(tmp_path: Path
     rec.offer(Request("a", num_tokens=200, block_hashes=hashes))
     rec.offer(Request("b", num_tokens=200, block_hashes=hashes))
     wait_for(lambda: rec.recorded == 2)
-    first = rec._child
+    first = rec._proc.child
     # The next write must rotate, and cannot: the rotated name is taken by a non-empty directory.
     (tmp_path / "rec.1.jsonl").mkdir()
     (tmp_path / "rec.1.jsonl" / "x").write_text("")
@@ -294,7 +294,7 @@ def test_a_broken_pipe_is_counted_and_the_thread_restarts(tmp_path: Path) -> Non
     thread = rec.start()
     rec.offer(Request("a", num_tokens=4))
     wait_for(lambda: rec.recorded == 1)
-    child = rec._child
+    child = rec._proc.child
     # The pipe breaks while the process still runs (stopped, so it cannot exit at the EOF
     # first and be replaced before anything is written).
     os.kill(child.pid, signal.SIGSTOP)  # type: ignore[union-attr]
@@ -314,9 +314,22 @@ def test_the_writer_is_its_own_process(tmp_path: Path) -> None:
     rec.start()
     rec.offer(Request("a", num_tokens=3))
     wait_for(lambda: rec.recorded == 1)
-    assert rec._child is not None and rec._child.pid != os.getpid()
+    assert rec._proc.child is not None and rec._proc.child.pid != os.getpid()
     rec.close()
-    assert rec._child is None
+    assert rec._proc.child is None
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_the_writer_runs_at_its_lower_cpu_priority(tmp_path: Path, nice: int) -> None:
+    """--record-nice N: the writer process's niceness is the controller's plus N."""
+    rec, _ = recorder(tmp_path, nice=nice)
+    rec.start()
+    try:
+        child = rec._proc.child
+        assert child is not None
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + nice, 19)
+    finally:
+        rec.close()
 
 
 @pytest.mark.parametrize(
@@ -331,6 +344,9 @@ def test_the_writer_is_its_own_process(tmp_path: Path) -> None:
         ({"queue": 0}, "--record-queue"),
         ({"hold_s": -1}, "--record-hold-s"),
         ({"hold_s": 86_401}, "--record-hold-s"),
+        ({"nice": -1}, "--record-nice"),
+        ({"nice": 20}, "--record-nice"),
+        ({"nice": 1.5}, "--record-nice"),
     ],
 )
 def test_bad_settings_name_the_flag_and_range(tmp_path: Path, kw: dict, flag: str) -> None:

@@ -11,6 +11,11 @@ from attrs import field, frozen
 from dpcore.errors import ConfigError
 from dpcore.hashing import DEFAULT_BLOCK_SIZE
 
+#: The writer process's default niceness above the controller's: the lowest CPU priority.
+DEFAULT_NICE = 19
+#: The largest niceness increment Linux gives a process (nice 19).
+MAX_NICE = 19
+
 
 def _in_range(name: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False) -> Any:
     """An attrs validator: *name* is a number in [lo, hi] (``(lo, hi]`` when *lo_open*)."""
@@ -41,6 +46,10 @@ class RecordConfig:
         how many the writer holds waiting for their completion.
     :ivar hold_s: Longest a record waits for its request to end, so that it carries the
         number of tokens generated (0..86,400 seconds; 0: never wait, write the budget).
+    :ivar nice: How much lower the writer process's CPU priority is than the controller's
+        (0..19, added to the controller's niceness): the writer is background work, so on
+        busy cores it runs in the time serving leaves idle, and under sustained saturation it
+        falls behind (lines wait in the queue, then are dropped and counted).
     """
 
     path: str
@@ -51,6 +60,7 @@ class RecordConfig:
     keep: int = field(default=10, validator=_in_range("--record-keep", 0, 10_000, integer=True))
     queue: int = field(default=1 << 16, validator=_in_range("--record-queue", 1, 1 << 24, integer=True))
     hold_s: float = field(default=300.0, validator=_in_range("--record-hold-s", 0, 86_400))
+    nice: int = field(default=DEFAULT_NICE, validator=_in_range("--record-nice", 0, MAX_NICE, integer=True))
 
     def __attrs_post_init__(self) -> None:
         if 0 < self.rotate_s < 1:
@@ -72,6 +82,7 @@ def config_from_args(args: Any) -> RecordConfig:
         keep=args.record_keep,
         queue=args.record_queue,
         hold_s=args.record_hold_s,
+        nice=args.record_nice,
     )
 
 
@@ -97,3 +108,7 @@ def add_arguments(p: Any) -> None:
     g.add_argument("--record-hold-s", type=float, default=300.0, metavar="S",
                    help="wait up to S seconds for a request to end, so its line has the tokens its rank "
                         "generated; after that (or with 0) its max_new_tokens, 0..86400 (default 300)")  # fmt: skip
+    g.add_argument("--record-nice", type=int, default=DEFAULT_NICE, metavar="N",
+                   help="run the writer process N steps of CPU priority below the controller, 0..19 (default "
+                        "%(default)d: it uses the time serving leaves idle; on cores busy for long it falls "
+                        "behind, and past --record-queue lines are dropped and counted)")  # fmt: skip

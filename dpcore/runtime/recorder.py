@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import os
 import select
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -52,6 +50,7 @@ from dpcore import tracefile, wire
 from dpcore.model import Request
 from dpcore.runtime import recordframes
 from dpcore.runtime.recordconfig import RecordConfig, add_arguments, config_from_args
+from dpcore.runtime.recordprocess import WriterProcess
 from dpcore.runtime.supervise import Supervised
 
 __all__ = ["FLUSH_S", "PACK_EVERY", "RecordConfig", "Recorder", "add_arguments", "config_from_args", "from_args"]
@@ -89,9 +88,7 @@ class Recorder:
         self._cap = config.queue
         self._room = self._cap  # requests the batch may hold before the queue is full (at least)
         self._threshold = min(int(config.sample * _SAMPLE_SPACE), _SAMPLE_SPACE)
-        self._salt = os.urandom(16)
         self._kind = tracefile.default_kind()
-        self._t0 = clock()
         self._stop = threading.Event()
         self._ready = threading.Event()
         # Taken by both threads only when there is no call_soon (packing may then run on
@@ -102,39 +99,46 @@ class Recorder:
         self._packed = 0  # records packed into frames (the packing thread's count)
         self._written = 0  # records whose frame went to a writer process (the writer thread's)
         self._pack_asked = False
-        self._child: subprocess.Popen[bytes] | None = None
-        self._spawns = 0
-        self._handed = 0  # records the current writer process was given
-        self._status = b""
-        #: How the writer process decodes, salts and formats (:data:`dpcore.runtime.tracewriter.COMPILED`
-        #: or ``PYTHON``), as it said when it started; ``None`` before that.
-        self.writer_path: str | None = None
+        cfg = config
+        # One salt and time origin for every writer process: a replacement continues the recording.
+        self._proc = WriterProcess(
+            {"path": str(Path(cfg.path).resolve()), "block_size": cfg.block_size, "max_bytes": cfg.max_bytes,
+             "rotate_s": cfg.rotate_s, "keep": cfg.keep, "salt": os.urandom(16), "kind": self._kind,
+             "t0": clock(), "hold_s": cfg.hold_s, "max_held": cfg.queue, "nice": cfg.nice}
+        )  # fmt: skip
         self.thread: Supervised | None = None
         self.log = structlog.get_logger("dpcore.recorder")
         # Written by the loop thread only.
         self.sampled_out = 0
         self.dropped = 0
-        # Written by the writer thread only: totals of earlier writer processes + the current one's.
-        self._done = [0, 0, 0, 0]  # recorded, rotations, generated, python_batches
-        self._current = [0, 0, 0, 0, 0]  # and held
-        self.lost = 0
+
+    @property
+    def writer_path(self) -> str | None:
+        """How the writer process decodes, salts and formats (:data:`dpcore.runtime.tracewriter.COMPILED`
+        or ``PYTHON``), as it said when it started; ``None`` before that."""
+        return self._proc.writer_path
 
     @property
     def recorded(self) -> int:
-        return self._done[0] + self._current[0]
+        return self._proc.total(0)
 
     @property
     def rotations(self) -> int:
-        return self._done[1] + self._current[1]
+        return self._proc.total(1)
 
     @property
     def generated(self) -> int:
-        return self._done[2] + self._current[2]
+        return self._proc.total(2)
 
     @property
     def python_batches(self) -> int:
         """Batches the writer's compiled pass handed to its Python path (to decode or to format)."""
-        return self._done[3] + self._current[3]
+        return self._proc.total(3)
+
+    @property
+    def lost(self) -> int:
+        """Records handed to a writer process that ended before writing them."""
+        return self._proc.lost
 
     # ------------------------------------------------------------------ the loop's side
 
@@ -225,9 +229,10 @@ class Recorder:
                                             ("numpy", self._kind == tracefile.SIPHASH)) if not there]  # fmt: skip
         if missing:  # the same recording, at several times the writer's CPU a request
             self.log.warning("record_writer_without_fast_parts", missing=missing, fix="pip install 'dpcore[record]'")
-        self._spawn()
-        if select.select([self._child.stdout], [], [], ready_timeout_s)[0]:  # type: ignore[union-attr]
-            self._read_status()
+        proc = self._proc
+        proc.spawn()
+        if select.select([proc.child.stdout], [], [], ready_timeout_s)[0]:  # type: ignore[union-attr]
+            proc.read_status()
         else:
             self.log.warning("record_writer_slow_to_start", waited_s=ready_timeout_s)
         self.thread = Supervised("dpcore-recorder", self._run, self._stop).start()
@@ -246,7 +251,7 @@ class Recorder:
                 self._send()  # what was packed after the thread's last turn (or with no thread)
             except (OSError, ValueError):
                 self.log.exception("record_write_failed", lost=self.lost)
-            self._end_child(timeout_s)
+            self._proc.end(timeout_s)
 
     def _run(self) -> None:
         while True:
@@ -266,86 +271,17 @@ class Recorder:
                 return
 
     def _send(self) -> None:
-        child = self._child
-        if child is None or child.poll() is not None:
-            self._spawn()
+        proc = self._proc
+        proc.ensure()
         frames = self._frames
         while frames:
             data, n = frames[0]
             try:
-                self._child.stdin.write(len(data).to_bytes(recordframes.PREFIX, "little"))  # type: ignore[union-attr]
-                self._child.stdin.write(data)  # type: ignore[union-attr]
-                self._child.stdin.flush()  # type: ignore[union-attr]
-            except BaseException:
+                proc.send(data, n)  # on failure: counted lost; the supervisor logs it and runs us again
+            finally:
                 frames.popleft()
                 self._written += n
-                self.lost += n
-                self._end_child(1.0)
-                raise  # the supervisor logs it, counts it and runs us again (with a new writer)
-            frames.popleft()
-            self._written += n
-            self._handed += n
-        self._read_status()
-
-    def _read_status(self) -> None:
-        try:
-            data = os.read(self._child.stdout.fileno(), 1 << 16)  # type: ignore[union-attr]
-        except (BlockingIOError, OSError, ValueError):
-            return
-        self._parse_status(data)
-
-    def _parse_status(self, data: bytes) -> None:
-        text = self._status + data
-        lines = text.split(b"\n")
-        self._status = lines[-1]
-        for line in lines[:-1]:
-            if line.startswith(b"path "):
-                self.writer_path = line[5:].decode()
-        for line in reversed(lines[:-1]):
-            parts = line.split()
-            if len(parts) == len(self._current):
-                self._current = [int(x) for x in parts]
-                return
-
-    def _spawn(self) -> None:
-        if self._child is not None:
-            self._end_child(1.0)
-        cfg = self.config
-        self._child = subprocess.Popen(  # noqa: S603 - our own module, no shell
-            [sys.executable, "-m", "dpcore.runtime.tracewriter"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        os.set_blocking(self._child.stdout.fileno(), False)  # type: ignore[union-attr]
-        settings = {"path": str(Path(cfg.path).resolve()), "block_size": cfg.block_size, "max_bytes": cfg.max_bytes,
-                    "rotate_s": cfg.rotate_s, "keep": cfg.keep, "salt": self._salt, "kind": self._kind, "t0": self._t0,
-                    "hold_s": cfg.hold_s, "max_held": cfg.queue, "fresh": self._spawns == 0}  # fmt: skip
-        self._spawns += 1
-        self._child.stdin.write(recordframes.frame(settings))  # type: ignore[union-attr]
-        self._child.stdin.flush()  # type: ignore[union-attr]
-
-    def _end_child(self, timeout_s: float) -> None:
-        """Close the writer's input, wait for it to write everything, and settle the counts."""
-        child, self._child = self._child, None
-        if child is None:
-            return
-        try:
-            child.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
-        try:
-            child.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        os.set_blocking(child.stdout.fileno(), True)  # type: ignore[union-attr]
-        self._parse_status(child.stdout.read())  # type: ignore[union-attr]
-        child.stdout.close()  # type: ignore[union-attr]
-        if child.returncode:
-            self.log.error("record_writer_exited", status=child.returncode, pid=child.pid)
-        self.lost += max(self._handed - self._current[0], 0)
-        self._done = [d + c for d, c in zip(self._done, self._current)]
-        self._current = [0, 0, 0, 0, 0]
-        self._handed = 0
-        self._status = b""
+        proc.read_status()
 
     # ------------------------------------------------------------------ reporting
 
@@ -355,7 +291,7 @@ class Recorder:
             "offered": self.sampled_out + self.dropped + len(self._hdrs) + self._packed,
             "recorded": self.recorded,
             "generated": self.generated,
-            "held": self._current[4],
+            "held": self._proc.held,
             "sampled_out": self.sampled_out,
             "dropped": self.dropped,
             "lost": self.lost,
@@ -368,7 +304,7 @@ class Recorder:
     def describe(self) -> dict[str, Any]:
         cfg = self.config
         return {"path": cfg.path, "block_size": cfg.block_size, "sample": cfg.sample, "max_bytes": cfg.max_bytes,
-                "rotate_s": cfg.rotate_s, "keep": cfg.keep, "hold_s": cfg.hold_s}  # fmt: skip
+                "rotate_s": cfg.rotate_s, "keep": cfg.keep, "hold_s": cfg.hold_s, "nice": cfg.nice}  # fmt: skip
 
     def summary(self) -> str:
         """One line for the end of ``dpcore serve``."""

@@ -20,8 +20,8 @@ more than ``max_held`` are waiting; it is then written with its ``max_new_tokens
 ready, and after each batch, the process prints ``recorded rotations generated python_batches
 held`` on stdout. It ends when its
 stdin closes (also when the controller dies), writing what it holds; it ignores Ctrl-C, so
-the controller's last batch still gets written, and runs at a lower CPU priority
-(:data:`NICE`) than the controller.
+the controller's last batch still gets written, and runs at a lower CPU priority than the
+controller (the settings' ``nice``, ``--record-nice``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,6 @@ from dpcore import tracefile
 from dpcore.runtime import recordframes
 from dpcore.runtime.recordframes import FrameReader, decode_batch, load_numpy, records_from_maps
 
-#: How much lower than the controller's this process's CPU priority is.
-NICE = 10
 GENERATED, BUDGET = "generated", "budget"
 #: How the writer decodes, salts and formats a batch (:attr:`TraceWriter.writer_path`): in one
 #: compiled pass (dpcore-speedups), or in Python (with numpy and msgspec when installed).
@@ -298,10 +296,6 @@ class TraceWriter:
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the controller stops us by closing stdin
-    # Recording yields the CPU to serving: on a host with no idle core this process falls
-    # behind, the controller's queue fills, and records are dropped (and counted) instead.
-    with contextlib.suppress(OSError):
-        os.nice(NICE)
     # What this process allocates (decoded frames, held records, text) holds no reference
     # cycles, so reference counting frees all of it; the cyclic collector would only re-scan
     # the held records and a batch's thousands of fresh containers, over and over.
@@ -310,6 +304,10 @@ def main() -> int:
     cfg = frames.next(None)
     if cfg is None:
         return 0
+    # Recording yields the CPU to serving: on a host with no idle core this process falls
+    # behind, the controller's queue fills, and records are dropped (and counted) instead.
+    with contextlib.suppress(OSError):
+        os.nice(cfg["nice"])
     w = TraceWriter(cfg["path"], block_size=cfg["block_size"], max_bytes=cfg["max_bytes"], rotate_s=cfg["rotate_s"],
                     keep=cfg["keep"], salt=cfg["salt"], kind=cfg["kind"], t0=cfg["t0"], hold_s=cfg["hold_s"],
                     max_held=cfg["max_held"])  # fmt: skip
