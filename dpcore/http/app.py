@@ -20,7 +20,7 @@ body not received within 30 s gets 408; bodies over 64 KiB are parsed and tokeni
 worker thread, never on the event loop. A prompt plus ``max_new_tokens`` larger than every
 rank's reported KV capacity gets 400 ``context_length_exceeded``. A streaming client that
 leaves ``--max-unread-replies`` replies unread ends its request ``client_too_slow``
-(:class:`~dpcore.sdk.client.ReplyStream`): one client that stops reading cannot make the
+(:class:`~dpcore.sdk.asyncclient.ReplyStream`): one client that stops reading cannot make the
 front hold its whole output.
 """
 
@@ -57,7 +57,7 @@ from dpcore.sdk.client import ControllerUnavailableError, MessageTooLargeError
 
 if TYPE_CHECKING:
     from dpcore.http.link import ControllerLink
-    from dpcore.sdk.client import ReplyStream
+    from dpcore.sdk.asyncclient import ReplyStream
     from dpcore.wire import Reply
 
 #: Response header naming the rank that served the request.

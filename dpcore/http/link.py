@@ -1,6 +1,6 @@
 """The HTTP front's connection to the controller: requests in, replies and status out.
 
-Requests go through the client SDK's :class:`~dpcore.sdk.client.AsyncClient` (PUSH to the
+Requests go through the client SDK's :class:`~dpcore.sdk.asyncclient.AsyncClient` (PUSH to the
 controller's ingress, replies on the front's own PULL socket); loads and liveness come from
 the controller's status channel (:mod:`dpcore.runtime.status`). Both live on the event loop
 uvicorn runs, so they are created in :meth:`ControllerLink.start` (the app's startup).
@@ -18,7 +18,7 @@ from dpcore import wire
 from dpcore.http.protocol import GenerateInput
 from dpcore.http.server import DEFAULT_MAX_UNREAD_REPLIES
 from dpcore.runtime.status import AsyncStatusClient
-from dpcore.sdk.client import AsyncClient, ReplyStream
+from dpcore.sdk.asyncclient import AsyncClient, ReplyStream
 
 
 class ControllerLink:

@@ -82,7 +82,7 @@ def check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-body-bytes must be positive, got {args.max_body_bytes}")
     if not args.request_timeout > 0:
         raise ConfigError(f"--request-timeout must be positive, got {args.request_timeout}")
-    from dpcore.sdk.client import MAX_UNREAD_LIMIT
+    from dpcore.sdk.asyncclient import MAX_UNREAD_LIMIT
 
     if not 1 <= args.max_unread_replies <= MAX_UNREAD_LIMIT:
         raise ConfigError(f"--max-unread-replies must be in 1..{MAX_UNREAD_LIMIT}, got {args.max_unread_replies}")

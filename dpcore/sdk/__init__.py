@@ -9,7 +9,8 @@ Importing this package imports pyzmq; the core (``import dpcore``) does not.
 
 from __future__ import annotations
 
-from dpcore.sdk.client import AsyncClient, Client, ControllerUnavailableError, ReplyStream, RequestFields
+from dpcore.sdk.asyncclient import AsyncClient, ReplyStream
+from dpcore.sdk.client import Client, ControllerUnavailableError, RequestFields
 from dpcore.sdk.worker import Work, Worker
 from dpcore.wire import Control, Reply
 
