@@ -182,7 +182,8 @@ def check_name(name: str, roles: Roles | None = None) -> None:
 def preset_policy(preset: str, mode: str, roles: Roles) -> tuple[str, str]:
     """The policy *preset* means in *mode*, and the reason, from the declared *roles*."""
     key = f"{preset}.{mode}"
-    policy, dist, summary = declared_policy(key, f"--load-balance-method {preset!r}", roles, f"in {MODE_TEXT[mode]}")
+    subject, where = f"--load-balance-method {preset!r}", f"in {MODE_TEXT[mode]}"
+    policy, dist, summary = declared_policy(key, subject, roles, where)
     what = f"{summary}; " if summary else ""
     return policy, f"{MODE_TEXT[mode]}: {what}declared as {key} by {dist or 'an installed distribution'}"
 

@@ -78,7 +78,8 @@ def _router(mode: str, eps: dict[str, Any], ready: Any, writer_path: Any = None)
         from dpcore.manager import PolicyManager
         from dpcore.runtime.controller import Controller, ControllerEndpoints
 
-        manager = PolicyManager.from_method(baseline_policy(BASELINE_USER, remedy=BASELINE_REMEDY), dp_size=len(eps["dispatch"]))
+        live = baseline_policy(BASELINE_USER, remedy=BASELINE_REMEDY)
+        manager = PolicyManager.from_method(live, dp_size=len(eps["dispatch"]))
         ce = ControllerEndpoints(eps["ingress"], eps["report"], tuple(eps["dispatch"]))
         shadow = None
         if eps.get("shadow"):
@@ -478,7 +479,8 @@ def run(args: argparse.Namespace) -> int:
     if args.count < 100 or args.repeat < 1 or args.dp_size < 1 or args.tokens < 1 or args.decisions < 1:
         msg = "--count must be >= 100 and --repeat, --dp-size, --tokens, --decisions >= 1"
         raise ConfigError(msg)
-    live = baseline_policy(BASELINE_USER, remedy=BASELINE_REMEDY)  # before any process starts: a missing role is one line
+    # Before any process starts: a role nobody declares is one line.
+    live = baseline_policy(BASELINE_USER, remedy=BASELINE_REMEDY)
     console = Console()
     modes = (*MODES, RECORD) if args.record else MODES
     runs: dict[str, list[float]] = {m: [] for m in modes}

@@ -56,7 +56,8 @@ def start_rank_process(
 ) -> subprocess.Popen[bytes]:
     """Start a rank program (default: the echo rank) as *rank*: it gets ``--rank R --dispatch
     EP --report EP --heartbeat-s S`` and *args*; its output is discarded."""
-    argv = [*cmd, "--rank", str(rank), "--dispatch", dispatch, "--report", report, "--heartbeat-s", str(heartbeat_s), *args]
+    argv = [*cmd, "--rank", str(rank), "--dispatch", dispatch, "--report", report,
+            "--heartbeat-s", str(heartbeat_s), *args]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
 
 
