@@ -4,6 +4,7 @@ headers; and the compiled pass is the one in use wherever it is installed."""
 
 from __future__ import annotations
 
+import json
 import random
 from array import array
 from pathlib import Path
@@ -241,3 +242,91 @@ def test_timestamps_are_written_as_python_formats_them(
     files = [written(tmp_path, f"{c}.jsonl", [(records, [])], compiled=c, monkeypatch=monkeypatch, hold_s=0)
              for c in (True, False)]  # fmt: skip
     assert files[0] == files[1]
+
+
+# ------------------------------------------------------------------ the compiled hold
+
+_RID = st.sampled_from(["a", "b", "c", "dé", "e"])  # few ids: completions match, ids are sent again
+_HELD_HEADER = seldom(_HOSTILE, st.fixed_dictionaries(
+    {"rid": _RID, "n": st.integers(0, 300)},
+    optional={"mnt": st.integers(0, 1 << 20), "bh": st.lists(_INT, max_size=20), "reply": st.text(max_size=8)},
+))  # fmt: skip
+_HELD_END = seldom(_ODD_END, st.tuples(_RID, st.sampled_from([-1, 0, 5, 1 << 40, 1 << 63])))
+
+
+def held_file(tmp_path: Path, name: str, bodies: list[tuple[bytes, float]], *, compiled: bool, max_held: int,
+              monkeypatch: pytest.MonkeyPatch) -> Any:  # fmt: skip
+    """What a writer holding records up to 5 s makes of batch frames, each taken *dt* seconds
+    after the last: the file and counts, or the error the Python path raised."""
+    now = [100.0]
+    with monkeypatch.context() as m:
+        if not compiled:
+            m.setattr(recordframes, "speedups", None)
+        w = TraceWriter(str(tmp_path / name), block_size=16, max_bytes=1 << 30, rotate_s=0.0, keep=1, salt=SALT,
+                        kind=tracefile.SIPHASH, t0=99.25, hold_s=5.0, max_held=max_held, clock=lambda: now[0])  # fmt: skip
+        assert (w._hold is not None) == compiled
+        w.open(fresh=True)
+        try:
+            for body, dt in bodies:
+                now[0] += dt
+                w.take_batch(body)
+                w.flush()
+            w.close()
+        except Exception as e:  # noqa: BLE001 - the Python path's error on a frame it cannot read
+            return type(e)
+    return (tmp_path / name).read_bytes(), w.recorded, w.generated
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batches=st.lists(st.tuples(st.lists(_HELD_HEADER, max_size=6), st.lists(_HELD_END, max_size=6),
+                                  st.sampled_from([0.0, 1.0, 6.0])), min_size=1, max_size=6),
+       max_held=st.integers(0, 8))  # fmt: skip
+def test_the_compiled_hold_writes_what_the_python_hold_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches: list, max_held: int
+) -> None:
+    """Batches of records waiting for their completions (ids sent again, completions before,
+    after and without their request, too late, of odd types), records leaving after 5 s or
+    when more than *max_held* wait, and now and then a header only the Python path reads:
+    the compiled hold writes the same bytes, in the same order, as the Python one."""
+    bodies, t = [], 100.0
+    for headers, ends, dt in batches:
+        t += dt
+        times = array("d", [t + i / 1000 for i in range(len(headers))])
+        bodies.append((recordframes.batch_body(times, [msgpack.packb(h) for h in headers], ends), dt))
+    fast = held_file(tmp_path, "c.jsonl", bodies, compiled=True, max_held=max_held, monkeypatch=monkeypatch)
+    assert fast == held_file(tmp_path, "p.jsonl", bodies, compiled=False, max_held=max_held, monkeypatch=monkeypatch)
+
+
+def test_the_compiled_hold_takes_ordinary_batches_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ordinary batches stay in the compiled hold (none handed to Python), with completions
+    joined across batches, and give the Python hold's file."""
+    rng = random.Random(3)
+    bodies = [(ordinary_batch(rng, 40 * b, 40), 1.0) for b in range(8)]
+    fast = held_file(tmp_path, "c.jsonl", bodies, compiled=True, max_held=30, monkeypatch=monkeypatch)
+    assert fast == held_file(tmp_path, "p.jsonl", bodies, compiled=False, max_held=30, monkeypatch=monkeypatch)
+    w = TraceWriter(str(tmp_path / "w.jsonl"), block_size=16, max_bytes=1 << 30, rotate_s=0.0, keep=1, salt=SALT,
+                    hold_s=60.0, clock=lambda: 100.0)  # fmt: skip
+    w.open(fresh=True)
+    for body, _ in bodies:
+        w.take_batch(body)
+    assert w._hold is not None and w.python_batches == 0 and w.held == 320
+    w.close()
+    assert w.recorded == 320 and 0 < w.generated < 320
+
+
+def test_a_record_that_left_unended_does_not_take_a_later_completion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An id sent again after its first record left without its completion (more than
+    *max_held* waited): the completion that comes goes to the record still waiting."""
+
+    def body(t: float, rids: list[str], ends: list[tuple[str, int]]) -> bytes:
+        headers = [msgpack.packb({"rid": r, "n": 16, "mnt": 9}) for r in rids]
+        return recordframes.batch_body(array("d", [t + i / 1000 for i in range(len(rids))]), headers, ends)
+
+    bodies = [(body(100.0, ["a"], []), 0.0), (body(100.1, ["b", "a"], []), 0.0), (body(100.2, [], [("a", 5)]), 0.0)]
+    for compiled in (True, False):
+        text, recorded, generated = held_file(tmp_path, f"{compiled}.jsonl", bodies, compiled=compiled, max_held=1,
+                                              monkeypatch=monkeypatch)  # fmt: skip
+        assert (recorded, generated) == (3, 1)
+        assert [json.loads(x)["output_length"] for x in text.splitlines()] == [9, 9, 5]

@@ -13,7 +13,9 @@ then batches ``[arrival times, request headers, completions]``:
   that ended.
 
 A request is held until its completion arrives, so its line carries the number of tokens the
-rank generated (``"output_from": "generated"``). Lines are written in arrival order (what
+rank generated (``"output_from": "generated"``). With dpcore-speedups the records wait in its
+compiled hold (``dpcore_speedups.Hold``: a batch is read, joined with its completions and
+formatted with no Python object per record); the Python hold below writes the same bytes. Lines are written in arrival order (what
 ``dpcore simulate`` reads), so a request also leaves when it has waited ``hold_s`` or when
 more than ``max_held`` are waiting; it is then written with its ``max_new_tokens``
 (``"output_from": "budget"``), as is one whose rank did not count its output. When it is
@@ -40,7 +42,7 @@ from typing import IO, Any
 
 from dpcore import tracefile
 from dpcore.runtime import recordframes
-from dpcore.runtime.recordframes import FrameReader, decode_batch, load_numpy, records_from_maps
+from dpcore.runtime.recordframes import FrameReader, decode_batch, decode_batch_python, load_numpy, records_from_maps
 
 GENERATED, BUDGET = "generated", "budget"
 #: How the writer decodes, salts and formats a batch (:attr:`TraceWriter.writer_path`): in one
@@ -102,6 +104,13 @@ class TraceWriter:
         self.recorded = 0
         self.rotations = 0
         self.generated = 0
+        # With the compiled pass, records are held in C (no Python object per record), until a
+        # record only the Python path writes exactly arrives: the rest are held below from then on.
+        self._hold = (
+            self._fast.Hold(block_size, t0, *self.salted.siphash_key, *self._ends, hold_s > 0, max_held)
+            if self._fast is not None
+            else None
+        )
         # Held records, oldest first: [arrival, n, mnt, block hashes as big-endian 64-bit words
         # (:func:`dpcore.runtime.recordframes.packed`), output tokens or None, rid]; by rid
         # too (a deque of them for an id sent again before it ended).
@@ -131,6 +140,14 @@ class TraceWriter:
 
     def take_batch(self, body: Any) -> None:
         """Take a batch frame as the controller packed it (:func:`dpcore.runtime.recordframes.batch_body`)."""
+        hold = self._hold
+        if hold is not None:
+            if hold.take(body):
+                self.flush(everything=self.hold_s <= 0)
+                return
+            self._handed_back()
+            self.take(*decode_batch_python(body))
+            return
         self.take(*decode_batch(body, self._handed_back if self._fast is not None else None))
 
     def _handed_back(self) -> None:
@@ -140,19 +157,16 @@ class TraceWriter:
     def take(self, records: list[list[Any]], ends: Iterable[Sequence[Any]] = ()) -> None:
         """Take a batch of records ``[arrival, n, mnt, packed hashes, None, rid]`` (:func:`dpcore.runtime.recordframes.decode_batch`)
         and completions ``(rid, output tokens or -1)``; write what is ready."""
-        held, by_rid, hold = self._held, self._by_rid, self.hold_s > 0
+        hold = self.hold_s > 0
+        if self._hold is not None:
+            if self._hold.take_records(records, ends):
+                self.flush(everything=not hold)
+                return
+            self._to_python()
+        held, by_rid = self._held, self._by_rid
         held.extend(records)
         if hold:
-            setdefault = by_rid.setdefault
-            for rec in records:
-                rid = rec[5]
-                prev = setdefault(rid, rec)
-                if prev is rec:
-                    continue
-                if type(prev) is deque:
-                    prev.append(rec)
-                else:
-                    by_rid[rid] = deque((prev, rec))  # a retried id: completions in order
+            self._index(records)
         for rid, out in ends:
             rec = by_rid.pop(rid, None)
             if type(rec) is deque:
@@ -166,9 +180,41 @@ class TraceWriter:
                 rec[4] = out if type(out) is int and out >= 0 else -1
         self.flush(everything=not hold)
 
+    def _index(self, records: Iterable[list[Any]]) -> None:
+        """Find *records* by request id when their completion comes."""
+        by_rid = self._by_rid
+        setdefault = by_rid.setdefault
+        for rec in records:
+            rid = rec[5]
+            prev = setdefault(rid, rec)
+            if prev is rec:
+                continue
+            if type(prev) is deque:
+                prev.append(rec)
+            else:
+                by_rid[rid] = deque((prev, rec))  # a retried id: completions in order
+
+    def _to_python(self) -> None:
+        """Hold records in Python from now on (a record the compiled hold does not take
+        exactly came): the records it held move here, in order, with their completions."""
+        records = self._hold.drain()  # type: ignore[union-attr]
+        self._hold = None
+        self._held.extend(records)
+        if self.hold_s > 0:
+            self._index([rec for rec in records if rec[4] is None])
+
     def flush(self, *, everything: bool = False) -> float | None:
         """Write the held records that are ready (all when *everything*); returns when the
         oldest still held must go (a monotonic time), or ``None``."""
+        hold = self._hold
+        if hold is not None:
+            salted = self.salted
+            text, n, generated, tail = hold.flush(self.clock() - self.hold_s, everything, salted.tails_given)
+            salted.gave_tails(tail)
+            if n:
+                self._write_text(text, n, generated)
+            oldest = hold.oldest()
+            return None if oldest is None else oldest + self.hold_s
         held = self._held
         ready = []
         deadline = self.clock() - self.hold_s
@@ -198,6 +244,10 @@ class TraceWriter:
 
     def _write(self, records: list[list[Any]]) -> None:
         text, generated = self._text(records)
+        self._write_text(text, len(records), generated)
+
+    def _write_text(self, text: bytes | bytearray, lines: int, generated: int) -> None:
+        """Append *text* (*lines* lines, *generated* of them with the generated output length)."""
         if self._file is None:
             self.open(fresh=False)
         if self._bytes and (
@@ -206,7 +256,7 @@ class TraceWriter:
             self._rotate()
         self._file.write(text)  # type: ignore[union-attr]
         self._file.flush()  # type: ignore[union-attr]
-        self.recorded += len(records)
+        self.recorded += lines
         self.generated += generated
         self._bytes += len(text)
 
@@ -264,7 +314,7 @@ class TraceWriter:
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        return len(self._held) if self._hold is None else len(self._hold)
 
     def close(self) -> None:
         """Write everything held (with what is known) and close the file."""
