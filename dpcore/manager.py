@@ -1,6 +1,7 @@
 """The policy manager: one pluggy ``PluginManager`` per controller behind a typed facade.
 
-This is the only module that calls ``pm.hook.*``. It loads exactly the policies the chain
+This is the only module that calls the chain's hooks (``pm.hook.*``, or the implementations
+directly through :mod:`dpcore.hookcalls`). It loads exactly the policies the chain
 names, registers them so that pluggy asks them in chain order, and turns pluggy's silence
 (``None``) or a policy's bad answer into typed per-request errors.
 """
@@ -8,7 +9,6 @@ names, registers them so that pluggy asks them in chain order, and turns pluggy'
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +29,7 @@ from dpcore.errors import (
     PolicyOptionError,
     RequestRejected,
 )
+from dpcore.hookcalls import direct_calls, fast_path_ok
 from dpcore.hookspecs import hookimpl
 from dpcore.ledger import LedgerView, LoadLedger
 from dpcore.model import LoadReport, PolicyContext, Request, Resolution
@@ -48,77 +49,6 @@ def validate_rank(value: Any, ctx: PolicyContext, field: str, rid: str | None = 
         msg = f"{field}={value} names an inactive rank (active: {list(ctx.active_ranks)})"
         raise InactiveRankError(msg, rid=rid)
     return value
-
-
-def _direct_calls(caller: Any) -> list[Any] | None:
-    """Plain callables for *caller*'s implementations, in the order pluggy calls them.
-
-    Each takes the hook's spec arguments positionally and passes on only the ones the
-    implementation asked for (pluggy's opt-in arguments). ``None`` if any implementation
-    is a wrapper, which only pluggy can run, or if the installed pluggy does not work the
-    way this relies on (:func:`fast_path_ok`).
-    """
-    if not fast_path_ok():
-        return None
-    spec_names = tuple(caller.spec.argnames)
-    calls = []
-    for impl in reversed(caller.get_hookimpls()):
-        if impl.hookwrapper or getattr(impl, "wrapper", False):
-            return None
-        names = tuple(impl.argnames)
-        f = impl.function
-        if names == spec_names:
-            calls.append(f)
-        else:
-            idx = tuple(spec_names.index(n) for n in names)
-            calls.append(lambda *a, f=f, idx=idx: f(*[a[i] for i in idx]))
-    return calls
-
-
-@functools.cache
-def fast_path_ok() -> bool:
-    """Whether the installed pluggy exposes what :func:`_direct_calls` reads, and calls
-    implementations in the order it assumes; checked once per process.
-
-    The fast path reads ``HookCaller.spec.argnames``, ``get_hookimpls()`` and each
-    implementation's ``argnames``, ``function`` and ``hookwrapper``, and calls them in reverse
-    registration order with ``tryfirst`` first, stopping at the first non-``None`` answer
-    of a ``firstresult`` hook. A pluggy that differs gets its own (slower) call path.
-    """
-    try:
-        pm = pluggy.PluginManager(hookspecs.PROJECT)
-        pm.add_hookspecs(hookspecs)
-        seen: list[str] = []
-
-        def plugin(tag: str, answer: int | None, **opts: bool) -> object:
-            class P:
-                @hookimpl(**opts)
-                def select_rank(self, ctx: Any) -> int | None:
-                    seen.append(tag)
-                    return answer
-
-            return P()
-
-        pm.register(plugin("a", 1), name="a")
-        pm.register(plugin("b", None), name="b")
-        pm.register(plugin("first", None, tryfirst=True), name="first")
-        caller = pm.hook.select_rank
-        want = caller(request=None, ctx=None)
-        pluggy_order = list(seen)
-        seen.clear()
-        spec_names = tuple(caller.spec.argnames)
-        got = None
-        for impl in reversed(caller.get_hookimpls()):
-            if impl.hookwrapper or getattr(impl, "wrapper", False):
-                return False
-            if not set(impl.argnames) <= set(spec_names):
-                return False
-            got = impl.function(*[None] * len(impl.argnames))
-            if got is not None:
-                break
-        return (want, pluggy_order) == (got, seen) == (1, ["first", "b", "a"])
-    except Exception:  # any mismatch in pluggy's internals: use its own call path
-        return False
 
 
 #: A deprecated field is logged on its 1st use and then every this many uses.
@@ -321,8 +251,8 @@ class PolicyManager:
         # implementations directly, in pluggy's order and with pluggy's argument binding,
         # without its per-call machinery (about 1.5 µs a request). Hook tracing, wrappers
         # and a pluggy that does not work as the fast path expects use pluggy's own path.
-        self._select_calls = None if traced else _direct_calls(self._select)
-        self._dispatch_calls = None if traced else _direct_calls(self._on_dispatch)
+        self._select_calls = None if traced else direct_calls(self._select)
+        self._dispatch_calls = None if traced else direct_calls(self._on_dispatch)
         # The policies after the core hook, when it is asked first: for a request no router
         # placed, with an active rank, the core hook answers nothing, so it need not be asked.
         calls = self._select_calls

@@ -36,6 +36,7 @@ LAYERS = {
     "dpcore.localpolicy": 0,
     "dpcore.auto": 0,
     "dpcore.discovery": 0,
+    "dpcore.hookcalls": 0,
     "dpcore.manager": 0,
     "dpcore.testing": 0,
     "dpcore.wire": 1,

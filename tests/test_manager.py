@@ -422,10 +422,11 @@ def test_bad_hook_signature_is_one_line_naming_hook_and_argument(hooks, text):
 
 
 def test_pluggy_fast_path_is_checked_and_falls_back(monkeypatch):
-    from dpcore import manager
+    from dpcore import hookcalls, manager
 
-    assert manager.fast_path_ok()  # the pinned pluggy works as the fast path assumes
+    assert hookcalls.fast_path_ok()  # the pinned pluggy works as the fast path assumes
     assert PolicyHarness(SeqRecorder, dp_size=2).manager.fast_path
+    monkeypatch.setattr(hookcalls, "fast_path_ok", lambda: False)
     monkeypatch.setattr(manager, "fast_path_ok", lambda: False)
     with capture_logs() as logs:
         h = PolicyHarness(SeqRecorder, dp_size=2, options={"rank": 1})
@@ -440,18 +441,18 @@ def test_pluggy_fast_path_check_notices_a_pluggy_that_orders_differently(monkeyp
     implementations in another order than it calls them turns the fast path off."""
     import pluggy
 
-    from dpcore import manager
+    from dpcore import hookcalls
 
     listed = pluggy.HookCaller.get_hookimpls
     monkeypatch.setattr(pluggy.HookCaller, "get_hookimpls", lambda self: list(reversed(listed(self))))
-    manager.fast_path_ok.cache_clear()
+    hookcalls.fast_path_ok.cache_clear()
     try:
-        assert not manager.fast_path_ok()
+        assert not hookcalls.fast_path_ok()
         assert not PolicyHarness(SeqRecorder, dp_size=2).manager.fast_path
     finally:
         monkeypatch.undo()
-        manager.fast_path_ok.cache_clear()
-    assert manager.fast_path_ok()
+        hookcalls.fast_path_ok.cache_clear()
+    assert hookcalls.fast_path_ok()
 
 
 def test_policy_declarations_options_and_capabilities():
