@@ -160,14 +160,24 @@ static int read_header(Reader *r, Header *h) {
         if (next(&hr, &it) < 0 || it.kind != 'a') return -1;
         h->bh = hr.p;
         h->nh = it.n;
-        for (uint64_t i = 0; i < h->nh; i++)
+        for (uint64_t i = 0; i < h->nh; i++) {
+            if (hr.end - hr.p >= 9 && (*hr.p == 0xcf || *hr.p == 0xd3)) { /* next_hash's usual case */
+                hr.p += 9;
+                continue;
+            }
             if (next(&hr, &it) < 0 || it.kind != 'i') return -1;
+        }
     }
     return 0;
 }
 
 /* The next of a header's block hashes (read_header checked them) as a 64-bit word. */
 static uint64_t next_hash(Reader *hr) {
+    const uint8_t *p = hr->p;
+    if (*p == 0xcf || *p == 0xd3) { /* how msgpack writes a hash of 33 bits and more */
+        hr->p = p + 9;
+        return be(p + 1, 8);
+    }
     Item it;
     next(hr, &it);
     return it.u;
@@ -470,6 +480,7 @@ static PyObject *lines(PyObject *self, PyObject *args) {
  */
 
 #define NOT_ENDED LLONG_MIN
+#define KEEP_TEXT ((size_t)1 << 22) /* a flush's text buffer up to this size is kept for the next */
 
 typedef struct {
     double t;
@@ -499,6 +510,7 @@ typedef struct {
     int64_t first;     /* seq of the oldest record: ring[seq & (cap - 1)] */
     Slot *slots;
     size_t nslots, used;
+    Buf text; /* the lines of a flush, kept for the next (its pages stay mapped) */
 } Hold;
 
 /* SipHash-2-4 of len bytes (the table's hash of a request id). */
@@ -763,8 +775,9 @@ static PyObject *hold_flush(Hold *h, PyObject *args) {
     int everything;
     unsigned long long tail;
     if (!PyArg_ParseTuple(args, "dpK:flush", &deadline, &everything, &tail)) return NULL;
-    Buf b = {NULL, 0, 0};
+    Buf *b = &h->text;
     long long generated = 0, lines = 0;
+    b->len = 0;
     uint64_t t = tail;
     while (h->count) {
         HRec *r = at(h, h->first);
@@ -778,9 +791,9 @@ static PyObject *hold_flush(Hold *h, PyObject *args) {
                 else s->head = r->next;
             }
         }
-        int failed = put_line(&b, &h->p, r->t, r->n, r->mnt, r->out == NOT_ENDED ? -1 : r->out, r->bh, r->bh_end,
+        int failed = put_line(b, &h->p, r->t, r->n, r->mnt, r->out == NOT_ENDED ? -1 : r->out, r->bh, r->bh_end,
                               r->nh, r->raw, &t, &generated);
-        if (failed) { PyMem_Free(b.p); return NULL; }
+        if (failed) return NULL;
         release(r);
         h->first++;
         h->count--;
@@ -790,8 +803,12 @@ static PyObject *hold_flush(Hold *h, PyObject *args) {
         for (size_t i = 0; i < h->nslots; i++) h->slots[i].head = -1;
         h->used = 0;
     }
-    PyObject *text = PyBytes_FromStringAndSize(b.p ? b.p : "", (Py_ssize_t)b.len);
-    PyMem_Free(b.p);
+    PyObject *text = PyBytes_FromStringAndSize(b->p ? b->p : "", (Py_ssize_t)b->len);
+    if (b->cap > KEEP_TEXT) { /* a backlog's flush: not kept */
+        PyMem_Free(b->p);
+        b->p = NULL;
+        b->cap = 0;
+    }
     if (text == NULL) return NULL;
     return Py_BuildValue("(NLLK)", text, lines, generated, (unsigned long long)t);
 }
@@ -875,6 +892,7 @@ static void hold_dealloc(Hold *h) {
     }
     PyMem_Free(h->ring);
     PyMem_Free(h->slots);
+    PyMem_Free(h->text.p);
     Py_XDECREF(h->p.gen_end);
     Py_XDECREF(h->p.budget_end);
     Py_TYPE(h)->tp_free((PyObject *)h);
