@@ -23,7 +23,8 @@ from dpcore.errors import (
 from dpcore.cacheindex import prefix_depths
 from dpcore.hashing import block_hashes
 from dpcore.hookspecs import HOOK_API_VERSION, hookimpl
-from dpcore.ledger import LedgerView, LoadLedger
+from dpcore.ledger import LoadLedger
+from dpcore.ledgerview import LedgerView
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, PolicyContext, Request, Resolution
 from dpcore.policy import NEEDS_BLOCK_HASHES, PLACES_BY_BOOTSTRAP_ROOM, Option, Policy

@@ -31,7 +31,8 @@ from dpcore.errors import (
 )
 from dpcore.hookcalls import direct_calls, fast_path_ok
 from dpcore.hookspecs import hookimpl
-from dpcore.ledger import LedgerView, LoadLedger
+from dpcore.ledger import LoadLedger
+from dpcore.ledgerview import LedgerView
 from dpcore.model import LoadReport, PolicyContext, Request, Resolution
 
 CORE_PLUGIN_NAME = "dpcore.core"

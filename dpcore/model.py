@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from dpcore.cacheindex import CacheView
-    from dpcore.ledger import LedgerView
+    from dpcore.ledgerview import LedgerView
 
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 
@@ -175,7 +175,7 @@ class PolicyContext:
 
     :ivar dp_size: Number of data-parallel ranks.
     :ivar disaggregation_mode: ``"null"``, ``"prefill"`` or ``"decode"``.
-    :ivar ledger: The shared load ledger, read-only (:class:`~dpcore.ledger.LedgerView`):
+    :ivar ledger: The shared load ledger, read-only (:class:`~dpcore.ledgerview.LedgerView`):
         loads and liveness of every rank.
     :ivar log: A structlog logger; per-request events belong at debug level.
     :ivar decision: Scratch record of the current decision (see :meth:`explain`).

@@ -32,6 +32,7 @@ LAYERS = {
     "dpcore.hookspecs": 0,
     "dpcore.policy": 0,
     "dpcore.ledger": 0,
+    "dpcore.ledgerview": 0,
     "dpcore.cacheindex": 0,
     "dpcore.localpolicy": 0,
     "dpcore.auto": 0,

@@ -34,7 +34,8 @@ import attrs
 import structlog
 
 from dpcore.errors import ConfigError, PolicyFailedError, RequestRejected
-from dpcore.ledger import LedgerView, LoadLedger
+from dpcore.ledger import LoadLedger
+from dpcore.ledgerview import LedgerView
 from dpcore.manager import PolicyManager
 from dpcore.model import Decision, LoadReport, Request
 

@@ -47,7 +47,8 @@ from dpcore.errors import (
     RemovedPolicyError,
     UnknownPolicyError,
 )
-from dpcore.ledger import LedgerView, LoadLedger
+from dpcore.ledger import LoadLedger
+from dpcore.ledgerview import LedgerView
 from dpcore.manager import PolicyManager
 from dpcore.model import LoadReport, PolicyContext
 
