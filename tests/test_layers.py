@@ -169,3 +169,61 @@ def test_import_dpcore_loads_no_edge_dependency() -> None:
     code = f"import sys, dpcore; print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+#: Strings in dpcore's code equal to a first-party policy's name that do not name that policy.
+NOT_THE_POLICY = {
+    ("dpcore.http.responses", "total_tokens"): "OpenAI's usage field",
+    ("dpcore.http.app", "total_tokens"): "a field of the /v1/loads answer",
+    ("dpcore.sim.baselines", "round_robin"): "SGLang's own method, re-implemented as a peer baseline",
+    ("dpcore.sim.baselines", "total_requests"): "SGLang's own method, re-implemented as a peer baseline",
+    ("dpcore.sim.baselines", "total_tokens"): "SGLang's own method, re-implemented as a peer baseline",
+    ("dpcore.runtime.bootstrap", "follow_bootstrap_room"): "the registry's /info field decode reads",
+    ("dpcore.http.routers", "round_robin"): "sglang-router's own --policy, for interop tests",
+}
+
+
+def first_party_policies() -> set[str]:
+    import tomllib
+
+    names: set[str] = set()
+    for project in PLUGINS.glob("*/pyproject.toml"):
+        eps = tomllib.loads(project.read_text())["project"].get("entry-points", {})
+        names |= set(eps.get("dpcore.policies", {}))
+    return names
+
+
+def policy_names_in_code(root: Path, names: set[str]) -> list[tuple[str, int, str]]:
+    """``(module, line, name)`` for each string constant equal to one of *names*, docstrings aside."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        docs = {
+            id(body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and (body := node.body) and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+        }  # fmt: skip
+        out += [
+            (module_name(path, root), node.lineno, node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in names and id(node) not in docs
+        ]
+    return out
+
+
+def test_core_names_no_first_party_policy() -> None:
+    """Defaults, presets, PD pairing and SGLang's former names come from what the installed
+    distributions declare (entry points, capabilities), never from a policy name in dpcore."""
+    names = first_party_policies()
+    assert {"round_robin", "total_requests", "follow_bootstrap_room"} <= names
+    found = [f for f in policy_names_in_code(ROOT, names) if (f[0], f[2]) not in NOT_THE_POLICY]
+    assert found == []
+
+
+def test_the_policy_name_check_catches_a_default(tmp_path: Path) -> None:
+    pkg = tmp_path / "dpcore"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""round_robin in a docstring is prose."""\n')
+    (pkg / "local.py").write_text('def start(method: str = "round_robin") -> None:\n    """Say round_robin."""\n')
+    assert policy_names_in_code(pkg, {"round_robin"}) == [("dpcore.local", 1, "round_robin")]
