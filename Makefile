@@ -17,7 +17,7 @@ DIST ?= dist
 SPEEDUPS := distributions/dpcore-speedups
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/dp_power_of_two/pyproject.toml adapters/sglang/pyproject.toml \
-		$(SPEEDUPS)/pyproject.toml $(SPEEDUPS)/dpcore_speedups.c
+		$(SPEEDUPS)/pyproject.toml $(wildcard $(SPEEDUPS)/*.c $(SPEEDUPS)/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The record extra names dpcore-speedups: this checkout's copy (built here with gcc) is it.

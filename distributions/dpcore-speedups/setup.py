@@ -2,4 +2,6 @@
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("dpcore_speedups", sources=["dpcore_speedups.c"])], py_modules=[])
+SOURCES = ["dpcore_speedups.c", "msgpack_read.c", "lines.c", "hold.c"]
+
+setup(ext_modules=[Extension("dpcore_speedups", sources=SOURCES, depends=["records.h"])], py_modules=[])
