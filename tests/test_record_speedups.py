@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dpcore import tracefile
@@ -263,7 +263,8 @@ def held_file(tmp_path: Path, name: str, bodies: list[tuple[bytes, float]], *, c
         if not compiled:
             m.setattr(recordframes, "speedups", None)
         w = TraceWriter(str(tmp_path / name), block_size=16, max_bytes=1 << 30, rotate_s=0.0, keep=1, salt=SALT,
-                        kind=tracefile.SIPHASH, t0=99.25, hold_s=5.0, max_held=max_held, clock=lambda: now[0])  # fmt: skip
+                        kind=tracefile.SIPHASH, t0=99.25, hold_s=5.0, max_held=max_held,
+                        clock=lambda: now[0])  # fmt: skip
         assert (w._hold is not None) == compiled
         w.open(fresh=True)
         try:
@@ -281,6 +282,7 @@ def held_file(tmp_path: Path, name: str, bodies: list[tuple[bytes, float]], *, c
 @given(batches=st.lists(st.tuples(st.lists(_HELD_HEADER, max_size=6), st.lists(_HELD_END, max_size=6),
                                   st.sampled_from([0.0, 1.0, 6.0])), min_size=1, max_size=6),
        max_held=st.integers(0, 8))  # fmt: skip
+@example(batches=[([{"n": 1.0, "bh": [0]}, {"rid": "a", "n": 17, "bh": [0]}, {}], [], 0.0)], max_held=1)
 def test_the_compiled_hold_writes_what_the_python_hold_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches: list, max_held: int
 ) -> None:

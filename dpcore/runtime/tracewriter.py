@@ -15,15 +15,15 @@ then batches ``[arrival times, request headers, completions]``:
 A request is held until its completion arrives, so its line carries the number of tokens the
 rank generated (``"output_from": "generated"``). With dpcore-speedups the records wait in its
 compiled hold (``dpcore_speedups.Hold``: a batch is read, joined with its completions and
-formatted with no Python object per record); the Python hold below writes the same bytes. Lines are written in arrival order (what
-``dpcore simulate`` reads), so a request also leaves when it has waited ``hold_s`` or when
-more than ``max_held`` are waiting; it is then written with its ``max_new_tokens``
-(``"output_from": "budget"``), as is one whose rank did not count its output. When it is
-ready, and after each batch, the process prints ``recorded rotations generated python_batches
-held`` on stdout. It ends when its
-stdin closes (also when the controller dies), writing what it holds; it ignores Ctrl-C, so
-the controller's last batch still gets written, and runs at a lower CPU priority than the
-controller (the settings' ``nice``, ``--record-nice``).
+formatted with no Python object per record); the Python hold below writes the same bytes.
+Lines are written in arrival order (what ``dpcore simulate`` reads), so a request also leaves
+when it has waited ``hold_s`` or when more than ``max_held`` are waiting; it is then written
+with its ``max_new_tokens`` (``"output_from": "budget"``), as is one whose rank did not count
+its output. When it is ready, and after each batch, the process prints ``recorded rotations
+generated python_batches held`` on stdout. It ends when its stdin closes (also when the
+controller dies), writing what it holds; it ignores Ctrl-C, so the controller's last batch
+still gets written, and runs at a lower CPU priority than the controller (the settings'
+``nice``, ``--record-nice``).
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ class TraceWriter:
         # the sender did not hash), then cut per line.
         words = b"".join([r[3] for r, w in zip(records, wants) if w])
         count = len(words) >> 3
-        n_tails = sum(wants) - count
+        n_tails = int(sum(wants)) - count  # an int also when a length came as a float (tails_given stays one)
         hashes = self._np.frombuffer(words, ">u8") if self._np is not None else struct.unpack(f">{count}Q", words)
         ids = salted.salt_text(hashes, n_tails)
         cut = memoryview(ids)  # a line's ids are appended from here without a copy of their own
