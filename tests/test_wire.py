@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -217,6 +218,35 @@ def test_ctl_round_trip_and_errors():
     with pytest.raises(WireError, match="'op'"):
         wire.decode_ctl(msgpack.packb({"v": 1, "t": "ctl"}))
     assert wire.message_type(wire.encode_ctl("x")) == "ctl"
+
+
+def test_every_public_name_of_the_wire_modules_is_wire_x_itself():
+    """``wire`` is a package of one module per message; callers use ``wire.X``. Each public
+    name a part defines is re-exported as the same object (no wrapper on a per-message path),
+    and ``wire.__all__`` lists exactly those."""
+    import ast
+    import importlib
+    import pkgutil
+
+    defined = {}
+    for info in pkgutil.iter_modules(wire.__path__):
+        mod = importlib.import_module(f"dpcore.wire.{info.name}")
+        tree = ast.parse(Path(mod.__file__).read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [x.id for x in targets if isinstance(x, ast.Name)]
+            else:
+                continue
+            for name in names:
+                if not name.startswith("_"):
+                    defined[name] = getattr(mod, name)
+    assert len(defined) > 60
+    assert sorted(wire.__all__) == sorted(defined)
+    for name, obj in defined.items():
+        assert getattr(wire, name) is obj, name
 
 
 def test_token_ids_payload():
