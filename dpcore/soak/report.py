@@ -77,6 +77,7 @@ def figures(run: Soak, counters: dict[str, Any], final: dict[str, Any] | None, e
         "latency_ms": _percentiles(latencies),
         "rss": rss,
         "shutdown": {"exit_code": exit_code, "seconds": round(shutdown_s, 2)},
+        "thread_errors": list(run.thread_errors),
     }
     figures["checks"] = checks(figures)
     return figures
@@ -164,6 +165,7 @@ def checks(f: dict[str, Any]) -> dict[str, bool]:
         "every disrupted rank rejoined by itself": f["rejoined"] == f["disrupted"] > 0,
         "a controller stall was counted as the loop's own, not the ranks'": f["controller_stalls"] == 0 or (f["loop_stalls_counted"] or 0) >= 1,
         "no internal errors": c["internal_errors"] == 0,
+        "the soak's own threads ran to the end": not f["thread_errors"],
         # A leak grows with traffic; 16 MiB is far above the noise of a flat process.
         "controller memory flat": f["rss"]["end_mb"] is not None and f["rss"]["end_mb"] - f["rss"]["start_mb"] < 16,
         "clean shutdown (exit 0, books balanced)": f["shutdown"]["exit_code"] == 0 and fin.get("balanced") is True,
@@ -210,3 +212,5 @@ def print_figures(f: dict[str, Any], file: Any = None) -> None:
     console.print(t)
     for name, ok in f["checks"].items():
         console.print(f"[{'green' if ok else 'bold red'}]{'PASS' if ok else 'FAIL'}[/] {name}")
+    for error in f["thread_errors"]:
+        console.print(f"[bold red]soak thread[/] {error}")

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from dpcore.soak.front import http_client, poll_health
 from dpcore.soak.report import figures
 
 DPCORE = (sys.executable, "-m", "dpcore")
+#: How long the end of a run waits for each of its threads to stop.
+THREAD_JOIN_S = 30.0
 
 
 class Soak:
@@ -66,6 +69,9 @@ class Soak:
         self.health: list[tuple[float, float, int]] = []
         #: When the controller was stopped (SIGSTOP .. SIGCONT).
         self.stalls: list[tuple[float, float]] = []
+        #: The soak's own threads that raised or did not stop: a run with one is no pass (a chaos
+        #: thread that died early would leave fewer disruptions, all of them passed).
+        self.thread_errors: list[str] = []
 
     # ------------------------------------------------------------------ processes
 
@@ -356,6 +362,15 @@ class Soak:
 
     # ------------------------------------------------------------------ the run
 
+    def _guarded(self, target: Callable[..., None], *args: Any) -> None:
+        """Run *target* on this thread, keeping what it raised for the verdict (and raising it
+        again, so the thread's traceback is printed as usual)."""
+        try:
+            target(*args)
+        except BaseException as exc:
+            self.thread_errors.append(f"{threading.current_thread().name}: {type(exc).__name__}: {exc}")
+            raise
+
     def run(self) -> dict[str, Any]:
         import zmq
 
@@ -374,12 +389,14 @@ class Soak:
             with Client(self.eps["ingress"]) as client:
                 self.t0 = time.monotonic()
                 url, stop = self.eps["http"], self._stop
-                threads = [
-                    threading.Thread(target=self._chaos, name="soak-chaos", daemon=True),
-                    threading.Thread(target=self._watch_memory, args=(controller.popen.pid,), daemon=True),
-                    threading.Thread(target=http_client, args=(url, stop, self.http), name="soak-http", daemon=True),
-                    threading.Thread(target=poll_health, args=(url, stop, self.health), name="soak-health", daemon=True),
-                ]
+                jobs = {
+                    "soak-chaos": (self._chaos,),
+                    "soak-memory": (self._watch_memory, controller.popen.pid),
+                    "soak-http": (http_client, url, stop, self.http),
+                    "soak-health": (poll_health, url, stop, self.health),
+                }
+                threads = [threading.Thread(target=self._guarded, args=job, name=name, daemon=True)
+                           for name, job in jobs.items()]  # fmt: skip
                 for t in threads:
                     t.start()
                 try:
@@ -387,7 +404,9 @@ class Soak:
                 finally:
                     self._stop.set()
                     for t in threads:
-                        t.join(30)
+                        t.join(THREAD_JOIN_S)
+                        if t.is_alive():
+                            self.thread_errors.append(f"{t.name}: still running {THREAD_JOIN_S:g} s after the stop")
                 pending = sorted(client.pending)
                 stale = client.stale
                 bad_replies = client.bad_replies
