@@ -13,13 +13,14 @@ import time
 from array import array
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from dpcore.errors import ConfigError
 from dpcore.extras import sample_trace
 from dpcore.hashing import block_hashes
 from dpcore.model import Request
-from dpcore.runtime.recorder import Recorder, RecordConfig
+from dpcore.runtime.recorder import PACK_EVERY, Recorder, RecordConfig
 from dpcore.runtime.tracewriter import TraceWriter, rotated_path
 from dpcore.tracefile import Salted
 from dpcore.sim.traces import TraceError, read_trace
@@ -317,6 +318,23 @@ def test_the_writer_is_its_own_process(tmp_path: Path) -> None:
     assert rec._proc.child is not None and rec._proc.child.pid != os.getpid()
     rec.close()
     assert rec._proc.child is None
+
+
+def test_a_batch_fits_the_pipe_into_the_writer(tmp_path: Path) -> None:
+    """The pipe holds a whole batch of headers, so it goes in with one write (Linux)."""
+    import fcntl
+
+    from dpcore.runtime.recordprocess import PIPE_BYTES
+
+    rec, _ = recorder(tmp_path)
+    rec.start()
+    try:
+        stdin = rec._proc.child.stdin  # type: ignore[union-attr]
+        assert fcntl.fcntl(stdin.fileno(), fcntl.F_GETPIPE_SZ) == PIPE_BYTES  # type: ignore[union-attr]
+    finally:
+        rec.close()
+    header = msgpack.packb({"rid": "r1", "n": 1000, "bh": [1 << 62] * 16, "reply": "x" * 40})
+    assert PIPE_BYTES >= PACK_EVERY * len(header)
 
 
 @pytest.mark.parametrize("nice", [0, 7])

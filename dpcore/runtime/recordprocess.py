@@ -9,6 +9,8 @@ not written is counted as lost, and the next frame starts a new process.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -22,6 +24,9 @@ __all__ = ["WriterProcess"]
 
 #: Fields of the writer's status line: recorded, rotations, generated, python_batches, held.
 _STATUS_FIELDS = 5
+#: Bytes the pipe into the writer holds (Linux's default 64 KiB takes a quarter of a batch of
+#: 1,024 headers): a batch goes in with one write, and the writer takes it with one read.
+PIPE_BYTES = 1 << 20
 
 
 class WriterProcess:
@@ -70,6 +75,10 @@ class WriterProcess:
             [sys.executable, "-m", "dpcore.runtime.tracewriter"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         os.set_blocking(child.stdout.fileno(), False)  # type: ignore[union-attr]
+        set_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux
+        if set_size is not None:
+            with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default stays
+                fcntl.fcntl(child.stdin.fileno(), set_size, PIPE_BYTES)  # type: ignore[union-attr]
         child.stdin.write(recordframes.frame({**self.settings, "fresh": self._spawns == 0}))  # type: ignore[union-attr]
         child.stdin.flush()  # type: ignore[union-attr]
         self._spawns += 1
