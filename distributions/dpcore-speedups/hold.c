@@ -46,23 +46,6 @@ typedef struct {
     Buf text; /* the lines of a flush, kept for the next (its pages stay mapped) */
 } Hold;
 
-/* SipHash-2-4 of len bytes (the table's hash of a request id). */
-static uint64_t siphash_bytes(uint64_t k0, uint64_t k1, const uint8_t *p, size_t len) {
-    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
-    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
-    size_t whole = len - len % 8;
-    for (size_t i = 0; i < whole; i += 8) {
-        uint64_t m = 0;
-        for (int j = 7; j >= 0; j--) m = m << 8 | p[i + j];
-        v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
-    }
-    uint64_t b = (uint64_t)len << 56;
-    for (size_t j = whole; j < len; j++) b |= (uint64_t)p[j] << (8 * (j - whole));
-    v3 ^= b; SIPROUND; SIPROUND; v0 ^= b;
-    v2 ^= 0xff; SIPROUND; SIPROUND; SIPROUND; SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
-}
-
 static HRec *at(Hold *h, int64_t seq) { return &h->ring[(uint64_t)seq & (h->cap - 1)]; }
 
 /* Room for more records in the ring (the new ones go at seq first + count onwards). */

@@ -5,21 +5,6 @@
 
 /* ------------------------------------------------------------------ salting and lines */
 
-
-
-/* SipHash-2-4 of one 8-byte message (the little-endian bytes of m), as dpcore.tracefile.siphash24. */
-uint64_t siphash(uint64_t k0, uint64_t k1, uint64_t m) {
-    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
-    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
-    uint64_t b = (uint64_t)8 << 56;
-    v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
-    v3 ^= b; SIPROUND; SIPROUND; v0 ^= b;
-    v2 ^= 0xff; SIPROUND; SIPROUND; SIPROUND; SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
-}
-
-
-
 int reserve(Buf *b, size_t more) {
     if (b->len + more <= b->cap) return 0;
     size_t cap = b->cap ? b->cap : 1 << 16;

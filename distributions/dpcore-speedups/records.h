@@ -63,6 +63,32 @@ static inline uint64_t next_hash(Reader *hr) {
         v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                        \
     } while (0)
 
+/* SipHash-2-4 of len bytes: the salted ids (8 bytes, the little-endian bytes of a block hash,
+ * as dpcore.tracefile.siphash24) and the hold's table of request ids. Inline, so the ids'
+ * fixed length folds away. */
+static inline uint64_t siphash_bytes(uint64_t k0, uint64_t k1, const uint8_t *p, size_t len) {
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    size_t whole = len - len % 8;
+    for (size_t i = 0; i < whole; i += 8) {
+        uint64_t m = 0;
+        for (int j = 7; j >= 0; j--) m = m << 8 | p[i + j];
+        v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+    }
+    uint64_t b = (uint64_t)len << 56;
+    for (size_t j = whole; j < len; j++) b |= (uint64_t)p[j] << (8 * (j - whole));
+    v3 ^= b; SIPROUND; SIPROUND; v0 ^= b;
+    v2 ^= 0xff; SIPROUND; SIPROUND; SIPROUND; SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* SipHash-2-4 of the 8 little-endian bytes of m. */
+static inline uint64_t siphash(uint64_t k0, uint64_t k1, uint64_t m) {
+    uint8_t le[8];
+    for (int j = 0; j < 8; j++) le[j] = (uint8_t)(m >> (8 * j));
+    return siphash_bytes(k0, k1, le, 8);
+}
+
 #define ID_LOW 100000000000000000ULL /* ids have 18 digits (dpcore.tracefile.ID_DIGITS) */
 #define ID_SPAN (9 * ID_LOW)
 #define ID_TEXT 20                    /* 18 digits and ", " */
@@ -83,7 +109,6 @@ typedef struct {
 } Params;
 
 void lines_init(void);
-uint64_t siphash(uint64_t k0, uint64_t k1, uint64_t m);
 int reserve(Buf *b, size_t more);
 int as_ll(PyObject *o, long long *v);
 uint64_t ids_wanted(long long n, uint64_t nh, long long bs);
