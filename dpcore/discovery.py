@@ -83,7 +83,8 @@ def unknown_policy_error(name: str, installed: list[str], context: str = "") -> 
 
 
 def roles() -> dict[str, list[tuple[str, str | None, str]]]:
-    """Declared preset roles: ``{"auto.prefill": [(policy, distribution, its summary), ...]}``.
+    """Declared roles (presets, tool defaults, former names; :mod:`dpcore.auto`):
+    ``{"auto.prefill": [(policy, distribution, its summary), ...]}``.
 
     Read from entry-point metadata only; nothing is imported.
     """
